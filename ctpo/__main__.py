@@ -1,0 +1,3 @@
+from ctpo.cli import main
+
+raise SystemExit(main())

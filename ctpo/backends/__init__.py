@@ -1,0 +1,1 @@
+"""Backends for external engines (VERL plug-in, vLLM)."""

@@ -1,0 +1,1 @@
+"""Tool-integrated reasoning: sandbox, turn protocol, episode loop."""

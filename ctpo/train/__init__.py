@@ -1,0 +1,1 @@
+"""Trainers: `local` (in-process, CPU or one GPU) and `verl` (VERL on Ray)."""
