@@ -37,3 +37,59 @@ def test_group_advantages_eps_and_shapes():
     assert n_flat == 0
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(torch.zeros(4), group_size=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Packing and log-probs on a micro model
+# ----------------------------------------------------------------------------------------------------------
+def micro_model(vocab: int = 40, seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def test_packed_log_probs_equal_unpadded_forward():
+    from ctpo.train.local import pack, response_log_probs
+
+    model = micro_model()
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    responses = [[14, 15, 16, 17], [18], [19, 20, 21]]
+    masks = [[1, 0, 0, 1], [1], [1, 1, 0]]
+    batch = pack(prompts, responses, masks, pad_id=0)
+    assert batch.input_ids.shape == (3, 4 + 4)
+    assert batch.response_mask.tolist() == [[1, 0, 0, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    with torch.no_grad():
+        logp, entropy = response_log_probs(model, batch, temperature=0.7, with_entropy=True)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids = torch.tensor([p + r])
+            ref = torch.log_softmax(model(ids).logits[0, len(p) - 1 : -1] / 0.7, -1)
+            ref_lp = ref.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            assert torch.allclose(logp[i, : len(r)], ref_lp, atol=1e-5)
+            assert torch.allclose(entropy[i, : len(r)], -(ref.exp() * ref).sum(-1), atol=1e-5)
+        # a sub-batch with shared padding trimmed gives the same values
+        sub = batch.select(torch.tensor([1, 2]))
+        assert sub.input_ids.shape == (2, 4 + 3)
+        sub_lp, _ = response_log_probs(model, sub, temperature=0.7)
+        assert torch.allclose(sub_lp * sub.response_mask, logp[1:, :3] * batch.response_mask[1:, :3], atol=1e-5)
+
+
+def test_batch_indices_cover_each_epoch_once():
+    from ctpo.train.local import batch_indices
+
+    seen = [i for step in range(5) for i in batch_indices(10, 4, step, seed=3)]
+    assert sorted(seen[:10]) == list(range(10))  # steps 0..2 cover epoch 0 (step 2 spills into epoch 1)
+    assert batch_indices(10, 4, 3, seed=3) == batch_indices(10, 4, 3, seed=3)
+    assert batch_indices(10, 4, 0, seed=3) != batch_indices(10, 4, 0, seed=4)
