@@ -1,0 +1,607 @@
+r"""Every importance-ratio design of the CTPO study in one place: ratio, clipping, aggregation.
+
+Pure torch; no trainer or framework imports. The local trainer, the diagnostics, the estimator lab
+and the VERL plug-in all call :func:`compute_policy_loss` and look methods up by name in
+:data:`METHODS`.
+
+Notation (paper §2–3). For the response tokens of one sampled sequence, with μ the behaviour (old)
+policy and π_θ the current one, the per-token log-ratio is
+
+    ℓ_k = log π_θ(a_k|s_k) − log μ(a_k|s_k)          (``log_prob − old_log_prob``)
+
+Only tokens the policy generated count (``response_mask == 1``); tool-output and padding tokens
+contribute no ℓ and do not advance the position t (t = number of mask tokens up to and including
+the current one; ``position="absolute"`` uses the column index instead).
+
+Ratio designs (the *log-weight* L_t each method assigns to token t):
+
+==============  ===============================  ===================================================
+method          weight w_t = exp(L_t)            paper
+==============  ===============================  ===================================================
+``grpo``        r_t = exp(ℓ_t)                   §2.1, token-level IS ratio (biased, low variance)
+``seq``         ρ_{1:T} = exp(Σ_{k≤T} ℓ_k)       §2.2, full-sequence ratio (unbiased, high variance)
+``gspo``        s = exp((1/|y|) Σ_k ℓ_k)         §2.2, GSPO's length-normalised ratio (biased)
+``ctpo``        ρ_{1:t} = exp(Σ_{k≤t} ℓ_k)       §3.1, cumulative token ratio (unbiased, Prop. 1)
+``ctpo_fixed``  ρ_{1:t}, fixed ratio-space clip  §4.4, the ablation of Table 3
+==============  ===============================  ===================================================
+
+Gradient (Proposition 1). The weight's *value* is the sequence or prefix ratio; its gradient flows
+through the current token only:
+
+    w_t = sg(ρ_{1:t}) · π_θ(a_t|s_t) / sg(π_θ(a_t|s_t))        ⇒   ∇w_t = w_t ∇log π_θ(a_t|s_t)
+
+so E_μ[w_t A_t ∇log π_θ(a_t|s_t)] is the unbiased per-decision estimator of Proposition 1. On-policy
+(``log_prob == old_log_prob``) every method gives exactly the vanilla policy gradient
+−Σ_t c_t A_t ∇log π_θ(a_t|s_t). ``grad="prefix"`` instead differentiates the whole product
+exp(Σ_{k≤t} ℓ_k), so token k also receives Σ_{t≥k} of the later terms' gradients: that is the
+gradient of the IS-weighted *objective*, not the Prop. 1 estimator, and it has the variance of a
+product of ratios (Prop. 2: Var ρ_{1:T} > Var ρ_{1:t}; under independence
+Var ρ_{1:t} = Π_{k≤t}(1 + δ_k) − 1, so Var ρ_{1:T}/Var ρ_{1:t} → T/t near on-policy and grows
+exponentially in T − t off-policy). For ``grpo`` the two options coincide.
+
+Clipping (§3.3), in log space — equivalent to clipping the ratio since exp is monotone:
+
+* ``fixed``:    L_t ∈ [log(1 − clip_low), log(1 + clip_high)]          (PPO/GRPO, ratio space)
+* ``adaptive``: L_t ∈ [−eps_low · t^γ, eps_high · t^γ]                  (CTPO; Var L_t ∝ t ⇒ γ = ½)
+* ``none``:     no clipping (the pure IS estimator; estimator lab and outside checks)
+
+and the PPO surrogate per token, A the (group-normalised) advantage,
+
+    loss_t = max(−A·w_t, −A·clip(w_t))                                   (= −min(wA, clip(w)A))
+    loss_t = min(loss_t, −A·exp(d_t))   if A < 0 and dual clip is on     (dual clip, Ye et al. 2020)
+
+with d_t = log(dual_clip_c) (ratio-space threshold c > 1, verl's ``clip_ratio_c``) or the
+position-scaled d_t = dual_clip_eps · t^γ (the public CTPO release's ``la_clip_c = 0.05``).
+A clipped token contributes its constant clipped value and no gradient. Before any ``exp`` the
+log-weight is clamped to ``max_log_weight`` (default 20): a token beyond it is treated as clipped
+(no gradient), exactly like verl's ``clamp(log_ratio, max=...)``, so loss and gradients stay finite
+even for T = 32,768 tokens with per-token log-ratio noise of std 1 (float32 or bfloat16 inputs; all
+arithmetic is done in float32).
+
+Aggregation (``loss_agg_mode``), with verl 0.9.1's ``agg_loss`` meanings (see :func:`agg_loss`):
+``token-mean`` Σ m·loss / N_tokens; ``seq-mean-token-mean`` mean over sequences of the per-sequence
+token mean; ``seq-mean-token-sum`` mean over sequences of the per-sequence token sum;
+``seq-mean-token-sum-norm`` the same divided by ``loss_scale_factor`` (default: the response length
+T of the tensor); ``token-sum`` Σ m·loss. verl's distributed normalisers pass through
+``compute_policy_loss(..., global_batch_info=config.global_batch_info)``: ``dp_size``,
+``batch_num_tokens`` (global token count), ``global_batch_size`` (global number of non-empty
+sequences), ``loss_scale_factor``.
+
+Implementation. The default (``grad="current"``) path computes everything in one no-grad pass and
+saves a single (B, T) float32 tensor for backward: the per-token gradient factor
+∂loss/∂log π_θ(a_t) = c_t·(−A_t)·w_t·[token t not clipped] (c_t the aggregation weight). A tiny
+``autograd.Function`` returns the loss and hands that factor back in backward; no autograd graph is
+built over the B×T intermediates. ``grad="prefix"`` uses plain autograd (it is a research option).
+
+Add your own ratio design (see ``docs/add_your_own_ratio.md``)::
+
+    from ctpo.losses import register_method
+
+    def geometric_prefix_log_ratio(log_ratio, mask):          # masked ℓ, float mask, both (B, T)
+        return log_ratio.cumsum(-1) / mask.cumsum(-1).clamp(min=1)
+
+    register_method("ctpo_geomean", geometric_prefix_log_ratio, clip_mode="fixed",
+                    clip_low=0.2, clip_high=0.2)
+
+Metrics (plain floats; keys are namespaced ``clip/`` and ``ratio/``): ``clip/frac_low``
+(A<0, w below the lower bound), ``clip/frac_high`` (A>0, w above the upper bound), ``clip/frac_dual``
+(A<0, w above the dual threshold or the ``max_log_weight`` guard), ``clip/frac`` (their sum; a
+token is in at most one), ``ratio/mean``, ``ratio/max``, ``ratio/p05`` … ``ratio/p95`` (of the
+unclipped weight w_t over mask tokens; quantiles from a deterministic strided sample of at most
+``quantile_sample`` tokens, exact below that), ``ratio/log_mean`` (mean L_t), ``ratio/approx_kl``
+(mean of −ℓ_t over mask tokens: verl's ``ppo_kl``), ``ratio/tokens`` (number of mask tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CLIP_MODES",
+    "GRAD_MODES",
+    "LOSS_AGG_MODES",
+    "METHODS",
+    "POSITION_MODES",
+    "PolicyLossConfig",
+    "RatioMethod",
+    "adaptive_clip_bounds",
+    "agg_loss",
+    "compute_policy_loss",
+    "cumulative_log_ratio",
+    "fixed_clip_bounds",
+    "length_normalised_log_ratio",
+    "position_index",
+    "register_method",
+    "sequence_log_ratio",
+    "token_log_ratio",
+]
+
+CLIP_MODES = ("fixed", "adaptive", "none")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+GRAD_MODES = ("current", "prefix")
+POSITION_MODES = ("policy", "absolute")
+_GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+LogWeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ratio designs: each is one small function (masked per-token log-ratio ℓ, float mask) -> L_t,
+# a tensor broadcastable to (B, T). Values at mask-0 positions are ignored.
+# ---------------------------------------------------------------------------------------------
+
+
+def token_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GRPO/PPO (§2.1): L_t = ℓ_t, the current token's log-ratio only."""
+    return log_ratio
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Full-sequence ratio (§2.2): L_t = Σ_{k≤T} ℓ_k for every t."""
+    return log_ratio.sum(-1, keepdim=True)
+
+
+def length_normalised_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO (§2.2): L_t = (1/|y|) Σ_k ℓ_k, |y| the number of mask tokens of the sequence."""
+    return log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+
+
+def cumulative_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CTPO (§3.1): L_t = log ρ_{1:t} = Σ_{k≤t} ℓ_k (masked ℓ are 0, so tool tokens add nothing)."""
+    return log_ratio.cumsum(-1)
+
+
+@dataclass(frozen=True)
+class RatioMethod:
+    """A registered ratio design: its log-weight function and its default clipping."""
+
+    name: str
+    log_weight: LogWeightFn
+    clip_mode: str = "fixed"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    eps_low: float = 0.025
+    eps_high: float = 0.05
+    gamma: float = 0.5
+    dual_clip_c: float | None = None
+    dual_clip_eps: float | None = None
+    description: str = ""
+
+
+METHODS: dict[str, RatioMethod] = {}
+
+
+def register_method(
+    name: str,
+    log_weight: LogWeightFn,
+    *,
+    clip_mode: str = "fixed",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    eps_low: float = 0.025,
+    eps_high: float = 0.05,
+    gamma: float = 0.5,
+    dual_clip_c: float | None = None,
+    dual_clip_eps: float | None = None,
+    description: str = "",
+    overwrite: bool = False,
+) -> RatioMethod:
+    """Register a ratio design under ``name`` so every harness can use it by name.
+
+    ``log_weight(log_ratio, mask)`` receives the per-token log-ratio ℓ (float32, (B, T), already 0 on
+    mask-0 tokens) and the float mask, and returns the log-weight L_t (broadcastable to (B, T)). It
+    must be written in torch ops: with ``grad="current"`` it runs under ``no_grad`` (only its value
+    is used); with ``grad="prefix"`` autograd differentiates it. The keyword arguments are the
+    method's default clipping; a :class:`PolicyLossConfig` field set explicitly overrides them.
+    """
+    if not overwrite and name in METHODS:
+        raise ValueError(f"ratio method {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(log_weight):
+        raise TypeError(f"log_weight for {name!r} must be callable (log_ratio, mask) -> log-weight")
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"clip_mode={clip_mode!r} for {name!r}: choose one of {CLIP_MODES}")
+    method = RatioMethod(
+        name, log_weight, clip_mode, clip_low, clip_high, eps_low, eps_high, gamma,
+        dual_clip_c, dual_clip_eps, description,
+    )
+    METHODS[name] = method
+    return method
+
+
+# The defaults mirror verl 0.9.1 (clip_ratio 0.2, dual clip_ratio_c 3.0 in its vanilla loss; no
+# dual clip in its GSPO loss; GSPO paper's 3e-4 / 4e-4) and the public CTPO release
+# (log-space 0.025 / 0.05, γ = 0.5, position-scaled dual clip 0.05).
+register_method("grpo", token_log_ratio, clip_mode="fixed", dual_clip_c=3.0,
+                description="token-level ratio r_t (GRPO / PPO)")
+register_method("seq", sequence_log_ratio, clip_mode="fixed", dual_clip_c=3.0,
+                description="full-sequence ratio ρ_{1:T} on every token")
+register_method("gspo", length_normalised_log_ratio, clip_mode="fixed", clip_low=3e-4, clip_high=4e-4,
+                description="GSPO length-normalised sequence ratio")
+register_method("ctpo", cumulative_log_ratio, clip_mode="adaptive", dual_clip_eps=0.05,
+                description="cumulative token ratio ρ_{1:t} with position-adaptive clipping")
+register_method("ctpo_fixed", cumulative_log_ratio, clip_mode="fixed", dual_clip_c=3.0,
+                description="cumulative token ratio ρ_{1:t} with GRPO's fixed clip (ablation)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """What :func:`compute_policy_loss` computes. ``None`` fields take the method's registered default."""
+
+    method: str = "ctpo"
+    """Ratio design: a name in ``METHODS`` (grpo, seq, gspo, ctpo, ctpo_fixed, or your own)."""
+    clip_mode: str | None = None
+    """``fixed`` (ratio space), ``adaptive`` (log space ∝ t^γ), ``none``; default: the method's."""
+    clip_low: float | None = None
+    """Fixed mode: lower ratio bound 1 − clip_low (verl ``clip_ratio_low``)."""
+    clip_high: float | None = None
+    """Fixed mode: upper ratio bound 1 + clip_high (verl ``clip_ratio_high``)."""
+    eps_low: float | None = None
+    """Adaptive mode: log-space lower bound −eps_low·t^γ (CTPO release: 0.025)."""
+    eps_high: float | None = None
+    """Adaptive mode: log-space upper bound eps_high·t^γ (CTPO release: 0.05)."""
+    gamma: float | None = None
+    """Adaptive mode (and dual_clip_eps): position exponent γ (½ matches std ∝ √t)."""
+    dual_clip_c: float | None = None
+    """Dual clip for A<0 at constant ratio c > 1 (verl ``clip_ratio_c``); 0 turns it off."""
+    dual_clip_eps: float | None = None
+    """Position-scaled dual clip for A<0 at ratio exp(dual_clip_eps·t^γ); 0 turns it off."""
+    loss_agg_mode: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm | token-sum."""
+    grad: str = "current"
+    """``current``: Prop. 1 estimator, gradient via the current token only; ``prefix``: through ρ_{1:t}."""
+    position: str = "policy"
+    """``policy``: t counts mask tokens (tool tokens do not advance t); ``absolute``: column index + 1."""
+    max_log_weight: float = 20.0
+    """Log-weights are clamped here before exp (tokens beyond get no gradient); keeps fp32 finite."""
+    ratio_quantiles: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+    """Quantiles of the weight reported as ``ratio/pXX``."""
+    quantile_sample: int = 16384
+    """At most this many mask tokens (strided, deterministic) feed the quantiles."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PolicyLossConfig:
+        """Build from a mapping (an experiment's ``methods.<name>`` block); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PolicyLossConfig field(s) {unknown}; valid fields: {sorted(known)}")
+        d = dict(d)
+        if "ratio_quantiles" in d:
+            d["ratio_quantiles"] = tuple(d["ratio_quantiles"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def resolved(self) -> PolicyLossConfig:
+        """This config with the method's defaults filled in, validated (raises ValueError)."""
+        if self.method not in METHODS:
+            raise ValueError(
+                f"unknown method {self.method!r}; registered: {sorted(METHODS)} "
+                "(add your own with ctpo.losses.register_method)"
+            )
+        m = METHODS[self.method]
+        explicit_dual = self.dual_clip_c is not None or self.dual_clip_eps is not None
+        out = replace(
+            self,
+            clip_mode=m.clip_mode if self.clip_mode is None else self.clip_mode,
+            clip_low=m.clip_low if self.clip_low is None else self.clip_low,
+            clip_high=m.clip_high if self.clip_high is None else self.clip_high,
+            eps_low=m.eps_low if self.eps_low is None else self.eps_low,
+            eps_high=m.eps_high if self.eps_high is None else self.eps_high,
+            gamma=m.gamma if self.gamma is None else self.gamma,
+            dual_clip_c=(self.dual_clip_c or 0.0) if explicit_dual else (m.dual_clip_c or 0.0),
+            dual_clip_eps=(self.dual_clip_eps or 0.0) if explicit_dual else (m.dual_clip_eps or 0.0),
+        )
+        out._validate()
+        return out
+
+    def _validate(self) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"PolicyLossConfig(method={self.method!r}): {msg}")
+
+        if self.clip_mode not in CLIP_MODES:
+            raise bad(f"clip_mode={self.clip_mode!r} is not one of {CLIP_MODES}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise bad(f"loss_agg_mode={self.loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
+        if self.grad not in GRAD_MODES:
+            raise bad(f"grad={self.grad!r} is not one of {GRAD_MODES}")
+        if self.position not in POSITION_MODES:
+            raise bad(f"position={self.position!r} is not one of {POSITION_MODES}")
+        if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
+            raise bad(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.eps_low < 0.0 or self.eps_high < 0.0:
+            raise bad(f"need eps_low, eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.dual_clip_c and self.dual_clip_eps:
+            raise bad("set at most one of dual_clip_c (constant) and dual_clip_eps (position-scaled)")
+        if self.dual_clip_c and self.dual_clip_c <= 1.0:
+            raise bad(f"dual_clip_c must be > 1 (a ratio threshold) or 0 for off, got {self.dual_clip_c}")
+        if self.dual_clip_eps and self.dual_clip_eps < 0.0:
+            raise bad(f"dual_clip_eps must be > 0 or 0 for off, got {self.dual_clip_eps}")
+        if not self.max_log_weight > 0.0:
+            raise bad(f"max_log_weight must be > 0, got {self.max_log_weight}")
+        if any(not 0.0 <= q <= 1.0 for q in self.ratio_quantiles):
+            raise bad(f"ratio_quantiles must lie in [0, 1], got {self.ratio_quantiles}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions and clip bounds
+# ---------------------------------------------------------------------------------------------
+
+
+def position_index(mask: torch.Tensor, position: str = "policy") -> torch.Tensor:
+    """Token position t ≥ 1 as float32: ``policy`` counts mask tokens up to and including the current
+    one (clamped to ≥ 1 so mask-0 tokens before the first policy token get 1); ``absolute`` is the
+    column index + 1, shape (1, T)."""
+    if position == "policy":
+        return mask.to(torch.float32).cumsum(-1).clamp_(min=1.0)
+    if position == "absolute":
+        return torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=torch.float32).unsqueeze(0)
+    raise ValueError(f"position={position!r} is not one of {POSITION_MODES}")
+
+
+def fixed_clip_bounds(clip_low: float, clip_high: float) -> tuple[float, float]:
+    """PPO's ratio range [1 − clip_low, 1 + clip_high] in log space."""
+    return (math.log1p(-clip_low) if clip_low < 1.0 else -math.inf), math.log1p(clip_high)
+
+
+def adaptive_clip_bounds(
+    t: torch.Tensor, eps_low: float, eps_high: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CTPO's position-adaptive log-space range (§3.3): [−eps_low·t^γ, eps_high·t^γ]."""
+    scale = t.pow(gamma)
+    return scale * -eps_low, scale * eps_high
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation (verl 0.9.1 agg_loss semantics)
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_coefficients(
+    mask: torch.Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    loss_scale_factor: Any = None,
+) -> torch.Tensor:
+    """Per-sequence weights c_b (shape (B, 1), float32) with ``agg(loss_mat) = Σ_{b,t} c_b m_bt loss_bt``."""
+    n_tok = mask.sum(-1, keepdim=True, dtype=torch.float32)
+    if loss_agg_mode == "token-mean":
+        denom = n_tok.sum() if batch_num_tokens is None else torch.as_tensor(batch_num_tokens, dtype=torch.float32)
+        return (dp_size / denom.clamp(min=1.0)).expand_as(n_tok)
+    if loss_agg_mode == "token-sum":
+        return torch.full_like(n_tok, float(dp_size))
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
+    seq_mask = (n_tok > 0).to(torch.float32)
+    g = seq_mask.sum() if global_batch_size is None else torch.as_tensor(global_batch_size, dtype=torch.float32)
+    coef = seq_mask * (dp_size / g.clamp(min=1.0))
+    if loss_agg_mode == "seq-mean-token-mean":
+        return coef / (n_tok + 1e-8)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        scale = mask.shape[-1] if loss_scale_factor is None else loss_scale_factor
+        return coef / float(scale)
+    return coef  # seq-mean-token-sum
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens: Any = None,
+    global_batch_size: Any = None,
+    loss_scale_factor: Any = None,
+) -> torch.Tensor:
+    """Aggregate a (B, T) per-token loss to a scalar exactly as verl 0.9.1's ``core_algos.agg_loss``.
+
+    ``token-mean``: Σ m·loss / batch_num_tokens · dp_size (default batch_num_tokens: Σ m);
+    ``token-sum``: Σ m·loss · dp_size; ``seq-mean-token-sum``: Σ_b [n_b>0] Σ_t m·loss / G · dp_size;
+    ``seq-mean-token-sum-norm``: that / loss_scale_factor (default T); ``seq-mean-token-mean``:
+    Σ_b [n_b>0] (Σ_t m·loss / (n_b + 1e-8)) / G · dp_size, with G = global_batch_size (default: the
+    number of sequences with n_b > 0). Degenerate denominators are clamped to ≥ 1 (verl returns NaN).
+    """
+    mask = loss_mask.to(torch.float32)
+    coef = _row_coefficients(mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    return (loss_mat.to(torch.float32) * mask * coef).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+# ---------------------------------------------------------------------------------------------
+
+
+class _LossWithPrecomputedGrad(torch.autograd.Function):
+    """Returns ``value``; backward hands ``grad_factor · grad_out`` to ``log_prob``.
+
+    The forward of the clipped surrogate is computed without autograd (one pass, no saved graph);
+    its exact derivative w.r.t. log π_θ(a_t) is known in closed form (Prop. 1 estimator) and is the
+    only thing kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, log_prob: torch.Tensor, value: torch.Tensor, grad_factor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad_factor)
+        ctx.out_dtype = log_prob.dtype
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad_factor,) = ctx.saved_tensors
+        grad = grad_factor * grad_out
+        return grad.to(ctx.out_dtype), None, None
+
+
+def _check_inputs(old_log_prob, log_prob, advantages, response_mask) -> None:
+    for name, tensor in (("old_log_prob", old_log_prob), ("log_prob", log_prob),
+                         ("advantages", advantages), ("response_mask", response_mask)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if log_prob.dim() != 2:
+        raise ValueError(
+            f"log_prob must be (batch, response_len), got shape {tuple(log_prob.shape)}; "
+            "add a batch dimension with .unsqueeze(0) for a single sequence"
+        )
+    for name, tensor in (("old_log_prob", old_log_prob), ("response_mask", response_mask)):
+        if tensor.shape != log_prob.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)} but log_prob has {tuple(log_prob.shape)}; "
+                "all per-token tensors must be (batch, response_len) and aligned"
+            )
+    ok = advantages.shape in (log_prob.shape, log_prob.shape[:1], (log_prob.shape[0], 1))
+    if not ok:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}; expected (batch,)={tuple(log_prob.shape[:1])} "
+            f"(one advantage per sequence, broadcast) or (batch, response_len)={tuple(log_prob.shape)}"
+        )
+    if not (log_prob.is_floating_point() and old_log_prob.is_floating_point()):
+        raise TypeError("log_prob and old_log_prob must be floating point (float32, bfloat16, ...)")
+
+
+def _dual_and_bounds(cfg: PolicyLossConfig, t: torch.Tensor | None):
+    """(lo, hi, dual) log-space bounds: Python floats or tensors broadcastable to (B, T)."""
+    if cfg.clip_mode == "fixed":
+        lo, hi = fixed_clip_bounds(cfg.clip_low, cfg.clip_high)
+    elif cfg.clip_mode == "adaptive":
+        lo, hi = adaptive_clip_bounds(t, cfg.eps_low, cfg.eps_high, cfg.gamma)
+    else:
+        lo, hi = -math.inf, math.inf
+    if cfg.dual_clip_c:
+        dual = math.log(cfg.dual_clip_c)
+    elif cfg.dual_clip_eps:
+        dual = t.pow(cfg.gamma) * cfg.dual_clip_eps
+    else:
+        dual = math.inf
+    return lo, hi, dual
+
+
+def _needs_position(cfg: PolicyLossConfig) -> bool:
+    return cfg.clip_mode == "adaptive" or bool(cfg.dual_clip_eps)
+
+
+def compute_policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    cfg: PolicyLossConfig | Mapping[str, Any] | None = None,
+    *,
+    global_batch_info: Mapping[str, Any] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped importance-weighted policy-gradient loss of ``cfg.method``; returns ``(loss, metrics)``.
+
+    Args:
+        old_log_prob: (B, T) log μ(a_t|s_t) of the sampled tokens (behaviour / old policy).
+        log_prob: (B, T) log π_θ(a_t|s_t), requires grad; the gradient flows only into it.
+        advantages: (B,) one advantage per sequence (broadcast; fastest) or (B, T) per token.
+        response_mask: (B, T) 1 on policy-generated tokens, 0 on padding and tool-output tokens
+            (bool or float).
+        cfg: a :class:`PolicyLossConfig` (or a mapping of its fields); default ``PolicyLossConfig()``.
+        global_batch_info: verl's ``config.global_batch_info`` (dp_size, batch_num_tokens,
+            global_batch_size, loss_scale_factor) for distributed-invariant normalisation.
+
+    Returns:
+        loss: scalar float32 tensor (differentiable w.r.t. ``log_prob``).
+        metrics: dict of plain floats (see the module docstring).
+    """
+    if cfg is None:
+        cfg = PolicyLossConfig()
+    elif isinstance(cfg, Mapping):
+        cfg = PolicyLossConfig.from_dict(cfg)
+    elif not isinstance(cfg, PolicyLossConfig):
+        raise TypeError(f"cfg must be a PolicyLossConfig or a mapping of its fields, got {type(cfg).__name__}")
+    cfg = cfg.resolved()
+    _check_inputs(old_log_prob, log_prob, advantages, response_mask)
+    gbi = dict(global_batch_info or {})
+    unknown = sorted(set(gbi) - set(_GLOBAL_BATCH_KEYS))
+    if unknown:
+        raise ValueError(f"unknown global_batch_info key(s) {unknown}; expected a subset of {list(_GLOBAL_BATCH_KEYS)}")
+    method = METHODS[cfg.method]
+
+    with torch.no_grad():
+        mask = response_mask.to(torch.float32)
+        adv = advantages.to(torch.float32)
+        if adv.dim() == 1:
+            adv = adv.unsqueeze(-1)
+        coef = _row_coefficients(mask, cfg.loss_agg_mode, **gbi)  # (B, 1)
+        t = position_index(mask, cfg.position) if _needs_position(cfg) else None
+        lo, hi, dual = _dual_and_bounds(cfg, t)
+        new = log_prob.detach().to(torch.float32)
+        log_ratio = (new - old_log_prob.to(torch.float32)) * mask
+
+    if cfg.grad == "current":
+        with torch.no_grad():
+            x = method.log_weight(log_ratio, mask)
+            if x.shape != log_ratio.shape:
+                x = x.expand_as(log_ratio)
+            pos = adv > 0
+            # A > 0: clip from above at hi; A ≤ 0: from below at lo and (dual) from above at d.
+            lower = torch.where(pos, -math.inf, torch.as_tensor(lo))
+            upper = torch.where(pos, torch.as_tensor(hi), torch.as_tensor(dual)).clamp(max=cfg.max_log_weight)
+            y = torch.clamp(x, lower, upper)
+            kept = y == x
+            val = torch.exp(y) * (-adv * coef) * mask
+            loss_value = val.sum()
+            grad_factor = val * kept
+        loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
+    else:
+        lr = (log_prob.to(torch.float32) - old_log_prob.to(torch.float32)) * mask
+        x_grad = method.log_weight(lr, mask)
+        if x_grad.shape != lr.shape:
+            x_grad = x_grad.expand_as(lr)
+        pos = adv > 0
+        lower = torch.where(pos, -math.inf, torch.as_tensor(lo))
+        upper = torch.where(pos, torch.as_tensor(hi), torch.as_tensor(dual)).clamp(max=cfg.max_log_weight)
+        y_grad = torch.clamp(x_grad, lower, upper)  # clamp's gradient is 0 where it binds
+        loss = (torch.exp(y_grad) * (-adv * coef) * mask).sum()
+        x, y = x_grad.detach(), y_grad.detach()
+
+    metrics = _metrics(cfg, x, y, log_ratio, mask, adv)
+    return loss, metrics
+
+
+def _metrics(cfg, x, y, log_ratio, mask, adv) -> dict[str, float]:
+    with torch.no_grad():
+        n = mask.sum()
+        denom = n.clamp(min=1.0)
+        above = (y < x).to(torch.float32) * mask
+        below = (y > x).to(torch.float32) * mask
+        pos = (adv > 0).to(torch.float32)
+        neg = (adv < 0).to(torch.float32)
+        frac_high = (above * pos).sum() / denom
+        frac_dual = (above * neg).sum() / denom
+        frac_low = (below * neg).sum() / denom
+        xc = x.clamp(max=cfg.max_log_weight)
+        w = torch.exp(xc)
+        ratio_mean = (w * mask).sum() / denom
+        ratio_max = torch.where(mask > 0, xc, -math.inf).max().exp()  # 0 when no mask token
+        log_mean = (x * mask).sum() / denom
+        approx_kl = -log_ratio.sum() / denom
+        flat = xc.reshape(-1)
+        mflat = mask.reshape(-1)
+        stride = max(1, math.ceil(flat.numel() / max(cfg.quantile_sample, 1)))
+        sample = flat[::stride][mflat[::stride] > 0]
+        if sample.numel() > 0 and cfg.ratio_quantiles:
+            qs = torch.quantile(sample, torch.tensor(cfg.ratio_quantiles, dtype=sample.dtype)).exp()
+        else:
+            qs = torch.zeros(len(cfg.ratio_quantiles))
+        vals = torch.stack([frac_low, frac_high, frac_dual, frac_low + frac_high + frac_dual,
+                            ratio_mean, ratio_max, log_mean, approx_kl, n]).tolist()
+    keys = ["clip/frac_low", "clip/frac_high", "clip/frac_dual", "clip/frac",
+            "ratio/mean", "ratio/max", "ratio/log_mean", "ratio/approx_kl", "ratio/tokens"]
+    out = dict(zip(keys, vals))
+    for q, v in zip(cfg.ratio_quantiles, qs.tolist()):
+        out[f"ratio/p{round(q * 100):02d}"] = v
+    return out
