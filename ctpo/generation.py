@@ -1,0 +1,250 @@
+"""`HFGenerator`: the `Generator` of `ctpo.tir.episode` on top of Hugging Face ``generate``.
+
+One call = one turn of many episodes: every prompt goes into ONE left-padded batched ``generate`` call
+with the KV cache, and each continuation comes back with the behaviour log-probs of its tokens (the
+log-softmax of the *processed* scores, i.e. of the distribution actually sampled from).
+
+Sampling is pinned explicitly: ``do_sample=True, temperature=T, top_k=0, top_p=1.0`` unless the caller
+asks otherwise. transformers 5.x otherwise merges library/model defaults (e.g. ``top_k=50``) into the
+sampler, and the tokens would come from a distribution other than the one whose log-probs RL trains on
+(tests/test_generation.py checks generate-time vs recomputed log-probs).
+
+Determinism: with ``SamplingParams.seed`` set, the RNG of a call is seeded from (seed, the prompts'
+token ids), inside `torch.random.fork_rng`, so a turn's samples depend only on the seed and its inputs,
+not on how many calls came before (resuming a run re-samples the same way) and the caller's global RNG
+is untouched.
+
+`GENERATORS` is the backend registry used by `ctpo.eval` and the trainer: ``"hf"`` is this module,
+``"vllm"`` is ``ctpo.backends.vllm.VLLMGenerator`` (imported only when asked for).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class _Sampling:
+    """The fields of `ctpo.tir.episode.SamplingParams` this backend reads (duck-typed)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+def _continuation_cls():
+    try:
+        from ctpo.tir.episode import Continuation
+    except ImportError:  # the episode module is the contract's home; fall back to a plain record
+        return _Continuation
+    return Continuation
+
+
+@dataclass
+class _Continuation:
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str
+
+
+class _FinishRecorder:
+    """Stopping criterion that ends a row on EOS or a stop string and records *when* it ended.
+
+    HF pads finished rows with ``pad_token_id`` without telling the caller where they stopped; this
+    records the sequence length at which each row first finished and why.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], eos_ids: list[int], batch: int):
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        self.stop_criteria = StopStringCriteria(tokenizer, list(stop)) if stop else None
+        self.eos = torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None
+        self.done_len = torch.full((batch,), -1, dtype=torch.long)
+        self.reason = ["length"] * batch
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        b = input_ids.shape[0]
+        is_eos = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        if self.eos is not None:
+            is_eos = torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))
+        is_stop = torch.zeros_like(is_eos)
+        if self.stop_criteria is not None:
+            is_stop = self.stop_criteria(input_ids, scores)
+        done = (is_eos | is_stop).cpu()
+        new = done & (self.done_len < 0)
+        for i in torch.nonzero(new).flatten().tolist():
+            self.done_len[i] = input_ids.shape[1]
+            self.reason[i] = "eos" if bool(is_eos[i]) else "stop"
+        return done.to(input_ids.device)
+
+
+def _call_seed(seed: int, prompts: list[list[int]]) -> int:
+    h = zlib.crc32(repr(int(seed)).encode())
+    for p in prompts:
+        h = zlib.crc32(torch.tensor(p, dtype=torch.int32).numpy().tobytes(), h)
+    return h
+
+
+class HFGenerator:
+    """`Generator` backed by ``model.generate`` (any HF causal LM; the tiny Qwen3 models included).
+
+    ``max_batch_size`` splits a call into chunks (memory on GPU); None = one call for everything.
+    ``stats`` accumulates per-call timings and token counts for profiling.
+    """
+
+    def __init__(self, model, tokenizer, device: str | torch.device | None = None,
+                 max_batch_size: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+            else tokenizer.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.stats = {"calls": 0, "rows": 0, "new_tokens": 0, "steps": 0, "gen_s": 0.0}
+
+    @classmethod
+    def from_pretrained(cls, path, device: str = "cpu", **kw) -> HFGenerator:
+        from ctpo.tiny import load_pretrained
+
+        model, tokenizer = load_pretrained(path, device=device)
+        model.eval()
+        return cls(model, tokenizer, device=device, **kw)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: Any) -> list[Any]:
+        n = int(getattr(params, "n", 1) or 1)
+        if n != 1:  # the episode loop asks for samples by repeating prompts
+            prompts = [p for p in prompts for _ in range(n)]
+        if not prompts:
+            return []
+        seed = getattr(params, "seed", None)
+        chunk = self.max_batch_size or len(prompts)
+        out: list[Any] = []
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            if seed is not None:
+                torch.manual_seed(_call_seed(seed, prompts))
+            for i in range(0, len(prompts), chunk):
+                out.extend(self._generate_batch(prompts[i:i + chunk], params))
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], params: Any) -> list[Any]:
+        t0 = time.perf_counter()
+        b = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError("HFGenerator.generate got an empty prompt; every prompt needs >= 1 token")
+            input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, width - len(p):] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+
+        temperature = float(getattr(params, "temperature", 1.0))
+        top_k = getattr(params, "top_k", 0)
+        top_k = 0 if top_k is None or top_k < 0 else int(top_k)
+        top_p = float(getattr(params, "top_p", 1.0) or 1.0)
+        stop = tuple(getattr(params, "stop", ()) or ())
+        max_new = int(getattr(params, "max_new_tokens", 256))
+        recorder = _FinishRecorder(self.tokenizer, stop, self.eos_ids, b)
+        from transformers import StoppingCriteriaList
+
+        sampling: dict[str, Any]
+        if temperature <= 0:  # greedy; log-probs are then those of the untempered model
+            sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        else:
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
+            stopping_criteria=StoppingCriteriaList([recorder]), pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids or None, use_cache=True, return_dict_in_generate=True,
+            output_scores=True, min_new_tokens=0, repetition_penalty=None, num_beams=1,
+            **sampling,
+        )
+        new_tokens = out.sequences[:, width:].cpu()
+        steps = new_tokens.shape[1]
+        if steps:
+            scores = torch.stack(out.scores, dim=1).float()  # [b, steps, vocab], processed (sampled) logits
+            logp = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens.to(scores.device).unsqueeze(-1))
+            logp = logp.squeeze(-1).cpu()
+        else:
+            logp = torch.zeros((b, 0))
+        cls = _continuation_cls()
+        results = []
+        total = 0
+        for i in range(b):
+            end = int(recorder.done_len[i]) - width if recorder.done_len[i] >= 0 else steps
+            total += end
+            results.append(cls(token_ids=new_tokens[i, :end].tolist(), logprobs=logp[i, :end].tolist(),
+                               finish_reason=recorder.reason[i] if recorder.done_len[i] >= 0 else "length"))
+        self.stats["calls"] += 1
+        self.stats["rows"] += b
+        self.stats["new_tokens"] += total
+        self.stats["steps"] += steps
+        self.stats["gen_s"] += time.perf_counter() - t0
+        return results
+
+
+@torch.no_grad()
+def sequence_logprobs(model, sequences: list[list[int]], starts: list[int], temperature: float = 1.0,
+                      pad_id: int = 0) -> list[list[float]]:
+    """Log-probs of ``sequences[i][starts[i]:]`` under ``model`` at ``temperature``, by one right-padded
+    forward pass (positions start at 0 for every row, as in generation). Reference for tests and tools."""
+    device = next(model.parameters()).device
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+    return [logp[i, starts[i] - 1:len(s) - 1].cpu().tolist() for i, s in enumerate(sequences)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backend registry: name -> factory(model_path, tokenizer-less kwargs) -> Generator
+
+def _hf_factory(model_path, **kw) -> HFGenerator:
+    kw.pop("sampling", None)
+    return HFGenerator.from_pretrained(model_path, **kw)
+
+
+def _vllm_factory(model_path, **kw):
+    try:
+        mod = importlib.import_module("ctpo.backends.vllm")
+    except ImportError as exc:
+        raise RuntimeError(f"the vllm backend needs vLLM and ctpo.backends.vllm ({exc}); "
+                           "install the gpu extra or use --backend hf") from exc
+    sampling = kw.pop("sampling", {}) or {}
+    return mod.VLLMGenerator(str(model_path), **sampling, **kw)
+
+
+GENERATORS: dict[str, Callable[..., Any]] = {"hf": _hf_factory, "vllm": _vllm_factory}
+
+
+def register_generator(name: str, factory: Callable[..., Any]) -> None:
+    """Add a generation backend: ``factory(model_path, **kw)`` returns an object with ``generate`` (and
+    ideally ``tokenizer``)."""
+    GENERATORS[name] = factory
+
+
+def make_generator(backend: str, model_path, **kw):
+    if backend not in GENERATORS:
+        raise ValueError(f"unknown generation backend {backend!r}; available: {', '.join(GENERATORS)}")
+    return GENERATORS[backend](model_path, **kw)

@@ -1,0 +1,146 @@
+"""HFGenerator: behaviour log-probs equal recomputed ones, left padding is invisible, seeding is
+deterministic, and continuations stop where they should (stop string / EOS / length)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctpo import tiny
+from ctpo.generation import (
+    GENERATORS,
+    HFGenerator,
+    _FinishRecorder,
+    _Sampling,
+    make_generator,
+    sequence_logprobs,
+)
+from ctpo.tasks import arith
+
+STOP = "\n```\n"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [r["problem"] for r in arith.load_split("train", n=200, seed=0)]
+    texts += ["```python\nprint(12 * 34)\n```\n```output\n408\n```\nSo \\boxed{408}."] * 20
+    return tiny.build_tokenizer(texts, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tokenizer):
+    """An ``xs`` model with scaled-up weights: far from uniform, so log-prob errors would show."""
+    torch.set_num_threads(1)
+    model = tiny.build_model("xs", tokenizer, seed=7).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.5)
+    return model
+
+
+def _prompts(tokenizer):
+    texts = ["Let n = 738 * 46 - 125.", "Hi", "Let x = 12 * 3 + 4. If x is even, halve it; otherwise add 9. What"]
+    return [tokenizer.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_logprobs_match_recompute(tokenizer, peaked_model, temperature):
+    gen = HFGenerator(peaked_model, tokenizer)
+    prompts = _prompts(tokenizer)
+    outs = gen.generate(prompts, _Sampling(temperature=temperature, max_new_tokens=40, seed=1))
+    assert all(o.finish_reason in ("length", "eos") for o in outs)
+    seqs = [p + o.token_ids for p, o in zip(prompts, outs)]
+    # recomputed per sequence WITHOUT padding: generate-time left padding must not change anything
+    for p, o, s in zip(prompts, outs, seqs):
+        ref = sequence_logprobs(peaked_model, [s], [len(p)], temperature=temperature)[0]
+        assert len(ref) == len(o.logprobs) == len(o.token_ids) > 0
+        assert max(abs(a - b) for a, b in zip(o.logprobs, ref)) < 1e-4
+    # the sampled tokens are not all the argmax: we really sampled from the full distribution
+    assert any(lp < -0.7 for o in outs for lp in o.logprobs)
+
+
+def test_seeded_and_rng_neutral(tokenizer, peaked_model):
+    gen = HFGenerator(peaked_model, tokenizer)
+    prompts = _prompts(tokenizer) * 2  # identical prompts in one call still get different samples
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = gen.generate(prompts, _Sampling(max_new_tokens=25, seed=5))
+    after = torch.rand(1)
+    assert torch.equal(before, after)  # the caller's global RNG stream is untouched
+    b = gen.generate(prompts, _Sampling(max_new_tokens=25, seed=5))
+    c = gen.generate(prompts, _Sampling(max_new_tokens=25, seed=6))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+    assert a[0].token_ids != a[3].token_ids
+
+
+def test_n_repeats_prompts(tokenizer, peaked_model):
+    gen = HFGenerator(peaked_model, tokenizer)
+    outs = gen.generate(_prompts(tokenizer)[:2], _Sampling(n=3, max_new_tokens=5, seed=0))
+    assert len(outs) == 6
+
+
+def test_greedy(tokenizer, peaked_model):
+    gen = HFGenerator(peaked_model, tokenizer)
+    p = _prompts(tokenizer)[:1]
+    a = gen.generate(p, _Sampling(temperature=0.0, max_new_tokens=10))
+    b = gen.generate(p, _Sampling(temperature=0.0, max_new_tokens=10, seed=9))
+    assert a[0].token_ids == b[0].token_ids
+
+
+def test_finish_recorder(tokenizer):
+    eos = tokenizer.eos_token_id
+    a = tokenizer.encode("x = 1\nprint(x)" + STOP, add_special_tokens=False)
+    b = [*tokenizer.encode("The answer is 3.", add_special_tokens=False), eos]
+    width = max(len(a), len(b)) + 2
+    pad = tokenizer.pad_token_id
+    rows = [a + [pad] * (width - len(a)), b + [pad] * (width - len(b)), [5] * width]
+    rec = _FinishRecorder(tokenizer, (STOP,), [eos], 3)
+    ids = torch.tensor(rows)
+    for t in range(1, width + 1):
+        rec(ids[:, :t], torch.zeros(3, 10))
+    assert rec.done_len.tolist() == [len(a), len(b), -1]
+    assert rec.reason == ["stop", "eos", "length"]
+
+
+@pytest.fixture(scope="module")
+def parrot(tokenizer):
+    """An ``xs`` model overfit to two continuations: one ending in the code-block stop string, one in EOS."""
+    torch.manual_seed(0)
+    model = tiny.build_model("xs", tokenizer, seed=0)
+    eos = tokenizer.eos_token_id
+    data = [tokenizer.encode("Q1: ") + tokenizer.encode("```python\nprint(1)" + STOP + "tail text that must not appear"),
+            tokenizer.encode("Q2: ") + tokenizer.encode("done.") + [eos]]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        for seq in data:
+            ids = torch.tensor([seq])
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return model.eval()
+
+
+def test_stop_string_and_eos(tokenizer, parrot):
+    gen = HFGenerator(parrot, tokenizer)
+    prompts = [tokenizer.encode("Q1: "), tokenizer.encode("Q2: ")]
+    out = gen.generate(prompts, _Sampling(temperature=0.05, max_new_tokens=30, stop=(STOP,), seed=0))
+    text0 = tokenizer.decode(out[0].token_ids)
+    assert out[0].finish_reason == "stop" and text0.endswith(STOP) and "tail" not in text0
+    assert text0 == "```python\nprint(1)" + STOP
+    assert out[1].finish_reason == "eos" and out[1].token_ids[-1] == tokenizer.eos_token_id
+    assert len(out[1].logprobs) == len(out[1].token_ids)
+    short = gen.generate(prompts[:1], _Sampling(temperature=0.05, max_new_tokens=3, stop=(STOP,), seed=0))
+    assert short[0].finish_reason == "length" and len(short[0].token_ids) == 3
+
+
+def test_registry(tokenizer, peaked_model, tmp_path):
+    assert {"hf", "vllm"} <= set(GENERATORS)
+    tiny.save_pretrained(peaked_model, tokenizer, tmp_path / "m")
+    gen = make_generator("hf", tmp_path / "m")
+    assert isinstance(gen, HFGenerator)
+    with pytest.raises(ValueError, match="available: hf, vllm"):
+        make_generator("nope", tmp_path / "m")
