@@ -93,3 +93,57 @@ def test_batch_indices_cover_each_epoch_once():
     assert sorted(seen[:10]) == list(range(10))  # steps 0..2 cover epoch 0 (step 2 spills into epoch 1)
     assert batch_indices(10, 4, 3, seed=3) == batch_indices(10, 4, 3, seed=3)
     assert batch_indices(10, 4, 0, seed=3) != batch_indices(10, 4, 0, seed=4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One update on a micro model moves log-probs the way the advantages say
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["grpo", "seq", "gspo", "ctpo", "ctpo_fixed"])
+def test_update_moves_log_probs_with_advantage_sign(method):
+    from ctpo.losses import PolicyLossConfig
+    from ctpo.train.local import TrainConfig, old_log_probs, pack, response_log_probs, update_policy
+
+    model = micro_model(seed=1)
+    prompts = [[3, 4, 5], [3, 4, 5], [6, 7], [6, 7]]
+    responses = [[10, 11, 12, 13, 14], [20, 21, 22], [15, 16, 17, 18], [25, 26, 27, 28, 29, 30]]
+    masks = [[1, 1, 0, 1, 1], [1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1, 1, 1]]
+    batch = pack(prompts, responses, masks, pad_id=0)
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    cfg = TrainConfig(ppo_epochs=3, minibatches=2, lr=3e-3, max_grad_norm=0.0)
+    loss_cfg = PolicyLossConfig.from_dict({"method": method}).resolved()
+    old = old_log_probs(model, batch, 1.0, chunk=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    metrics = update_policy(model, optimizer, batch, old, advantages, loss_cfg, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        new, _ = response_log_probs(model.eval(), batch)
+    seq_change = ((new - old) * batch.response_mask).sum(1)
+    assert (seq_change[advantages > 0] > 0).all(), seq_change
+    assert (seq_change[advantages < 0] < 0).all(), seq_change
+    for key in ("train/loss", "train/entropy", "train/grad_norm", "clip/frac", "ratio/mean", "ratio/approx_kl"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    assert metrics["train/grad_norm"] > 0
+
+
+def test_on_policy_first_step_is_vanilla_policy_gradient():
+    """On-policy (old == current) every method's gradient is the vanilla policy gradient (Prop. 1)."""
+    from ctpo.losses import PolicyLossConfig, compute_policy_loss
+    from ctpo.train.local import old_log_probs, pack, response_log_probs
+
+    batch = pack([[3, 4], [5, 6, 7]], [[8, 9, 10], [11, 12]], [[1, 0, 1], [1, 1]], pad_id=0)
+    adv = torch.tensor([0.5, -1.5])
+    grads = {}
+    for method in ["grpo", "gspo", "ctpo"]:
+        model = micro_model(seed=2)
+        old = old_log_probs(model, batch, 1.0, chunk=4)
+        logp, _ = response_log_probs(model, batch)
+        cfg = PolicyLossConfig.from_dict({"method": method}).resolved()
+        loss, _ = compute_policy_loss(old, logp, adv, batch.response_mask, cfg)
+        loss.backward()
+        grads[method] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model = micro_model(seed=2)
+    logp, _ = response_log_probs(model, batch)
+    m = batch.response_mask
+    (-(adv[:, None] * logp * m).sum() / m.sum()).backward()
+    ref = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    for method, g in grads.items():
+        assert torch.allclose(g, ref, atol=1e-6), method

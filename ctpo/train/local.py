@@ -270,12 +270,13 @@ def rollout(
     """Sample ``group_size`` TIR episodes per problem (contiguous per problem) and grade them."""
     from ctpo.generation import HFGenerator
     from ctpo.tir.episode import SamplingParams, run_episodes
+    from ctpo.tir.protocol import exclude_from_loss
 
     generator = _Timed(HFGenerator(model, tokenizer), ["generate"])
     timed_pool = _Timed(pool, ["run", "map"])
     texts = [p["problem"] for p in problems for _ in range(group_size)]
     golds = [p["answer"] for p in problems for _ in range(group_size)]
-    params = SamplingParams(temperature=temperature, top_p=1.0, top_k=0, seed=seed)
+    params = SamplingParams(temperature=temperature, seed=seed)
     t0 = time.perf_counter()
     model.eval()
     with torch.no_grad():
@@ -286,11 +287,15 @@ def rollout(
     t_grade = time.perf_counter() - t0
     rewards = torch.tensor([float(g.correct) for g in graded])
 
+    # SimpleTIR's void-turn filter (off unless tir.mask_void_turn_trajectories): such episodes keep
+    # their reward (they count in the group statistics) but contribute no token to the loss.
+    excluded = [exclude_from_loss(ep.num_void_turns, tir_cfg) for ep in episodes]
+    n_excluded = sum(excluded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch = pack(
         [ep.prompt_ids for ep in episodes],
         [ep.response_ids for ep in episodes],
-        [ep.response_mask for ep in episodes],
+        [[0] * len(ep.response_mask) if ex else ep.response_mask for ep, ex in zip(episodes, excluded)],
         pad_id,
     )
     behaviour = None
@@ -305,7 +310,8 @@ def rollout(
     metrics = {
         "train/reward_mean": float(rewards.mean()),
         "train/accuracy": sum(bool(g.correct) for g in graded) / n,
-        "train/no_answer_frac": sum(getattr(g, "extracted", "") in (None, "") for g in graded) / n,
+        "train/no_answer_frac": sum(g.extracted is None for g in graded) / n,
+        "train/excluded_void_frac": n_excluded / n,
         "train/response_length": float(policy_tokens.mean()),
         "train/response_length_max": float(policy_tokens.max()),
         "train/response_tokens_with_tools": sum(len(ep.response_ids) for ep in episodes) / n,
@@ -429,20 +435,22 @@ def load_eval_problems(config: dict[str, Any], cfg: TrainConfig) -> tuple[str, l
 
 
 def loss_config(config: dict[str, Any], method: str) -> Any:
+    """``methods[method]`` as a resolved `ctpo.losses.PolicyLossConfig` (unknown keys are an error)."""
     from ctpo.losses import PolicyLossConfig
 
-    fields = section(config, "methods", method)
-    known = {f.name for f in dataclasses.fields(PolicyLossConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"methods.{method}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return PolicyLossConfig(**fields)
+    try:
+        return PolicyLossConfig.from_dict(section(config, "methods", method)).resolved()
+    except ValueError as exc:
+        raise ConfigError(f"methods.{method}: {exc}") from None
 
 
 def tir_config(config: dict[str, Any]) -> Any:
     from ctpo.tir.protocol import TIRConfig
 
-    return TIRConfig(**(config.get("tir") or {}))
+    try:
+        return TIRConfig.from_dict(config.get("tir"))
+    except ValueError as exc:
+        raise ConfigError(f"tir section: {exc}") from None
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
