@@ -1,0 +1,154 @@
+# Load and validate the study config, write the resolved copy every step reads, expand the matrix.
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from snakemake.utils import update_config, validate
+
+from ctpo.config import ConfigError, run_matrix, validate_config
+
+REPO = Path(workflow.basedir)
+SCHEMA = "../schemas/config.schema.yaml"  # relative to this file; ctpo.config applies the same file
+
+# No --configfile: the embedded default. (A `configfile:` directive would be *merged* with a
+# --configfile, so the paper study would inherit the tiny models and benchmarks.)
+if "study" not in config:
+    _default = yaml.safe_load((REPO / "experiments" / "tiny.yaml").read_text())
+    update_config(_default, dict(config))  # --config KEY=VALUE overrides still apply
+    config.clear()
+    config.update(_default)
+
+try:
+    validate_config(config, source="the study config")  # one line per problem, naming the key
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+validate(config, SCHEMA)  # Snakemake's validator; fills the schema's defaults
+
+config["results_dir"] = str(config.get("results_dir") or f"results/{config['study']}")
+R = config["results_dir"]
+RESOLVED = f"{R}/config.resolved.yaml"
+LOGS = f"{R}/logs"
+
+
+def _write_resolved():
+    """Write the resolved config only when it changed, so its mtime means something."""
+    text = "# Written by the workflow (workflow/rules/common.smk): the config every step reads.\n"
+    text += yaml.safe_dump(dict(config), sort_keys=False)
+    path = Path(RESOLVED)
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+_write_resolved()
+
+# ---- the experiment matrix (data, not code) ------------------------------------------------------------
+RUNS = run_matrix(config)  # [(model, method, seed)], from the `runs` blocks x `seeds`
+MODELS = list(dict.fromkeys(model for model, _, _ in RUNS))
+BENCHMARKS = list((config["data"].get("benchmarks") or {}))
+BASE_SEED = int(config["seeds"][0])  # the Base checkpoint is evaluated once, with the first seed
+TRAIN_BACKEND = (config.get("train") or {}).get("backend", "local")
+
+wildcard_constraints:
+    model=r"[^/]+",
+    method=r"[^/]+",
+    seed=r"\d+",
+    benchmark=r"[^/]+",
+    dataset=r"[^/]+",
+
+
+def run_dir(model, method, seed):
+    return f"{R}/runs/{model}/{method}/s{seed}"
+
+
+def eval_dir(model, method, seed, benchmark):
+    return f"{R}/eval/{model}/{method}/s{seed}/{benchmark}"
+
+
+def eval_summaries():
+    out = [f"{eval_dir(m, x, s, b)}/summary.json" for m, x, s in RUNS for b in BENCHMARKS]
+    out += [f"{eval_dir(m, 'base', BASE_SEED, b)}/summary.json" for m in MODELS for b in BENCHMARKS]
+    return out
+
+
+def train_markers():
+    return [f"{run_dir(m, x, s)}/DONE.json" for m, x, s in RUNS]
+
+
+def lab_enabled():
+    return bool((config.get("workflow") or {}).get("lab", True))
+
+
+def all_targets():
+    targets = [
+        *train_markers(),
+        *eval_summaries(),
+        *ANALYSIS_OUTPUTS,
+        *FIGURE_OUTPUTS,
+    ]
+    if lab_enabled():
+        targets.append(f"{R}/lab/DONE")
+    return targets
+
+
+# ---- resources ------------------------------------------------------------------------------------------
+# Per-step defaults for the embedded tiny study on 2 cores: one torch thread per job, so two jobs share the
+# machine instead of fighting over it. A config's `resources.<step>` overrides them (paper.yaml: GPUs,
+# memory, hours); the SLURM profile adds partitions and accounts.
+RESOURCE_DEFAULTS = {
+    "data": {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0},
+    "sft": {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0},
+    "train": {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpu": 0},
+    "eval": {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0},
+    "lab": {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0},
+    "analyze": {"threads": 1, "mem_mb": 2000, "runtime": 15, "gpu": 0},
+    "figures": {"threads": 1, "mem_mb": 2000, "runtime": 15, "gpu": 0},
+}
+
+
+def _step(step):
+    return {**RESOURCE_DEFAULTS[step], **((config.get("resources") or {}).get(step) or {})}
+
+
+def threads_for(step):
+    return int(_step(step)["threads"])
+
+
+def resources_for(step):
+    """Everything but threads: mem_mb, runtime (minutes), gpu, and nodes / slurm_extra when given."""
+    return {k: v for k, v in _step(step).items() if k != "threads"}
+
+
+# ---- rerun triggers ---------------------------------------------------------------------------------------
+# Steps read the whole resolved config, but it is deliberately *not* an input file: a changed eval setting
+# must not retrain. Instead each rule's params carry a digest of the config parts that step depends on, and
+# Snakemake's `params` rerun trigger reruns exactly the steps whose parts changed.
+
+
+def digest(*parts):
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def section(key, name=None):
+    value = config.get(key) or {}
+    return value.get(name) if name is not None else value
+
+
+STORE = ancient(f"{R}/mlflow.json")  # a prerequisite, never a reason to rerun
+
+
+rule mlflow_init:
+    output:
+        f"{R}/mlflow.json",
+    params:
+        config=RESOLVED,
+    log:
+        f"{LOGS}/mlflow_init.log",
+    shell:
+        "ctpo mlflow-init --config {params.config} > {log} 2>&1"

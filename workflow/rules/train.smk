@@ -1,0 +1,32 @@
+# RL training, one job per (model, method, seed) of the matrix.
+#
+# The declared output is only the final marker RUN/DONE.json. Checkpoints live in RUN/checkpoints/, which
+# is not a declared output (and RUN is not a directory() output), so when a job dies Snakemake deletes
+# nothing that training needs, and `snakemake --rerun-incomplete` restarts `ctpo train`, which resumes from
+# the newest checkpoint. The MLflow run id is kept in RUN/ too, so the resumed job continues the same run.
+
+
+rule train:
+    input:
+        base=f"{R}/base/{{model}}/sft_summary.json",
+        data=f"{R}/data/train.jsonl",
+        store=STORE,
+    output:
+        f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json",
+    params:
+        config=RESOLVED,
+        base=f"{R}/base/{{model}}",
+        out=f"{R}/runs/{{model}}/{{method}}/s{{seed}}",
+        cfg=lambda w: digest(
+            section("models", w.model), section("methods", w.method), section("train"),
+            section("tir"), section("sandbox"), section("verl"),
+        ),
+    log:
+        f"{LOGS}/train/{{model}}__{{method}}__s{{seed}}.log",
+    threads: threads_for("train")
+    resources:
+        **resources_for("train"),
+    shell:
+        "ctpo train --config {params.config} --model {wildcards.model} --method {wildcards.method}"
+        " --seed {wildcards.seed} --base {params.base} --out {params.out} --threads {threads} --no-progress"
+        " >> {log} 2>&1"
