@@ -470,25 +470,100 @@ def _check_inputs(old_log_prob, log_prob, advantages, response_mask) -> None:
         raise TypeError("log_prob and old_log_prob must be floating point (float32, bfloat16, ...)")
 
 
-def _dual_and_bounds(cfg: PolicyLossConfig, t: torch.Tensor | None):
-    """(lo, hi, dual) log-space bounds: Python floats or tensors broadcastable to (B, T)."""
+def _side_bounds(cfg: PolicyLossConfig) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+    """Each clip bound as (constant, coefficient of t^γ) in log space: (lower for A ≤ 0, upper for
+    A > 0, dual upper for A < 0). ``(-inf, 0)`` / ``(inf, 0)`` mean no bound."""
+    inf = math.inf
     if cfg.clip_mode == "fixed":
         lo, hi = fixed_clip_bounds(cfg.clip_low, cfg.clip_high)
+        lower, upper = (lo, 0.0), (hi, 0.0)
     elif cfg.clip_mode == "adaptive":
-        lo, hi = adaptive_clip_bounds(t, cfg.eps_low, cfg.eps_high, cfg.gamma)
+        lower, upper = (0.0, -cfg.eps_low), (0.0, cfg.eps_high)
     else:
-        lo, hi = -math.inf, math.inf
+        lower, upper = (-inf, 0.0), (inf, 0.0)
     if cfg.dual_clip_c:
-        dual = math.log(cfg.dual_clip_c)
+        dual = (math.log(cfg.dual_clip_c), 0.0)
     elif cfg.dual_clip_eps:
-        dual = t.pow(cfg.gamma) * cfg.dual_clip_eps
+        dual = (0.0, cfg.dual_clip_eps)
     else:
-        dual = math.inf
-    return lo, hi, dual
+        dual = (inf, 0.0)
+    return lower, upper, dual
 
 
 def _needs_position(cfg: PolicyLossConfig) -> bool:
-    return cfg.clip_mode == "adaptive" or bool(cfg.dual_clip_eps)
+    lower, upper, dual = _side_bounds(cfg)
+    return any(b[1] != 0.0 for b in (lower, upper, dual))
+
+
+def _row_bound(pos: torch.Tensor, if_pos: tuple[float, float], if_not: tuple[float, float]):
+    """Per-row (constant, t^γ-coefficient) pair, each (B, 1) or (B, T) like ``pos``."""
+    const = torch.where(pos, if_pos[0], if_not[0])
+    coef = torch.where(pos, if_pos[1], if_not[1]) if (if_pos[1] or if_not[1]) else None
+    return const, coef
+
+
+def _bound(const: torch.Tensor, coef: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
+    if coef is None:
+        return const
+    bound = coef * scale
+    if bool((const != 0).any()):
+        bound += const
+    return bound
+
+
+def _surrogate(old_log_prob, log_prob, advantages, response_mask, cfg: PolicyLossConfig, gbi: Mapping[str, Any]):
+    """The clipped surrogate of a resolved ``cfg``: ``(loss, state)``; ``state`` feeds :func:`_metrics`.
+
+    Per token, in log space: x = L_t (the method's log-weight), y = x clamped to the sign-dependent
+    bounds (A > 0: x ≤ hi; A ≤ 0: lo ≤ x ≤ dual), loss_t = −A·exp(y) (which equals
+    max(−A·w, −A·clip(w)) and its dual-clipped form), gradient −A·exp(x)·[y = x].
+    """
+    method = METHODS[cfg.method]
+    f32 = torch.float32
+    with torch.no_grad():
+        mask = response_mask.to(f32)
+        adv = advantages.to(f32)
+        if adv.dim() == 1:
+            adv = adv.unsqueeze(-1)
+        row = _row_coefficients(mask, cfg.loss_agg_mode, **gbi)  # (B, 1): agg weight c_b
+        lower_b, upper_b, dual_b = _side_bounds(cfg)
+        pos = adv > 0
+        # A > 0: clip from above at hi; A ≤ 0: from below at lo and from above at the dual threshold.
+        lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b)
+        up_const, up_coef = _row_bound(pos, upper_b, dual_b)
+        up_const = up_const.clamp(max=cfg.max_log_weight)
+        scale = None
+        if lo_coef is not None or up_coef is not None:
+            scale = position_index(mask, cfg.position).pow_(cfg.gamma)  # t^γ
+        lower = _bound(lo_const, lo_coef, scale)
+        upper = _bound(up_const, up_coef, scale)
+        if up_coef is not None:
+            upper = upper.clamp_(max=cfg.max_log_weight)
+        log_ratio = log_prob.detach().to(f32) - old_log_prob.to(f32)
+        log_ratio.mul_(mask)  # ℓ_t, 0 on mask-0 tokens (which must hold finite values)
+
+    if cfg.grad == "current":
+        with torch.no_grad():
+            x = method.log_weight(log_ratio, mask).expand_as(mask)
+            y = torch.maximum(x, lower)
+            y = torch.minimum(y, upper, out=y)
+            unclipped = torch.eq(y, x, out=torch.empty_like(mask))  # 1.0 where no bound binds
+            val = y.exp_().mul_(-adv * row).mul_(mask)  # c_b m_t (−A) exp(y_t); y is dead after this
+            loss_value = val.sum()
+            grad_factor = val.mul_(unclipped)  # ∂loss/∂log π(a_t) = c_b m_t (−A) exp(x_t) [unclipped]
+        loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
+    else:
+        lr = (log_prob.to(f32) - old_log_prob.to(f32)) * mask
+        x_grad = method.log_weight(lr, mask).expand_as(mask)
+        y_grad = torch.minimum(torch.maximum(x_grad, lower), upper)  # gradient 0 where a bound binds
+        loss = (torch.exp(y_grad) * (-adv * row) * mask).sum()
+        with torch.no_grad():
+            x = x_grad.detach()
+            unclipped = (y_grad.detach() == x).to(f32)
+            loss_value = loss.detach()
+    state = {"x": x, "unclipped": unclipped, "lower": lower, "upper": upper, "log_ratio": log_ratio,
+             "mask": mask, "pos": pos, "neg": adv < 0, "loss": loss_value}
+    return loss, state
 
 
 def compute_policy_loss(
@@ -507,7 +582,7 @@ def compute_policy_loss(
         log_prob: (B, T) log π_θ(a_t|s_t), requires grad; the gradient flows only into it.
         advantages: (B,) one advantage per sequence (broadcast; fastest) or (B, T) per token.
         response_mask: (B, T) 1 on policy-generated tokens, 0 on padding and tool-output tokens
-            (bool or float).
+            (bool or float). Values of the other tensors at mask-0 tokens are ignored but must be finite.
         cfg: a :class:`PolicyLossConfig` (or a mapping of its fields); default ``PolicyLossConfig()``.
         global_batch_info: verl's ``config.global_batch_info`` (dp_size, batch_num_tokens,
             global_batch_size, loss_scale_factor) for distributed-invariant normalisation.
@@ -528,80 +603,55 @@ def compute_policy_loss(
     unknown = sorted(set(gbi) - set(_GLOBAL_BATCH_KEYS))
     if unknown:
         raise ValueError(f"unknown global_batch_info key(s) {unknown}; expected a subset of {list(_GLOBAL_BATCH_KEYS)}")
-    method = METHODS[cfg.method]
-
-    with torch.no_grad():
-        mask = response_mask.to(torch.float32)
-        adv = advantages.to(torch.float32)
-        if adv.dim() == 1:
-            adv = adv.unsqueeze(-1)
-        coef = _row_coefficients(mask, cfg.loss_agg_mode, **gbi)  # (B, 1)
-        t = position_index(mask, cfg.position) if _needs_position(cfg) else None
-        lo, hi, dual = _dual_and_bounds(cfg, t)
-        new = log_prob.detach().to(torch.float32)
-        log_ratio = (new - old_log_prob.to(torch.float32)) * mask
-
-    if cfg.grad == "current":
-        with torch.no_grad():
-            x = method.log_weight(log_ratio, mask)
-            if x.shape != log_ratio.shape:
-                x = x.expand_as(log_ratio)
-            pos = adv > 0
-            # A > 0: clip from above at hi; A ≤ 0: from below at lo and (dual) from above at d.
-            lower = torch.where(pos, -math.inf, torch.as_tensor(lo))
-            upper = torch.where(pos, torch.as_tensor(hi), torch.as_tensor(dual)).clamp(max=cfg.max_log_weight)
-            y = torch.clamp(x, lower, upper)
-            kept = y == x
-            val = torch.exp(y) * (-adv * coef) * mask
-            loss_value = val.sum()
-            grad_factor = val * kept
-        loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
-    else:
-        lr = (log_prob.to(torch.float32) - old_log_prob.to(torch.float32)) * mask
-        x_grad = method.log_weight(lr, mask)
-        if x_grad.shape != lr.shape:
-            x_grad = x_grad.expand_as(lr)
-        pos = adv > 0
-        lower = torch.where(pos, -math.inf, torch.as_tensor(lo))
-        upper = torch.where(pos, torch.as_tensor(hi), torch.as_tensor(dual)).clamp(max=cfg.max_log_weight)
-        y_grad = torch.clamp(x_grad, lower, upper)  # clamp's gradient is 0 where it binds
-        loss = (torch.exp(y_grad) * (-adv * coef) * mask).sum()
-        x, y = x_grad.detach(), y_grad.detach()
-
-    metrics = _metrics(cfg, x, y, log_ratio, mask, adv)
-    return loss, metrics
+    loss, state = _surrogate(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
+    return loss, _metrics(cfg, state)
 
 
-def _metrics(cfg, x, y, log_ratio, mask, adv) -> dict[str, float]:
+_BIG = 1e30
+
+
+def _metrics(cfg: PolicyLossConfig, state: dict[str, Any]) -> dict[str, float]:
+    """Clip fractions and ratio statistics as plain floats (one host transfer)."""
+    x, mask, lr = state["x"], state["mask"], state["log_ratio"]
     with torch.no_grad():
         n = mask.sum()
         denom = n.clamp(min=1.0)
-        above = (y < x).to(torch.float32) * mask
-        below = (y > x).to(torch.float32) * mask
-        pos = (adv > 0).to(torch.float32)
-        neg = (adv < 0).to(torch.float32)
-        frac_high = (above * pos).sum() / denom
-        frac_dual = (above * neg).sum() / denom
-        frac_low = (below * neg).sum() / denom
-        xc = x.clamp(max=cfg.max_log_weight)
-        w = torch.exp(xc)
-        ratio_mean = (w * mask).sum() / denom
-        ratio_max = torch.where(mask > 0, xc, -math.inf).max().exp()  # 0 when no mask token
-        log_mean = (x * mask).sum() / denom
-        approx_kl = -log_ratio.sum() / denom
-        flat = xc.reshape(-1)
-        mflat = mask.reshape(-1)
-        stride = max(1, math.ceil(flat.numel() / max(cfg.quantile_sample, 1)))
-        sample = flat[::stride][mflat[::stride] > 0]
+        # Per sequence: tokens a bound pushed down (above the upper / dual bound) or up (below lower).
+        clipped = torch.sub(1.0, state["unclipped"]).mul_(mask)
+        total_row = clipped.sum(-1, keepdim=True)
+        y_hi = torch.minimum(x, state["upper"])  # only the upper side of the clamp
+        above = torch.ne(y_hi, x, out=torch.empty_like(clipped)).mul_(mask)
+        above_row = above.sum(-1, keepdim=True)
+        below_row = total_row - above_row
+        pos, neg = state["pos"].to(torch.float32), state["neg"].to(torch.float32)
+        if pos.shape != total_row.shape:  # per-token advantages: count token by token
+            above_row, below_row = above, clipped - above
+        frac_high = (above_row * pos).sum() / denom
+        frac_dual = (above_row * neg).sum() / denom
+        frac_low = (below_row * neg).sum() / denom
+        xc = torch.clamp(x, max=cfg.max_log_weight)
+        ratio_max = torch.sub(mask, 1.0).mul_(_BIG).add_(xc).amax().exp()  # 0 when no mask token
+        log_mean = (xc * mask).sum() / denom
+        ratio_mean = (xc.exp_() * mask).sum() / denom  # xc now holds the weight w_t
+        approx_kl = -lr.sum() / denom
+        flat_w, flat_m = xc.reshape(-1), mask.reshape(-1)
+        stride = max(1, math.ceil(flat_w.numel() / max(cfg.quantile_sample, 1)))
+        sample = flat_w[::stride][flat_m[::stride] > 0]
         if sample.numel() > 0 and cfg.ratio_quantiles:
-            qs = torch.quantile(sample, torch.tensor(cfg.ratio_quantiles, dtype=sample.dtype)).exp()
+            qs = torch.quantile(sample, torch.tensor(cfg.ratio_quantiles, dtype=sample.dtype))
         else:
             qs = torch.zeros(len(cfg.ratio_quantiles))
-        vals = torch.stack([frac_low, frac_high, frac_dual, frac_low + frac_high + frac_dual,
-                            ratio_mean, ratio_max, log_mean, approx_kl, n]).tolist()
+        vals = torch.cat([torch.stack([frac_low, frac_high, frac_dual, frac_low + frac_high + frac_dual,
+                                       ratio_mean, ratio_max, log_mean, approx_kl, n, state["loss"]]),
+                          qs]).tolist()
+    if not math.isfinite(vals[9]):
+        raise FloatingPointError(
+            f"policy loss is {vals[9]}: an input holds inf/nan (log_prob, old_log_prob or advantages, "
+            "including at mask-0 positions, which must be finite); check the rollout log-probs and padding"
+        )
     keys = ["clip/frac_low", "clip/frac_high", "clip/frac_dual", "clip/frac",
             "ratio/mean", "ratio/max", "ratio/log_mean", "ratio/approx_kl", "ratio/tokens"]
-    out = dict(zip(keys, vals))
-    for q, v in zip(cfg.ratio_quantiles, qs.tolist()):
+    out = dict(zip(keys, vals[:9]))
+    for q, v in zip(cfg.ratio_quantiles, vals[10:]):
         out[f"ratio/p{round(q * 100):02d}"] = v
     return out
