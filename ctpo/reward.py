@@ -244,8 +244,12 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
         cmd = f"from ctpo.reward import _worker_main; _worker_main({p2c_r}, {c2p_w})"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", cmd], pass_fds=(p2c_r, c2p_w), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, env=env, close_fds=True,
+            [sys.executable, "-c", cmd],
+            pass_fds=(p2c_r, c2p_w),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            close_fds=True,
         )
         os.close(p2c_r)
         os.close(c2p_w)
@@ -316,10 +320,14 @@ class Grader:
             pred = extract_answer(sol or "")
             gold_s = _gold_text(gold)
             if pred is None:
-                results[i] = GradeResult(False, None, "no_answer", "none", "no \\boxed{} answer in the solution")
+                results[i] = GradeResult(
+                    False, None, "no_answer", "none", "no \\boxed{} answer in the solution"
+                )
                 continue
             if len(pred) > MAX_ANSWER_CHARS:
-                results[i] = GradeResult(False, pred, "ok", "too_long", f"answer longer than {MAX_ANSWER_CHARS} chars")
+                results[i] = GradeResult(
+                    False, pred, "ok", "too_long", f"answer longer than {MAX_ANSWER_CHARS} chars"
+                )
                 continue
             p_int, g_int = integer_form(pred), integer_form(gold_s)
             if p_int is not None and g_int is not None:
@@ -378,7 +386,11 @@ class Grader:
                         out[w.item] = (bool(msg[1]), msg[2], msg[3])
                         w.item = None
                 elif w.item is not None and now > w.deadline:
-                    out[w.item] = (False, "timeout", f"killed after {self.timeout_s + self.grace_s:g}s wall clock")
+                    out[w.item] = (
+                        False,
+                        "timeout",
+                        f"killed after {self.timeout_s + self.grace_s:g}s wall clock",
+                    )
                     self._replace(i)
         return [o if o is not None else (False, "error", "not graded") for o in out]
 

@@ -186,7 +186,9 @@ def run_episodes(
     See the module docstring for budgets and the token/text boundary.
     """
     if params.n != 1:
-        raise ValueError(f"run_episodes needs SamplingParams.n == 1 (repeat the problem instead), got {params.n}")
+        raise ValueError(
+            f"run_episodes needs SamplingParams.n == 1 (repeat the problem instead), got {params.n}"
+        )
     prompt_cache: dict[str, list[int]] = {}
     states = []
     for p in problems:
