@@ -337,7 +337,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def to_verl_rows(records: list[dict[str, Any]], system_prompt: str, agent_name: str | None = "tool_agent",
+def to_verl_rows(records: list[dict[str, Any]], system_prompt: str, agent_name: str | None = "ctpo_tir_agent",
                  ability: str = "math") -> list[dict[str, Any]]:
     """Records -> rows of VERL's RL dataset schema (``verl.utils.dataset.rl_dataset.RLHFDataset``).
 
@@ -361,7 +361,7 @@ def to_verl_rows(records: list[dict[str, Any]], system_prompt: str, agent_name: 
 
 
 def to_verl_parquet(records: list[dict[str, Any]], path: str | Path, system_prompt: str,
-                    agent_name: str | None = "tool_agent") -> Path:
+                    agent_name: str | None = "ctpo_tir_agent") -> Path:
     """Write records as a VERL training / validation parquet file (atomically)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

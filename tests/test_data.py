@@ -104,7 +104,7 @@ def test_verl_parquet_has_verl_schema(data_dir, tmp_path):
     assert [m["role"] for m in row["prompt"]] == ["system", "user"]
     assert row["prompt"][0]["content"] == "SYSTEM" and row["prompt"][1]["content"] == records[1]["problem"]
     assert row["reward_model"]["ground_truth"] == "\\frac{1}{2}"
-    assert row["extra_info"]["id"] == "hmmt_nov_2025-2" and row["agent_name"] == "tool_agent"
+    assert row["extra_info"]["id"] == "hmmt_nov_2025-2" and row["agent_name"] == "ctpo_tir_agent"
 
 
 def test_arith_delegates_to_the_task_module():

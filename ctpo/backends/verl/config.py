@@ -1,0 +1,59 @@
+"""``CTPOPolicyLossConfig``: VERL's ``PolicyLossConfig`` plus every hyper-parameter of ``ctpo.losses``.
+
+Select it with ``actor_rollout_ref.actor.policy_loss._target_=ctpo.backends.verl.config.CTPOPolicyLossConfig``
+and set fields with ``+actor_rollout_ref.actor.policy_loss.<field>=<value>`` (the ``+`` because VERL's YAML
+does not declare them). The fields are generated from ``ctpo.losses.PolicyLossConfig`` (minus ``method``,
+which is VERL's ``loss_mode``, and ``loss_agg_mode``, which is the actor's), so the two can never drift
+apart; ``None`` means "the method's registered default", exactly as in the core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from verl.workers.config import PolicyLossConfig
+
+from ctpo import losses as core
+
+# Fields VERL already owns elsewhere: the method is `policy_loss.loss_mode`, aggregation is `actor.loss_agg_mode`.
+OWNED_BY_VERL = ("method", "loss_agg_mode")
+
+
+def _core_fields() -> list[tuple[str, typing.Any, dataclasses.Field]]:
+    hints = typing.get_type_hints(core.PolicyLossConfig)
+    out = []
+    for f in dataclasses.fields(core.PolicyLossConfig):
+        if f.name in OWNED_BY_VERL:
+            continue
+        default = f.default
+        if isinstance(default, tuple):  # OmegaConf has no tuples: carry lists, the core converts back
+            out.append((f.name, list[float], dataclasses.field(default_factory=lambda d=default: list(d))))
+        else:
+            out.append((f.name, hints[f.name], dataclasses.field(default=default)))
+    return out
+
+
+CTPOPolicyLossConfig = dataclasses.make_dataclass(
+    "CTPOPolicyLossConfig",
+    [*_core_fields(), ("diagnostics", bool, dataclasses.field(default=True))],
+    bases=(PolicyLossConfig,),
+)
+CTPOPolicyLossConfig.__module__ = __name__  # picklable by reference across Ray workers
+CTPOPolicyLossConfig.__doc__ = (
+    "VERL PolicyLossConfig extended with ctpo.losses.PolicyLossConfig's fields "
+    f"({', '.join(n for n, _, _ in _core_fields())}) and `diagnostics` (per-position scalars in the metrics)."
+)
+
+CORE_FIELDS = tuple(n for n, _, _ in _core_fields())
+
+
+def core_config(method: str, policy_loss: typing.Any, loss_agg_mode: str) -> core.PolicyLossConfig:
+    """The ``ctpo.losses.PolicyLossConfig`` for ``method`` from a VERL policy-loss config (our subclass,
+    VERL's base class, or a DictConfig): core fields it carries are passed on, the rest keep defaults."""
+    values = {"method": method, "loss_agg_mode": loss_agg_mode}
+    for name in CORE_FIELDS:
+        value = policy_loss.get(name, None) if policy_loss is not None else None
+        if value is not None:
+            values[name] = list(value) if name == "ratio_quantiles" else value
+    return core.PolicyLossConfig.from_dict(values)

@@ -1,0 +1,417 @@
+"""Paper-scale training on VERL 0.9.1: an experiment cell -> ``python -m verl.trainer.main_ppo`` overrides.
+
+``build_overrides(config, model, method, seed, out)`` is pure (no verl import): it turns one
+(model, method, seed) cell of a study config into the Hydra overrides of VERL's ``ppo_trainer.yaml``:
+
+* GRPO advantages over 8 responses per prompt, prompt batch 512, lr 1e-6, no KL, vLLM rollout;
+* the multi-turn tool loop of ``ctpo.backends.verl.agent_loop`` (≤ 5 policy turns, fenced python blocks run
+  by the project's sandbox, observations in the local protocol's format, 8,000 response tokens in all);
+* the policy loss: VERL's ``vanilla`` (grpo) or ``gspo``, or our ``ctpo`` / ``ctpo_fixed`` / ``seq`` with
+  hyper-parameters in :class:`~ctpo.backends.verl.config.CTPOPolicyLossConfig`;
+* the reward: ``ctpo.reward.compute_score`` for every data source;
+* MLflow logging into the run ``ctpo`` opened (``MLFLOW_RUN_ID``), checkpoints in ``RUN/checkpoints`` with
+  ``trainer.resume_mode=auto``, and the environment forwarded to every Ray worker.
+
+``run_from_args(args, config)`` (``ctpo train --backend verl``) writes the VERL parquet files if missing,
+opens the MLflow run, launches VERL (``--dry-run`` prints the command instead), then merges the final
+checkpoint into ``RUN/final`` and writes ``RUN/metrics.jsonl``, ``RUN/diagnostics/`` and ``RUN/DONE.json``.
+
+The study config's ``verl:`` section (all optional; defaults are the paper's single-node setup)::
+
+    verl:
+      nnodes: 1                      # or $SLURM_NNODES when launched by ctpo/backends/verl/ray_slurm.sh
+      n_gpus_per_node: 8
+      ppo_mini_batch_size: 128       # prompts per optimizer step (512 / 128 = 4 updates per rollout)
+      ppo_max_token_len_per_gpu: 32768
+      max_prompt_length: 2048
+      tensor_model_parallel_size: 1  # vLLM rollout TP
+      gpu_memory_utilization: 0.6
+      total_epochs: 1                # train.steps, when set, caps the run (trainer.total_training_steps)
+      save_freq: 20                  # train.checkpoint_every wins when set
+      val_n: 8                       # samples per problem of the in-training eval (train.eval_every, Figure 2)
+      val_temperature: 0.7
+      strategy: fsdp2
+      env: {}                        # extra env vars for every Ray worker
+      overrides: []                  # raw Hydra overrides appended last (escape hatch)
+    models:
+      qwen3-14b: {path: Qwen/Qwen3-14B, verl: {tensor_model_parallel_size: 2}}   # per-model verl keys
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ctpo.config import ConfigError, results_dir, section
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "backends" / "verl"
+TOOL_CONFIG = PACKAGE_DIR / "tool_config.yaml"
+AGENT_LOOP_CONFIG = PACKAGE_DIR / "agent_loop.yaml"
+PLUGIN_MODULE = "ctpo.backends.verl"
+POLICY_LOSS_TARGET = "ctpo.backends.verl.config.CTPOPolicyLossConfig"
+
+# ctpo method name -> VERL policy_loss.loss_mode
+VERL_LOSS = {"grpo": "vanilla", "gspo": "gspo", "ctpo": "ctpo", "ctpo_fixed": "ctpo_fixed", "seq": "seq"}
+PLUGIN_METHODS = ("ctpo", "ctpo_fixed", "seq")
+
+VERL_DEFAULTS: dict[str, Any] = {
+    "nnodes": 1,
+    "n_gpus_per_node": 8,
+    "ppo_mini_batch_size": 128,
+    "ppo_max_token_len_per_gpu": 32768,
+    "max_prompt_length": 2048,
+    "tensor_model_parallel_size": 1,
+    "gpu_memory_utilization": 0.6,
+    "total_epochs": 1,
+    "total_training_steps": None,
+    "save_freq": 20,
+    "max_actor_ckpt_to_keep": 2,
+    "strategy": "fsdp2",
+    "val_n": 8,
+    "val_temperature": 0.7,
+    "env": {},
+    "overrides": [],
+}
+TRAIN_DEFAULTS = {"prompts_per_step": 512, "group_size": 8, "lr": 1e-6, "temperature": 1.0, "steps": None,
+                  "checkpoint_every": None, "eval_every": None}
+
+# Environment every Ray worker needs: the plug-in import and the MLflow run, plus anything the user set.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "HF_HOME", "HF_HUB_OFFLINE",
+                 "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "CTPO_DATA_DIR", "PYTHONPATH")
+
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:@+\-]*$")
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value as a Hydra override value (quoted when Hydra's grammar would misread it)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value)
+    if text and _SAFE_VALUE.match(text) and text.lower() not in {"null", "true", "false"}:
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def verl_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """The config's ``verl:`` section over the defaults (nodes and GPUs default to the config's
+    ``resources.train``), then the model's own ``verl:`` keys."""
+    out = dict(VERL_DEFAULTS)
+    res = ((config.get("resources") or {}).get("train") or {})
+    if res.get("nodes"):
+        out["nnodes"] = int(res["nodes"])
+    if res.get("gpu"):
+        out["n_gpus_per_node"] = int(res["gpu"])
+    out.update(config.get("verl") or {})
+    out.update(section(config, "models", model).get("verl") or {})
+    unknown = sorted(set(out) - set(VERL_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown verl setting(s) {unknown}; known: {sorted(VERL_DEFAULTS)} "
+                          "(raw Hydra overrides go in verl.overrides)")
+    return out
+
+
+def model_path(config: dict[str, Any], model: str, base: str | Path | None = None) -> str:
+    """The HF model the run starts from: ``--base`` if given, else the model entry's path."""
+    if base is not None:
+        return str(base)
+    spec = section(config, "models", model)
+    for key in ("path", "hf_path", "hf", "name_or_path"):
+        if spec.get(key):
+            return str(spec[key])
+    raise ConfigError(f"model {model!r} has no HF path (give it `path: Qwen/Qwen3-4B` or pass --base); "
+                      "tiny presets train with --backend local")
+
+
+def policy_loss_overrides(config: dict[str, Any], method: str) -> list[str]:
+    """Overrides selecting the method's VERL loss and its hyper-parameters."""
+    spec = section(config, "methods", method)
+    name = spec.get("method", method)
+    if name not in VERL_LOSS:
+        raise ConfigError(f"method {method!r} (ratio design {name!r}) has no VERL loss; "
+                          f"VERL runs: {sorted(VERL_LOSS)}")
+    a = "actor_rollout_ref.actor"
+    out = [f"{a}.policy_loss.loss_mode={VERL_LOSS[name]}",
+           f"{a}.loss_agg_mode={spec.get('loss_agg_mode', 'token-mean')}"]
+    params = {k: v for k, v in spec.items() if k not in ("method", "loss_agg_mode")}
+    if name in PLUGIN_METHODS:
+        from ctpo import losses
+
+        known = {f for f in losses.PolicyLossConfig.__dataclass_fields__} - {"method", "loss_agg_mode"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(f"methods.{method}: unknown loss option(s) {unknown}; known: {sorted(known)}")
+        out.append(f"{a}.policy_loss._target_={POLICY_LOSS_TARGET}")
+        out += [f"+{a}.policy_loss.{k}={hydra_value(v)}" for k, v in sorted(params.items())]
+        return out
+    # Built-in VERL losses: the core's registered defaults, expressed in VERL's actor fields.
+    from ctpo import losses
+
+    resolved = losses.PolicyLossConfig.from_dict({"method": name, **params}).resolved()
+    if resolved.clip_mode != "fixed":
+        raise ConfigError(f"methods.{method}: VERL's {VERL_LOSS[name]!r} loss only clips in ratio space "
+                          f"(clip_mode: fixed), got {resolved.clip_mode!r}")
+    out += [f"{a}.clip_ratio_low={hydra_value(resolved.clip_low)}",
+            f"{a}.clip_ratio_high={hydra_value(resolved.clip_high)}"]
+    if resolved.dual_clip_c:
+        out.append(f"{a}.clip_ratio_c={hydra_value(resolved.dual_clip_c)}")
+    return out
+
+
+def build_overrides(
+    config: dict[str, Any],
+    model: str,
+    method: str,
+    seed: int,
+    out: str | Path,
+    *,
+    base: str | Path | None = None,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """Hydra overrides of ``verl/trainer/config/ppo_trainer.yaml`` for one (model, method, seed) cell.
+
+    ``out`` is the run folder (checkpoints under ``out/checkpoints``); ``env`` is forwarded to every Ray
+    worker on top of the plug-in's own variables.
+    """
+    v = verl_settings(config, model)
+    train = {**TRAIN_DEFAULTS, **(config.get("train") or {})}
+    tir = dict(config.get("tir") or {})
+    max_turns = int(tir.get("max_turns", 5))
+    response_len = int(tir.get("max_response_tokens", 8000))
+    obs_chars = int(tir.get("obs_max_chars", 512))
+    data_dir = results_dir(config) / "data"
+    train_file = Path(v.get("train_files") or data_dir / "train.parquet")
+    benchmarks = list((config.get("data") or {}).get("benchmarks") or {})  # the first is Figure 2's
+    val_file = data_dir / f"{benchmarks[0]}.parquet" if benchmarks else train_file
+    eval_every = int(train["eval_every"] or -1) if benchmarks else -1
+    sandbox = dict(config.get("sandbox") or {})
+    out = Path(out)
+    seed = int(seed)
+
+    workers_env = {"VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULE, "TOKENIZERS_PARALLELISM": "false",
+                   "CTPO_OBS_MAX_CHARS": str(obs_chars),
+                   "CTPO_TOOL_TIMEOUT_S": str(float(tir.get("tool_timeout_s", 5.0)))}
+    if sandbox.get("workers"):
+        workers_env["CTPO_SANDBOX_WORKERS"] = str(int(sandbox["workers"]))
+    workers_env.update({k: str(x) for k, x in (v["env"] or {}).items()})
+    workers_env.update({k: str(x) for k, x in (env or {}).items()})
+
+    a, r = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
+    ov = [
+        # algorithm: GRPO group-normalised outcome advantages, no KL anywhere
+        "algorithm.adv_estimator=grpo",
+        "algorithm.norm_adv_by_std_in_grpo=true",
+        "algorithm.use_kl_in_reward=false",
+        # data: parquet written by `ctpo data --parquet` (chat prompt with the TIR system prompt)
+        f"data.train_files={hydra_value(str(train_file))}",
+        f"data.val_files={hydra_value(str(val_file))}",
+        f"data.train_batch_size={int(train['prompts_per_step'])}",
+        f"data.max_prompt_length={int(v['max_prompt_length'])}",
+        f"data.max_response_length={response_len}",
+        "data.filter_overlong_prompts=true",
+        "data.truncation=error",
+        "data.return_raw_chat=true",
+        f"data.seed={seed}",
+        # model
+        f"actor_rollout_ref.model.path={hydra_value(model_path(config, model, base))}",
+        f"actor_rollout_ref.model.external_lib={PLUGIN_MODULE}",
+        "actor_rollout_ref.model.use_remove_padding=true",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=true",
+        # actor
+        f"{a}.strategy={v['strategy']}",
+        f"{a}.optim.lr={hydra_value(float(train['lr']))}",
+        f"{a}.ppo_mini_batch_size={int(v['ppo_mini_batch_size'])}",
+        f"{a}.use_dynamic_bsz=true",
+        f"{a}.ppo_max_token_len_per_gpu={int(v['ppo_max_token_len_per_gpu'])}",
+        f"{a}.use_kl_loss=false",
+        f"{a}.entropy_coeff=0",
+        f"{a}.data_loader_seed={seed}",
+        *policy_loss_overrides(config, method),
+        # rollout: vLLM, 8 responses per prompt, behaviour log-probs recorded
+        f"{r}.name=vllm",
+        f"{r}.mode=async",
+        f"{r}.n={int(train['group_size'])}",
+        f"{r}.temperature={hydra_value(float(train['temperature']))}",
+        f"{r}.val_kwargs.do_sample=true",
+        f"{r}.val_kwargs.n={int(v['val_n'])}",
+        f"{r}.val_kwargs.temperature={hydra_value(float(v['val_temperature']))}",
+        f"{r}.seed={seed}",
+        f"{r}.calculate_log_probs=true",
+        f"{r}.tensor_model_parallel_size={int(v['tensor_model_parallel_size'])}",
+        f"{r}.gpu_memory_utilization={hydra_value(float(v['gpu_memory_utilization']))}",
+        # multi-turn tool-integrated reasoning: our agent loop, parser and sandboxed tool
+        f"{r}.multi_turn.enable=true",
+        f"{r}.multi_turn.max_assistant_turns={max_turns}",
+        f"{r}.multi_turn.max_user_turns={max_turns}",
+        f"{r}.multi_turn.max_parallel_calls=1",
+        f"{r}.multi_turn.max_tool_response_length={obs_chars + 32}",
+        f"{r}.multi_turn.tool_response_truncate_side=right",
+        f"{r}.multi_turn.format=ctpo_code",
+        f"{r}.multi_turn.tool_config_path={hydra_value(str(TOOL_CONFIG))}",
+        f"{r}.agent.default_agent_loop=ctpo_tir_agent",
+        f"{r}.agent.agent_loop_config_path={hydra_value(str(AGENT_LOOP_CONFIG))}",
+        # reward: our grader for every data source
+        "reward.custom_reward_function.path=pkg://ctpo.backends.verl.reward",
+        "reward.custom_reward_function.name=compute_score",
+        # trainer: resources, logging, checkpoints
+        f"trainer.nnodes={int(v['nnodes'])}",
+        f"trainer.n_gpus_per_node={int(v['n_gpus_per_node'])}",
+        f"trainer.project_name={hydra_value(str(config.get('study', 'ctpo')))}",
+        f"trainer.experiment_name={hydra_value(f'{model}__{method}__s{seed}')}",
+        "trainer.logger=[console,mlflow,file]",
+        f"trainer.default_local_dir={hydra_value(str(out / 'checkpoints'))}",
+        "trainer.resume_mode=auto",
+        f"trainer.save_freq={int(train['checkpoint_every'] or v['save_freq'])}",
+        f"trainer.max_actor_ckpt_to_keep={int(v['max_actor_ckpt_to_keep'])}",
+        f"trainer.test_freq={eval_every}",
+        f"trainer.val_before_train={hydra_value(eval_every > 0)}",
+        f"trainer.total_epochs={int(v['total_epochs'])}",
+    ]
+    steps = v["total_training_steps"] or train["steps"]
+    if steps:
+        ov.append(f"trainer.total_training_steps={int(steps)}")
+    ov += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(x)}" for k, x in sorted(workers_env.items())]
+    ov += [str(x) for x in (v["overrides"] or [])]
+    return ov
+
+
+def command(overrides: list[str], python: str | None = None) -> list[str]:
+    return [python or sys.executable, "-m", "verl.trainer.main_ppo", *overrides]
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch
+# --------------------------------------------------------------------------------------------------
+
+
+def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
+    """Write the VERL parquet of data entry ``name`` if the workflow has not already."""
+    if path.is_file():
+        return path
+    from ctpo import data
+
+    jsonl = path.with_suffix(".jsonl")
+    records = data.read_jsonl(jsonl) if jsonl.is_file() else data.load_entry(config, name)
+    return data.to_verl_parquet(records, path, system_prompt=data.tir_system_prompt(config))
+
+
+def run_from_args(args: Any, config: dict[str, Any]) -> int:
+    """``ctpo train --backend verl``: launch VERL for one cell and collect its outputs into RUN/."""
+    from ctpo import tracking
+
+    out = Path(args.out)
+    seed = int(args.seed)
+    dry_run = bool(getattr(args, "dry_run", False))
+    overrides = build_overrides(config, args.model, args.method, seed, out, base=args.base)
+    max_steps = getattr(args, "max_steps", None)
+    if max_steps:
+        overrides.append(f"trainer.total_training_steps={int(max_steps)}")
+    if dry_run:
+        env = {"MLFLOW_RUN_ID": "<created at launch>"}
+        overrides = build_overrides(config, args.model, args.method, seed, out, base=args.base, env=env)
+        print(shlex.join(command(overrides)))
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = results_dir(config) / "data"
+    ensure_parquet(config, "train", data_dir / "train.parquet")
+    for name in sorted((config.get("data") or {}).get("benchmarks") or {})[:1]:
+        ensure_parquet(config, name, data_dir / f"{name}.parquet")
+
+    t0 = time.time()
+    run_name = tracking.run_name(config, args.model, args.method, seed)
+    with tracking.start_run(config, run_name, kind="train", id_file=out / "mlflow_run_id",
+                            tags={"ctpo.backend": "verl", "ctpo.model": args.model,
+                                  "ctpo.method": args.method, "ctpo.seed": seed}) as run:
+        run_id = getattr(run, "run_id", None)
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        if run_id:
+            env["MLFLOW_RUN_ID"] = run_id
+            env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(config)
+        overrides = build_overrides(config, args.model, args.method, seed, out, base=args.base, env=env)
+        if max_steps:
+            overrides.append(f"trainer.total_training_steps={int(max_steps)}")
+        attempt = time.strftime("%Y%m%d-%H%M%S")
+        proc_env = {**os.environ, **env, "VERL_FILE_LOGGER_PATH": str(out / f"verl_metrics.{attempt}.jsonl")}
+        cmd = command(overrides)
+        (out / "verl_command.txt").write_text(shlex.join(cmd) + "\n")
+        print(f"ctpo train (verl): {shlex.join(cmd)}", flush=True)
+        rc = subprocess.call(cmd, env=proc_env)
+        if rc != 0:
+            print(f"ctpo train (verl): VERL exited with status {rc}; rerun the same command to resume "
+                  f"from {out / 'checkpoints'}", file=sys.stderr)
+            return rc
+        final_step = collect_outputs(out)
+        merge_final(out, final_step)
+    done = {"mlflow_run_id": run_id, "final_step": final_step, "wall_s": round(time.time() - t0, 1),
+            "backend": "verl"}
+    tmp = out / "DONE.json.tmp"
+    tmp.write_text(json.dumps(done, indent=2) + "\n")
+    tmp.replace(out / "DONE.json")
+    return 0
+
+
+def latest_step(out: Path) -> int:
+    marker = out / "checkpoints" / "latest_checkpointed_iteration.txt"
+    return int(marker.read_text().strip()) if marker.is_file() else 0
+
+
+def merge_final(out: Path, step: int) -> None:
+    """Merge the FSDP actor shards of the last checkpoint into an HF folder ``RUN/final``."""
+    step = latest_step(out) or step
+    actor = out / "checkpoints" / f"global_step_{step}" / "actor"
+    cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
+           "--local_dir", str(actor), "--target_dir", str(out / "final")]
+    subprocess.run(cmd, check=True)
+
+
+def ours_metric_key(key: str) -> str:
+    """VERL metric names -> the study's namespaces (train/ ratio/ clip/ diag/ time/; the rest under verl/)."""
+    if key.startswith("actor/diag/"):
+        return "diag/" + key[len("actor/diag/"):]
+    for ns in ("ratio/", "clip/"):
+        if key.startswith("actor/" + ns):
+            return key[len("actor/"):]
+    if key.startswith("timing_s/"):
+        return "time/" + key[len("timing_s/"):]
+    named = {"critic/score/mean": "train/reward_mean", "critic/rewards/mean": "train/reward_mean",
+             "response_length/mean": "train/response_length_mean", "actor/pg_loss": "train/loss",
+             "actor/grad_norm": "train/grad_norm", "actor/entropy": "train/entropy"}
+    return named.get(key, "verl/" + key)
+
+
+def collect_outputs(out: Path) -> int:
+    """VERL's file-logger records (all attempts) -> ``RUN/metrics.jsonl`` and ``RUN/diagnostics/``."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for f in sorted(out.glob("verl_metrics.*.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_step[int(rec["step"])] = rec["data"]  # a later attempt wins for a re-run step
+    lines = []
+    diag_dir = out / "diagnostics"
+    for step in sorted(by_step):
+        data = by_step[step]
+        row = {"step": step, **{ours_metric_key(k): v for k, v in data.items() if isinstance(v, int | float)}}
+        lines.append(json.dumps(row))
+        if any(k.startswith("actor/diag/") for k in data):
+            from ctpo.backends.verl.losses import figure1_data
+
+            diag_dir.mkdir(exist_ok=True)
+            figure1_data(data).to_frame().to_csv(diag_dir / f"step_{step:05d}.csv", index=False)
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
+    tmp.replace(out / "metrics.jsonl")
+    return max(by_step) if by_step else 0

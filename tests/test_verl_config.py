@@ -1,0 +1,168 @@
+"""ctpo.train.verl: every generated override list composes with VERL 0.9.1's own Hydra config
+(``verl/trainer/config/ppo_trainer.yaml``) and passes VERL's config validation, for every method of the
+paper study and both model sizes. Needs the `verl` extra; skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctpo.config import run_matrix
+from ctpo.train import verl as tv
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "experiments" / "paper.yaml"
+
+
+def paper_config() -> dict:
+    cfg = yaml.safe_load(PAPER.read_text())
+    cfg["methods"]["seq"] = {"method": "seq", "clip_mode": "fixed", "clip_low": 0.2, "clip_high": 0.2}
+    return cfg
+
+
+def compose(overrides: list[str]):
+    import verl.trainer
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    config_dir = Path(verl.trainer.__file__).parent / "config"
+    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+        return hydra_compose(config_name="ppo_trainer", overrides=overrides)
+
+
+def validate(cfg) -> None:
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure translation (no verl needed)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_overrides_carry_the_paper_setup(tmp_path):
+    cfg = paper_config()
+    ov = tv.build_overrides(cfg, "qwen3-4b", "ctpo", 1, tmp_path / "run", env={"MLFLOW_RUN_ID": "abc"})
+    d = dict(o.lstrip("+").split("=", 1) for o in ov)
+    assert d["data.train_batch_size"] == "512" and d["actor_rollout_ref.rollout.n"] == "8"
+    assert d["actor_rollout_ref.actor.optim.lr"] == "1e-06"
+    assert d["data.max_response_length"] == "8000"
+    assert d["actor_rollout_ref.rollout.multi_turn.max_assistant_turns"] == "5"
+    assert d["actor_rollout_ref.rollout.multi_turn.max_tool_response_length"] == str(512 + 32)
+    assert d["actor_rollout_ref.actor.policy_loss._target_"] == tv.POLICY_LOSS_TARGET
+    assert d["actor_rollout_ref.actor.policy_loss.gamma"] == "0.5"
+    assert d["actor_rollout_ref.actor.policy_loss.dual_clip_eps"] == "0.05"
+    assert d["trainer.resume_mode"] == "auto"
+    assert d["trainer.default_local_dir"] == str(tmp_path / "run" / "checkpoints")
+    assert d["trainer.logger"] == "[console,mlflow,file]"
+    assert d["trainer.total_training_steps"] == "200" and d["trainer.test_freq"] == "10"
+    assert d["ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID"] == "abc"
+    assert d["ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] == "ctpo.backends.verl"
+    assert d["ray_kwargs.ray_init.runtime_env.env_vars.CTPO_SANDBOX_WORKERS"] == "32"
+    assert d["reward.custom_reward_function.path"] == "pkg://ctpo.backends.verl.reward"
+    assert d["data.val_files"].endswith("aime25.parquet")
+
+
+def test_builtin_methods_use_verl_losses_with_the_configs_clip_range(tmp_path):
+    cfg = paper_config()
+    d = dict(o.split("=", 1) for o in tv.build_overrides(cfg, "qwen3-14b", "gspo", 0, tmp_path))
+    assert d["actor_rollout_ref.actor.policy_loss.loss_mode"] == "gspo"
+    assert d["actor_rollout_ref.actor.clip_ratio_low"] == "0.0003"
+    assert d["actor_rollout_ref.actor.clip_ratio_high"] == "0.0004"
+    assert "actor_rollout_ref.actor.policy_loss._target_" not in d
+
+
+def test_unknown_settings_are_errors_naming_them(tmp_path):
+    from ctpo.config import ConfigError
+
+    cfg = paper_config()
+    cfg["methods"]["ctpo"]["gama"] = 0.5
+    with pytest.raises(ConfigError, match="gama"):
+        tv.build_overrides(cfg, "qwen3-4b", "ctpo", 0, tmp_path)
+    cfg = paper_config()
+    cfg["verl"] = {"n_gpu": 4}
+    with pytest.raises(ConfigError, match="n_gpu"):
+        tv.build_overrides(cfg, "qwen3-4b", "grpo", 0, tmp_path)
+
+
+def test_dry_run_prints_the_command(tmp_path, capsys):
+    cfg = paper_config()
+    args = types.SimpleNamespace(model="qwen3-4b", method="ctpo", seed=0, base=None, out=str(tmp_path / "run"),
+                                 dry_run=True, max_steps=None)
+    assert tv.run_from_args(args, cfg) == 0
+    printed = capsys.readouterr().out.strip()
+    assert " -m verl.trainer.main_ppo " in printed and "policy_loss.loss_mode=ctpo" in printed
+    assert not (tmp_path / "run").exists()
+
+
+def test_metric_names_map_to_the_study_namespaces():
+    assert tv.ours_metric_key("actor/clip/frac") == "clip/frac"
+    assert tv.ours_metric_key("actor/diag/count_00") == "diag/count_00"
+    assert tv.ours_metric_key("critic/score/mean") == "train/reward_mean"
+    assert tv.ours_metric_key("timing_s/gen") == "time/gen"
+    assert tv.ours_metric_key("perf/mfu") == "verl/perf/mfu"
+
+
+# --------------------------------------------------------------------------------------------------
+# Against VERL's own config
+# --------------------------------------------------------------------------------------------------
+
+CELLS = [(m, meth) for m, meth, _ in run_matrix(paper_config())] + [("qwen3-4b", "seq"), ("qwen3-14b", "seq")]
+
+
+@pytest.mark.verl
+@pytest.mark.parametrize(("model", "method"), CELLS)
+def test_overrides_compose_and_validate_with_verl(model, method, tmp_path):
+    pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+    from verl.trainer.ppo import core_algos
+    from verl.utils.config import omega_conf_to_dataclass
+
+    env = {"MLFLOW_RUN_ID": "0123abcd", "MLFLOW_TRACKING_URI": "sqlite:////tmp/a dir/mlflow.db"}
+    cfg = compose(tv.build_overrides(paper_config(), model, method, 3, tmp_path / "run", env=env))
+    validate(cfg)  # VERL's own checks, incl. instantiating the actor config
+
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    loss_mode = tv.VERL_LOSS[paper_config()["methods"][method]["method"]]
+    assert actor.policy_loss.loss_mode == loss_mode
+    assert loss_mode in core_algos.POLICY_LOSS_REGISTRY
+    if loss_mode in tv.PLUGIN_METHODS:
+        assert type(actor.policy_loss).__name__ == "CTPOPolicyLossConfig"
+    rollout = omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+    assert rollout.multi_turn.enable and rollout.multi_turn.format == "ctpo_code"
+    assert rollout.n == 8 and rollout.prompt_length == 2048 and rollout.response_length == 8000
+    assert env["MLFLOW_TRACKING_URI"] == cfg.ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_TRACKING_URI
+    assert Path(cfg.actor_rollout_ref.rollout.multi_turn.tool_config_path).is_file()
+    assert Path(cfg.actor_rollout_ref.rollout.agent.agent_loop_config_path).is_file()
+    assert cfg.trainer.nnodes == 1 and cfg.trainer.n_gpus_per_node == 8
+
+
+@pytest.mark.verl
+def test_instantiating_the_config_registers_the_losses_in_a_fresh_process(tmp_path):
+    """No entry point, no explicit import: the policy_loss._target_ alone brings the losses in."""
+    pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+    overrides = tv.build_overrides(paper_config(), "qwen3-14b", "ctpo", 0, tmp_path)
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_verl_config import compose
+from verl.trainer.ppo import core_algos
+from verl.utils.config import omega_conf_to_dataclass
+assert "ctpo" not in core_algos.POLICY_LOSS_REGISTRY
+cfg = compose({overrides!r})
+omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+assert {{"ctpo", "ctpo_fixed", "seq"}} <= set(core_algos.POLICY_LOSS_REGISTRY), sorted(core_algos.POLICY_LOSS_REGISTRY)
+print("registered")
+"""
+    env = {"VERL_USE_EXTERNAL_PLUGINS": "none", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered" in proc.stdout

@@ -1,0 +1,131 @@
+"""The VERL plug-in losses are ctpo.losses, and VERL's own vanilla / gspo agree with ctpo.losses grpo / gspo.
+
+Needs the `verl` extra (``pip install -e '.[verl]'``); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+pytestmark = pytest.mark.verl
+
+from verl.trainer.ppo import core_algos  # noqa: E402
+from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
+
+from ctpo import losses as core  # noqa: E402
+from ctpo.backends.verl import losses as plugin  # noqa: E402
+from ctpo.backends.verl.config import CTPOPolicyLossConfig  # noqa: E402
+
+
+def batch(seed: int = 0, b: int = 6, t: int = 40, noise: float = 0.3):
+    """Off-policy tensors in VERL's layout: (B, T) log-probs, per-token advantages, bool mask with
+    tool-output gaps and right padding."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(b, t, generator=g) * 3
+    new = (old + noise * torch.randn(b, t, generator=g)).requires_grad_(True)
+    adv = torch.randn(b, 1, generator=g).expand(b, t).contiguous()
+    mask = torch.ones(b, t, dtype=torch.bool)
+    for i in range(b):
+        mask[i, t - 3 * i:] = False          # padding
+        mask[i, 10 + i: 14 + i] = False      # a tool observation inside the response
+    return old, new, adv, mask
+
+
+def actor_config(loss_mode: str, **policy_loss) -> ActorConfig:
+    pl_cls = CTPOPolicyLossConfig if loss_mode in plugin.PLUGIN_LOSSES else PolicyLossConfig
+    pl = pl_cls(loss_mode=loss_mode, **policy_loss)
+    return ActorConfig(strategy="fsdp", rollout_n=8, ppo_micro_batch_size_per_gpu=1, policy_loss=pl,
+                       clip_ratio_low=0.2, clip_ratio_high=0.2)
+
+
+def loss_and_grad(fn, old, new, adv, mask, *args, **kwargs):
+    new = new.detach().clone().requires_grad_(True)
+    loss, metrics = fn(old, new, adv, mask, *args, **kwargs)
+    loss.backward()
+    return loss.detach(), new.grad, metrics
+
+
+def test_plugin_losses_are_registered():
+    for name in plugin.PLUGIN_LOSSES:
+        assert core_algos.get_policy_loss_fn(name) is core_algos.POLICY_LOSS_REGISTRY[name]
+
+
+@pytest.mark.parametrize("method", ["ctpo", "ctpo_fixed", "seq"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_adapter_equals_core_loss_and_gradients(method, agg):
+    old, new, adv, mask = batch(1)
+    params = {"gamma": 0.5, "eps_low": 0.025, "eps_high": 0.05} if method == "ctpo" else {}
+    cfg = actor_config(method, diagnostics=False, **params)
+    fn = core_algos.get_policy_loss_fn(method)
+    l_v, g_v, m_v = loss_and_grad(fn, old, new, adv, mask, loss_agg_mode=agg, config=cfg)
+    core_cfg = core.PolicyLossConfig(method=method, loss_agg_mode=agg, **params)
+    l_c, g_c, m_c = loss_and_grad(core.compute_policy_loss, old, new, adv, mask, core_cfg)
+    assert torch.equal(l_v, l_c)
+    assert torch.equal(g_v, g_c)
+    assert g_v.abs().sum() > 0
+    assert m_v["actor/clip/frac"] == m_c["clip/frac"] and m_v["actor/ratio/peak"] == m_c["ratio/max"]
+    assert not any("max" in k or "min" in k for k in m_v)
+
+
+def test_hyperparameters_reach_the_core():
+    old, new, adv, mask = batch(2, noise=0.5)
+    fn = core_algos.get_policy_loss_fn("ctpo")
+    wide, _, m_wide = loss_and_grad(fn, old, new, adv, mask, "token-mean", actor_config("ctpo", diagnostics=False,
+                                                                                         eps_low=10.0, eps_high=10.0))
+    tight, _, m_tight = loss_and_grad(fn, old, new, adv, mask, "token-mean", actor_config("ctpo", diagnostics=False,
+                                                                                          eps_low=0.01, eps_high=0.01))
+    assert m_wide["actor/clip/frac"] < m_tight["actor/clip/frac"]
+    assert not torch.equal(wide, tight)
+
+
+@pytest.mark.parametrize("method", ["ctpo", "seq"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_global_batch_info_makes_micro_batches_add_up_to_the_full_batch(method, agg):
+    """VERL sums micro-batch gradients; with global_batch_info set, the sum equals the full-batch loss."""
+    old, new, adv, mask = batch(3)
+    fn = core_algos.get_policy_loss_fn(method)
+    full, g_full, _ = loss_and_grad(core.compute_policy_loss, old, new, adv, mask,
+                                    core.PolicyLossConfig(method=method, loss_agg_mode=agg))
+    cfg = actor_config(method, diagnostics=False)
+    cfg.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()),
+                                 global_batch_size=int((mask.sum(-1) > 0).sum()), loss_scale_factor=None)
+    total, grads = 0.0, []
+    for rows in (slice(0, 2), slice(2, 6)):
+        l_mb, g_mb, _ = loss_and_grad(fn, old[rows], new[rows], adv[rows], mask[rows], agg, cfg)
+        total = total + l_mb
+        grads.append(g_mb)
+    torch.testing.assert_close(total, full, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat(grads), g_full, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(("verl_name", "core_name", "clip"), [("vanilla", "grpo", (0.2, 0.28)),
+                                                               ("gspo", "gspo", (3e-4, 4e-4))])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_verl_builtin_losses_agree_with_ctpo_losses(verl_name, core_name, clip, agg):
+    """Same tensors, same aggregation mode -> same loss and gradients.
+
+    vanilla == grpo with clip_ratio_c = dual_clip_c = 3; VERL's gspo has no dual clip, nor has the core's.
+    The only numeric differences are VERL's clamps (token log-ratio to ±20 in vanilla, log-ratio ≤ 10 in
+    gspo) vs the core's max_log_weight = 20, which never bind at these ratios.
+    """
+    old, new, adv, mask = batch(4, noise=0.05 if core_name == "gspo" else 0.3)
+    cfg = ActorConfig(strategy="fsdp", rollout_n=8, ppo_micro_batch_size_per_gpu=1,
+                      policy_loss=PolicyLossConfig(loss_mode=verl_name), clip_ratio_low=clip[0],
+                      clip_ratio_high=clip[1], clip_ratio_c=3.0)
+    l_v, g_v, m_v = loss_and_grad(core_algos.get_policy_loss_fn(verl_name), old, new, adv, mask,
+                                  loss_agg_mode=agg, config=cfg)
+    core_cfg = core.PolicyLossConfig(method=core_name, loss_agg_mode=agg, clip_low=clip[0], clip_high=clip[1])
+    l_c, g_c, m_c = loss_and_grad(core.compute_policy_loss, old, new, adv, mask, core_cfg)
+    torch.testing.assert_close(l_v, l_c, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_v, g_c, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(torch.tensor(m_v["actor/ppo_kl"]), torch.tensor(m_c["ratio/approx_kl"]))
+    assert 0.0 < m_c["clip/frac"] < 1.0  # the test exercises clipping
+
+
+def test_rollout_correction_weights_are_refused_with_a_reason():
+    old, new, adv, mask = batch(5)
+    with pytest.raises(NotImplementedError, match="rollout_is"):
+        core_algos.get_policy_loss_fn("ctpo")(old, new, adv, mask, "token-mean", actor_config("ctpo"),
+                                             rollout_is_weights=torch.ones_like(old))
