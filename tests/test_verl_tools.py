@@ -1,0 +1,147 @@
+"""The VERL tool path: fenced-code parser, sandbox tool, in-turn observations, reward routing.
+
+Needs the `verl` extra (and, for VERL's agent-loop module, its server deps cachetools/uvicorn/fastapi);
+skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+
+import pytest
+
+pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+try:
+    import verl.experimental.agent_loop.tool_agent_loop  # noqa: F401
+except ImportError as exc:  # verl's agent loop imports its rollout server stack
+    pytest.skip(f"verl's agent loop cannot be imported here ({exc})", allow_module_level=True)
+pytestmark = pytest.mark.verl
+
+from verl.experimental.agent_loop.tool_agent_loop import AgentData, AgentState, ToolAgentLoop  # noqa: E402
+from verl.experimental.agent_loop.tool_parser import ToolParser  # noqa: E402
+from verl.tools.tool_registry import initialize_tools_from_config  # noqa: E402
+
+from ctpo.backends.verl import agent_loop, tool  # noqa: E402
+from ctpo.backends.verl.reward import compute_score  # noqa: E402
+from ctpo.tir.protocol import OBS_CLOSE, OBS_OPEN, TIRConfig  # noqa: E402
+from ctpo.tir.sandbox import ExecResult  # noqa: E402
+from ctpo.train.verl import TOOL_CONFIG  # noqa: E402
+
+
+class CharTokenizer:
+    """One token per character: enough to check token bookkeeping."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+class FakePool:
+    def __init__(self):
+        self.codes = []
+
+    def run(self, code, timeout_s=None):
+        self.codes.append(code)
+        return ExecResult(status="ok", stdout="42\n", stderr="", exit_code=0, truncated=False, duration_s=0.01)
+
+
+def test_parser_turns_the_first_python_block_into_one_call():
+    turn = "Let me compute.\n```python\nprint(6*7)\n```\n"
+    content, calls = agent_loop.parse_turn(turn)
+    assert [c.name for c in calls] == ["python"]
+    assert json.loads(calls[0].arguments) == {"code": "print(6*7)\n"}
+    assert content == turn
+    assert agent_loop.parse_turn("So the answer is \\boxed{42}.")[1] == []
+    parser = ToolParser.get_tool_parser("ctpo_code", CharTokenizer())
+    _, calls = asyncio.run(parser.extract_tool_calls(CharTokenizer().encode(turn)))
+    assert len(calls) == 1
+
+
+def test_tool_yaml_builds_the_sandbox_tool_and_returns_the_protocol_observation(monkeypatch):
+    (t,) = initialize_tools_from_config(str(TOOL_CONFIG))
+    assert isinstance(t, tool.SandboxPythonTool) and t.name == "python"
+    pool = FakePool()
+    monkeypatch.setattr(tool, "shared_pool", lambda workers, weaker: pool)
+    response, reward, metrics = asyncio.run(t.execute("id", {"code": "print(6*7)"}))
+    assert response.text == OBS_OPEN + "42" + OBS_CLOSE
+    assert pool.codes == ["print(6*7)"] and reward == 0.0 and metrics["tool_error"] == 0.0
+
+
+def test_tool_settings_come_from_the_workers_env(monkeypatch):
+    monkeypatch.setenv("CTPO_SANDBOX_WORKERS", "7")
+    monkeypatch.setenv("CTPO_OBS_MAX_CHARS", "64")
+    (t,) = initialize_tools_from_config(str(TOOL_CONFIG))
+    assert t.workers == 7 and t.tir.obs_max_chars == 64
+
+
+def _loop(response_length=100):
+    loop = object.__new__(agent_loop.TIRAgentLoop)  # no LLM server: only the state handlers are exercised
+    loop.tokenizer = CharTokenizer()
+    loop.response_length = response_length
+    loop.tir = TIRConfig()
+    return loop
+
+
+def _agent_data(prompt, response):
+    data = AgentData(messages=[], image_data=None, video_data=None, audio_data=None, mm_processor_kwargs=None,
+                     metrics={}, request_id="r", tools_kwargs={})
+    data.prompt_ids = CharTokenizer().encode(prompt + response)
+    data.response_mask = [1] * len(response)
+    data.response_logprobs = [-0.5] * len(response)
+    return data
+
+
+def test_observation_is_appended_in_turn_with_mask_zero():
+    loop = _loop()
+    data = _agent_data("P:", "```python\nprint(1)\n```\n")
+    data.tool_calls = agent_loop.parse_turn("```python\nprint(1)\n```\n")[1]
+    obs = OBS_OPEN + "1" + OBS_CLOSE
+
+    async def call_tool(call, tools_kwargs, agent_data):
+        return types.SimpleNamespace(text=obs), 0.0, {}
+
+    loop._call_tool = call_tool
+    state = asyncio.run(loop._handle_processing_tools_state(data))
+    assert state == AgentState.GENERATING
+    assert CharTokenizer().decode(data.prompt_ids).endswith("```\n" + obs)
+    n = len(obs)
+    assert data.response_mask[-n:] == [0] * n and data.response_mask[:-n] == [1] * (len(data.response_mask) - n)
+    assert data.response_logprobs[-n:] == [0.0] * n and len(data.response_logprobs) == len(data.response_mask)
+    assert data.user_turns == 1
+
+
+def test_observation_past_the_token_budget_ends_the_episode():
+    loop = _loop(response_length=30)
+    data = _agent_data("P:", "```python\nprint(1)\n```\n")
+    data.tool_calls = agent_loop.parse_turn("```python\nprint(1)\n```\n")[1]
+
+    async def call_tool(call, tools_kwargs, agent_data):
+        return types.SimpleNamespace(text=OBS_OPEN + "x" * 50 + OBS_CLOSE), 0.0, {}
+
+    loop._call_tool = call_tool
+    assert asyncio.run(loop._handle_processing_tools_state(data)) == AgentState.TERMINATED
+
+
+def test_generation_stops_at_the_end_of_a_code_block(monkeypatch):
+    seen = {}
+
+    async def fake_super(self, agent_data, sampling_params, ignore_termination=False):
+        seen.update(sampling_params)
+        return AgentState.TERMINATED
+
+    monkeypatch.setattr(ToolAgentLoop, "_handle_generating_state", fake_super)
+    loop = _loop()
+    asyncio.run(loop._handle_generating_state(None, {"temperature": 1.0, "stop": ["<x>"]}))
+    assert set(seen["stop"]) == {"<x>", *TIRConfig().stop}
+    assert seen["include_stop_str_in_output"] is True and seen["temperature"] == 1.0
+
+
+def test_reward_routes_every_data_source_to_the_grader():
+    for source in ("deepscaler", "aime25", "some_unknown_source"):
+        assert compute_score(data_source=source, solution_str="so \\boxed{42}", ground_truth="42") == 1.0
+        assert compute_score(data_source=source, solution_str="so \\boxed{41}", ground_truth="42") == 0.0
+    assert compute_score("hmmt_nov_2025", "\\boxed{\\frac{1}{2}}", "\\frac12", {}) == 1.0
