@@ -1,0 +1,149 @@
+"""`VLLMGenerator`: the `Generator` of `ctpo.tir.episode` on a vLLM engine (paper-scale evaluation).
+
+``ctpo eval --backend vllm`` runs the same TIR loop (`run_episodes`) against the same sandbox pool and
+writes the same records as the HF backend; only the generate call differs. One call = one turn of many
+episodes, submitted to vLLM as a single batch (vLLM schedules it with continuous batching).
+
+Behaviour log-probs: vLLM returns the log-prob of each sampled token (``logprobs=0``); the engine is
+started with ``logprobs_mode="processed_logprobs"`` where vLLM supports it, so they are log-probs of the
+distribution actually sampled from (after temperature / top-k / top-p), like the HF backend's.
+
+Determinism: with ``SamplingParams.seed`` set, each prompt of a call gets its own seed derived from
+(seed, its token ids, its occurrence number in the call), so the 32 copies of a problem for avg@32 are
+different samples, and a rerun reproduces them.
+
+vLLM is imported only when an engine is built; :func:`vllm_sampling_kwargs` and
+:func:`continuation_from_output` are plain Python (tested without vLLM).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from typing import Any
+
+DEFAULT_MAX_NEW_TOKENS = 8000
+
+
+def request_seed(seed: int, prompt: list[int], occurrence: int) -> int:
+    """A 31-bit seed for one request: (run seed, prompt token ids, occurrence of that prompt in the call)."""
+    h = zlib.crc32(f"{int(seed)}/{occurrence}".encode())
+    h = zlib.crc32(b",".join(str(t).encode() for t in prompt), h)
+    return h & 0x7FFFFFFF
+
+
+def vllm_sampling_kwargs(params: Any, defaults: dict[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
+    """``ctpo.tir.episode.SamplingParams`` (+ the generator's defaults) -> ``vllm.SamplingParams`` kwargs.
+
+    ``top_k <= 0`` means "no cut-off" (vLLM's 0); the tokens completing a stop string stay in the output
+    (the protocol keeps the closing fence as a policy token); one sample per request (the loop repeats
+    prompts for more).
+    """
+    d = dict(defaults or {})
+
+    def pick(name, fallback):
+        value = getattr(params, name, None)
+        return fallback if value is None else value
+
+    n = int(pick("n", 1))
+    if n != 1:
+        raise ValueError(f"VLLMGenerator samples one continuation per prompt (repeat prompts), got n={n}")
+    top_k = int(pick("top_k", d.get("top_k", -1)))
+    stop = list(pick("stop", None) or d.get("stop") or [])
+    out = {
+        "n": 1,
+        "temperature": float(pick("temperature", d.get("temperature", 1.0))),
+        "top_p": float(pick("top_p", d.get("top_p", 1.0))),
+        "top_k": top_k if top_k > 0 else 0,
+        "max_tokens": int(pick("max_new_tokens", d.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))),
+        "stop": stop,
+        "include_stop_str_in_output": True,
+        "logprobs": 0,
+        "skip_special_tokens": False,
+    }
+    if "repetition_penalty" in d:
+        out["repetition_penalty"] = float(d["repetition_penalty"])
+    if seed is not None:
+        out["seed"] = int(seed)
+    return out
+
+
+def continuation_from_output(completion: Any, eos_ids: list[int]):
+    """One vLLM ``CompletionOutput`` -> ``ctpo.tir.episode.Continuation``."""
+    from ctpo.tir.episode import Continuation
+
+    token_ids = list(completion.token_ids)
+    logprobs = None
+    if completion.logprobs is not None:
+        # one dict per token: {token_id: Logprob}; the sampled token is always in it with logprobs=0
+        logprobs = [float(step[tok].logprob) for step, tok in zip(completion.logprobs, token_ids)]
+    if completion.finish_reason == "length":
+        finish = "length"
+    elif completion.stop_reason is None and token_ids and token_ids[-1] in eos_ids:
+        finish = "eos"
+    else:
+        finish = "stop"
+    return Continuation(token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
+
+
+class VLLMGenerator:
+    """`Generator` backed by ``vllm.LLM``.
+
+    Args:
+        model_path: HF folder or hub id.
+        tensor_parallel_size: GPUs per engine (default: all visible GPUs for models that need them is up to
+            the caller; 1 here).
+        gpu_memory_utilization, max_model_len, dtype, enforce_eager: passed to ``vllm.LLM``.
+        seed: engine seed.
+        engine_kwargs: any other ``vllm.LLM`` keyword.
+        **sampling: defaults for fields a call's ``SamplingParams`` leaves unset (temperature, top_p, top_k,
+            max_new_tokens, repetition_penalty, stop) — the config's ``eval:`` sampling block.
+    """
+
+    def __init__(self, model_path: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                 max_model_len: int | None = None, dtype: str = "bfloat16", enforce_eager: bool = False,
+                 seed: int = 0, engine_kwargs: dict[str, Any] | None = None, llm: Any = None, **sampling: Any):
+        self.model_path = str(model_path)
+        self.defaults = {k: v for k, v in sampling.items() if k in
+                         ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "stop")}
+        if llm is None:
+            llm = self._engine(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                               max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager, seed=seed,
+                               **(engine_kwargs or {}))
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.stats = {"calls": 0, "rows": 0, "new_tokens": 0}
+
+    def _engine(self, **kw):
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise RuntimeError(f"the vllm backend needs vLLM ({exc}); install the gpu extra "
+                               "(pip install -e '.[gpu]') on a GPU node, or use --backend hf") from exc
+        kw = {k: v for k, v in kw.items() if v is not None}
+        try:
+            return LLM(model=self.model_path, logprobs_mode="processed_logprobs", **kw)
+        except TypeError:  # a vLLM without logprobs_mode: raw log-probs (exact at T=1, no top-k/p)
+            return LLM(model=self.model_path, **kw)
+
+    def generate(self, prompts: list[list[int]], params: Any) -> list[Any]:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        seed = getattr(params, "seed", None)
+        seen: Counter = Counter()
+        requests, sampling = [], []
+        for p in prompts:
+            key = tuple(p)
+            occurrence = seen[key]
+            seen[key] += 1
+            s = None if seed is None else request_seed(seed, list(p), occurrence)
+            requests.append({"prompt_token_ids": list(p)})
+            sampling.append(VLLMSamplingParams(**vllm_sampling_kwargs(params, self.defaults, seed=s)))
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        conts = [continuation_from_output(o.outputs[0], self.eos_ids) for o in outputs]
+        self.stats["calls"] += 1
+        self.stats["rows"] += len(prompts)
+        self.stats["new_tokens"] += sum(len(c.token_ids) for c in conts)
+        return conts

@@ -1,0 +1,103 @@
+"""ctpo.backends.vllm: sampling-parameter translation and output mapping without vLLM; a real engine
+only under the `vllm` marker (GPU nodes)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+
+from ctpo.backends import vllm as backend
+from ctpo.tir.episode import Continuation, SamplingParams
+
+
+def test_sampling_params_translate_to_vllm_kwargs():
+    params = SamplingParams(temperature=0.7, top_p=0.95, top_k=-1, max_new_tokens=512, stop=["\n```\n"], seed=3)
+    kw = backend.vllm_sampling_kwargs(params, seed=11)
+    assert kw == {"n": 1, "temperature": 0.7, "top_p": 0.95, "top_k": 0, "max_tokens": 512, "stop": ["\n```\n"],
+                  "include_stop_str_in_output": True, "logprobs": 0, "skip_special_tokens": False, "seed": 11}
+    assert backend.vllm_sampling_kwargs(SamplingParams(top_k=20))["top_k"] == 20
+
+
+def test_generator_defaults_fill_what_the_call_leaves_unset():
+    params = SamplingParams(max_new_tokens=None)
+    kw = backend.vllm_sampling_kwargs(params, {"max_new_tokens": 8000, "repetition_penalty": 1.05})
+    assert kw["max_tokens"] == 8000 and kw["repetition_penalty"] == 1.05
+    assert "seed" not in kw
+    with pytest.raises(ValueError, match="repeat prompts"):
+        backend.vllm_sampling_kwargs(SamplingParams(n=4))
+
+
+def test_request_seeds_differ_per_copy_and_repeat_across_calls():
+    a = [backend.request_seed(0, [1, 2, 3], i) for i in range(32)]
+    assert len(set(a)) == 32
+    assert a == [backend.request_seed(0, [1, 2, 3], i) for i in range(32)]
+    assert backend.request_seed(1, [1, 2, 3], 0) != a[0]
+
+
+@dataclass
+class _Logprob:
+    logprob: float
+
+
+@dataclass
+class _Completion:
+    token_ids: list[int]
+    finish_reason: str
+    stop_reason: object = None
+    logprobs: list | None = field(default=None)
+
+
+def test_outputs_map_to_continuations_with_finish_reasons_and_logprobs():
+    lp = [{5: _Logprob(-0.1)}, {6: _Logprob(-0.2), 9: _Logprob(-3.0)}]
+    stop = backend.continuation_from_output(_Completion([5, 6], "stop", "\n```\n", lp), eos_ids=[2])
+    assert stop == Continuation(token_ids=[5, 6], logprobs=[-0.1, -0.2], finish_reason="stop")
+    assert backend.continuation_from_output(_Completion([5, 2], "stop"), [2]).finish_reason == "eos"
+    assert backend.continuation_from_output(_Completion([5, 6], "length"), [2]).finish_reason == "length"
+    assert backend.continuation_from_output(_Completion([5, 6], "length"), [2]).logprobs is None
+
+
+class _FakeLLM:
+    """Stands in for vllm.LLM: records requests, returns one scripted completion per request."""
+
+    def __init__(self):
+        self.calls = []
+
+    def get_tokenizer(self):
+        return types.SimpleNamespace(eos_token_id=2)
+
+    def generate(self, requests, sampling, use_tqdm=False):
+        self.calls.append((requests, sampling))
+        return [types.SimpleNamespace(outputs=[_Completion([7, 2], "stop", None, [{7: _Logprob(-1.0)},
+                                                                                  {2: _Logprob(-0.5)}])])
+                for _ in requests]
+
+
+def test_generate_batches_one_turn_and_seeds_each_copy(monkeypatch):
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.SamplingParams = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    llm = _FakeLLM()
+    gen = backend.VLLMGenerator("some/model", llm=llm, temperature=0.7, max_new_tokens=100)
+    out = gen.generate([[1, 2], [1, 2], [3]], SamplingParams(temperature=0.7, max_new_tokens=None, seed=5))
+    assert [c.finish_reason for c in out] == ["eos"] * 3 and out[0].logprobs == [-1.0, -0.5]
+    (requests, sampling), = llm.calls
+    assert [r["prompt_token_ids"] for r in requests] == [[1, 2], [1, 2], [3]]
+    assert sampling[0]["seed"] != sampling[1]["seed"] and sampling[0]["max_tokens"] == 100
+    assert gen.stats == {"calls": 1, "rows": 3, "new_tokens": 6}
+
+
+@pytest.mark.vllm
+@pytest.mark.gpu
+def test_real_engine_generates_with_logprobs():
+    pytest.importorskip("vllm", reason="vllm is not installed (GPU nodes: pip install -e '.[gpu]')")
+    model = os.environ.get("CTPO_VLLM_TEST_MODEL")
+    if not model:
+        pytest.skip("set CTPO_VLLM_TEST_MODEL to a small HF model to run the real-engine check")
+    gen = backend.VLLMGenerator(model, gpu_memory_utilization=0.3, max_model_len=1024)
+    prompt = gen.tokenizer.encode("1 + 1 =")
+    (c,) = gen.generate([prompt], SamplingParams(temperature=1.0, max_new_tokens=8, seed=0))
+    assert 0 < len(c.token_ids) <= 8 and len(c.logprobs) == len(c.token_ids)
