@@ -1,0 +1,603 @@
+"""The paper's tables and figure data, from the runs' files only (nothing is re-run).
+
+Reads the layout the workflow writes under a results folder ``R`` (docs/interfaces.md):
+
+- ``R/eval/{model}/{method}/s{seed}/{benchmark}/summary.json`` — avg@k and its standard error
+  (``method`` is ``base`` for the SFT checkpoint);
+- ``R/runs/{model}/{method}/s{seed}/metrics.jsonl`` — one JSON object per training step;
+- ``R/runs/{model}/{method}/s{seed}/diagnostics/step_NNNNN.csv`` — ``PositionStats.to_frame()``;
+- ``R/runs/{model}/{method}/s{seed}/DONE.json`` — the completion marker.
+
+and writes, under ``A``:
+
+- ``table2.{csv,md,tex,html}`` — avg@k (%) per benchmark and their average, per model scale, for Base
+  and every method (the paper's Table 2), mean ± standard error;
+- ``table3.{csv,md,tex,html}`` — CTPO with the position-adaptive clip against CTPO with a fixed clip
+  (Table 3), with their difference;
+- ``fig1_data.csv`` — per-position spread of log ρ_{1:t} and clip rates at the diagnostic steps, with the
+  fitted c·√t curve (Figure 1);
+- ``fig2_data.csv`` — in-training eval accuracy, clip fraction and response length per step (Figure 2).
+
+Standard errors. With one seed, a cell's SE is the evaluation's own (over problems and samples, from
+``summary.json``), and the average's SE combines the benchmarks' as independent: sqrt(Σ se²)/B. With
+several seeds, a cell is the mean over seeds and its SE the standard deviation across seeds / √n (which
+includes the evaluation noise).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ctpo.config import run_matrix
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+AVG = "Avg"
+METHOD_LABELS = {
+    BASE: "Base",
+    "grpo": "GRPO",
+    "gspo": "GSPO",
+    "seq": "Full sequence",
+    "ctpo": "CTPO",
+    "ctpo_fixed": "CTPO (fixed clip)",
+}
+FIG2_KEYS = {  # column of fig2_data.csv -> metrics.jsonl key
+    "eval_accuracy": "eval/avg_at_k",
+    "eval_accuracy_se": "eval/avg_at_k_se",
+    "clip_frac": "clip/frac",
+    "response_length": "train/response_length",
+}
+_SEED_DIR = re.compile(r"^s(\d+)$")
+_STEP_FILE = re.compile(r"^step_(\d+)\.csv$")
+
+
+class AnalysisError(ValueError):
+    """The results folder lacks what a table or figure needs; the message names the files."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading run files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cells(root: Path, depth_glob: str) -> Iterable[tuple[str, str, int, Path]]:
+    """(model, method, seed, path) for every ``root/{model}/{method}/s{seed}/...`` match of the glob."""
+    for path in sorted(root.glob(depth_glob)):
+        rel = path.relative_to(root).parts
+        m = _SEED_DIR.match(rel[2]) if len(rel) > 2 else None
+        if m is None:
+            log.warning("skipping %s: not in the {model}/{method}/s{seed}/ layout", path)
+            continue
+        yield rel[0], rel[1], int(m.group(1)), path
+
+
+def load_eval_summaries(results: str | Path) -> pd.DataFrame:
+    """One row per ``eval/{model}/{method}/s{seed}/{benchmark}/summary.json``."""
+    rows = []
+    for model, method, seed, path in _cells(Path(results) / "eval", "*/*/s*/*/summary.json"):
+        summary = json.loads(path.read_text())
+        rows.append(
+            {
+                "model": model,
+                "method": method,
+                "seed": seed,
+                "benchmark": path.parent.name,
+                "k": summary.get("k"),
+                "n_problems": summary.get("n_problems"),
+                "avg_at_k": float(summary["avg_at_k"]),
+                "avg_at_k_se": float(summary.get("avg_at_k_se") or 0.0),
+                "mean_length": summary.get("mean_length"),
+                "mlflow_run_id": summary.get("mlflow_run_id"),
+            }
+        )
+    columns = [
+        "model",
+        "method",
+        "seed",
+        "benchmark",
+        "k",
+        "n_problems",
+        "avg_at_k",
+        "avg_at_k_se",
+        "mean_length",
+        "mlflow_run_id",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def load_metrics(results: str | Path) -> pd.DataFrame:
+    """Every training step of every run: ``runs/*/*/s*/metrics.jsonl`` with model, method, seed columns."""
+    frames = []
+    for model, method, seed, path in _cells(Path(results) / "runs", "*/*/s*/metrics.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            continue
+        df = pd.DataFrame(rows)
+        if "train/step" in df:
+            df["step"] = df["train/step"].astype(int)
+        elif "step" not in df:
+            df["step"] = np.arange(1, len(df) + 1)
+        df.insert(0, "model", model)
+        df.insert(1, "method", method)
+        df.insert(2, "seed", seed)
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["model", "method", "seed", "step"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_diagnostics(results: str | Path) -> pd.DataFrame:
+    """Every ``runs/*/*/s*/diagnostics/step_NNNNN.csv`` with model, method, seed, step columns."""
+    frames = []
+    for model, method, seed, path in _cells(Path(results) / "runs", "*/*/s*/diagnostics/step_*.csv"):
+        m = _STEP_FILE.match(path.name)
+        if m is None:
+            continue
+        df = pd.read_csv(path)
+        df.insert(0, "model", model)
+        df.insert(1, "method", method)
+        df.insert(2, "seed", seed)
+        df.insert(3, "step", int(m.group(1)))
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["model", "method", "seed", "step"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_done(results: str | Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    return {
+        (model, method, seed): json.loads(path.read_text())
+        for model, method, seed, path in _cells(Path(results) / "runs", "*/*/s*/DONE.json")
+    }
+
+
+# ---- the columns of ctpo.diagnostics.PositionStats.to_frame() -------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiagColumns:
+    position: str
+    std: str
+    count: str | None
+    clip: str | None  # the run's own clip rate
+    clip_fixed: str | None  # counterfactual rates under each rule, when the frame carries them
+    clip_adaptive: str | None
+
+
+def _first(frame: pd.DataFrame, names: Sequence[str]) -> str | None:
+    return next((n for n in names if n in frame.columns), None)
+
+
+def diag_columns(frame: pd.DataFrame) -> DiagColumns:
+    position = _first(frame, ["position", "t", "pos"])
+    std = _first(frame, ["std_log_rho", "log_rho_std", "std", "cum_log_ratio_std"])
+    if position is None or std is None:
+        raise AnalysisError(
+            f"diagnostics frame has no position / std-of-log-ratio column (columns: {list(frame.columns)})"
+        )
+    return DiagColumns(
+        position=position,
+        std=std,
+        count=_first(frame, ["count", "n", "n_tokens", "tokens"]),
+        clip=_first(frame, ["clip_rate", "clip_frac", "clipped_frac"]),
+        clip_fixed=_first(frame, ["clip_rate_fixed", "clip_frac_fixed"]),
+        clip_adaptive=_first(frame, ["clip_rate_adaptive", "clip_frac_adaptive"]),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """A results table: ``frame`` holds one row per (model, method) and ``{col}`` / ``{col}_se`` columns (%)."""
+
+    name: str
+    title: str
+    frame: pd.DataFrame
+    columns: list[str]  # the score columns, in order (benchmarks, then Avg)
+    caption: str
+    note: str = ""
+
+    def cell(self, row: Mapping[str, Any], col: str) -> str:
+        mean, se = row[col], row[f"{col}_se"]
+        if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+            return "–"
+        if se is None or (isinstance(se, float) and math.isnan(se)):
+            return f"{mean:.1f}"
+        return f"{mean:.1f} ± {se:.1f}"
+
+
+def method_label(config: Mapping[str, Any], method: str) -> str:
+    if method in METHOD_LABELS:
+        return METHOD_LABELS[method]
+    spec = (config.get("methods") or {}).get(method) or {}
+    return METHOD_LABELS.get(spec.get("method"), method) if spec.get("method") == method else method
+
+
+def _seed_scores(evals: pd.DataFrame, benchmarks: Sequence[str]) -> pd.DataFrame:
+    """Per (model, method, seed): avg@k and SE in % per benchmark, and the benchmark average (complete seeds)."""
+    rows = []
+    for (model, method, seed), g in evals.groupby(["model", "method", "seed"], sort=False):
+        by_bench = g.set_index("benchmark")
+        row: dict[str, Any] = {"model": model, "method": method, "seed": seed}
+        for b in benchmarks:
+            if b in by_bench.index:
+                row[b] = 100.0 * float(by_bench.loc[b, "avg_at_k"])
+                row[f"{b}_se"] = 100.0 * float(by_bench.loc[b, "avg_at_k_se"])
+            else:
+                row[b] = row[f"{b}_se"] = math.nan
+        means = [row[b] for b in benchmarks]
+        ses = [row[f"{b}_se"] for b in benchmarks]
+        complete = not any(math.isnan(v) for v in means)
+        row[AVG] = float(np.mean(means)) if complete else math.nan
+        row[f"{AVG}_se"] = math.sqrt(sum(s * s for s in ses)) / len(ses) if complete else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _over_seeds(per_seed: pd.DataFrame, columns: Sequence[str]) -> dict[str, Any]:
+    """Mean over seeds; SE: the eval's own with one seed, else std across seeds / √n."""
+    out: dict[str, Any] = {"n_seeds": len(per_seed)}
+    for col in columns:
+        values = per_seed[col].to_numpy(dtype=float)
+        values = values[~np.isnan(values)]
+        if len(values) == 0:
+            out[col] = out[f"{col}_se"] = math.nan
+        elif len(values) == 1:
+            out[col] = float(values[0])
+            out[f"{col}_se"] = float(per_seed[f"{col}_se"].dropna().iloc[0])
+        else:
+            out[col] = float(values.mean())
+            out[f"{col}_se"] = float(values.std(ddof=1) / math.sqrt(len(values)))
+    return out
+
+
+def _rows_for(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(model, method) rows of Table 2 in study order: per model, Base then its methods in config order."""
+    matrix = run_matrix(dict(config))
+    models = list(dict.fromkeys(m for m, _, _ in matrix))
+    methods = list(config.get("methods") or {})
+    rows = []
+    for model in models:
+        rows.append((model, BASE))
+        trained = {x for m, x, _ in matrix if m == model}
+        rows.extend((model, x) for x in methods if x in trained)
+    return rows
+
+
+def score_table(
+    config: Mapping[str, Any],
+    evals: pd.DataFrame,
+    rows: Sequence[tuple[str, str]],
+    name: str,
+    title: str,
+    caption: str,
+) -> Table:
+    benchmarks = list((config.get("data") or {}).get("benchmarks") or {})
+    columns = [*benchmarks, AVG]
+    per_seed = _seed_scores(evals, benchmarks) if len(evals) else pd.DataFrame()
+    out = []
+    missing = []
+    for model, method in rows:
+        sel = (
+            per_seed[(per_seed["model"] == model) & (per_seed["method"] == method)]
+            if len(per_seed)
+            else per_seed
+        )
+        if len(sel) == 0:
+            missing.append(f"{model}/{method}")
+            stats: dict[str, Any] = {
+                "n_seeds": 0,
+                **{c: math.nan for c in columns},
+                **{f"{c}_se": math.nan for c in columns},
+            }
+        else:
+            stats = _over_seeds(sel, columns)
+        out.append({"model": model, "method": method, "label": method_label(config, method), **stats})
+    note = ""
+    if missing:
+        note = f"no evaluation summaries for {', '.join(missing)}"
+        log.warning("%s: %s", name, note)
+    frame = pd.DataFrame(
+        out, columns=["model", "method", "label", "n_seeds", *[x for c in columns for x in (c, f"{c}_se")]]
+    )
+    return Table(name, title, frame, columns, caption, note)
+
+
+def table2(config: Mapping[str, Any], evals: pd.DataFrame) -> Table:
+    k = (config.get("eval") or {}).get("k")
+    caption = (f"avg@{k} (%)" if k else "avg@k (%)") + " per benchmark and average, mean ± standard error."
+    return score_table(config, evals, _rows_for(config), "table2", "Table 2", caption)
+
+
+def ctpo_pair(config: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The config's CTPO method with the position-adaptive clip and its fixed-clip ablation (names)."""
+    adaptive = fixed = None
+    for name, spec in (config.get("methods") or {}).items():
+        spec = spec or {}
+        kind, clip = spec.get("method"), spec.get("clip_mode")
+        if kind == "ctpo" and clip in (None, "adaptive") and adaptive is None:
+            adaptive = name
+        elif (kind == "ctpo_fixed" or (kind == "ctpo" and clip == "fixed")) and fixed is None:
+            fixed = name
+    return adaptive, fixed
+
+
+def table3(config: Mapping[str, Any], evals: pd.DataFrame) -> Table:
+    adaptive, fixed = ctpo_pair(config)
+    matrix = run_matrix(dict(config))
+    models = list(dict.fromkeys(m for m, _, _ in matrix))
+    trained = {(m, x) for m, x, _ in matrix}
+    pairs = [m for m in models if adaptive and fixed and (m, adaptive) in trained and (m, fixed) in trained]
+    k = (config.get("eval") or {}).get("k")
+    caption = (f"avg@{k} (%)" if k else "avg@k (%)") + ": position-adaptive against fixed clipping for CTPO."
+    rows = [(m, x) for m in pairs for x in (adaptive, fixed)]
+    table = score_table(config, evals, rows, "table3", "Table 3", caption)
+    if not pairs:
+        table.note = (
+            "this study has no model trained with both CTPO (adaptive clip) and CTPO with a fixed clip"
+        )
+        return table
+    frame = table.frame
+    frame.loc[frame["method"] == adaptive, "label"] = "CTPO (adaptive clip)"
+    frame.loc[frame["method"] == fixed, "label"] = "CTPO (fixed clip)"
+    deltas = []
+    for model in pairs:
+        a = frame[(frame["model"] == model) & (frame["method"] == adaptive)].iloc[0]
+        f = frame[(frame["model"] == model) & (frame["method"] == fixed)].iloc[0]
+        row: dict[str, Any] = {
+            "model": model,
+            "method": "delta",
+            "label": "Δ (adaptive − fixed)",
+            "n_seeds": min(a["n_seeds"], f["n_seeds"]),
+        }
+        for c in table.columns:
+            row[c] = a[c] - f[c]
+            row[f"{c}_se"] = math.sqrt(a[f"{c}_se"] ** 2 + f[f"{c}_se"] ** 2)
+        deltas.append(row)
+    ordered = []
+    for model in pairs:
+        ordered.append(frame[frame["model"] == model])
+        ordered.append(pd.DataFrame([d for d in deltas if d["model"] == model]))
+    table.frame = pd.concat(ordered, ignore_index=True)[frame.columns]
+    return table
+
+
+# ---- writers ----------------------------------------------------------------------------------------------
+
+
+def _best(table: Table) -> set[tuple[int, str]]:
+    """(row index, column) of the best method per model and column, ties included (bolded; Base and Δ rows
+    excluded; nothing is bold when a model has a single method)."""
+    best = set()
+    frame = table.frame
+    for _, g in frame[~frame["method"].isin([BASE, "delta"])].groupby("model", sort=False):
+        for col in table.columns:
+            values = g[col].dropna()
+            if len(g) > 1 and len(values):
+                top = values.max()
+                best.update((int(i), col) for i in values.index if abs(values[i] - top) < 1e-9)
+    return best
+
+
+def to_markdown(table: Table) -> str:
+    header = ["Model", "Method", *table.columns]
+    lines = [
+        f"**{table.title}.** {table.caption}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    best = _best(table)
+    previous = None
+    for i, row in table.frame.iterrows():
+        cells = [row["model"] if row["model"] != previous else "", row["label"]]
+        for col in table.columns:
+            text = table.cell(row, col)
+            cells.append(f"**{text}**" if (i, col) in best else text)
+        previous = row["model"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if table.note:
+        lines += ["", f"_Note: {table.note}._"]
+    return "\n".join(lines) + "\n"
+
+
+def _tex_escape(text: str) -> str:
+    return (
+        str(text)
+        .replace("\\", r"\textbackslash{}")
+        .replace("&", r"\&")
+        .replace("%", r"\%")
+        .replace("_", r"\_")
+        .replace("#", r"\#")
+        .replace("Δ", r"$\Delta$")
+        .replace("−", "$-$")
+    )
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs tabular (``\\usepackage{booktabs}``); the best method per model and column in bold."""
+    best = _best(table)
+    cols = "ll" + "c" * len(table.columns)
+    lines = [
+        f"% {table.title}: {table.caption}",
+        f"\\begin{{tabular}}{{{cols}}}",
+        "\\toprule",
+        " & ".join(["Model", "Method", *(_tex_escape(c) for c in table.columns)]) + " \\\\",
+        "\\midrule",
+    ]
+    previous = None
+    for i, row in table.frame.iterrows():
+        if previous is not None and row["model"] != previous:
+            lines.append("\\midrule")
+        cells = [_tex_escape(row["model"]) if row["model"] != previous else "", _tex_escape(row["label"])]
+        for col in table.columns:
+            text = table.cell(row, col).replace("±", r"$\pm$").replace("–", "--")
+            cells.append(f"\\textbf{{{text}}}" if (i, col) in best else text)
+        previous = row["model"]
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if table.note:
+        lines.append(f"% Note: {_tex_escape(table.note)}")
+    return "\n".join(lines) + "\n"
+
+
+def to_html(table: Table) -> str:
+    best = _best(table)
+    head = "".join(f"<th>{c}</th>" for c in ["Model", "Method", *table.columns])
+    body = []
+    for i, row in table.frame.iterrows():
+        cells = [f"<td>{row['model']}</td>", f"<td>{row['label']}</td>"]
+        for col in table.columns:
+            text = table.cell(row, col)
+            cells.append(f"<td><b>{text}</b></td>" if (i, col) in best else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    note = f"<p><i>Note: {table.note}.</i></p>" if table.note else ""
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><style>"
+        "table{border-collapse:collapse;font-family:sans-serif;font-size:13px}"
+        "th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
+        "td:nth-child(-n+2),th:nth-child(-n+2){text-align:left}</style></head><body>"
+        f"<p><b>{table.title}.</b> {table.caption}</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{note}</body></html>\n"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_table(table: Table, out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    csv = out / f"{table.name}.csv"
+    tmp = csv.with_name(f".{csv.name}.tmp")
+    table.frame.to_csv(tmp, index=False, float_format="%.4f")
+    tmp.replace(csv)
+    paths.append(csv)
+    for ext, render in (("md", to_markdown), ("tex", to_latex), ("html", to_html)):
+        path = out / f"{table.name}.{ext}"
+        _atomic_write(path, render(table))
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figure data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def eval_benchmark(config: Mapping[str, Any]) -> str | None:
+    """The benchmark of in-training eval (Figure 2): train.eval_benchmark, else the config's first."""
+    name = (config.get("train") or {}).get("eval_benchmark")
+    return name or next(iter((config.get("data") or {}).get("benchmarks") or {}), None)
+
+
+def fig2_data(config: Mapping[str, Any], metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, method, seed, step): in-training eval accuracy, clip fraction, mean response length."""
+    out = metrics[["model", "method", "seed", "step"]].copy()
+    for col, key in FIG2_KEYS.items():
+        out[col] = metrics[key].astype(float) if key in metrics else math.nan
+        if key not in metrics and len(metrics):
+            log.warning("fig2: no run logged %r; column %s is empty", key, col)
+    out["eval_benchmark"] = eval_benchmark(config)
+    return out.sort_values(["model", "method", "seed", "step"]).reset_index(drop=True)
+
+
+def fig1_data(config: Mapping[str, Any], diagnostics: pd.DataFrame) -> pd.DataFrame:
+    """The diagnostics of every run at every diagnostic step, in one tidy table.
+
+    Columns: model, method, seed, step, then those of ``PositionStats.to_frame()`` (position, the std of
+    log ρ_{1:t}, clip rates, ...), plus ``sqrt_fit_c`` and ``sqrt_fit_r2``: the least-squares fit of
+    std = c·√t at that step, computed here so the figure code only draws.
+    """
+    if diagnostics.empty:
+        return diagnostics
+    cols = diag_columns(diagnostics)
+    out = []
+    for _, g in diagnostics.groupby(["model", "method", "seed", "step"], sort=True):
+        g = g.sort_values(cols.position).copy()
+        c, r2 = fit_sqrt(
+            g[cols.position].to_numpy(float),
+            g[cols.std].to_numpy(float),
+            g[cols.count].to_numpy(float) if cols.count else None,
+        )
+        g["sqrt_fit_c"], g["sqrt_fit_r2"] = c, r2
+        out.append(g)
+    return pd.concat(out, ignore_index=True)
+
+
+def fit_sqrt(t: np.ndarray, std: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float]:
+    """Least-squares c in std ≈ c·√t (through the origin), and R² of that fit (1 − SS_res / SS_tot)."""
+    keep = np.isfinite(std) & np.isfinite(t) & (t > 0)
+    if weights is not None:
+        keep &= np.isfinite(weights) & (weights > 0)
+    t, y = t[keep], std[keep]
+    w = weights[keep] if weights is not None else np.ones_like(y)
+    if len(y) < 2:
+        return math.nan, math.nan
+    x = np.sqrt(t)
+    c = float(np.sum(w * x * y) / np.sum(w * x * x))
+    ss_res = float(np.sum(w * (y - c * x) ** 2))
+    ss_tot = float(np.sum(w * (y - np.average(y, weights=w)) ** 2))
+    return c, (1.0 - ss_res / ss_tot) if ss_tot > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_complete(config: Mapping[str, Any], evals: pd.DataFrame, done: Mapping[tuple, Any]) -> list[str]:
+    """What the config's matrix expects and the results folder lacks (reported, never silently dropped)."""
+    benchmarks = list((config.get("data") or {}).get("benchmarks") or {})
+    matrix = run_matrix(dict(config))
+    have = set(zip(evals["model"], evals["method"], evals["seed"], evals["benchmark"]))
+    missing = [f"runs/{m}/{x}/s{s}/DONE.json" for m, x, s in matrix if (m, x, s) not in done]
+    base_seed = int((config.get("seeds") or [0])[0])
+    expected = [(m, x, s, b) for m, x, s in matrix for b in benchmarks]
+    expected += [(m, BASE, base_seed, b) for m in dict.fromkeys(m for m, _, _ in matrix) for b in benchmarks]
+    missing += [f"eval/{m}/{x}/s{s}/{b}/summary.json" for m, x, s, b in expected if (m, x, s, b) not in have]
+    return missing
+
+
+def analyze(config: Mapping[str, Any], results: str | Path, out: str | Path) -> dict[str, Any]:
+    """Build every table and figure-data file; returns {"paths": [...], "missing": [...], tables...}."""
+    results, out = Path(results), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    evals = load_eval_summaries(results)
+    done = load_done(results)
+    missing = check_complete(config, evals, done)
+    if missing:
+        log.warning("%d expected result files are missing (first: %s)", len(missing), ", ".join(missing[:5]))
+    if evals.empty:
+        raise AnalysisError(f"no evaluation summaries under {results / 'eval'}; run the eval steps first")
+    t2, t3 = table2(config, evals), table3(config, evals)
+    paths = write_table(t2, out) + write_table(t3, out)
+
+    f1 = fig1_data(config, load_diagnostics(results))
+    f2 = fig2_data(config, load_metrics(results))
+    for name, frame in (("fig1_data.csv", f1), ("fig2_data.csv", f2)):
+        path = out / name
+        tmp = path.with_name(f".{name}.tmp")
+        frame.to_csv(tmp, index=False)
+        tmp.replace(path)
+        paths.append(path)
+    return {"paths": paths, "missing": missing, "table2": t2, "table3": t3, "evals": evals, "done": done}

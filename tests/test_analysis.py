@@ -1,0 +1,233 @@
+"""Tables and figures from synthetic run outputs in the exact file formats of docs/interfaces.md.
+
+The fixture study: two model scales, GRPO and CTPO on both, CTPO with a fixed clip on the larger one,
+two seeds, two benchmarks. Every number below is chosen so the expected table cells are computed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from ctpo import analysis, figures
+
+CONFIG = {
+    "study": "fx",
+    "seeds": [0, 1],
+    "data": {
+        "train": {"source": "arith", "split": "train", "n": 8},
+        "benchmarks": {"b1": {"source": "arith", "split": "easy"}, "b2": {"source": "arith", "split": "hard"}},
+    },
+    "models": {"m-s": {"preset": "xs"}, "m-m": {"preset": "s"}},
+    "methods": {
+        "grpo": {"method": "grpo", "clip_mode": "fixed"},
+        "ctpo": {"method": "ctpo", "clip_mode": "adaptive"},
+        "ctpo_fixed": {"method": "ctpo_fixed", "clip_mode": "fixed"},
+    },
+    "runs": [{"models": ["m-s", "m-m"], "methods": ["grpo", "ctpo"]}, {"models": ["m-m"], "methods": ["ctpo_fixed"]}],
+    "eval": {"backend": "hf", "k": 4},
+    "train": {"backend": "local", "steps": 6, "diag_steps": [2, 4, 6]},
+}
+
+# (model, method, seed, benchmark) -> (avg@k, se) as fractions
+SCORES = {
+    ("m-s", "base", 0, "b1"): (0.10, 0.02),
+    ("m-s", "base", 0, "b2"): (0.20, 0.04),
+    ("m-s", "grpo", 0, "b1"): (0.40, 0.05),
+    ("m-s", "grpo", 1, "b1"): (0.50, 0.05),
+    ("m-s", "grpo", 0, "b2"): (0.30, 0.05),
+    ("m-s", "grpo", 1, "b2"): (0.50, 0.05),
+    ("m-s", "ctpo", 0, "b1"): (0.60, 0.05),
+    ("m-s", "ctpo", 1, "b1"): (0.60, 0.05),
+    ("m-s", "ctpo", 0, "b2"): (0.40, 0.05),
+    ("m-s", "ctpo", 1, "b2"): (0.40, 0.05),
+    ("m-m", "base", 0, "b1"): (0.20, 0.03),
+    ("m-m", "base", 0, "b2"): (0.10, 0.03),
+}
+for seed in (0, 1):
+    for bench, (g, c, f) in {"b1": (0.50, 0.70, 0.60), "b2": (0.40, 0.50, 0.45)}.items():
+        SCORES[("m-m", "grpo", seed, bench)] = (g, 0.04)
+        SCORES[("m-m", "ctpo", seed, bench)] = (c + 0.02 * seed, 0.04)
+        SCORES[("m-m", "ctpo_fixed", seed, bench)] = (f - 0.02 * seed, 0.04)
+
+C_SQRT = {"ctpo": 0.10, "ctpo_fixed": 0.12, "grpo": 0.08}
+CLIP_SLOPE = {"grpo": 0.02, "ctpo": 0.01, "ctpo_fixed": 0.015}  # per step, so Figure 2's curves differ
+ACC_GAIN = {"grpo": 0.04, "ctpo": 0.06, "ctpo_fixed": 0.05}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def diag_frame(c: float, step: int, fixed: bool, positions: int = 200) -> pd.DataFrame:
+    """A diagnostics CSV in the format the trainer writes: std of log ρ_{1:t} = c·√t exactly."""
+    t = np.arange(1, positions + 1)
+    count = np.maximum(400 - t, 1)
+    std = c * np.sqrt(t) * (1 + 0.001 * step)
+    clip = np.minimum(0.2, 0.001 * t) if fixed else np.full_like(t, 0.07, dtype=float)
+    return pd.DataFrame({"position": t, "count": count, "std_log_rho": std, "clip_rate": clip})
+
+
+def make_results(root: Path, config: dict = CONFIG) -> Path:
+    """A results folder as the workflow leaves it, from the SCORES table."""
+    for (model, method, seed, bench), (acc, se) in SCORES.items():
+        _write_json(
+            root / "eval" / model / method / f"s{seed}" / bench / "summary.json",
+            {"benchmark": bench, "model": model, "method": method, "seed": seed, "k": 4, "n_problems": 8,
+             "avg_at_k": acc, "avg_at_k_se": se, "pass_at_k": {"1": acc, "4": min(1.0, 2 * acc)},
+             "mean_length": 100.0, "mlflow_run_id": None},
+        )
+    for model, method, seed in {(m, x, s) for m, x, s, _ in SCORES if x != "base"}:
+        run = root / "runs" / model / method / f"s{seed}"
+        rows = []
+        for step in range(1, 7):
+            row = {"train/step": step, "train/reward_mean": 0.1 * step,
+                   "clip/frac": CLIP_SLOPE[method] * step + 0.002 * seed,
+                   "train/response_length": 100 + 10 * step + (5 if model == "m-m" else 0), "time/step": 1.0}
+            if step % 2 == 0:
+                row |= {"eval/avg_at_k": 0.1 + ACC_GAIN[method] * step + 0.01 * seed, "eval/avg_at_k_se": 0.02}
+            rows.append(row)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for step in (2, 4, 6):
+            path = run / "diagnostics" / f"step_{step:05d}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            diag_frame(C_SQRT[method], step, fixed=method != "ctpo").to_csv(path, index=False)
+        _write_json(run / "DONE.json", {"mlflow_run_id": None, "final_step": 6, "wall_s": 1.0})
+    return root
+
+
+@pytest.fixture
+def results(tmp_path):
+    return make_results(tmp_path / "results")
+
+
+def _row(table, model, method):
+    frame = table.frame
+    return frame[(frame["model"] == model) & (frame["method"] == method)].iloc[0]
+
+
+def test_table2_matches_hand_computed_values(results):
+    evals = analysis.load_eval_summaries(results)
+    t2 = analysis.table2(CONFIG, evals)
+    assert t2.columns == ["b1", "b2", "Avg"]
+    assert list(zip(t2.frame["model"], t2.frame["method"])) == [
+        ("m-s", "base"), ("m-s", "grpo"), ("m-s", "ctpo"),
+        ("m-m", "base"), ("m-m", "grpo"), ("m-m", "ctpo"), ("m-m", "ctpo_fixed"),
+    ]
+    base = _row(t2, "m-s", "base")  # one seed: the eval's own SE; Avg SE = sqrt(2² + 4²) / 2
+    assert (base["b1"], base["b1_se"], base["b2"], base["b2_se"]) == pytest.approx((10, 2, 20, 4))
+    assert (base["Avg"], base["Avg_se"]) == pytest.approx((15, math.sqrt(20) / 2))
+    grpo = _row(t2, "m-s", "grpo")  # two seeds: mean, and std across seeds / sqrt(2)
+    assert (grpo["b1"], grpo["b1_se"]) == pytest.approx((45, 5))
+    assert (grpo["b2"], grpo["b2_se"]) == pytest.approx((40, 10))
+    assert (grpo["Avg"], grpo["Avg_se"]) == pytest.approx((42.5, 7.5))  # seed averages 35 and 50
+    ctpo = _row(t2, "m-s", "ctpo")  # identical seeds: SE 0
+    assert (ctpo["b1"], ctpo["b1_se"], ctpo["Avg"]) == pytest.approx((60, 0, 50))
+    assert t2.note == ""
+
+
+def test_table3_compares_adaptive_and_fixed_clip(results):
+    t3 = analysis.table3(CONFIG, analysis.load_eval_summaries(results))
+    assert list(t3.frame["model"].unique()) == ["m-m"]
+    assert list(t3.frame["method"]) == ["ctpo", "ctpo_fixed", "delta"]
+    a, f, d = (_row(t3, "m-m", x) for x in ("ctpo", "ctpo_fixed", "delta"))
+    assert (a["b1"], f["b1"], d["b1"]) == pytest.approx((71, 59, 12))
+    assert d["b1_se"] == pytest.approx(math.hypot(a["b1_se"], f["b1_se"]))
+    assert a["b1_se"] == pytest.approx(np.std([70, 72], ddof=1) / math.sqrt(2))
+    assert d["Avg"] == pytest.approx(a["Avg"] - f["Avg"])
+
+
+def test_table3_without_a_pair_says_so(results):
+    config = {**CONFIG, "runs": [{"models": ["m-s"], "methods": ["grpo", "ctpo"]}]}
+    t3 = analysis.table3(config, analysis.load_eval_summaries(results))
+    assert t3.frame.empty and "no model" in t3.note
+    assert "Note" in analysis.to_markdown(t3)
+
+
+def test_writers_render_every_format(results, tmp_path):
+    t2 = analysis.table2(CONFIG, analysis.load_eval_summaries(results))
+    paths = analysis.write_table(t2, tmp_path / "a")
+    assert [p.name for p in paths] == ["table2.csv", "table2.md", "table2.tex", "table2.html"]
+    md = (tmp_path / "a" / "table2.md").read_text()
+    assert "| m-s | Base | 10.0 ± 2.0 | 20.0 ± 4.0 | 15.0 ± 2.2 |" in md
+    assert "**60.0 ± 0.0**" in md  # best method of m-s on b1 is bold
+    tex = (tmp_path / "a" / "table2.tex").read_text()
+    assert r"\toprule" in tex and r"\textbf{60.0 $\pm$ 0.0}" in tex and "avg@4" in tex
+    csv = pd.read_csv(tmp_path / "a" / "table2.csv")
+    assert {"b1", "b1_se", "Avg", "Avg_se", "n_seeds"} <= set(csv.columns)
+    assert "<table>" in (tmp_path / "a" / "table2.html").read_text()
+
+
+def test_missing_results_are_reported_not_dropped(results):
+    (results / "eval" / "m-m" / "grpo" / "s1" / "b2" / "summary.json").unlink()
+    evals = analysis.load_eval_summaries(results)
+    missing = analysis.check_complete(CONFIG, evals, analysis.load_done(results))
+    assert missing == ["eval/m-m/grpo/s1/b2/summary.json"]
+    t2 = analysis.table2(CONFIG, evals)
+    row = _row(t2, "m-m", "grpo")
+    assert row["n_seeds"] == 2 and row["b2"] == pytest.approx(40)  # the remaining seed's value
+
+
+def test_sqrt_fit_recovers_c_and_r2():
+    t = np.arange(1, 101, dtype=float)
+    assert analysis.fit_sqrt(t, 0.3 * np.sqrt(t)) == pytest.approx((0.3, 1.0))
+    c, r2 = analysis.fit_sqrt(t, 0.3 * np.sqrt(t) + np.random.default_rng(0).normal(0, 0.2, 100))
+    assert c == pytest.approx(0.3, rel=0.05) and 0.5 < r2 < 1.0
+
+
+def test_figure_data_and_figures(results, tmp_path):
+    out = tmp_path / "analysis"
+    result = analysis.analyze(CONFIG, results, out)
+    assert result["missing"] == []
+    fig1 = pd.read_csv(out / "fig1_data.csv")
+    ctpo = fig1[(fig1["model"] == "m-m") & (fig1["method"] == "ctpo") & (fig1["seed"] == 0) & (fig1["step"] == 2)]
+    assert ctpo["sqrt_fit_c"].iloc[0] == pytest.approx(0.10 * 1.002)
+    assert ctpo["sqrt_fit_r2"].iloc[0] == pytest.approx(1.0)
+    fig2 = pd.read_csv(out / "fig2_data.csv")
+    assert set(fig2.columns) >= {"step", "eval_accuracy", "clip_frac", "response_length", "eval_benchmark"}
+    assert len(fig2) == 5 * 2 * 6  # 5 (model, method) cells x 2 seeds x 6 steps
+    assert fig2["eval_accuracy"].notna().sum() == 5 * 2 * 3  # in-training eval every other step
+    paths = figures.draw_all(out, tmp_path / "figs", config=CONFIG)
+    assert sorted(p.name for p in paths) == ["fig1.pdf", "fig1.png", "fig2.pdf", "fig2.png"]
+    assert all(p.stat().st_size > 5000 for p in paths)
+
+
+def test_restyling_changes_only_the_look(results, tmp_path):
+    out = tmp_path / "analysis"
+    analysis.analyze(CONFIG, results, out)
+    style = tmp_path / "big.mplstyle"
+    style.write_text(figures.DEFAULT_STYLE.read_text() + "\nfont.size: 12\nlines.linewidth: 3\n")
+    a = figures.draw_all(out, tmp_path / "a", config=CONFIG)
+    b = figures.draw_all(out, tmp_path / "b", style=style, config=CONFIG)
+    assert a[0].read_bytes() != b[0].read_bytes()
+
+
+def test_analyze_and_figures_commands_log_one_analysis_run(results, tmp_path):
+    from ctpo import tracking
+
+    config = {**CONFIG, "results_dir": str(results)}
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    out, figs = results / "analysis", results / "figures"
+    for argv in (["analyze", "--config", str(cfg_path), "--results", str(results), "--out", str(out)],
+                 ["figures", "--analysis", str(out), "--out", str(figs), "--config", str(cfg_path)]):
+        proc = subprocess.run([sys.executable, "-m", "ctpo", *argv], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    runs = tracking.find_runs(config, "tags.`ctpo.kind` = 'analysis'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking.store_info(config)["tracking_uri"])
+    arts = {a.path for d in ("analysis", "figures") for a in client.list_artifacts(runs[0].info.run_id, d)}
+    assert {"analysis/table2.md", "analysis/table3.tex", "figures/fig1.png", "figures/fig2.pdf"} <= arts
+    assert runs[0].data.metrics["table2/m-s/grpo/Avg"] == pytest.approx(42.5)
