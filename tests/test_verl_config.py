@@ -78,6 +78,10 @@ def test_builtin_methods_use_verl_losses_with_the_configs_clip_range(tmp_path):
     assert d["actor_rollout_ref.actor.clip_ratio_low"] == "0.0003"
     assert d["actor_rollout_ref.actor.clip_ratio_high"] == "0.0004"
     assert "actor_rollout_ref.actor.policy_loss._target_" not in d
+    cfg["verl"] = {"builtin_losses": False}
+    d = dict(o.lstrip("+").split("=", 1) for o in tv.build_overrides(cfg, "qwen3-14b", "gspo", 0, tmp_path))
+    assert d["actor_rollout_ref.actor.policy_loss.loss_mode"] == "ctpo_gspo"
+    assert d["actor_rollout_ref.actor.policy_loss.clip_high"] == "0.0004"
 
 
 def test_unknown_settings_are_errors_naming_them(tmp_path):
@@ -105,7 +109,7 @@ def test_dry_run_prints_the_command(tmp_path, capsys):
 
 def test_metric_names_map_to_the_study_namespaces():
     assert tv.ours_metric_key("actor/clip/frac") == "clip/frac"
-    assert tv.ours_metric_key("actor/diag/count_00") == "diag/count_00"
+    assert tv.ours_metric_key("actor/diag/pos/b003/count") == "diag/pos/b003/count"
     assert tv.ours_metric_key("critic/score/mean") == "train/reward_mean"
     assert tv.ours_metric_key("timing_s/gen") == "time/gen"
     assert tv.ours_metric_key("perf/mfu") == "verl/perf/mfu"
@@ -131,6 +135,7 @@ def test_overrides_compose_and_validate_with_verl(model, method, tmp_path):
 
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
     loss_mode = tv.VERL_LOSS[paper_config()["methods"][method]["method"]]
+    assert cfg.actor_rollout_ref.actor.policy_loss.loss_mode == loss_mode
     assert actor.policy_loss.loss_mode == loss_mode
     assert loss_mode in core_algos.POLICY_LOSS_REGISTRY
     if loss_mode in tv.PLUGIN_METHODS:

@@ -50,6 +50,7 @@ def loss_and_grad(fn, old, new, adv, mask, *args, **kwargs):
 def test_plugin_losses_are_registered():
     for name in plugin.PLUGIN_LOSSES:
         assert core_algos.get_policy_loss_fn(name) is core_algos.POLICY_LOSS_REGISTRY[name]
+    assert core_algos.POLICY_LOSS_REGISTRY["gspo"] is core_algos.compute_policy_loss_gspo  # VERL's own untouched
 
 
 @pytest.mark.parametrize("method", ["ctpo", "ctpo_fixed", "seq"])
@@ -122,6 +123,30 @@ def test_verl_builtin_losses_agree_with_ctpo_losses(verl_name, core_name, clip, 
     torch.testing.assert_close(g_v, g_c, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(torch.tensor(m_v["actor/ppo_kl"]), torch.tensor(m_c["ratio/approx_kl"]))
     assert 0.0 < m_c["clip/frac"] < 1.0  # the test exercises clipping
+
+
+def test_position_diagnostics_survive_verl_metric_averaging():
+    """Two micro-batches' diag scalars, averaged as VERL does, rebuild the full batch's std and clip rates."""
+    import numpy as np
+
+    from ctpo.diagnostics import PositionStats
+
+    old, new, adv, mask = batch(6, b=8, t=60, noise=0.2)
+    fn = core_algos.get_policy_loss_fn("ctpo")
+    cfg = actor_config("ctpo")
+    parts = [fn(old[r], new[r], adv[r], mask[r], "token-mean", cfg)[1] for r in (slice(0, 4), slice(4, 8))]
+    diag = [k for k in parts[0] if k.startswith(plugin.DIAG_PREFIX)]
+    assert diag and all(k.startswith("actor/diag/pos/b") for k in diag)
+    averaged = {k: (parts[0][k] + parts[1][k]) / 2 for k in diag}  # Metric(MEAN) over micro-batches
+    rebuilt = plugin.figure1_data(averaged).to_frame()
+    direct = plugin.position_stats(core.PolicyLossConfig(method="ctpo"))
+    direct.update(old, new.detach(), mask)
+    expected = direct.to_frame()
+    assert isinstance(direct, PositionStats) and len(rebuilt) == len(expected)
+    for col in expected.columns:
+        if "count" in col or "tokens" in col:
+            continue  # counts are per-micro-batch averages after VERL's mean
+        np.testing.assert_allclose(rebuilt[col].to_numpy(), expected[col].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
 def test_rollout_correction_weights_are_refused_with_a_reason():

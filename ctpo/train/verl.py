@@ -30,6 +30,7 @@ The study config's ``verl:`` section (all optional; defaults are the paper's sin
       save_freq: 20                  # train.checkpoint_every wins when set
       val_n: 8                       # samples per problem of the in-training eval (train.eval_every, Figure 2)
       val_temperature: 0.7
+      builtin_losses: true           # grpo/gspo on VERL's vanilla/gspo; false: the plug-in's ctpo_grpo/ctpo_gspo
       strategy: fsdp2
       env: {}                        # extra env vars for every Ray worker
       overrides: []                  # raw Hydra overrides appended last (escape hatch)
@@ -57,8 +58,10 @@ AGENT_LOOP_CONFIG = PACKAGE_DIR / "agent_loop.yaml"
 PLUGIN_MODULE = "ctpo.backends.verl"
 POLICY_LOSS_TARGET = "ctpo.backends.verl.config.CTPOPolicyLossConfig"
 
-# ctpo method name -> VERL policy_loss.loss_mode
+# ctpo method name -> VERL policy_loss.loss_mode (verl.builtin_losses: false swaps vanilla/gspo for the
+# plug-in's ctpo_grpo/ctpo_gspo: same numbers, plus the per-position diagnostics)
 VERL_LOSS = {"grpo": "vanilla", "gspo": "gspo", "ctpo": "ctpo", "ctpo_fixed": "ctpo_fixed", "seq": "seq"}
+PLUGIN_LOSS = {"grpo": "ctpo_grpo", "gspo": "ctpo_gspo", "ctpo": "ctpo", "ctpo_fixed": "ctpo_fixed", "seq": "seq"}
 PLUGIN_METHODS = ("ctpo", "ctpo_fixed", "seq")
 
 VERL_DEFAULTS: dict[str, Any] = {
@@ -76,6 +79,7 @@ VERL_DEFAULTS: dict[str, Any] = {
     "strategy": "fsdp2",
     "val_n": 8,
     "val_temperature": 0.7,
+    "builtin_losses": True,
     "env": {},
     "overrides": [],
 }
@@ -135,18 +139,19 @@ def model_path(config: dict[str, Any], model: str, base: str | Path | None = Non
                       "tiny presets train with --backend local")
 
 
-def policy_loss_overrides(config: dict[str, Any], method: str) -> list[str]:
+def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: bool = True) -> list[str]:
     """Overrides selecting the method's VERL loss and its hyper-parameters."""
     spec = section(config, "methods", method)
     name = spec.get("method", method)
     if name not in VERL_LOSS:
         raise ConfigError(f"method {method!r} (ratio design {name!r}) has no VERL loss; "
                           f"VERL runs: {sorted(VERL_LOSS)}")
+    plugin = name in PLUGIN_METHODS or not builtin_losses
     a = "actor_rollout_ref.actor"
-    out = [f"{a}.policy_loss.loss_mode={VERL_LOSS[name]}",
+    out = [f"{a}.policy_loss.loss_mode={(PLUGIN_LOSS if plugin else VERL_LOSS)[name]}",
            f"{a}.loss_agg_mode={spec.get('loss_agg_mode', 'token-mean')}"]
     params = {k: v for k, v in spec.items() if k not in ("method", "loss_agg_mode")}
-    if name in PLUGIN_METHODS:
+    if plugin:
         from ctpo import losses
 
         known = {f for f in losses.PolicyLossConfig.__dataclass_fields__} - {"method", "loss_agg_mode"}
@@ -238,7 +243,7 @@ def build_overrides(
         f"{a}.use_kl_loss=false",
         f"{a}.entropy_coeff=0",
         f"{a}.data_loader_seed={seed}",
-        *policy_loss_overrides(config, method),
+        *policy_loss_overrides(config, method, builtin_losses=bool(v["builtin_losses"])),
         # rollout: vLLM, 8 responses per prompt, behaviour log-probs recorded
         f"{r}.name=vllm",
         f"{r}.mode=async",
@@ -380,7 +385,7 @@ def merge_final(out: Path, step: int) -> None:
 def ours_metric_key(key: str) -> str:
     """VERL metric names -> the study's namespaces (train/ ratio/ clip/ diag/ time/; the rest under verl/)."""
     if key.startswith("actor/diag/"):
-        return "diag/" + key[len("actor/diag/"):]
+        return key[len("actor/"):]
     for ns in ("ratio/", "clip/"):
         if key.startswith("actor/" + ns):
             return key[len("actor/"):]

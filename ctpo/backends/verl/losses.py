@@ -26,11 +26,17 @@ from verl.trainer.ppo.core_algos import register_policy_loss
 from ctpo import losses as core
 from ctpo.backends.verl.config import core_config
 
-PLUGIN_LOSSES = ("ctpo", "ctpo_fixed", "seq")
-"""Ratio designs VERL lacks, registered under the core's method names."""
+PLUGIN_LOSSES = {"ctpo": "ctpo", "ctpo_fixed": "ctpo_fixed", "seq": "seq",
+                 "ctpo_grpo": "grpo", "ctpo_gspo": "gspo"}
+"""VERL loss name -> ``ctpo.losses`` method. The ratio designs VERL lacks keep their names; GRPO and GSPO
+normally run on VERL's own ``vanilla`` / ``gspo`` (same numbers, tested), and are also available as
+``ctpo_grpo`` / ``ctpo_gspo`` for runs that want the per-position diagnostics of this adapter."""
 
 METRIC_PREFIX = "actor/"
-DIAG_PREFIX = "actor/diag/"
+DIAG_PREFIX = "actor/diag/pos"
+DIAG_BUCKETS = {"exact_limit": 16, "spacing": "log", "per_octave": 4, "max_position": 16384}
+"""Position buckets of the in-loss diagnostics: 1..16 exact, then 4 per doubling up to 16,384
+(~60 buckets x 8 scalars per step, cheap enough to log every step)."""
 
 
 def verl_metric_key(key: str) -> str:
@@ -51,7 +57,7 @@ def _global_batch_info(config: Any) -> dict[str, Any]:
 
 
 def make_policy_loss(method: str):
-    """A VERL policy-loss function computing ``method`` with ``ctpo.losses``."""
+    """A VERL policy-loss function computing the ``ctpo.losses`` method ``method``."""
 
     def policy_loss(
         old_log_prob: torch.Tensor,
@@ -87,38 +93,36 @@ def make_policy_loss(method: str):
     return policy_loss
 
 
-def position_scalars(old_log_prob, log_prob, response_mask, advantages, cfg: core.PolicyLossConfig) -> dict[str, float]:
-    """Per-position statistics of log ρ_{1:t} for this micro-batch as flat scalars (``actor/diag/...``)."""
+def position_stats(cfg: core.PolicyLossConfig):
+    """An empty ``PositionStats`` with the adapter's buckets and ``cfg``'s clip ranges (Figure 1's two
+    rows: the fixed range and the position-adaptive range)."""
     from ctpo.diagnostics import PositionStats
 
-    stats = PositionStats()
+    r = cfg.resolved()
+    return PositionStats(**DIAG_BUCKETS, clip_low=r.clip_low, clip_high=r.clip_high, eps_low=r.eps_low,
+                         eps_high=r.eps_high, gamma=r.gamma, position=r.position)
+
+
+def position_scalars(old_log_prob, log_prob, response_mask, advantages, cfg: core.PolicyLossConfig) -> dict[str, float]:
+    """Per-position statistics of log ρ_{1:t} for this micro-batch as additive scalars
+    (``actor/diag/pos/bNNN/{count,sum,sumsq,tsum,fixed_low,...}``, see ``ctpo.diagnostics``)."""
+    stats = position_stats(cfg)
     with torch.no_grad():
-        stats.update(old_log_prob.detach(), log_prob.detach(), response_mask, **_diag_kwargs(stats, advantages, cfg))
-    return {DIAG_PREFIX + k: v for k, v in stats.to_scalars().items()}
+        stats.update(old_log_prob.detach(), log_prob.detach(), response_mask)
+    return stats.to_scalars(DIAG_PREFIX)
 
 
-def _diag_kwargs(stats, advantages, cfg) -> dict[str, Any]:
-    import inspect
+def figure1_data(metrics: dict[str, Any], prefix: str = DIAG_PREFIX):
+    """Logged metrics of one step -> ``PositionStats`` (Figure-1 data: ``.to_frame()``, ``.fit_sqrt()``).
 
-    params = inspect.signature(stats.update).parameters
-    kw: dict[str, Any] = {}
-    if "advantages" in params:
-        kw["advantages"] = advantages
-    if "cfg" in params:
-        kw["cfg"] = cfg
-    return kw
-
-
-def figure1_data(metrics: dict[str, Any]):
-    """Logged VERL metrics of one step (or their mean over steps) -> ``PositionStats`` (Figure-1 data).
-
-    Accepts keys with or without the ``actor/diag/`` prefix; other keys are ignored.
+    VERL averaged each scalar over micro-batches and ranks, so counts are per-micro-batch averages;
+    means, stds and clip rates are exact. ``prefix`` is ``diag/pos`` for rows of ``RUN/metrics.jsonl``.
     """
     from ctpo.diagnostics import PositionStats
 
-    scalars = {k[len(DIAG_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(DIAG_PREFIX)}
-    return PositionStats.from_scalars(scalars)
+    return PositionStats.from_scalars({k: float(v) for k, v in metrics.items() if k.startswith(prefix)},
+                                      prefix, **DIAG_BUCKETS)
 
 
-for _name in PLUGIN_LOSSES:
-    register_policy_loss(_name)(make_policy_loss(_name))
+for _verl_name, _method in PLUGIN_LOSSES.items():
+    register_policy_loss(_verl_name)(make_policy_loss(_method))
