@@ -180,8 +180,11 @@ def _first(frame: pd.DataFrame, names: Sequence[str]) -> str | None:
 
 
 def diag_columns(frame: pd.DataFrame) -> DiagColumns:
-    position = _first(frame, ["position", "t", "pos"])
-    std = _first(frame, ["std_log_rho", "log_rho_std", "std", "cum_log_ratio_std"])
+    """Which columns of a diagnostics frame hold what. ``PositionStats.to_frame()`` writes one row per
+    position bucket: ``t_mean`` (mean position), ``count``, ``std`` of log ρ_{1:t}, and the clip rates of the
+    same tokens under the fixed range (``clip_fixed``) and the position-adaptive one (``clip_adaptive``)."""
+    position = _first(frame, ["t_mean", "position", "t"])
+    std = _first(frame, ["std", "std_log_rho"])
     if position is None or std is None:
         raise AnalysisError(
             f"diagnostics frame has no position / std-of-log-ratio column (columns: {list(frame.columns)})"
@@ -189,10 +192,10 @@ def diag_columns(frame: pd.DataFrame) -> DiagColumns:
     return DiagColumns(
         position=position,
         std=std,
-        count=_first(frame, ["count", "n", "n_tokens", "tokens"]),
-        clip=_first(frame, ["clip_rate", "clip_frac", "clipped_frac"]),
-        clip_fixed=_first(frame, ["clip_rate_fixed", "clip_frac_fixed"]),
-        clip_adaptive=_first(frame, ["clip_rate_adaptive", "clip_frac_adaptive"]),
+        count=_first(frame, ["count", "n"]),
+        clip=_first(frame, ["clip_rate", "clip_frac"]),
+        clip_fixed=_first(frame, ["clip_fixed", "clip_rate_fixed"]),
+        clip_adaptive=_first(frame, ["clip_adaptive", "clip_rate_adaptive"]),
     )
 
 
@@ -544,20 +547,23 @@ def fig1_data(config: Mapping[str, Any], diagnostics: pd.DataFrame) -> pd.DataFr
     return pd.concat(out, ignore_index=True)
 
 
-def fit_sqrt(t: np.ndarray, std: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float]:
-    """Least-squares c in std ≈ c·√t (through the origin), and R² of that fit (1 − SS_res / SS_tot)."""
+def fit_sqrt(
+    t: np.ndarray, std: np.ndarray, count: np.ndarray | None = None, min_count: int = 2
+) -> tuple[float, float]:
+    """Least-squares c in std ≈ c·√t through the origin, one point per position bucket with at least
+    ``min_count`` tokens, and R² = 1 − SS_res / SS_tot (as ``PositionStats.fit_sqrt`` computes it, so the
+    figure's legend matches the ``diag/sqrt_fit_*`` metrics the trainer logs)."""
     keep = np.isfinite(std) & np.isfinite(t) & (t > 0)
-    if weights is not None:
-        keep &= np.isfinite(weights) & (weights > 0)
-    t, y = t[keep], std[keep]
-    w = weights[keep] if weights is not None else np.ones_like(y)
+    if count is not None:
+        keep &= count >= max(min_count, 1)
+    x, y = np.sqrt(t[keep]), std[keep]
     if len(y) < 2:
         return math.nan, math.nan
-    x = np.sqrt(t)
-    c = float(np.sum(w * x * y) / np.sum(w * x * x))
-    ss_res = float(np.sum(w * (y - c * x) ** 2))
-    ss_tot = float(np.sum(w * (y - np.average(y, weights=w)) ** 2))
-    return c, (1.0 - ss_res / ss_tot) if ss_tot > 0 else math.nan
+    c = float((x * y).sum() / (x * x).sum())
+    ss_res = float(((y - c * x) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+    return c, r2
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -107,9 +107,17 @@ def pick_steps(steps: Sequence[int], n: int = 3) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fig1_sources(data: pd.DataFrame, cols: DiagColumns, adaptive: str | None, fixed: str | None):
-    """(model, adaptive-run frame, fixed-run frame or None): the model whose CTPO run has diagnostics."""
-    runs = data.groupby(["model", "method", "seed"], sort=False).size().index.tolist()
+def _fig1_sources(
+    data: pd.DataFrame, cols: DiagColumns, adaptive: str | None, fixed: str | None, models: Sequence[str]
+):
+    """(model, method, run frame, fixed-clip run frame or None) for Figure 1: the CTPO run (lowest seed) of
+    the study's first model that has one, as the paper draws Qwen3-4B's. Every diagnostics file carries
+    both rules' clip rates on the same tokens; the separate fixed-clip run is only a fallback."""
+    order = {m: i for i, m in enumerate(models)}
+    runs = sorted(
+        data.groupby(["model", "method", "seed"], sort=False).size().index.tolist(),
+        key=lambda r: (order.get(r[0], len(order)), r[0], r[2]),
+    )
     candidates = [r for r in runs if r[1] == adaptive] or runs
     # prefer a model that also has the fixed-clip ablation when the frame has no counterfactual rates
     if not (cols.clip_fixed and cols.clip_adaptive) and fixed:
@@ -134,13 +142,15 @@ def figure1(
     adaptive: str | None = "ctpo",
     fixed: str | None = "ctpo_fixed",
     methods: Sequence[str] = METHOD_ORDER,
+    models: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Figure 1 from ``fig1_data.csv``; ``methods`` (the study's, in order) fixes the colours."""
+    """Figure 1 from ``fig1_data.csv``; ``methods`` (the study's, in order) fixes the colours, ``models``
+    the preference of which model's run is drawn."""
     if data.empty:
         raise FigureError("fig1_data.csv is empty: no run wrote diagnostics (train.diag_steps)")
     plt, style_path = _pyplot(style)
     cols = diag_columns(data)
-    model, method, main, other = _fig1_sources(data, cols, adaptive, fixed)
+    model, method, main, other = _fig1_sources(data, cols, adaptive, fixed, models or [])
     steps = pick_steps(main["step"].unique())
     with plt.style.context(style_path):
         fig, axes = plt.subplots(2, len(steps), figsize=(WIDTH_IN, 4.4), squeeze=False, sharex="col")
@@ -314,6 +324,6 @@ def draw_all(
         else pd.DataFrame()
     )
     fig2 = pd.read_csv(analysis / "fig2_data.csv")
-    paths += figure1(fig1, out, style, adaptive=adaptive, fixed=fixed, methods=methods)
+    paths += figure1(fig1, out, style, adaptive=adaptive, fixed=fixed, methods=methods, models=models)
     paths += figure2(fig2, out, style, methods=methods, models=models)
     return paths

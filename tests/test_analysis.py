@@ -24,7 +24,10 @@ CONFIG = {
     "seeds": [0, 1],
     "data": {
         "train": {"source": "arith", "split": "train", "n": 8},
-        "benchmarks": {"b1": {"source": "arith", "split": "easy"}, "b2": {"source": "arith", "split": "hard"}},
+        "benchmarks": {
+            "b1": {"source": "arith", "split": "easy"},
+            "b2": {"source": "arith", "split": "hard"},
+        },
     },
     "models": {"m-s": {"preset": "xs"}, "m-m": {"preset": "s"}},
     "methods": {
@@ -32,7 +35,10 @@ CONFIG = {
         "ctpo": {"method": "ctpo", "clip_mode": "adaptive"},
         "ctpo_fixed": {"method": "ctpo_fixed", "clip_mode": "fixed"},
     },
-    "runs": [{"models": ["m-s", "m-m"], "methods": ["grpo", "ctpo"]}, {"models": ["m-m"], "methods": ["ctpo_fixed"]}],
+    "runs": [
+        {"models": ["m-s", "m-m"], "methods": ["grpo", "ctpo"]},
+        {"models": ["m-m"], "methods": ["ctpo_fixed"]},
+    ],
     "eval": {"backend": "hf", "k": 4},
     "train": {"backend": "local", "steps": 6, "diag_steps": [2, 4, 6]},
 }
@@ -68,13 +74,37 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
 
 
-def diag_frame(c: float, step: int, fixed: bool, positions: int = 200) -> pd.DataFrame:
-    """A diagnostics CSV in the format the trainer writes: std of log ρ_{1:t} = c·√t exactly."""
-    t = np.arange(1, positions + 1)
-    count = np.maximum(400 - t, 1)
-    std = c * np.sqrt(t) * (1 + 0.001 * step)
-    clip = np.minimum(0.2, 0.001 * t) if fixed else np.full_like(t, 0.07, dtype=float)
-    return pd.DataFrame({"position": t, "count": count, "std_log_rho": std, "clip_rate": clip})
+def diag_frame(c: float, step: int, positions: int = 200) -> pd.DataFrame:
+    """A diagnostics CSV with the columns of ``PositionStats.to_frame()``: std of log ρ_{1:t} = c·√t exactly,
+    the fixed range clipping ever more tokens with position, the adaptive one a constant 7%."""
+    t = np.arange(1, positions + 1, dtype=float)
+    fixed = np.minimum(0.2, 0.001 * t)
+    return pd.DataFrame(
+        {
+            "bucket": np.arange(positions),
+            "t_lo": t.astype(int),
+            "t_hi": t.astype(int),
+            "t_mean": t,
+            "count": np.maximum(400 - t, 1).astype(int),
+            "mean": np.zeros_like(t),
+            "std": c * np.sqrt(t) * (1 + 0.001 * step),
+            "clip_fixed": fixed,
+            "clip_fixed_low": fixed / 2,
+            "clip_fixed_high": fixed / 2,
+            "clip_adaptive": np.full_like(t, 0.07),
+            "clip_adaptive_low": np.full_like(t, 0.035),
+            "clip_adaptive_high": np.full_like(t, 0.035),
+        }
+    )
+
+
+def test_fixture_has_the_trainers_diagnostics_columns():
+    diagnostics = pytest.importorskip("ctpo.diagnostics")
+    torch = pytest.importorskip("torch")
+    stats = diagnostics.PositionStats()
+    old = torch.zeros(4, 12)
+    stats.update(old, old + 0.01 * torch.randn(4, 12), torch.ones(4, 12))
+    assert list(stats.to_frame().columns) == list(diag_frame(0.1, 1).columns)
 
 
 def make_results(root: Path, config: dict = CONFIG) -> Path:
@@ -82,26 +112,43 @@ def make_results(root: Path, config: dict = CONFIG) -> Path:
     for (model, method, seed, bench), (acc, se) in SCORES.items():
         _write_json(
             root / "eval" / model / method / f"s{seed}" / bench / "summary.json",
-            {"benchmark": bench, "model": model, "method": method, "seed": seed, "k": 4, "n_problems": 8,
-             "avg_at_k": acc, "avg_at_k_se": se, "pass_at_k": {"1": acc, "4": min(1.0, 2 * acc)},
-             "mean_length": 100.0, "mlflow_run_id": None},
+            {
+                "benchmark": bench,
+                "model": model,
+                "method": method,
+                "seed": seed,
+                "k": 4,
+                "n_problems": 8,
+                "avg_at_k": acc,
+                "avg_at_k_se": se,
+                "pass_at_k": {"1": acc, "4": min(1.0, 2 * acc)},
+                "mean_length": 100.0,
+                "mlflow_run_id": None,
+            },
         )
     for model, method, seed in {(m, x, s) for m, x, s, _ in SCORES if x != "base"}:
         run = root / "runs" / model / method / f"s{seed}"
         rows = []
         for step in range(1, 7):
-            row = {"train/step": step, "train/reward_mean": 0.1 * step,
-                   "clip/frac": CLIP_SLOPE[method] * step + 0.002 * seed,
-                   "train/response_length": 100 + 10 * step + (5 if model == "m-m" else 0), "time/step": 1.0}
+            row = {
+                "train/step": step,
+                "train/reward_mean": 0.1 * step,
+                "clip/frac": CLIP_SLOPE[method] * step + 0.002 * seed,
+                "train/response_length": 100 + 10 * step + (5 if model == "m-m" else 0),
+                "time/step": 1.0,
+            }
             if step % 2 == 0:
-                row |= {"eval/avg_at_k": 0.1 + ACC_GAIN[method] * step + 0.01 * seed, "eval/avg_at_k_se": 0.02}
+                row |= {
+                    "eval/avg_at_k": 0.1 + ACC_GAIN[method] * step + 0.01 * seed,
+                    "eval/avg_at_k_se": 0.02,
+                }
             rows.append(row)
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         for step in (2, 4, 6):
             path = run / "diagnostics" / f"step_{step:05d}.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
-            diag_frame(C_SQRT[method], step, fixed=method != "ctpo").to_csv(path, index=False)
+            diag_frame(C_SQRT[method], step).to_csv(path, index=False)
         _write_json(run / "DONE.json", {"mlflow_run_id": None, "final_step": 6, "wall_s": 1.0})
     return root
 
@@ -121,8 +168,13 @@ def test_table2_matches_hand_computed_values(results):
     t2 = analysis.table2(CONFIG, evals)
     assert t2.columns == ["b1", "b2", "Avg"]
     assert list(zip(t2.frame["model"], t2.frame["method"])) == [
-        ("m-s", "base"), ("m-s", "grpo"), ("m-s", "ctpo"),
-        ("m-m", "base"), ("m-m", "grpo"), ("m-m", "ctpo"), ("m-m", "ctpo_fixed"),
+        ("m-s", "base"),
+        ("m-s", "grpo"),
+        ("m-s", "ctpo"),
+        ("m-m", "base"),
+        ("m-m", "grpo"),
+        ("m-m", "ctpo"),
+        ("m-m", "ctpo_fixed"),
     ]
     base = _row(t2, "m-s", "base")  # one seed: the eval's own SE; Avg SE = sqrt(2² + 4²) / 2
     assert (base["b1"], base["b1_se"], base["b2"], base["b2_se"]) == pytest.approx((10, 2, 20, 4))
@@ -183,6 +235,8 @@ def test_sqrt_fit_recovers_c_and_r2():
     assert analysis.fit_sqrt(t, 0.3 * np.sqrt(t)) == pytest.approx((0.3, 1.0))
     c, r2 = analysis.fit_sqrt(t, 0.3 * np.sqrt(t) + np.random.default_rng(0).normal(0, 0.2, 100))
     assert c == pytest.approx(0.3, rel=0.05) and 0.5 < r2 < 1.0
+    count = np.where(t > 50, 1, 10)  # buckets with fewer than 2 tokens are left out
+    assert analysis.fit_sqrt(t, np.where(t > 50, 99.0, 0.3 * np.sqrt(t)), count) == pytest.approx((0.3, 1.0))
 
 
 def test_figure_data_and_figures(results, tmp_path):
@@ -190,7 +244,9 @@ def test_figure_data_and_figures(results, tmp_path):
     result = analysis.analyze(CONFIG, results, out)
     assert result["missing"] == []
     fig1 = pd.read_csv(out / "fig1_data.csv")
-    ctpo = fig1[(fig1["model"] == "m-m") & (fig1["method"] == "ctpo") & (fig1["seed"] == 0) & (fig1["step"] == 2)]
+    ctpo = fig1[
+        (fig1["model"] == "m-m") & (fig1["method"] == "ctpo") & (fig1["seed"] == 0) & (fig1["step"] == 2)
+    ]
     assert ctpo["sqrt_fit_c"].iloc[0] == pytest.approx(0.10 * 1.002)
     assert ctpo["sqrt_fit_r2"].iloc[0] == pytest.approx(1.0)
     fig2 = pd.read_csv(out / "fig2_data.csv")
@@ -219,8 +275,10 @@ def test_analyze_and_figures_commands_log_one_analysis_run(results, tmp_path):
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     out, figs = results / "analysis", results / "figures"
-    for argv in (["analyze", "--config", str(cfg_path), "--results", str(results), "--out", str(out)],
-                 ["figures", "--analysis", str(out), "--out", str(figs), "--config", str(cfg_path)]):
+    for argv in (
+        ["analyze", "--config", str(cfg_path), "--results", str(results), "--out", str(out)],
+        ["figures", "--analysis", str(out), "--out", str(figs), "--config", str(cfg_path)],
+    ):
         proc = subprocess.run([sys.executable, "-m", "ctpo", *argv], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     runs = tracking.find_runs(config, "tags.`ctpo.kind` = 'analysis'")
