@@ -20,7 +20,15 @@ from ctpo.reward import Grader, compute_score, extract_answer, integer_form, str
 
 @pytest.fixture(scope="module")
 def grader():
-    with Grader(workers=2, timeout_s=1.0, grace_s=1.0) as g:
+    """For verdicts: a limit generous enough for a loaded 2-core machine."""
+    with Grader(workers=2, timeout_s=10.0) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def strict():
+    """For pathological inputs: a short limit, so the tests stay quick."""
+    with Grader(workers=1, timeout_s=1.0, grace_s=1.0) as g:
         yield g
 
 
@@ -198,20 +206,20 @@ def test_100kb_garbage(grader):
     r_garbage, r_tail, r_huge = grader.grade_batch(
         [garbage, garbage + " \\boxed{17}", huge_box], ["17", "17", "17"]
     )
-    assert not r_garbage.correct
+    assert (r_garbage.correct, r_garbage.status) == (False, "no_answer")
     assert r_tail.correct and r_tail.path == "int"
     assert (r_huge.correct, r_huge.path) == (False, "too_long")
-    assert time.perf_counter() - t0 < 2 * (grader.timeout_s + grader.grace_s) + 5
+    assert time.perf_counter() - t0 < 5.0  # extraction is linear; nothing reached sympy
 
 
 @pytest.mark.parametrize("expr", ["9^{9^{9^{9}}}", "(10^{7})!", "(x+1)^{10000}"])
-def test_pathological_expressions_time_out_and_the_grader_keeps_serving(grader, expr):
+def test_pathological_expressions_time_out_and_the_grader_keeps_serving(strict, expr):
     t0 = time.perf_counter()
-    (r,) = grader.grade_batch([boxed(expr)], ["\\frac{1}{3}"])
+    (r,) = strict.grade_batch([boxed(expr)], ["\\frac{1}{3}"])
     elapsed = time.perf_counter() - t0
     assert (r.correct, r.status) == (False, "timeout")
-    assert elapsed < grader.timeout_s + grader.grace_s + 3.0
-    assert grader.grade(boxed("0.5"), "\\frac12").correct
+    assert elapsed < strict.timeout_s + strict.grace_s + 3.0
+    assert strict.grade(boxed("2"), "2").correct
 
 
 def test_outer_limit_kills_a_stuck_worker():
