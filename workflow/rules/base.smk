@@ -1,5 +1,5 @@
-# The Base checkpoint of the tables: supervised warm-up of the tiny models on TIR demonstrations, or, for a
-# pretrained model without an `sft` block, whatever `ctpo sft` records for it (see its --help).
+# The Base checkpoint of the tables for tiny models: supervised warm-up on TIR demonstrations. A Hugging Face
+# model (`path:` in the config, e.g. Qwen/Qwen3-4B) is its own Base checkpoint and has no job here.
 
 
 rule base:

@@ -62,6 +62,20 @@ wildcard_constraints:
     dataset=r"[^/]+",
 
 
+def is_tiny(model):
+    """Tiny presets are warmed up by `ctpo sft` into R/base/{model}; a Hugging Face model is its own Base."""
+    return "preset" in section("models", model)
+
+
+def base_path(model):
+    return f"{R}/base/{model}" if is_tiny(model) else section("models", model)["path"]
+
+
+def base_inputs(wildcards):
+    """The Base checkpoint's marker as an input (tiny models), or nothing (a hub / local HF model)."""
+    return [f"{R}/base/{wildcards.model}/sft_summary.json"] if is_tiny(wildcards.model) else []
+
+
 def run_dir(model, method, seed):
     return f"{R}/runs/{model}/{method}/s{seed}"
 

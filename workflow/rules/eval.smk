@@ -27,14 +27,14 @@ rule eval_run:
 
 rule eval_base:
     input:
-        base=f"{R}/base/{{model}}/sft_summary.json",
+        base=base_inputs,
         data=f"{R}/data/{{benchmark}}.jsonl",
         store=STORE,
     output:
         f"{R}/eval/{{model}}/base/s{{seed}}/{{benchmark}}/summary.json",
     params:
         config=RESOLVED,
-        base=f"{R}/base/{{model}}",
+        base=lambda w: base_path(w.model),
         out=f"{R}/eval/{{model}}/base/s{{seed}}/{{benchmark}}",
         cfg=lambda w: digest(section("eval"), section("tir"), section("sandbox")),
     log:

@@ -8,14 +8,14 @@
 
 rule train:
     input:
-        base=f"{R}/base/{{model}}/sft_summary.json",
+        base=base_inputs,
         data=f"{R}/data/train.jsonl",
         store=STORE,
     output:
         f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json",
     params:
         config=RESOLVED,
-        base=f"{R}/base/{{model}}",
+        base=lambda w: base_path(w.model),
         out=f"{R}/runs/{{model}}/{{method}}/s{{seed}}",
         cfg=lambda w: digest(
             section("models", w.model), section("methods", w.method), section("train"),
