@@ -17,17 +17,19 @@ Pipeline for one (solution, gold) pair, see ``Grader.grade_batch``:
 
 Why a process pool with an outer wall-clock limit (math-verify 0.9.0,
 ``site-packages/math_verify/utils.py::timeout``): its timeouts install a SIGALRM handler and
-call ``signal.alarm``. Off the main thread ``signal.signal`` raises ValueError, which
-``parse``/``verify`` re-raise (``parser.py::parse``, ``grader.py::verify``'s wrapper) — and a
-reward loop that catches exceptions per item turns that into a silent 0; with
+call ``signal.alarm``. Off the main thread ``signal.signal`` raises ValueError. ``parse`` and
+``verify``'s per-pair wrapper (``parser.py::parse``, ``grader.py::verify``) re-raise it only when
+the message is exactly CPython 3.11's "signal only works in main thread of the main
+interpreter"; any other ValueError is swallowed into ``[]`` / ``False`` — a silent 0 — and so is
+the re-raised one wherever a reward loop catches exceptions per item. With
 ``parsing_timeout=None`` there is no limit at all. ``alarm`` also takes whole seconds, replaces
 (and on exit cancels) any alarm the host process had set, and a Python signal handler cannot
 interrupt work stuck inside C code. So each item runs in a worker process's main thread under
-our own ``setitimer`` limit (math-verify's own alarms disabled, they would cancel ours), and the
+our own ``setitimer`` limit (math-verify's own alarms disabled: they would cancel ours), and the
 parent SIGKILLs a worker that overruns ``timeout_s`` plus a grace period and starts a new one.
 
 Public: ``compute_score`` (plain and VERL signatures, one function), ``extract_answer``,
-``Grader``, ``GradeResult``.
+``Grader``, ``GradeResult``, ``default_grader``.
 """
 
 from __future__ import annotations
@@ -286,7 +288,8 @@ class Grader:
         self.grace_s = float(grace_s)
         self.stats: Counter[str] = Counter()
         self._pool: list[_Worker] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one batch at a time drives the pool
+        self._stats_lock = threading.Lock()
 
     def __enter__(self) -> Grader:
         return self
@@ -307,7 +310,11 @@ class Grader:
         return self.grade_batch([solution], [gold])[0]
 
     def grade_batch(self, solutions: list[str], golds: list[str]) -> list[GradeResult]:
-        """Grade ``solutions[i]`` against ``golds[i]``; the order of results follows the input."""
+        """Grade ``solutions[i]`` against ``golds[i]``; the order of results follows the input.
+
+        Thread-safe: extraction and the integer path run in the calling thread; batches that need
+        math-verify take turns on the pool.
+        """
         if len(solutions) != len(golds):
             raise ValueError(f"grade_batch got {len(solutions)} solutions but {len(golds)} golds")
         results: list[GradeResult | None] = [None] * len(solutions)
@@ -336,9 +343,10 @@ class Grader:
             for (i, pred, _), (correct, status, detail) in zip(general, verdicts):
                 results[i] = GradeResult(correct, pred, status, "math_verify", detail)
         out = [r for r in results if r is not None]
-        for r in out:
-            self.stats[r.status] += 1
-            self.stats[f"path/{r.path}"] += 1
+        with self._stats_lock:
+            for r in out:
+                self.stats[r.status] += 1
+                self.stats[f"path/{r.path}"] += 1
         return out
 
     # -- the pool -------------------------------------------------------------------------------
@@ -403,7 +411,8 @@ _default: Grader | None = None
 _default_lock = threading.Lock()
 
 
-def _default_grader() -> Grader:
+def default_grader() -> Grader:
+    """The process-wide ``Grader(workers=1, timeout_s=5)`` behind ``compute_score`` (its ``stats`` count every call)."""
     global _default
     with _default_lock:
         if _default is None:
@@ -423,8 +432,9 @@ def compute_score(*args: Any, **kwargs: Any) -> float:
       ``ground_truth=`` keywords, as VERL's reward managers call it). ``data_source``,
       ``extra_info`` and other keywords are accepted and ignored: every source is graded alike.
 
-    Integer answers are graded in the caller; others go to a shared one-worker ``Grader``
-    (thread-safe). For many items use ``Grader.grade_batch``, which grades in parallel.
+    Served by a process-wide ``Grader(workers=1)`` (thread-safe; integer and missing answers never
+    reach its worker, which starts on first need). Its ``stats`` count every call, ``no_answer``
+    included. For many items use ``Grader.grade_batch``, which grades in parallel.
     """
     if "solution_str" in kwargs or "ground_truth" in kwargs:
         names = ["data_source", "solution_str", "ground_truth", "extra_info"]
@@ -442,9 +452,4 @@ def compute_score(*args: Any, **kwargs: Any) -> float:
             "compute_score(solution_str, ground_truth) or "
             "compute_score(data_source, solution_str, ground_truth, extra_info=None)"
         )
-    pred = extract_answer(solution or "")
-    if pred is not None:
-        p_int, g_int = integer_form(pred), integer_form(_gold_text(gold))
-        if p_int is not None and g_int is not None:
-            return 1.0 if p_int == g_int else 0.0
-    return _default_grader().grade(solution, str(gold)).reward
+    return default_grader().grade(str(solution or ""), str(gold)).reward

@@ -15,7 +15,14 @@ import time
 
 import pytest
 
-from ctpo.reward import Grader, compute_score, extract_answer, integer_form, strip_tool_blocks
+from ctpo.reward import (
+    Grader,
+    compute_score,
+    default_grader,
+    extract_answer,
+    integer_form,
+    strip_tool_blocks,
+)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +265,9 @@ def test_batch_order_and_length_check(grader):
 def test_compute_score_signatures():
     assert compute_score(boxed("42"), "42") == 1.0
     assert compute_score(boxed("41"), "42") == 0.0
+    missing = default_grader().stats["no_answer"]
     assert compute_score("no box", "42") == 0.0
+    assert default_grader().stats["no_answer"] == missing + 1  # missing answers are counted
     # VERL: positional and keyword calls, extra_info and unknown keywords accepted
     assert compute_score("deepscaler", boxed("\\dfrac{1}{2}"), "\\frac12") == 1.0
     assert compute_score("aime", boxed("7"), "007", {"split": "test"}) == 1.0
