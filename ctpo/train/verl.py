@@ -184,13 +184,21 @@ def build_overrides(
     *,
     base: str | Path | None = None,
     env: dict[str, str] | None = None,
+    nnodes: int | None = None,
+    n_gpus_per_node: int | None = None,
+    max_steps: int | None = None,
 ) -> list[str]:
     """Hydra overrides of ``verl/trainer/config/ppo_trainer.yaml`` for one (model, method, seed) cell.
 
     ``out`` is the run folder (checkpoints under ``out/checkpoints``); ``env`` is forwarded to every Ray
-    worker on top of the plug-in's own variables.
+    worker on top of the plug-in's own variables; ``nnodes`` / ``n_gpus_per_node`` override the config
+    (the SLURM launcher passes the allocation's shape); ``max_steps`` caps training (smoke runs).
     """
     v = verl_settings(config, model)
+    if nnodes:
+        v["nnodes"] = int(nnodes)
+    if n_gpus_per_node:
+        v["n_gpus_per_node"] = int(n_gpus_per_node)
     train = {**TRAIN_DEFAULTS, **(config.get("train") or {})}
     tir = dict(config.get("tir") or {})
     max_turns = int(tir.get("max_turns", 5))
@@ -284,7 +292,7 @@ def build_overrides(
         f"trainer.val_before_train={hydra_value(eval_every > 0)}",
         f"trainer.total_epochs={int(v['total_epochs'])}",
     ]
-    steps = v["total_training_steps"] or train["steps"]
+    steps = max_steps or v["total_training_steps"] or train["steps"]
     if steps:
         ov.append(f"trainer.total_training_steps={int(steps)}")
     ov += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(x)}" for k, x in sorted(workers_env.items())]
@@ -318,15 +326,16 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
 
     out = Path(args.out)
     seed = int(args.seed)
-    dry_run = bool(getattr(args, "dry_run", False))
-    overrides = build_overrides(config, args.model, args.method, seed, out, base=args.base)
+    # ctpo/backends/verl/ray_slurm.sh exports the allocation's shape; otherwise the config's verl section
+    shape = {"nnodes": os.environ.get("CTPO_VERL_NNODES"), "n_gpus_per_node": os.environ.get("CTPO_VERL_GPUS_PER_NODE")}
     max_steps = getattr(args, "max_steps", None)
-    if max_steps:
-        overrides.append(f"trainer.total_training_steps={int(max_steps)}")
-    if dry_run:
-        env = {"MLFLOW_RUN_ID": "<created at launch>"}
-        overrides = build_overrides(config, args.model, args.method, seed, out, base=args.base, env=env)
-        print(shlex.join(command(overrides)))
+
+    def overrides_for(env: dict[str, str]) -> list[str]:
+        return build_overrides(config, args.model, args.method, seed, out, base=args.base, env=env,
+                               max_steps=max_steps, **shape)
+
+    if getattr(args, "dry_run", False):
+        print(shlex.join(command(overrides_for({"MLFLOW_RUN_ID": "<created at launch>"}))))
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -345,9 +354,7 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
         if run_id:
             env["MLFLOW_RUN_ID"] = run_id
             env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri(config)
-        overrides = build_overrides(config, args.model, args.method, seed, out, base=args.base, env=env)
-        if max_steps:
-            overrides.append(f"trainer.total_training_steps={int(max_steps)}")
+        overrides = overrides_for(env)
         attempt = time.strftime("%Y%m%d-%H%M%S")
         proc_env = {**os.environ, **env, "VERL_FILE_LOGGER_PATH": str(out / f"verl_metrics.{attempt}.jsonl")}
         cmd = command(overrides)
