@@ -51,6 +51,7 @@ MNT_DETACH = 2
 # --- prctl --------------------------------------------------------------------------------------
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_SECCOMP = 22
 PR_SET_NO_NEW_PRIVS = 38
@@ -277,12 +278,13 @@ def landlock_fs_rights(abi: int) -> int:
     return rights
 
 
-def landlock_restrict(abi: int, rules: list[tuple[str, int]]) -> None:
-    """Restrict this process (and its future children) to ``rules`` = [(path, rights)].
+def landlock_ruleset(abi: int, rules: list[tuple[str, int]]) -> int:
+    """Create a ruleset allowing only ``rules`` = [(path, rights)]; return its fd.
 
     Handles every filesystem right the ABI knows, TCP bind/connect (ABI >= 4: no rule, so all
     denied) and, from ABI 6, scopes signals and abstract unix sockets to the sandbox itself.
-    Paths that do not exist are skipped. Needs no_new_privs.
+    Paths that do not exist are skipped. Build it before dropping privileges (the paths are opened
+    now), enforce it with :func:`landlock_restrict_self`.
     """
     fs = landlock_fs_rights(abi)
     net = (_NET_BIND_TCP | _NET_CONNECT_TCP) if abi >= 4 else 0
@@ -304,9 +306,18 @@ def landlock_restrict(abi: int, rules: list[tuple[str, int]]) -> None:
                 _syscall(_SYS_LANDLOCK_ADD_RULE, fd, _LANDLOCK_RULE_PATH_BENEATH, rbuf, 0)
             finally:
                 os.close(pfd)
-        _syscall(_SYS_LANDLOCK_RESTRICT_SELF, fd, 0)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def landlock_restrict_self(ruleset_fd: int) -> None:
+    """Enforce a ruleset on this process and its future children (needs no_new_privs)."""
+    try:
+        _syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset_fd, 0)
+    finally:
+        os.close(ruleset_fd)
 
 
 # --- capabilities and credentials ----------------------------------------------------------------
@@ -314,15 +325,21 @@ _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}.get(_MACHINE)
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
-def drop_all_capabilities() -> None:
-    """Empty the bounding, ambient, effective, permitted and inheritable capability sets."""
+def drop_bounding_set() -> None:
+    """Empty the capability bounding set (needs CAP_SETPCAP; a no-op when already empty)."""
     cap = 0
     while True:
-        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            if ctypes.get_errno() == errno.EINVAL:
-                break  # past the last capability this kernel knows
-            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+        held = _libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0)
+        if held < 0:
+            break  # past the last capability this kernel knows
+        if held and _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"PR_CAPBSET_DROP({cap})")
         cap += 1
+
+
+def drop_all_capabilities() -> None:
+    """Empty the bounding, ambient, effective, permitted and inheritable capability sets."""
+    drop_bounding_set()
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     if _SYS_CAPSET is None:
         raise OSError(errno.ENOSYS, "capset: unknown architecture")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import resource
@@ -63,7 +64,7 @@ class Context:
 
 
 # --- zygote start-up ------------------------------------------------------------------------------
-def _preload(modules: list[str]) -> list[str]:
+def _preload(modules: list[str], warmup: str) -> list[str]:
     for var in THREAD_ENV:  # putenv only: /proc/self/environ of every execution stays empty
         os.environ[var] = "1"
     failed = []
@@ -72,6 +73,11 @@ def _preload(modules: list[str]) -> list[str]:
             __import__(name)
         except Exception as e:  # a missing optional module is reported, not fatal
             failed.append(f"{name}: {type(e).__name__}: {e}")
+    if warmup:  # the pool's own trusted code: primes lazy imports and caches once for every child
+        try:
+            exec(compile(warmup, "<sandbox-warmup>", "exec"), {"__name__": "__warmup__"})
+        except Exception as e:
+            failed.append(f"warmup: {type(e).__name__}: {e}")
     # What the child's runner uses, imported here so the child needs no file access for it.
     import atexit  # noqa: F401
     import builtins  # noqa: F401
@@ -79,6 +85,11 @@ def _preload(modules: list[str]) -> list[str]:
     import linecache  # noqa: F401
     import threading  # noqa: F401
     import types  # noqa: F401
+
+    # Move everything imported so far out of the collector's reach: a child's garbage collection
+    # then never walks (and copy-on-write faults) the template's objects.
+    gc.collect()
+    gc.freeze()
     return failed
 
 
@@ -211,7 +222,21 @@ def _harden(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, str
 
     step("uts_ns", uts_ns)
 
+    def landlock_prepare() -> None:  # paths are opened now, while they are still reachable
+        if "mount_ns" in plan:
+            rules = [("/", iso.FS_READ_ONLY), ("/tmp", -1), ("/proc", iso.FS_READ_FILE | iso.FS_READ_DIR),
+                     *((f"/dev/{d}", iso.FS_READ_FILE | iso.FS_WRITE_FILE) for d in DEV_NODES)]
+        else:
+            rules = [*((p, iso.FS_READ_ONLY) for p in ctx.ro_paths), (scratch, -1),
+                     *((f"/dev/{d}", iso.FS_READ_FILE | iso.FS_WRITE_FILE) for d in DEV_NODES)]
+        ruleset.append(iso.landlock_ruleset(ctx.landlock_abi, rules))
+
+    ruleset: list[int] = []
+    if ctx.landlock_abi:
+        step("landlock", landlock_prepare)
+
     def unique_uid() -> None:
+        iso.drop_bounding_set()  # while we still may
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
@@ -230,18 +255,9 @@ def _harden(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, str
     step("drop_caps", iso.drop_all_capabilities)
     step("no_new_privs", lambda: iso.prctl(iso.PR_SET_NO_NEW_PRIVS, 1))
     step("rlimits", lambda: iso.set_hard_limits(_limits(ctx, req)))
-
-    def landlock() -> None:
-        if "mount_ns" in plan:
-            rules = [("/", iso.FS_READ_ONLY), ("/tmp", -1), ("/proc", iso.FS_READ_FILE | iso.FS_READ_DIR),
-                     *((f"/dev/{d}", iso.FS_READ_FILE | iso.FS_WRITE_FILE) for d in DEV_NODES)]
-        else:
-            rules = [*((p, iso.FS_READ_ONLY) for p in ctx.ro_paths), (scratch, -1),
-                     *((f"/dev/{d}", iso.FS_READ_FILE | iso.FS_WRITE_FILE) for d in DEV_NODES)]
-        iso.landlock_restrict(ctx.landlock_abi, rules)
-
-    if ctx.landlock_abi:
-        step("landlock", landlock)
+    if ruleset:
+        done.discard("landlock")
+        step("landlock", lambda: iso.landlock_restrict_self(ruleset.pop()))
 
     def seccomp() -> None:
         if ctx.seccomp_prog is None:
@@ -350,11 +366,12 @@ def _kill_leftovers(ctx: Context, uid: int, pgid: int) -> None:
         if pid == 0:
             try:
                 os.setresuid(uid, uid, uid)
-                for _ in range(100):
+                for _ in range(400):  # until no process of the uid is left (zombies: until reaped)
                     try:
                         os.kill(-1, signal.SIGKILL)
                     except ProcessLookupError:
                         break
+                    time.sleep(0.005)
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
@@ -371,6 +388,7 @@ def _monitor(ctx: Context, req: dict, fds: list[int]) -> None:
     report: dict = {"event": "done", "exit_code": None, "signal": None, "timed_out": False,
                     "output_killed": False, "cancelled": False, "setup_error": None}
     scratch = "/tmp"
+    report["t_monitor"] = time.monotonic()
     try:
         if "mount_ns" not in plan:
             scratch = tempfile.mkdtemp(prefix="ctpo-sandbox-", dir=ctx.cfg.get("scratch_base") or None)
@@ -389,7 +407,9 @@ def _monitor(ctx: Context, req: dict, fds: list[int]) -> None:
         for fd in (code_r, out_w, err_w):
             os.close(fd)
         sp_c.close()
+        report["t_forked"] = time.monotonic()
         _supervise(req, pid, sp_m, ctl_r, report)
+        report["t_exited"] = time.monotonic()
         _kill_leftovers(ctx, uid, pid)
     except BaseException as e:
         report["setup_error"] = report["setup_error"] or f"monitor: {type(e).__name__}: {e}"
@@ -435,6 +455,7 @@ def _supervise(req: dict, pid: int, sp_m: socket.socket, ctl_r: int, report: dic
                     poll.unregister(sp_m.fileno())
                 elif data.startswith(b"R") and started is None:
                     started = time.monotonic()
+                    report["t_started"] = started
                     deadline = started + float(req["timeout_s"])
                 else:
                     setup_msg += data
@@ -512,7 +533,7 @@ def _startup(sock: socket.socket) -> Context:
     cfg = json.loads(sock.recv(1 << 20).decode())
     ctx = Context(cfg)
     os.chdir("/")
-    failed = _preload(list(cfg.get("preload", ())))
+    failed = _preload(list(cfg.get("preload", ())), cfg.get("warmup") or "")
     with open("/proc/self/statm") as f:
         ctx.base_vm_bytes = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     ctx.ro_paths = _python_paths()

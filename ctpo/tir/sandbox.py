@@ -93,6 +93,19 @@ STATUSES = ("ok", "error", "timeout", "memory", "killed", "output_limit")
 DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
                    "random", "statistics", "re", "string", "json", "heapq", "bisect", "operator",
                    "numpy", "sympy")
+# Run once in the zygote (trusted code, never a request's): sympy imports some modules and fills
+# caches on first use, which every forked child would otherwise redo (~0.1 s for a first solve()).
+DEFAULT_WARMUP = """
+import sympy as sp
+x, y = sp.symbols('x y')
+sp.solve(x**2 - 5*x + 6, x); sp.solve([x + y - 3, x - y - 1], [x, y]); sp.factor(x**4 - 1)
+sp.simplify(sp.sin(x)**2 + sp.cos(x)**2); sp.expand((x + 1)**5); sp.diff(sp.exp(x) * x, x)
+sp.integrate(x**2, (x, 0, 1)); sp.Rational(3, 7) + sp.Rational(2, 5); sp.nsimplify(0.5); sp.isprime(97)
+sp.N(sp.pi, 20); sp.Matrix([[1, 2], [3, 4]]).det(); sp.binomial(10, 3); sp.factorint(360); sp.gcd(12, 18)
+sp.latex(sp.sqrt(x) / 2); sp.sympify('x**2 + 1')
+import numpy as np
+np.linalg.solve(np.eye(2), np.ones(2)); np.arange(10).sum()
+"""
 # Layers that make up "full" isolation, in the words ``pool.isolation.missing`` uses.
 FULL = ("user_ns", "pid_ns", "mount_ns", "net_ns", "ipc_ns", "uts_ns", "drop_caps", "no_new_privs",
         "rlimits", "landlock", "seccomp")
@@ -241,6 +254,8 @@ class SandboxPool:
         max_procs, max_file_mb, max_open_files: RLIMIT_NPROC / RLIMIT_FSIZE / RLIMIT_NOFILE.
         scratch_mb, scratch_inodes: size of the private writable ``/tmp``.
         preload: modules the zygote imports once (missing ones are listed in ``isolation``).
+        warmup: trusted code the zygote runs once after the imports to prime lazy imports and caches
+            (the default exercises common sympy/numpy calls); ``None`` to skip.
         allow_weaker_isolation: run even when the kernel does not allow full isolation (warns and
             records ``weaker_allowed`` in ``isolation``). Without it such a pool refuses to start.
         disable: isolation layers to leave out on purpose (names as in ``FULL``), to test the weaker
@@ -261,6 +276,7 @@ class SandboxPool:
         scratch_mb: int = 64,
         scratch_inodes: int = 4096,
         preload: Sequence[str] = DEFAULT_PRELOAD,
+        warmup: str | None = DEFAULT_WARMUP,
         allow_weaker_isolation: bool = False,
         disable: Iterable[str] = (),
         start_timeout_s: float = 120.0,
@@ -275,7 +291,7 @@ class SandboxPool:
         self.max_output_bytes = max_output_bytes
         self.kill_output_bytes = kill_output_bytes
         self.allow_weaker_isolation = allow_weaker_isolation
-        self._cfg = {"preload": list(preload), "disable": sorted(set(disable))}
+        self._cfg = {"preload": list(preload), "warmup": warmup or "", "disable": sorted(set(disable))}
         self._start_timeout_s = start_timeout_s
         self._lock = threading.Lock()  # guards the zygote handle and the control socket
         self._slots = threading.BoundedSemaphore(workers)
@@ -405,25 +421,27 @@ class SandboxPool:
         st_r, st_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
         req = dataclasses.asdict(lim)
+        fds = {"code": code_w, "out": out_r, "err": err_r, "status": st_r, "ctl": ctl_w}
         try:
-            with self._lock:
-                zyg = self._zygote
-                try:
-                    socket.send_fds(zyg.sock, [json.dumps(req).encode()], [code_r, out_w, err_w, st_w, ctl_r])
-                except OSError:
-                    return None
+            try:
+                with self._lock:
+                    socket.send_fds(self._zygote.sock, [json.dumps(req).encode()],
+                                    [code_r, out_w, err_w, st_w, ctl_r])
+            except OSError:
+                return None
+            finally:
+                for fd in (code_r, out_w, err_w, st_w, ctl_r):
+                    os.close(fd)
+            return self._stream(code, fds, lim, t0)
         finally:
-            for fd in (code_r, out_w, err_w, st_w, ctl_r):
-                os.close(fd)
-        try:
-            return self._stream(code, code_w, out_r, err_r, st_r, ctl_w, lim, t0)
-        finally:
-            for fd in (code_w, out_r, err_r, st_r, ctl_w):
+            for fd in fds.values():  # each closed exactly once: fd numbers are reused across threads
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _stream(self, code, code_w, out_r, err_r, st_r, ctl_w, lim: _Limits, t0: float) -> ExecResult | None:
+    def _stream(self, code: str, fds: dict[str, int], lim: _Limits, t0: float) -> ExecResult | None:
         import selectors
+
+        code_w, out_r, err_r, st_r = fds["code"], fds["out"], fds["err"], fds["status"]
 
         # The code goes straight to the child's stdin (never through the zygote). A write blocks
         # until the child reads, which it does as soon as it is hardened; it exits on a broken pipe.
@@ -433,7 +451,7 @@ class SandboxPool:
             while view:
                 n = os.write(code_w, view[: 1 << 16])
                 view = view[n:]
-        os.close(code_w)
+        os.close(fds.pop("code"))
         out, err = _Capture(self.max_output_bytes), _Capture(self.max_output_bytes)
         status_buf = b""
         sel = selectors.DefaultSelector()
@@ -447,8 +465,7 @@ class SandboxPool:
             left = backstop - time.monotonic()
             if left <= 0:
                 log.error("sandbox: no report from the monitor %.0fs past the deadline; cancelling", 30.0)
-                with contextlib.suppress(OSError):
-                    os.close(ctl_w)
+                os.close(fds.pop("ctl"))
                 break
             for key, _ in sel.select(timeout=min(left, 1.0)):
                 try:
@@ -466,7 +483,7 @@ class SandboxPool:
                 if not output_killed and out.total + err.total > self.kill_output_bytes:
                     output_killed = True
                     with contextlib.suppress(OSError):
-                        os.write(ctl_w, b"O")
+                        os.write(fds["ctl"], b"O")
         sel.close()
         reports = [json.loads(line) for line in status_buf.decode("utf-8", "replace").splitlines() if line.strip()]
         report = reports[-1] if reports else None
@@ -475,6 +492,9 @@ class SandboxPool:
             if not self._zygote.alive():
                 return None  # the zygote died before forking the monitor: retry on a new one
             report = {"exit_code": None, "signal": signal.SIGKILL, "setup_error": "the monitor died"}
+        if os.environ.get("CTPO_SANDBOX_DEBUG_TIMING"):
+            log.warning("timing %s", {k: round((v - t0) * 1e3, 1) for k, v in report.items() if k.startswith("t_")}
+                        | {"end": round(duration * 1e3, 1)})
         return _result(report, out, err, duration, output_killed)
 
 
