@@ -251,8 +251,13 @@ def observation_body(result: ExecResultLike, cfg: TIRConfig) -> str:
 
 
 def format_observation(result: ExecResultLike, cfg: TIRConfig) -> str:
-    """The observation appended after a code turn: ``OBS_OPEN + body + OBS_CLOSE``."""
-    return OBS_OPEN + observation_body(result, cfg) + OBS_CLOSE
+    """The observation appended after a code turn: ``OBS_OPEN + body + OBS_CLOSE``.
+
+    Fences printed by the code are defused (three backticks become three quotes): otherwise the
+    code could close the observation block early, and text it printed after the fence (a
+    ``\\boxed{}``, a python block) would read as the model's own words to any parser.
+    """
+    return OBS_OPEN + observation_body(result, cfg).replace("```", "'''") + OBS_CLOSE
 
 
 def is_tool_error(result: ExecResultLike) -> bool:
