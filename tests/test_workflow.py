@@ -1,0 +1,361 @@
+"""The Snakemake workflow: config schema, the DAG of every study config, resume after a kill, and one
+end-to-end smoke study (the real CLI on the smallest config, as CI runs it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ctpo.config import ConfigError, load_config, run_matrix, validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEFILE = REPO / "Snakefile"
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+HAS_SLURM_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
+
+
+def _config(name: str) -> dict:
+    return yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """Run the repository's workflow with ``workdir`` as Snakemake's working directory."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(workdir),
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake run or dry run."""
+    block = output[output.index("Job stats:") :]
+    counts = {}
+    for line in block.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        if parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def shell_commands(output: str, rule: str) -> list[str]:
+    """The shell commands of ``rule``'s jobs in a dry run's output."""
+    out = []
+    for block in output.split("\n\n"):
+        if re.search(rf"^rule {rule}:", block, re.M):
+            m = re.search(r"^Shell command: (.*)$", block, re.M)
+            if m:
+                out.append(m.group(1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny", "smoke", "paper"])
+def test_every_study_config_is_valid(name):
+    load_config(REPO / "experiments" / f"{name}.yaml")
+
+
+@pytest.mark.parametrize(
+    ("edit", "names"),
+    [
+        (lambda c: c.update(studdy="x"), ["studdy"]),
+        (lambda c: c["methods"]["ctpo"].update(gama=0.5), ["methods.ctpo", "gama"]),
+        (lambda c: c["train"].update(stpes=3), ["train", "stpes"]),
+        (lambda c: c["runs"][0].update(model=["tiny-s"]), ["runs.0", "model"]),
+        (lambda c: c.setdefault("resources", {}).update(train={"gpus": 1}), ["resources.train", "gpus"]),
+        (lambda c: c["mlflow"].update(uri="http://x"), ["mlflow", "uri"]),
+        (lambda c: c["models"]["tiny-s"].update(presett="s"), ["models.tiny-s", "presett"]),
+        (lambda c: c["eval"].update(k="many"), ["eval.k", "'many' is not of type 'integer'"]),
+        (lambda c: c.update(seeds=[-1]), ["seeds.0"]),
+        (lambda c: c["train"].update(backend="slurm"), ["train.backend", "slurm"]),
+        (lambda c: c["methods"]["ctpo"].update(clip_mode="sometimes"), ["methods.ctpo.clip_mode"]),
+        (lambda c: c["methods"].update(base={"method": "grpo"}), ["methods", "base"]),
+    ],
+)
+def test_schema_error_names_the_key(edit, names):
+    config = _config("tiny")
+    edit(config)
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, source="tiny.yaml")
+    for name in names:
+        assert name in str(info.value)
+
+
+def _schema_props(*path: str) -> set[str]:
+    node = yaml.safe_load(SCHEMA.read_text())["$defs"]
+    for key in path:
+        node = node[key]
+    return set(node["properties"])
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_schema_sections_match_the_modules_config_fields():
+    """Strict sections list exactly their module's fields: adding a field means adding it to the schema."""
+    from ctpo.losses import PolicyLossConfig
+    from ctpo.tir.protocol import TIRConfig
+    from ctpo.train.local import TrainConfig
+    from ctpo.train.sft import SFTConfig
+    from ctpo.train.verl import VERL_DEFAULTS
+
+    assert _schema_props("method") == _fields(PolicyLossConfig)
+    assert _schema_props("train") == _fields(TrainConfig) | {"backend"}
+    assert _schema_props("tir") == _fields(TIRConfig)
+    assert _schema_props("sft") == _fields(SFTConfig)
+    assert _schema_props("verl") == set(VERL_DEFAULTS)
+
+
+def test_snakemake_stops_on_a_bad_key_naming_it(tmp_path):
+    bad = _config("smoke")
+    bad["methods"]["ctpo"]["gama"] = 0.5
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = snakemake(tmp_path, "-n", "--configfile", str(path))
+    assert proc.returncode != 0
+    assert "methods.ctpo" in proc.stderr + proc.stdout and "gama" in proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The DAG of every config
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _expected_counts(config: dict) -> dict[str, int]:
+    matrix = run_matrix(config)
+    models = list(dict.fromkeys(m for m, _, _ in matrix))
+    tiny = [m for m in models if "preset" in config["models"][m]]
+    n_bench = len(config["data"]["benchmarks"])
+    counts = {
+        "mlflow_init": 1,
+        "data": 1 + n_bench,
+        "base": len(tiny),
+        "train": len(matrix),
+        "eval_run": len(matrix) * n_bench,
+        "eval_base": len(models) * n_bench,
+        "analyze": 1,
+        "figures": 1,
+        "all": 1,
+    }
+    if (config.get("workflow") or {}).get("lab", True):
+        counts["lab"] = 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def _dry_run(tmp_path, name, *extra):
+    args = ["-n"] if name == "tiny" else ["-n", "--configfile", str(REPO / "experiments" / f"{name}.yaml")]
+    proc = snakemake(tmp_path, *args, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny", "smoke", "paper"])
+def test_dry_run_schedules_the_whole_matrix(tmp_path, name):
+    out = _dry_run(tmp_path, name)
+    config = _config(name)
+    assert job_counts(out) == _expected_counts(config)
+    train = shell_commands(out, "train")
+    results = config["results_dir"]
+    for model, method, seed in run_matrix(config):
+        cmd = next(c for c in train if f"--model {model} --method {method} --seed {seed} " in c)
+        assert cmd.startswith(f"ctpo train --config {results}/config.resolved.yaml ")
+        assert f"--out {results}/runs/{model}/{method}/s{seed} " in cmd and "--threads " in cmd
+    evals = shell_commands(out, "eval_run")
+    assert all(" --run " in c and "/final " in c for c in evals)
+    assert (tmp_path / results / "config.resolved.yaml").is_file()  # every step reads the resolved copy
+
+
+def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
+    out = _dry_run(tmp_path, "paper")
+    blocks = [b for b in out.split("\n\n") if re.search(r"^rule train:", b, re.M)]
+    assert len(blocks) == 7
+    assert all(re.search(r"resources: .*gpu=8", b) for b in blocks)
+    train = shell_commands(out, "train")
+    assert any("--model qwen3-14b --method ctpo_fixed" in c and "--base Qwen/Qwen3-14B" in c for c in train)
+    assert not any("qwen3-4b --method ctpo_fixed" in c for c in train)  # the ablation is 14B only
+    data = shell_commands(out, "data")
+    assert all("--parquet " in c for c in data)  # VERL reads parquet
+    resolved = yaml.safe_load((tmp_path / "results/paper/config.resolved.yaml").read_text())
+    assert resolved["train"]["backend"] == "verl" and resolved["eval"] == {"backend": "vllm", "k": 32}
+
+
+@pytest.mark.skipif(
+    not HAS_SLURM_PLUGIN, reason="pip install snakemake-executor-plugin-slurm (the gpu extra)"
+)
+@pytest.mark.parametrize("name", ["paper", "tiny"])
+def test_dry_run_with_the_slurm_profile(tmp_path, name):
+    out = _dry_run(tmp_path, name, "--profile", str(REPO / "profiles" / "slurm"))
+    assert "Using profile" in out and job_counts(out) == _expected_counts(_config(name))
+
+
+def test_default_profile_is_picked_up_without_a_flag(tmp_path):
+    out = _dry_run(tmp_path, "smoke")
+    assert "workflow specific profile" in out and "profiles/default" in out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: the smoke study (CI), then what a rerun does
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _run_smoke(workdir: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return snakemake(
+        workdir, "--cores", "2", "--configfile", str(REPO / "experiments/smoke.yaml"), *extra, timeout=timeout
+    )
+
+
+def test_smoke_study_end_to_end(tmp_path):
+    """The whole workflow on the smoke config: tables, figures, and a populated, linked MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    from ctpo import tracking
+
+    t0 = time.perf_counter()
+    proc = _run_smoke(tmp_path)
+    wall = time.perf_counter() - t0
+    logs = "\n".join(
+        f"== {p}\n{p.read_text()[-2000:]}" for p in sorted((tmp_path / "results").rglob("*.log"))
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:] + logs
+    print(f"smoke study: {wall:.0f} s")
+
+    results = tmp_path / "results" / "smoke"
+    config = load_config(results / "config.resolved.yaml")
+    analysis = results / "analysis"
+    for name in ("table2", "table3"):
+        for ext in ("csv", "md", "tex", "html"):
+            assert (analysis / f"{name}.{ext}").stat().st_size > 0
+    table2 = (analysis / "table2.md").read_text()
+    assert "| tiny-xs | Base |" in table2 and "CTPO" in table2 and "±" in table2
+    assert "CTPO (adaptive clip)" in (analysis / "table3.md").read_text()
+    for fig in ("fig1", "fig2"):
+        for ext in ("png", "pdf"):
+            assert (results / "figures" / f"{fig}.{ext}").stat().st_size > 5000
+
+    matrix = run_matrix(config)
+    runs = tracking.find_runs({**config, "results_dir": str(results)})
+    kinds = [r.data.tags.get("ctpo.kind") for r in runs]
+    n_bench = len(config["data"]["benchmarks"])
+    assert kinds.count("train") == len(matrix)
+    assert kinds.count("eval") == (len(matrix) + 1) * n_bench
+    assert kinds.count("analysis") == 1
+    assert all(r.info.status == "FINISHED" for r in runs)
+    train_ids = {r.info.run_id for r in runs if r.data.tags.get("ctpo.kind") == "train"}
+    linked = [
+        r for r in runs if r.data.tags.get("ctpo.kind") == "eval" and r.data.tags.get("ctpo.train_run_id")
+    ]
+    assert (
+        len(linked) == len(matrix) * n_bench
+        and {r.data.tags["ctpo.train_run_id"] for r in linked} == train_ids
+    )
+    for run in runs:
+        if run.data.tags.get("ctpo.kind") == "train":
+            done = json.loads(
+                (
+                    results
+                    / "runs"
+                    / run.data.tags["model"]
+                    / run.data.tags["method"]
+                    / f"s{run.data.tags['seed']}"
+                    / "DONE.json"
+                ).read_text()
+            )
+            assert done["mlflow_run_id"] == run.info.run_id
+    analysis_run = next(r for r in runs if r.data.tags.get("ctpo.kind") == "analysis")
+    client = MlflowClient(tracking.store_info({**config, "results_dir": str(results)})["tracking_uri"])
+    arts = {
+        a.path for d in ("analysis", "figures") for a in client.list_artifacts(analysis_run.info.run_id, d)
+    }
+    assert {"analysis/table2.md", "figures/fig1.png", "figures/fig2.png"} <= arts
+
+    # Nothing to do on a rerun; a restyled figure redraws the figures and nothing else; a changed eval
+    # setting re-evaluates without retraining.
+    again = _run_smoke(tmp_path, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    style = REPO / "figures" / "style.mplstyle"
+    stat = style.stat()
+    try:
+        os.utime(style, (stat.st_atime, time.time() + 5))
+        out = _run_smoke(tmp_path, "-n")
+    finally:
+        os.utime(style, (stat.st_atime, stat.st_mtime))
+    assert job_counts(out.stdout + out.stderr) == {"figures": 1, "all": 1}
+    out = _run_smoke(tmp_path, "-n", "--config", f"eval={{'backend': 'hf', 'k': {config['eval']['k'] + 1}}}")
+    counts = job_counts(out.stdout + out.stderr)
+    assert "train" not in counts and "base" not in counts and "data" not in counts
+    assert counts["eval_run"] == len(matrix) * n_bench and counts["analyze"] == 1
+
+    # The HTML report with the figures and tables
+    report = tmp_path / "report.html"
+    proc = _run_smoke(tmp_path, "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report.stat().st_size > 10000
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_with_rerun_incomplete(tmp_path):
+    """SIGKILL the whole Snakemake process group mid-training; the rerun resumes from the checkpoint."""
+    config = _config("smoke")
+    config["results_dir"] = "results/resume"
+    config["train"].update(steps=6, checkpoint_every=2)
+    cfg = tmp_path / "resume.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    run = tmp_path / "results/resume/runs/tiny-xs/ctpo/s0"
+    target = str(run / "DONE.json")
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(tmp_path),
+        "--cores",
+        "2",
+        "--configfile",
+        str(cfg),
+        target,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not list((run / "checkpoints").glob("*")):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert list((run / "checkpoints").glob("*")) and not (run / "DONE.json").exists()
+
+    second = snakemake(tmp_path, "--cores", "2", "--configfile", str(cfg), target, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((run / "DONE.json").read_text())["final_step"] == 6
+    log = (tmp_path / "results/resume/logs/train/tiny-xs__ctpo__s0.log").read_text()
+    assert "resuming" in log
+    steps = [json.loads(line)["train/step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # rows after the checkpoint were dropped and redone, none twice
