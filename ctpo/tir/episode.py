@@ -141,7 +141,7 @@ class Episode:
 @dataclass
 class _State:
     ep: Episode
-    last_turn_ids: list[int] = field(default_factory=list)
+    last_turn_text: str = ""
 
     @property
     def active(self) -> bool:
@@ -240,7 +240,7 @@ def run_episodes(
             ep.response_mask += [1] * len(ids)
             if ep.behaviour_logprobs is not None:
                 ep.behaviour_logprobs = None if lps is None else ep.behaviour_logprobs + lps
-            s.last_turn_ids = ids
+            s.last_turn_text = text
             if decision.void:
                 ep.num_void_turns += 1
             if decision.action == "finish":
@@ -265,7 +265,7 @@ def run_episodes(
             ep.num_tool_calls += 1
             ep.num_tool_errors += int(is_tool_error(res))
             obs = format_observation(res, cfg)
-            if not _decode(tokenizer, s.last_turn_ids).endswith("\n"):
+            if not s.last_turn_text.endswith("\n"):
                 obs = "\n" + obs
             obs_ids = list(tokenizer.encode(obs, add_special_tokens=False))
             if len(ep.response_ids) + len(obs_ids) >= budget:
@@ -281,7 +281,7 @@ def run_episodes(
         if not ep.finish:  # every allowed turn ran code and got an observation
             ep.finish = "max_turns"
         ep.response_text = _decode(tokenizer, ep.response_ids)
-        ep.final_text = _decode(tokenizer, s.last_turn_ids)
+        ep.final_text = s.last_turn_text
     return [s.ep for s in states]
 
 
