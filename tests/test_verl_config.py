@@ -92,6 +92,12 @@ def test_unknown_settings_are_errors_naming_them(tmp_path):
     with pytest.raises(ConfigError, match="gama"):
         tv.build_overrides(cfg, "qwen3-4b", "ctpo", 0, tmp_path)
     cfg = paper_config()
+    cfg["methods"]["gspo"]["dual_clip_c"] = 3.0
+    with pytest.raises(ConfigError, match="builtin_losses: false"):
+        tv.build_overrides(cfg, "qwen3-4b", "gspo", 0, tmp_path)
+    cfg["verl"] = {"builtin_losses": False}
+    assert "+actor_rollout_ref.actor.policy_loss.dual_clip_c=3.0" in tv.build_overrides(cfg, "qwen3-4b", "gspo", 0, tmp_path)
+    cfg = paper_config()
     cfg["verl"] = {"n_gpu": 4}
     with pytest.raises(ConfigError, match="n_gpu"):
         tv.build_overrides(cfg, "qwen3-4b", "grpo", 0, tmp_path)

@@ -161,13 +161,23 @@ def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: b
         out.append(f"{a}.policy_loss._target_={POLICY_LOSS_TARGET}")
         out += [f"+{a}.policy_loss.{k}={hydra_value(v)}" for k, v in sorted(params.items())]
         return out
-    # Built-in VERL losses: the core's registered defaults, expressed in VERL's actor fields.
+    # Built-in VERL losses: the core's registered defaults, expressed in VERL's actor fields. They
+    # implement only a fixed ratio-space clip (and, for vanilla, a constant dual clip); anything else
+    # needs the plug-in's adapters.
     from ctpo import losses
 
     resolved = losses.PolicyLossConfig.from_dict({"method": name, **params}).resolved()
+    default = losses.PolicyLossConfig(method=name).resolved()
+    unsupported = [k for k in ("grad", "position", "max_log_weight", "dual_clip_eps") if getattr(resolved, k)
+                   != getattr(default, k)]
     if resolved.clip_mode != "fixed":
-        raise ConfigError(f"methods.{method}: VERL's {VERL_LOSS[name]!r} loss only clips in ratio space "
-                          f"(clip_mode: fixed), got {resolved.clip_mode!r}")
+        unsupported.append("clip_mode")
+    if name == "gspo" and resolved.dual_clip_c:
+        unsupported.append("dual_clip_c")
+    if unsupported:
+        raise ConfigError(f"methods.{method}: VERL's built-in {VERL_LOSS[name]!r} loss cannot express "
+                          f"{sorted(unsupported)}; set `verl: {{builtin_losses: false}}` to run {name} through "
+                          f"the plug-in (loss_mode ctpo_{name}), which supports every ctpo.losses option")
     out += [f"{a}.clip_ratio_low={hydra_value(resolved.clip_low)}",
             f"{a}.clip_ratio_high={hydra_value(resolved.clip_high)}"]
     if resolved.dual_clip_c:
