@@ -117,6 +117,7 @@ def _fields(cls) -> set[str]:
 
 def test_schema_sections_match_the_modules_config_fields():
     """Strict sections list exactly their module's fields: adding a field means adding it to the schema."""
+    from ctpo.lab import LabSettings
     from ctpo.losses import PolicyLossConfig
     from ctpo.tir.protocol import TIRConfig
     from ctpo.train.local import TrainConfig
@@ -128,6 +129,7 @@ def test_schema_sections_match_the_modules_config_fields():
     assert _schema_props("tir") == _fields(TIRConfig)
     assert _schema_props("sft") == _fields(SFTConfig)
     assert _schema_props("verl") == set(VERL_DEFAULTS)
+    assert _schema_props("lab") == _fields(LabSettings)
 
 
 def test_snakemake_stops_on_a_bad_key_naming_it(tmp_path):

@@ -106,7 +106,7 @@ def all_targets():
         *FIGURE_OUTPUTS,
     ]
     if lab_enabled():
-        targets.append(f"{R}/lab/DONE")
+        targets.append(f"{R}/lab/lab_summary.json")
     return targets
 
 
