@@ -20,8 +20,9 @@ if "study" not in config:
     config.clear()
     config.update(_default)
 
+_SOURCE = " + ".join(map(str, workflow.configfiles)) or "experiments/tiny.yaml"
 try:
-    validate_config(config, source="the study config")  # one line per problem, naming the key
+    validate_config(config, source=_SOURCE)  # one line per problem, naming the key
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 validate(config, SCHEMA)  # Snakemake's validator; fills the schema's defaults

@@ -4,6 +4,16 @@
 # is not a declared output (and RUN is not a directory() output), so when a job dies Snakemake deletes
 # nothing that training needs, and `snakemake --rerun-incomplete` restarts `ctpo train`, which resumes from
 # the newest checkpoint. The MLflow run id is kept in RUN/ too, so the resumed job continues the same run.
+#
+# A VERL job over several nodes (resources.train.nodes > 1) runs under ctpo/backends/verl/ray_slurm.sh,
+# which starts a Ray cluster over the SLURM allocation first; on one node VERL starts its own.
+RAY_LAUNCHER = str(REPO / "ctpo" / "backends" / "verl" / "ray_slurm.sh")
+
+
+def train_launcher():
+    nodes = int(resources_for("train").get("nodes", 1) or 1)
+    return f"{RAY_LAUNCHER} " if TRAIN_BACKEND == "verl" and nodes > 1 else ""
+
 
 
 rule train:
@@ -15,6 +25,7 @@ rule train:
         f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json",
     params:
         config=RESOLVED,
+        launcher=train_launcher(),
         base=lambda w: base_path(w.model),
         out=f"{R}/runs/{{model}}/{{method}}/s{{seed}}",
         cfg=lambda w: digest(
@@ -27,6 +38,6 @@ rule train:
     resources:
         **resources_for("train"),
     shell:
-        "ctpo train --config {params.config} --model {wildcards.model} --method {wildcards.method}"
+        "{params.launcher}ctpo train --config {params.config} --model {wildcards.model} --method {wildcards.method}"
         " --seed {wildcards.seed} --base {params.base} --out {params.out} --threads {threads} --no-progress"
         " >> {log} 2>&1"
