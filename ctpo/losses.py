@@ -152,8 +152,10 @@ def length_normalised_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def cumulative_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CTPO (§3.1): L_t = log ρ_{1:t} = Σ_{k≤t} ℓ_k (masked ℓ are 0, so tool tokens add nothing)."""
-    return log_ratio.cumsum(-1)
+    """CTPO (§3.1): L_t = log ρ_{1:t} = Σ_{k≤t} ℓ_k (masked ℓ are 0, so tool tokens add nothing).
+
+    In place: the caller hands over ℓ and does not use it afterwards (saves a (B, T) buffer)."""
+    return log_ratio.cumsum_(-1)
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,8 @@ def register_method(
     ``log_weight(log_ratio, mask)`` receives the per-token log-ratio ℓ (float32, (B, T), already 0 on
     mask-0 tokens) and the float mask, and returns the log-weight L_t (broadcastable to (B, T)). It
     must be written in torch ops: with ``grad="current"`` it runs under ``no_grad`` (only its value
-    is used); with ``grad="prefix"`` autograd differentiates it. The keyword arguments are the
+    is used); with ``grad="prefix"`` autograd differentiates it. It may overwrite ``log_ratio`` in
+    place (the caller does not reuse it) but must not modify ``mask``. The keyword arguments are the
     method's default clipping; a :class:`PolicyLossConfig` field set explicitly overrides them.
     """
     if not overwrite and name in METHODS:
@@ -426,9 +429,10 @@ def agg_loss(
 class _LossWithPrecomputedGrad(torch.autograd.Function):
     """Returns ``value``; backward hands ``grad_factor · grad_out`` to ``log_prob``.
 
-    The forward of the clipped surrogate is computed without autograd (one pass, no saved graph);
-    its exact derivative w.r.t. log π_θ(a_t) is known in closed form (Prop. 1 estimator) and is the
-    only thing kept for backward.
+    The clipped surrogate is computed without autograd (no graph over the B×T intermediates); its
+    exact derivative w.r.t. log π_θ(a_t) is known in closed form (the Prop. 1 estimator) and is the
+    only tensor kept for backward, which scales it in place and returns it (so backward allocates
+    nothing; a second backward through the same graph raises autograd's in-place error).
     """
 
     @staticmethod
@@ -440,8 +444,7 @@ class _LossWithPrecomputedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad_factor,) = ctx.saved_tensors
-        grad = grad_factor * grad_out
-        return grad.to(ctx.out_dtype), None, None
+        return grad_factor.mul_(grad_out).to(ctx.out_dtype), None, None
 
 
 def _check_inputs(old_log_prob, log_prob, advantages, response_mask) -> None:
@@ -490,80 +493,167 @@ def _side_bounds(cfg: PolicyLossConfig) -> tuple[tuple[float, float], tuple[floa
     return lower, upper, dual
 
 
-def _needs_position(cfg: PolicyLossConfig) -> bool:
-    lower, upper, dual = _side_bounds(cfg)
-    return any(b[1] != 0.0 for b in (lower, upper, dual))
-
-
 def _row_bound(pos: torch.Tensor, if_pos: tuple[float, float], if_not: tuple[float, float]):
-    """Per-row (constant, t^γ-coefficient) pair, each (B, 1) or (B, T) like ``pos``."""
+    """A bound chosen by the advantage's sign, as (constant, t^γ-coefficient or None), shaped like ``pos``."""
     const = torch.where(pos, if_pos[0], if_not[0])
     coef = torch.where(pos, if_pos[1], if_not[1]) if (if_pos[1] or if_not[1]) else None
     return const, coef
 
 
-def _bound(const: torch.Tensor, coef: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
-    if coef is None:
-        return const
-    bound = coef * scale
-    if bool((const != 0).any()):
-        bound += const
-    return bound
+def _scaled_bound(scale: torch.Tensor, const: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out ← coef·t^γ + const (``out`` may be ``scale`` itself)."""
+    torch.mul(scale, coef, out=out)
+    if bool((const != 0).any()):  # only with a constant dual clip in adaptive mode (or vice versa)
+        out.add_(const)
+    return out
 
 
-def _surrogate(old_log_prob, log_prob, advantages, response_mask, cfg: PolicyLossConfig, gbi: Mapping[str, Any]):
-    """The clipped surrogate of a resolved ``cfg``: ``(loss, state)``; ``state`` feeds :func:`_metrics`.
+def _position_scale(mask: torch.Tensor, position: str, gamma: float) -> torch.Tensor:
+    """t^γ as a fresh (B, T) float32 tensor (0 on mask-0 tokens before the first policy token)."""
+    t = mask.cumsum(-1) if position == "policy" else position_index(mask, position).expand_as(mask).clone()
+    return t.sqrt_() if gamma == 0.5 else t.pow_(gamma)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Σ_t a·b per row, (B,), using ``scratch`` for the product."""
+    return torch.mul(a, b, out=scratch).sum(-1)
+
+
+def _weight_stats(cfg, x, mask, n, scratch) -> list[torch.Tensor]:
+    """ratio/mean, ratio/max, ratio/log_mean and the quantiles of the unclipped weight w = exp(x)."""
+    cap = cfg.max_log_weight
+    denom = n.clamp(min=1.0)
+    log_mean = _row_dot(x, mask, scratch).sum() / denom
+    ratio_max = torch.sub(mask, 1.0, out=scratch).mul_(_BIG).add_(x).amax().clamp(max=cap).exp()
+    ratio_mean = _row_dot(torch.clamp(x, max=cap, out=scratch).exp_(), mask, scratch).sum() / denom
+    quantiles = []
+    if cfg.ratio_quantiles:
+        flat_x, flat_m = x.reshape(-1), mask.reshape(-1)
+        stride = max(1, math.ceil(flat_x.numel() / max(cfg.quantile_sample, 1)))
+        sample = flat_x[::stride][flat_m[::stride] > 0]
+        k = sample.numel()
+        for q in cfg.ratio_quantiles:  # linear interpolation between order statistics (= torch.quantile)
+            if k == 0:
+                quantiles.append(torch.zeros((), device=x.device))
+                continue
+            pos = q * (k - 1)
+            lo_k, frac = math.floor(pos), pos - math.floor(pos)
+            lo_v = sample.kthvalue(lo_k + 1).values
+            hi_v = sample.kthvalue(min(lo_k + 2, k)).values if frac > 0 else lo_v
+            quantiles.append((lo_v + (hi_v - lo_v) * frac).clamp(max=cap).exp())
+    return [ratio_mean, ratio_max, log_mean, *quantiles]
+
+
+def _clip_fractions(kept, below, mask, pos, neg, n) -> list[torch.Tensor]:
+    """clip/frac_low, frac_high, frac_dual, frac from masked per-token indicators (``kept``: no bound
+    binds; ``below``: pushed up to the lower bound; both already multiplied by the mask)."""
+    denom = n.clamp(min=1.0)
+    if pos.shape[-1] == 1:  # one advantage per sequence: count per row, then weight by the row's sign
+        clipped = mask.sum(-1, keepdim=True) - kept.sum(-1, keepdim=True)
+        below = below.sum(-1, keepdim=True)
+    else:  # per-token advantages
+        clipped = mask - kept
+    above = clipped - below
+    pos, neg = pos.to(mask.dtype), neg.to(mask.dtype)
+    low = (below * neg).sum() / denom
+    high = (above * pos).sum() / denom
+    dual = (above * neg).sum() / denom
+    return [low, high, dual, low + high + dual]
+
+
+def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, with_metrics=True):
+    """``grad="current"``: one no-grad pass over (B, T) computing value, gradient factor and metrics.
 
     Per token, in log space: x = L_t (the method's log-weight), y = x clamped to the sign-dependent
-    bounds (A > 0: x ≤ hi; A ≤ 0: lo ≤ x ≤ dual), loss_t = −A·exp(y) (which equals
-    max(−A·w, −A·clip(w)) and its dual-clipped form), gradient −A·exp(x)·[y = x].
+    bounds (A > 0: x ≤ hi; A ≤ 0: lo ≤ x ≤ dual; always ≤ max_log_weight), loss_t = c·(−A)·exp(y)
+    (= max(−A·w, −A·clip(w)) with the dual clip), ∂loss_t/∂log π(a_t) = c·(−A)·exp(x)·[y = x].
+    Buffers: the log-ratio / log-weight x, y, and one more (t^γ, then the unclipped indicator),
+    plus the float mask when the input mask is not float32; grpo and ctpo use the same number.
     """
     method = METHODS[cfg.method]
     f32 = torch.float32
     with torch.no_grad():
-        mask = response_mask.to(f32)
+        mask = response_mask.to(f32)  # aliases the input when already float32: never written
         adv = advantages.to(f32)
         if adv.dim() == 1:
             adv = adv.unsqueeze(-1)
-        row = _row_coefficients(mask, cfg.loss_agg_mode, **gbi)  # (B, 1): agg weight c_b
+        row_factor = -adv * _row_coefficients(mask, cfg.loss_agg_mode, **gbi)  # c_b·(−A)
+        n = mask.sum()
+        x = log_prob.detach().to(f32) - old_log_prob.to(f32)
+        x.mul_(mask)  # ℓ_t, 0 on mask-0 tokens
+        log_ratio_sum = x.sum()
+        x = method.log_weight(x, mask)  # L_t; may work in place on ℓ (ℓ is not used afterwards)
+        x = x.expand_as(mask)
+        own_x = x.is_contiguous() and x.data_ptr() != mask.data_ptr()
+        y = torch.empty_like(mask)
+        metrics = _weight_stats(cfg, x, mask, n, scratch=y) if with_metrics else []
+
         lower_b, upper_b, dual_b = _side_bounds(cfg)
         pos = adv > 0
-        # A > 0: clip from above at hi; A ≤ 0: from below at lo and from above at the dual threshold.
+        # A > 0: bounded above by hi; A ≤ 0: below by lo and above by the dual threshold.
         lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b)
         up_const, up_coef = _row_bound(pos, upper_b, dual_b)
-        up_const = up_const.clamp(max=cfg.max_log_weight)
-        scale = None
-        if lo_coef is not None or up_coef is not None:
-            scale = position_index(mask, cfg.position).pow_(cfg.gamma)  # t^γ
-        lower = _bound(lo_const, lo_coef, scale)
-        upper = _bound(up_const, up_coef, scale)
-        if up_coef is not None:
-            upper = upper.clamp_(max=cfg.max_log_weight)
-        log_ratio = log_prob.detach().to(f32) - old_log_prob.to(f32)
-        log_ratio.mul_(mask)  # ℓ_t, 0 on mask-0 tokens (which must hold finite values)
+        cap = cfg.max_log_weight
+        scale = _position_scale(mask, cfg.position, cfg.gamma) if (lo_coef is not None or up_coef is not None) else None
+        if lo_coef is None:
+            torch.maximum(x, lo_const, out=y)
+        else:
+            torch.maximum(_scaled_bound(scale, lo_const, lo_coef, out=y), x, out=y)
+        if up_coef is None:
+            upper = up_const.clamp(max=cap)
+        else:
+            upper = _scaled_bound(scale, up_const, up_coef, out=scale)  # t^γ is not needed any more
+            if _max_bound(up_const, up_coef, mask.shape[-1], cfg.gamma) > cap:
+                upper.clamp_(max=cap)
+        torch.minimum(y, upper, out=y)
+        unclipped = torch.eq(y, x, out=scale if scale is not None else torch.empty_like(mask)).mul_(mask)
+        if with_metrics:
+            below = torch.gt(y, x, out=x if own_x else torch.empty_like(mask)).mul_(mask)  # x is dead now
+            metrics = _clip_fractions(unclipped, below, mask, pos, adv < 0, n) + metrics
+            metrics += [-log_ratio_sum / n.clamp(min=1.0), n]
+        val = y.exp_().mul_(row_factor).mul_(mask)  # c_b·m_t·(−A)·exp(y_t)
+        loss_value = val.sum()
+        grad_factor = val.mul_(unclipped)  # c_b·m_t·(−A)·exp(x_t)·[unclipped] (unclipped is masked)
+    loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
+    return loss, [*metrics, loss_value] if with_metrics else metrics
 
-    if cfg.grad == "current":
-        with torch.no_grad():
-            x = method.log_weight(log_ratio, mask).expand_as(mask)
-            y = torch.maximum(x, lower)
-            y = torch.minimum(y, upper, out=y)
-            unclipped = torch.eq(y, x, out=torch.empty_like(mask))  # 1.0 where no bound binds
-            val = y.exp_().mul_(-adv * row).mul_(mask)  # c_b m_t (−A) exp(y_t); y is dead after this
-            loss_value = val.sum()
-            grad_factor = val.mul_(unclipped)  # ∂loss/∂log π(a_t) = c_b m_t (−A) exp(x_t) [unclipped]
-        loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
-    else:
-        lr = (log_prob.to(f32) - old_log_prob.to(f32)) * mask
-        x_grad = method.log_weight(lr, mask).expand_as(mask)
-        y_grad = torch.minimum(torch.maximum(x_grad, lower), upper)  # gradient 0 where a bound binds
-        loss = (torch.exp(y_grad) * (-adv * row) * mask).sum()
-        with torch.no_grad():
-            x = x_grad.detach()
-            unclipped = (y_grad.detach() == x).to(f32)
-            loss_value = loss.detach()
-    state = {"x": x, "unclipped": unclipped, "lower": lower, "upper": upper, "log_ratio": log_ratio,
-             "mask": mask, "pos": pos, "neg": adv < 0, "loss": loss_value}
-    return loss, state
+
+def _max_bound(const: torch.Tensor, coef: torch.Tensor, length: int, gamma: float) -> float:
+    """An upper limit of coef·t^γ + const over t ≤ length (to skip a clamp that cannot bind)."""
+    return float((coef.clamp(min=0) * float(length) ** gamma + const).max())
+
+
+def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
+    """``grad="prefix"``: plain autograd through w_t = exp(L_t) (the whole prefix gets gradient)."""
+    method = METHODS[cfg.method]
+    f32 = torch.float32
+    mask = response_mask.to(f32)
+    adv = advantages.to(f32)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(-1)
+    row_factor = -adv * _row_coefficients(mask, cfg.loss_agg_mode, **gbi)
+    n = mask.sum()
+    log_ratio = (log_prob.to(f32) - old_log_prob.to(f32)) * mask
+    x = method.log_weight(log_ratio.clone(), mask).expand_as(mask)
+    lower_b, upper_b, dual_b = _side_bounds(cfg)
+    pos = adv > 0
+    lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b)
+    up_const, up_coef = _row_bound(pos, upper_b, dual_b)
+    scale = None
+    if lo_coef is not None or up_coef is not None:
+        scale = _position_scale(mask, cfg.position, cfg.gamma)
+    lower = lo_const if lo_coef is None else lo_coef * scale + lo_const
+    upper = (up_const if up_coef is None else up_coef * scale + up_const).clamp(max=cfg.max_log_weight)
+    y = torch.minimum(torch.maximum(x, lower), upper)  # the gradient is 0 where a bound binds
+    loss = (torch.exp(y) * row_factor * mask).sum()
+    with torch.no_grad():
+        xd, yd = x.detach(), y.detach()
+        scratch = torch.empty_like(mask)
+        metrics = _weight_stats(cfg, xd, mask, n, scratch)
+        kept, below = (yd == xd).to(f32) * mask, (yd > xd).to(f32) * mask
+        metrics = _clip_fractions(kept, below, mask, pos, adv < 0, n) + metrics
+        metrics += [-log_ratio.detach().sum() / n.clamp(min=1.0), n, loss.detach()]
+    return loss, metrics
 
 
 def compute_policy_loss(
@@ -588,7 +678,7 @@ def compute_policy_loss(
             global_batch_size, loss_scale_factor) for distributed-invariant normalisation.
 
     Returns:
-        loss: scalar float32 tensor (differentiable w.r.t. ``log_prob``).
+        loss: scalar float32 tensor (differentiable w.r.t. ``log_prob``; backward once).
         metrics: dict of plain floats (see the module docstring).
     """
     if cfg is None:
@@ -603,55 +693,20 @@ def compute_policy_loss(
     unknown = sorted(set(gbi) - set(_GLOBAL_BATCH_KEYS))
     if unknown:
         raise ValueError(f"unknown global_batch_info key(s) {unknown}; expected a subset of {list(_GLOBAL_BATCH_KEYS)}")
-    loss, state = _surrogate(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
-    return loss, _metrics(cfg, state)
+    if cfg.grad == "current":
+        loss, parts = _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
+    else:
+        loss, parts = _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
+    vals = torch.stack([p.reshape(()).to(torch.float32) for p in parts]).tolist()  # one host transfer
+    if not math.isfinite(vals[-1]):
+        raise FloatingPointError(
+            f"policy loss is {vals[-1]}: an input holds inf/nan (log_prob, old_log_prob or advantages, "
+            "including at mask-0 positions, which must be finite); check the rollout log-probs and padding"
+        )
+    keys = ["clip/frac_low", "clip/frac_high", "clip/frac_dual", "clip/frac", "ratio/mean", "ratio/max",
+            "ratio/log_mean", *(f"ratio/p{round(q * 100):02d}" for q in cfg.ratio_quantiles),
+            "ratio/approx_kl", "ratio/tokens"]
+    return loss, dict(zip(keys, vals[:-1]))
 
 
 _BIG = 1e30
-
-
-def _metrics(cfg: PolicyLossConfig, state: dict[str, Any]) -> dict[str, float]:
-    """Clip fractions and ratio statistics as plain floats (one host transfer)."""
-    x, mask, lr = state["x"], state["mask"], state["log_ratio"]
-    with torch.no_grad():
-        n = mask.sum()
-        denom = n.clamp(min=1.0)
-        # Per sequence: tokens a bound pushed down (above the upper / dual bound) or up (below lower).
-        clipped = torch.sub(1.0, state["unclipped"]).mul_(mask)
-        total_row = clipped.sum(-1, keepdim=True)
-        y_hi = torch.minimum(x, state["upper"])  # only the upper side of the clamp
-        above = torch.ne(y_hi, x, out=torch.empty_like(clipped)).mul_(mask)
-        above_row = above.sum(-1, keepdim=True)
-        below_row = total_row - above_row
-        pos, neg = state["pos"].to(torch.float32), state["neg"].to(torch.float32)
-        if pos.shape != total_row.shape:  # per-token advantages: count token by token
-            above_row, below_row = above, clipped - above
-        frac_high = (above_row * pos).sum() / denom
-        frac_dual = (above_row * neg).sum() / denom
-        frac_low = (below_row * neg).sum() / denom
-        xc = torch.clamp(x, max=cfg.max_log_weight)
-        ratio_max = torch.sub(mask, 1.0).mul_(_BIG).add_(xc).amax().exp()  # 0 when no mask token
-        log_mean = (xc * mask).sum() / denom
-        ratio_mean = (xc.exp_() * mask).sum() / denom  # xc now holds the weight w_t
-        approx_kl = -lr.sum() / denom
-        flat_w, flat_m = xc.reshape(-1), mask.reshape(-1)
-        stride = max(1, math.ceil(flat_w.numel() / max(cfg.quantile_sample, 1)))
-        sample = flat_w[::stride][flat_m[::stride] > 0]
-        if sample.numel() > 0 and cfg.ratio_quantiles:
-            qs = torch.quantile(sample, torch.tensor(cfg.ratio_quantiles, dtype=sample.dtype))
-        else:
-            qs = torch.zeros(len(cfg.ratio_quantiles))
-        vals = torch.cat([torch.stack([frac_low, frac_high, frac_dual, frac_low + frac_high + frac_dual,
-                                       ratio_mean, ratio_max, log_mean, approx_kl, n, state["loss"]]),
-                          qs]).tolist()
-    if not math.isfinite(vals[9]):
-        raise FloatingPointError(
-            f"policy loss is {vals[9]}: an input holds inf/nan (log_prob, old_log_prob or advantages, "
-            "including at mask-0 positions, which must be finite); check the rollout log-probs and padding"
-        )
-    keys = ["clip/frac_low", "clip/frac_high", "clip/frac_dual", "clip/frac",
-            "ratio/mean", "ratio/max", "ratio/log_mean", "ratio/approx_kl", "ratio/tokens"]
-    out = dict(zip(keys, vals[:9]))
-    for q, v in zip(cfg.ratio_quantiles, vals[10:]):
-        out[f"ratio/p{round(q * 100):02d}"] = v
-    return out

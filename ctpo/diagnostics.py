@@ -1,0 +1,308 @@
+r"""Per-position statistics of the cumulative log-ratio log ρ_{1:t}: the instrumentation behind Figure 1.
+
+The paper's Figure 1 plots, per token position t, the std of log ρ_{1:t} = Σ_{k≤t} ℓ_k across
+sequences with a fitted c·√t curve (top row), and the clip rate under the fixed range vs the
+position-adaptive range (bottom row). :class:`PositionStats` accumulates both for any training
+method, streaming and mergeable, in memory O(number of position buckets).
+
+Public surface (stable; the local trainer and the VERL adapter call it)::
+
+    stats = PositionStats(exact_limit=256, spacing="log", per_octave=16, width=256, max_position=32768,
+                          clip_low=0.2, clip_high=0.2, eps_low=0.025, eps_high=0.05, gamma=0.5,
+                          position="policy", max_tokens=32768)
+    stats.update(old_log_prob, log_prob, response_mask)   # (B, T) tensors, any float dtype; no grad
+    stats.merge(other)                                    # same configuration; returns self
+    stats.to_frame()          # pandas.DataFrame, one row per non-empty bucket (columns below)
+    stats.fit_sqrt()          # (c, r2): least-squares std ≈ c·√t over buckets, and its R²
+    stats.to_scalars("diag/pos")                          # dict[str, float], flat, additive
+    PositionStats.from_scalars(scalars, "diag/pos", count_scale=1.0, **same_config)
+    stats.config()            # the constructor arguments, for from_scalars / a fresh instance
+    stats.n_tokens            # tokens seen
+
+Positions t follow ``ctpo.losses``: ``policy`` counts response-mask tokens up to and including
+the current one (tool-output tokens and padding neither contribute nor advance t); ``absolute`` is
+the column index + 1. Buckets: every position 1..``exact_limit`` is its own bucket; beyond it
+buckets are ``width`` positions wide (``spacing="linear"``) or ``per_octave`` per doubling
+(``spacing="log"``), up to ``max_position``; later positions share one overflow bucket. The set of
+buckets depends only on the configuration, so every worker emits the same keys.
+
+Per bucket, over the mask tokens whose position falls in it: token count, mean and std (population,
+ddof 0) of log ρ_{1:t}, the mean position, and four clip counts on the *same* tokens:
+fixed range log ρ ∉ [log(1−clip_low), log(1+clip_high)] (below / above) and adaptive range
+log ρ ∉ [−eps_low·t^γ, eps_high·t^γ] (below / above). A token counts as clipped when it lies
+outside the range on either side (the side that binds in the loss depends on the advantage's sign,
+which the statistics leave out), so the rates are comparable for any training method.
+
+Numerics: each update reduces its tokens to per-bucket count, Σ log ρ and Σ (log ρ)² in float64,
+converts them to (count, mean, M2) and folds them into the running state with Chan et al.'s
+parallel update (the pairwise form of Welford's algorithm); ``merge`` uses the same formula.
+
+Cost: the statistics need the prefix sum, the position and a scatter per token, which is about as
+much work as the loss itself. An update therefore looks at a deterministic subset of whole
+sequences, rows 0, k, 2k, … with k = ceil(B·T / max_tokens), so at most ``max_tokens`` token slots
+(default 32,768: 1/16 of a 64 × 8,192 batch; a trainer step of 4,096 sequences still contributes
+256 of them per position). Every statistic stays exact for the rows it sees;
+``max_tokens=None`` sees every row.
+
+Scalars (``to_scalars``/``from_scalars``): for bucket ``i`` (3 digits, zero-padded) the keys
+``{prefix}/b{i}/count``, ``/sum``, ``/sumsq``, ``/tsum`` (Σ t), ``/fixed_low``, ``/fixed_high``,
+``/adaptive_low``, ``/adaptive_high`` — raw additive sums (float64 as Python floats), no key contains
+"min" or "max" (verl reduces such keys with min/max). The rebuild assumes every key was reduced the
+same *linear* way across micro-batches and ranks: summed (counts are totals) or averaged (counts are
+per-micro-batch averages; pass ``count_scale`` = number of averaged items to restore totals). Means,
+stds and rates do not depend on which. Σ(log ρ)² loses relative precision only as
+1e-16·mean²/variance, negligible for log-ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ctpo.losses import fixed_clip_bounds, position_index
+
+__all__ = ["PositionStats"]
+
+_SCALAR_FIELDS = ("count", "sum", "sumsq", "tsum", "fixed_low", "fixed_high", "adaptive_low", "adaptive_high")
+
+
+def _bucket_edges(exact_limit: int, spacing: str, per_octave: int, width: int, max_position: int) -> np.ndarray:
+    """Inclusive lower edges t_lo of every bucket (int64); bucket i covers [t_lo[i], t_lo[i+1] − 1]."""
+    lows = list(range(1, min(exact_limit, max_position) + 1))
+    t = exact_limit + 1
+    while t <= max_position:
+        lows.append(t)
+        if spacing == "linear":
+            t += width
+        else:  # next edge: the first integer above the next 1/per_octave step of the octave grid
+            k = math.floor(per_octave * math.log2(t / exact_limit) + 1e-9) + 1
+            t = max(t + 1, math.floor(exact_limit * 2 ** (k / per_octave)) + 1)
+    lows.append(max_position + 1)  # overflow bucket: every t > max_position
+    return np.asarray(lows, dtype=np.int64)
+
+
+class PositionStats:
+    """Streaming, mergeable per-position-bucket statistics of log ρ_{1:t} and clip rates (Figure 1)."""
+
+    def __init__(
+        self,
+        exact_limit: int = 256,
+        spacing: str = "log",
+        per_octave: int = 16,
+        width: int = 256,
+        max_position: int = 32768,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        eps_low: float = 0.025,
+        eps_high: float = 0.05,
+        gamma: float = 0.5,
+        position: str = "policy",
+        max_tokens: int | None = 32768,
+    ) -> None:
+        if spacing not in ("log", "linear"):
+            raise ValueError(f"spacing={spacing!r}: choose 'log' or 'linear'")
+        if exact_limit < 1 or max_position < exact_limit or per_octave < 1 or width < 1:
+            raise ValueError(
+                "need exact_limit >= 1, max_position >= exact_limit, per_octave >= 1, width >= 1; got "
+                f"{exact_limit=}, {max_position=}, {per_octave=}, {width=}"
+            )
+        if position not in ("policy", "absolute"):
+            raise ValueError(f"position={position!r}: choose 'policy' or 'absolute'")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None (every row), got {max_tokens}")
+        self._config = dict(
+            exact_limit=exact_limit, spacing=spacing, per_octave=per_octave, width=width,
+            max_position=max_position, clip_low=clip_low, clip_high=clip_high, eps_low=eps_low,
+            eps_high=eps_high, gamma=gamma, position=position, max_tokens=max_tokens,
+        )
+        self.t_lo = _bucket_edges(exact_limit, spacing, per_octave, width, max_position)
+        nb = len(self.t_lo)
+        self._fixed = fixed_clip_bounds(clip_low, clip_high)
+        # position t (1..max_position+1) -> bucket index, and the 9 clip states -> the per-position
+        # columns (Σ t [from the count], count, fixed low, fixed high, adaptive low, adaptive high).
+        self._bucket_of = torch.from_numpy(np.repeat(np.arange(nb), np.diff(np.append(self.t_lo, max_position + 2))))
+        cols = np.zeros((3, 3, 6))
+        cols[..., 0] = cols[..., 1] = 1.0
+        cols[1, :, 2] = cols[2, :, 3] = cols[:, 1, 4] = cols[:, 2, 5] = 1.0
+        self._state_cols = torch.from_numpy(cols.reshape(9, 6))
+        self.count = np.zeros(nb, dtype=np.float64)
+        self.mean = np.zeros(nb, dtype=np.float64)
+        self.m2 = np.zeros(nb, dtype=np.float64)
+        self.tsum = np.zeros(nb, dtype=np.float64)
+        self.clips = np.zeros((nb, 4), dtype=np.float64)  # fixed low, fixed high, adaptive low, adaptive high
+
+    # -- configuration ------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (pass them to ``from_scalars`` or a fresh instance)."""
+        return dict(self._config)
+
+    @property
+    def n_buckets(self) -> int:
+        return len(self.t_lo)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.count.sum())
+
+    def _t_hi(self) -> np.ndarray:
+        hi = np.append(self.t_lo[1:] - 1, np.iinfo(np.int64).max).astype(np.float64)
+        hi[-1] = math.inf
+        return hi
+
+    # -- accumulation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, old_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor) -> PositionStats:
+        """Add one batch of (B, T) tensors (1 on policy tokens in ``response_mask``); returns self."""
+        if not (old_log_prob.shape == log_prob.shape == response_mask.shape) or log_prob.dim() != 2:
+            raise ValueError(
+                f"old_log_prob {tuple(old_log_prob.shape)}, log_prob {tuple(log_prob.shape)} and "
+                f"response_mask {tuple(response_mask.shape)} must all be the same (batch, response_len) shape"
+            )
+        b, t_len = log_prob.shape
+        if b == 0 or t_len == 0:
+            return self
+        cfg = self._config
+        step = 1 if cfg["max_tokens"] is None else max(1, math.ceil(b * t_len / cfg["max_tokens"]))
+        f32 = torch.float32
+        mask = response_mask[::step].to(f32)
+        log_rho = (log_prob[::step].detach().to(f32) - old_log_prob[::step].to(f32)).mul_(mask).cumsum_(-1)
+        t = position_index(mask, cfg["position"]).expand_as(mask)
+        scale = t.pow(cfg["gamma"])
+        lo_f, hi_f = self._fixed
+        # Clip state of each range ∈ {0 inside, 1 below, 2 above}, folded with the exact position
+        # into one code per token (3·fixed + adaptive + 9·t), so one bincount yields the token
+        # count and all four clip counts per position; positions are summed into buckets on the host.
+        buf = torch.empty_like(log_rho)
+        code = torch.lt(log_rho, lo_f, out=torch.empty_like(log_rho))
+        code += torch.gt(log_rho, hi_f, out=buf).mul_(2.0)
+        code *= 3.0
+        code += torch.lt(log_rho, scale.mul(-cfg["eps_low"]), out=buf)
+        code += torch.gt(log_rho, scale.mul_(cfg["eps_high"]), out=buf).mul_(2.0)
+        tpos = t.mul(mask).clamp_(max=cfg["max_position"] + 1)  # 0: mask-0 token; max_position + 1: overflow
+        n_pos = int(tpos.max()) + 1
+        code.add_(tpos, alpha=9.0)
+        code = code.reshape(-1).to(torch.int32)
+        tpos = tpos.reshape(-1).to(torch.int32)
+        x = log_rho.reshape(-1).double()
+        dev, f64 = log_rho.device, torch.float64
+        state = torch.bincount(code, minlength=n_pos * 9).reshape(n_pos, 9)[1:].to(f64)
+        s1 = torch.bincount(tpos, weights=x, minlength=n_pos)[1:]
+        s2 = torch.bincount(tpos, weights=x * x, minlength=n_pos)[1:]
+        per_pos = torch.cat([s1[:, None], s2[:, None], state @ self._state_cols.to(dev)], 1)
+        per_pos[:, 2] *= torch.arange(1, n_pos, dtype=f64, device=dev)  # count -> Σ t
+        per_bucket = torch.zeros(self.n_buckets, 8, dtype=f64, device=dev)
+        per_bucket.index_add_(0, self._bucket_of[: n_pos - 1].to(dev), per_pos)
+        n, s1, s2, tsum, clips = per_bucket[:, 3], per_bucket[:, 0], per_bucket[:, 1], per_bucket[:, 2], per_bucket[:, 4:]
+        self._fold(*(a.cpu().numpy() for a in (n, s1, s2, tsum, clips)))
+        return self
+
+    def _fold(self, n, s1, s2, tsum, clips) -> None:
+        """Fold additive per-bucket sums of one batch into the running (count, mean, M2)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_b = np.where(n > 0, s1 / np.maximum(n, 1), 0.0)
+            m2_b = np.maximum(s2 - n * mean_b * mean_b, 0.0)
+        self._chan(n, mean_b, m2_b)
+        self.tsum += tsum
+        self.clips += clips
+
+    def _chan(self, n_b, mean_b, m2_b) -> None:
+        """Chan et al. parallel combination of (count, mean, M2) per bucket."""
+        n_a = self.count
+        n = n_a + n_b
+        safe = np.maximum(n, 1)
+        delta = mean_b - self.mean
+        self.mean = np.where(n > 0, self.mean + delta * n_b / safe, 0.0)
+        self.m2 = self.m2 + m2_b + delta * delta * n_a * n_b / safe
+        self.count = n
+
+    def merge(self, other: PositionStats) -> PositionStats:
+        """Combine another accumulator with the same configuration into this one; returns self."""
+        if not isinstance(other, PositionStats):
+            raise TypeError(f"can only merge a PositionStats, got {type(other).__name__}")
+        mine, theirs = self.config(), other.config()
+        mine.pop("max_tokens"), theirs.pop("max_tokens")
+        if mine != theirs:
+            diff = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+            raise ValueError(f"cannot merge PositionStats with different configurations: {diff}")
+        self._chan(other.count, other.mean, other.m2)
+        self.tsum = self.tsum + other.tsum
+        self.clips = self.clips + other.clips
+        return self
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def to_frame(self) -> pd.DataFrame:
+        """One row per non-empty bucket: ``bucket, t_lo, t_hi, t_mean, count, mean, std,
+        clip_fixed, clip_fixed_low, clip_fixed_high, clip_adaptive, clip_adaptive_low,
+        clip_adaptive_high`` (clip columns are rates in [0, 1])."""
+        keep = self.count > 0
+        n = self.count[keep]
+        rates = self.clips[keep] / n[:, None]
+        return pd.DataFrame({
+            "bucket": np.nonzero(keep)[0],
+            "t_lo": self.t_lo[keep],
+            "t_hi": self._t_hi()[keep],
+            "t_mean": self.tsum[keep] / n,
+            "count": n.astype(np.int64),
+            "mean": self.mean[keep],
+            "std": np.sqrt(self.m2[keep] / n),
+            "clip_fixed": rates[:, 0] + rates[:, 1],
+            "clip_fixed_low": rates[:, 0],
+            "clip_fixed_high": rates[:, 1],
+            "clip_adaptive": rates[:, 2] + rates[:, 3],
+            "clip_adaptive_low": rates[:, 2],
+            "clip_adaptive_high": rates[:, 3],
+        })
+
+    def fit_sqrt(self, min_count: int = 2) -> tuple[float, float]:
+        """Least-squares fit std_b ≈ c·√t_b over buckets with ≥ ``min_count`` tokens (t_b the bucket's
+        mean position, one point per bucket); returns ``(c, r2)``, NaN when fewer than two buckets."""
+        keep = self.count >= max(min_count, 1)
+        if keep.sum() < 2:
+            return math.nan, math.nan
+        x = np.sqrt(self.tsum[keep] / self.count[keep])
+        y = np.sqrt(self.m2[keep] / self.count[keep])
+        c = float((x * y).sum() / (x * x).sum())
+        ss_res = float(((y - c * x) ** 2).sum())
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+        return c, r2
+
+    def to_scalars(self, prefix: str = "diag/pos") -> dict[str, float]:
+        """Flat additive sums per bucket (see the module docstring); every bucket, empty ones included."""
+        s1 = self.count * self.mean
+        s2 = self.m2 + self.count * self.mean * self.mean
+        cols = (self.count, s1, s2, self.tsum, *self.clips.T)
+        out: dict[str, float] = {}
+        for i in range(self.n_buckets):
+            for name, col in zip(_SCALAR_FIELDS, cols):
+                out[f"{prefix}/b{i:03d}/{name}"] = float(col[i])
+        return out
+
+    @classmethod
+    def from_scalars(
+        cls, scalars: dict[str, float], prefix: str = "diag/pos", count_scale: float = 1.0, **config: Any
+    ) -> PositionStats:
+        """Rebuild from (reduced) ``to_scalars`` output; ``config`` must match the emitter's.
+
+        All keys must have been reduced the same linear way (summed, or averaged: then
+        ``count_scale`` = number of averaged items restores total counts). Missing keys are an error.
+        """
+        stats = cls(**config)
+        nb = stats.n_buckets
+        try:
+            cols = np.array([[float(scalars[f"{prefix}/b{i:03d}/{name}"]) for name in _SCALAR_FIELDS]
+                             for i in range(nb)], dtype=np.float64) * count_scale
+        except KeyError as e:
+            raise KeyError(
+                f"scalar {e.args[0]!r} missing: from_scalars needs every bucket's keys under prefix "
+                f"{prefix!r} and the emitter's configuration ({nb} buckets expected)"
+            ) from None
+        stats._fold(cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3], cols[:, 4:8])
+        return stats
+
+    def __repr__(self) -> str:
+        return f"PositionStats(n_tokens={self.n_tokens}, n_buckets={self.n_buckets}, {self._config})"
