@@ -988,7 +988,7 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
                     "zorder": 3}
         return {"ls": "-", "marker": "o", "ms": 4, "lw": 1.6, "label": m, "zorder": 2}
 
-    def sweep(ax, df, x, y, lo=None, hi=None):
+    def sweep(ax, df, x, y, lo=None, hi=None, log_x=False):
         span = float(df[x].max() - df[x].min()) if len(df) else 1.0
         for i, m in enumerate(methods):
             d = df[df.method == m].sort_values(x)
@@ -998,19 +998,23 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
             ax.plot(xs, d[y], color=colours[m], **style(m))
             if lo is not None:  # MC estimate and 95% CI, nudged sideways per method
                 mc = d[y.replace("exact", "mc")].to_numpy()
-                ax.errorbar(xs + 0.012 * span * (i - (n_m - 1) / 2), mc,
+                nudge = 0.06 * (i - (n_m - 1) / 2)
+                xj = xs * (1 + nudge) if log_x else xs + 0.2 * nudge * span
+                ax.errorbar(xj, mc,
                             yerr=[np.maximum(mc - d[lo], 0), np.maximum(d[hi] - mc, 0)],
                             fmt="none", ecolor=colours[m], alpha=0.7, capsize=2, lw=0.9)
 
     ax = axes[0, 0]
-    sweep(ax, off, "kl_per_token", "exact_rel_bias", "mc_rel_bias_lo", "mc_rel_bias_hi")
+    sweep(ax, off, "kl_per_token", "exact_rel_bias", "mc_rel_bias_lo", "mc_rel_bias_hi", log_x=True)
     ax.set(xlabel="per-token KL(μ‖π)", ylabel="‖E ĝ − g‖ / ‖g‖",
            title=f"(a) bias vs off-policyness (V={V}, T={T})")
+    ax.set_xscale("symlog", linthresh=1e-3)
     ax.legend(frameon=False, loc="upper left")
     ax = axes[0, 1]
     sweep(ax, off, "kl_per_token", "exact_rel_var")
     ax.set(xlabel="per-token KL(μ‖π)", ylabel="tr Cov(ĝ_i) / ‖g‖²", yscale="log",
            title="(b) total variance vs off-policyness")
+    ax.set_xscale("symlog", linthresh=1e-3)
     ax = axes[0, 2]
     sweep(ax, hor, "T", "exact_rel_bias", "mc_rel_bias_lo", "mc_rel_bias_hi")
     ax.set(xlabel="horizon T", ylabel="‖E ĝ − g‖ / ‖g‖", title=f"(c) bias vs horizon (κ={kf})")
@@ -1088,6 +1092,18 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
            title=f"(h) outcome reward: bias per position (κ={kf})")
     ax.legend(frameon=False)
 
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # "0.1", "10": plain text, no mathtext (slow, and busier)
+    for ax in axes.flat:
+        if ax.get_yscale() == "log":
+            lo, hi = ax.get_ylim()
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if hi / lo > 300 else (1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        if ax.get_xscale() == "symlog":
+            ax.set_xlim(left=0)
+            ax.xaxis.set_major_formatter(plain)
     fig.suptitle("Estimator lab: exact values (lines) and Monte-Carlo 95% CIs (bars), gradients of "
                  "ctpo.losses.compute_policy_loss", fontsize=10.5)
     for ext in ("png", "pdf"):
