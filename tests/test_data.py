@@ -153,3 +153,16 @@ def test_data_command_reports_unknown_dataset(tmp_path, capsys):
     cfg = _config(tmp_path, {})
     assert main(["data", "--config", str(cfg), "--dataset", "nope", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "neither a data entry" in capsys.readouterr().err
+
+
+def test_data_command_writes_verl_parquet_with_the_tir_system_prompt(tmp_path, data_dir):
+    pytest.importorskip("ctpo.tir.protocol")
+    from ctpo.cli import main
+    from ctpo.tir.protocol import TIRConfig
+
+    cfg = _config(tmp_path, {"aime26": {"source": "aime26"}})
+    out, parquet = tmp_path / "aime26.jsonl", tmp_path / "aime26.parquet"
+    assert main(["data", "--config", str(cfg), "--dataset", "aime26", "--out", str(out), "--parquet", str(parquet)]) == 0
+    frame = pd.read_parquet(parquet)
+    assert len(frame) == 2 and frame.iloc[0]["prompt"][0]["content"] == TIRConfig().system_prompt
+    assert frame.iloc[0]["reward_model"]["ground_truth"] == "81"
