@@ -37,7 +37,10 @@ import traceback
 
 from ctpo.tir import _isolation as iso
 
-UID_BASE = 1_000_000_000  # unique host uid per execution = UID_BASE + the monitor's host pid
+# Each execution runs as host uid UID_BASE + zygote_pid * UID_SLOTS + slot: unique host-wide while
+# the zygote lives (pids <= 2**22 keep it below 2**32 - 1), at most UID_SLOTS executions per zygote.
+UID_BASE = 1_000_000_000
+UID_SLOTS = 512
 SETUP_TIMEOUT_S = 30.0
 EXIT_SETUP_FAILED = 125
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -356,11 +359,9 @@ def _child(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, sp: 
     _run_user_code(sp)
 
 
-# --- the per-execution monitor --------------------------------------------------------------------
+# --- the server: one event loop supervising every execution -------------------------------------
 def _kill_leftovers(ctx: Context, uid: int, pgid: int) -> None:
-    """Without a pid namespace, kill whatever the execution left behind (orphans, daemons)."""
-    if "pid_ns" in ctx.plan:
-        return  # the kernel killed the namespace with its init
+    """Without a pid namespace, kill whatever an execution left behind (orphans, daemons)."""
     if "unique_uid" in ctx.plan:
         pid = os.fork()
         if pid == 0:
@@ -380,156 +381,265 @@ def _kill_leftovers(ctx: Context, uid: int, pgid: int) -> None:
             os.killpg(pgid, signal.SIGKILL)
 
 
-def _monitor(ctx: Context, req: dict, fds: list[int]) -> None:
-    code_r, out_w, err_w, status_w, ctl_r = fds
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    plan = ctx.plan
-    uid = UID_BASE + os.getpid() if "unique_uid" in plan else os.getuid()
-    report: dict = {"event": "done", "exit_code": None, "signal": None, "timed_out": False,
-                    "output_killed": False, "cancelled": False, "setup_error": None}
-    scratch = "/tmp"
-    report["t_monitor"] = time.monotonic()
-    try:
-        if "mount_ns" not in plan:
-            scratch = tempfile.mkdtemp(prefix="ctpo-sandbox-", dir=ctx.cfg.get("scratch_base") or None)
+class _Exec:
+    """A live execution as the server sees it: descriptors, limits and times; never code or output."""
+
+    def __init__(self, req: dict, fds: list[int], slot: int) -> None:
+        self.req = req
+        self.code_r, self.out_w, self.err_w, self.status_w, self.ctl_r = fds
+        self.slot = slot
+        self.pid = -1
+        self.pidfd = -1
+        self.sp: socket.socket | None = None
+        self.scratch = "/tmp"
+        self.uid = -1
+        self.started: float | None = None
+        self.deadline = time.monotonic() + SETUP_TIMEOUT_S
+        self.killed = False
+        self.setup_msg = b""
+        self.report: dict = {"event": "done", "exit_code": None, "signal": None, "timed_out": False,
+                             "output_killed": False, "cancelled": False, "setup_error": None}
+
+
+class Server:
+    """Forks one hardened child per request and supervises all of them from a single poll loop.
+
+    With a pid namespace the server itself is pid 1 of a namespace of its own (so it may re-enter
+    it with ``setns`` after each ``unshare(CLONE_NEWPID)``): every child is then pid 1 of a fresh
+    nested namespace, with the server as its parent, one fork per execution.
+    """
+
+    def __init__(self, ctx: Context, sock: socket.socket, uid_base: int) -> None:
+        self.ctx, self.sock, self.uid_base = ctx, sock, uid_base
+        self.poll = select.poll()
+        self.fds: dict[int, tuple[str, _Exec]] = {}
+        self.live: set[_Exec] = set()
+        self.free_slots = list(range(UID_SLOTS - 1, -1, -1))
+        self.self_pidfd = os.pidfd_open(os.getpid()) if "pid_ns" in ctx.plan else -1
+        self.reap_later: list[int] = []  # weaker tiers' clean-up helpers
+
+    # A child of the server: unshare a pid namespace for it, fork, and come back to our own.
+    def _fork_child(self) -> int:
+        if self.self_pidfd < 0:
+            return os.fork()
+        iso.unshare(iso.CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        except BaseException:
+            iso.setns(self.self_pidfd, iso.CLONE_NEWPID)
+            raise
+        if pid:  # (never in the child: its children must stay inside its namespace)
+            iso.setns(self.self_pidfd, iso.CLONE_NEWPID)
+        return pid
+
+    def probe(self, wanted: set[str]) -> set[str]:
+        """Try every wanted step in a throwaway child; return those that worked (reasons in notes)."""
+        ctx = self.ctx
+        req = {"timeout_s": 5, "memory_mb": 256, "max_procs": 16, "max_file_mb": 1, "max_open_files": 64,
+               "scratch_mb": 1, "scratch_inodes": 64}
+        plan = set(wanted)
+        scratch = "/tmp" if "mount_ns" in plan else tempfile.mkdtemp(prefix="ctpo-probe-")
+        uid = self.uid_base if "unique_uid" in plan else os.getuid()
+        if scratch != "/tmp":
             os.chown(scratch, uid, -1)
-        if "pid_ns" in plan:
-            iso.unshare(iso.CLONE_NEWPID)
         sp_m, sp_c = socket.socketpair()
-        pid = os.fork()
+        pid = self._fork_child() if "pid_ns" in plan else os.fork()
         if pid == 0:
             sp_m.close()
-            for fd, target in ((code_r, 0), (out_w, 1), (err_w, 2)):
-                os.dup2(fd, target)
-            spc = os.dup2(sp_c.detach(), 3)
-            os.closerange(4, 1 << 20)
-            _child(ctx, req, plan, uid, scratch, spc, strict=True)
-        for fd in (code_r, out_w, err_w):
-            os.close(fd)
+            _child(ctx, req, plan, uid, scratch, sp_c.fileno(), strict=False)
         sp_c.close()
-        report["t_forked"] = time.monotonic()
-        _supervise(req, pid, sp_m, ctl_r, report)
-        report["t_exited"] = time.monotonic()
-        _kill_leftovers(ctx, uid, pid)
-    except BaseException as e:
-        report["setup_error"] = report["setup_error"] or f"monitor: {type(e).__name__}: {e}"
-    finally:
+        os.waitpid(pid, 0)
+        data = sp_m.recv(1 << 16)
+        sp_m.close()
         if scratch != "/tmp":
             shutil.rmtree(scratch, ignore_errors=True)
-        try:
-            os.write(status_w, (json.dumps(report) + "\n").encode())
-        finally:
-            os._exit(0)
-
-
-def _supervise(req: dict, pid: int, sp_m: socket.socket, ctl_r: int, report: dict) -> None:
-    pidfd = os.pidfd_open(pid)
-    poll = select.poll()
-    poll.register(pidfd, select.POLLIN)
-    poll.register(ctl_r, select.POLLIN)
-    poll.register(sp_m.fileno(), select.POLLIN)
-    started = None
-    deadline = time.monotonic() + SETUP_TIMEOUT_S
-    setup_msg = b""
-    exited = False
-    while not exited:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            os.kill(pid, signal.SIGKILL)
-            if started is None:
-                report["setup_error"] = "sandbox setup did not finish in time"
-            else:
-                report["timed_out"] = True
-            break
-        for fd, _ev in poll.poll(left * 1000):
-            if fd == pidfd:
-                exited = True
-            elif fd == ctl_r:
-                why = os.read(ctl_r, 1)
-                report["output_killed" if why == b"O" else "cancelled"] = True
-                os.kill(pid, signal.SIGKILL)
-                exited = True
-            else:
-                data = sp_m.recv(4096)
-                if not data:
-                    poll.unregister(sp_m.fileno())
-                elif data.startswith(b"R") and started is None:
-                    started = time.monotonic()
-                    report["t_started"] = started
-                    deadline = started + float(req["timeout_s"])
-                else:
-                    setup_msg += data
-    _, status, ru = os.wait4(pid, 0)
-    os.close(pidfd)
-    if os.WIFSIGNALED(status):
-        report["signal"] = os.WTERMSIG(status)
-    else:
-        report["exit_code"] = os.WEXITSTATUS(status)
-    if started is None and not report["setup_error"]:
-        report["setup_error"] = (setup_msg[1:] if setup_msg.startswith(b"E") else setup_msg).decode(
-            "utf-8", "replace") or "sandbox child died during setup"
-    report["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 4)
-    report["max_rss_mb"] = round(ru.ru_maxrss / 1024, 1)
-    report["run_s"] = round(time.monotonic() - started, 4) if started else 0.0
-
-
-# --- start-up probe and main loop -----------------------------------------------------------------
-def _probe(ctx: Context, wanted: set[str]) -> set[str]:
-    """Fork a throwaway child that tries every wanted step; return the ones that worked (and note
-    why the others did not in ``ctx.notes``)."""
-    req = {"timeout_s": 5, "memory_mb": 256, "max_procs": 16, "max_file_mb": 1, "max_open_files": 64,
-           "scratch_mb": 1, "scratch_inodes": 64}
-    got: set[str] = set()
-    r, w = os.pipe()
-    mpid = os.fork()
-    if mpid == 0:
-        os.close(r)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        res: set[str] = set()
-        try:
-            if "pid_ns" in wanted:
-                try:
-                    iso.unshare(iso.CLONE_NEWPID)
-                    res.add("pid_ns")
-                except OSError:
-                    pass
-            plan = wanted - {"pid_ns"} | res
-            sp_m, sp_c = socket.socketpair()
-            scratch = "/tmp" if "mount_ns" in plan else tempfile.mkdtemp(prefix="ctpo-probe-")
-            uid = UID_BASE + os.getpid() if ctx.root else os.getuid()
-            if scratch != "/tmp":
-                os.chown(scratch, uid, -1)
-            cpid = os.fork()
-            if cpid == 0:
-                sp_m.close()
-                _child(ctx, req, plan, uid, scratch, sp_c.fileno(), strict=False)
-            sp_c.close()
-            os.waitpid(cpid, 0)
-            data = sp_m.recv(1 << 16)
-            if scratch != "/tmp":
-                shutil.rmtree(scratch, ignore_errors=True)
-            rep = json.loads(data.decode()) if data.startswith(b"{") else {"done": [], "errors": {
-                "probe": data.decode("utf-8", "replace")}}
-            rep["done"] = sorted(res | set(rep["done"]))
-            os.write(w, json.dumps(rep).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    os.waitpid(mpid, 0)
-    if data:
+        if not data.startswith(b"{"):
+            ctx.notes.append(f"the isolation probe failed: {data.decode('utf-8', 'replace')}")
+            return set()
         rep = json.loads(data.decode())
-        got = set(rep["done"])
         ctx.notes += [f"{k}: {v}" for k, v in sorted(rep["errors"].items())]
-    else:
-        ctx.notes.append("the isolation probe died")
-    return got
+        return set(rep["done"]) | ({"pid_ns"} & plan)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def serve(self) -> None:
+        self.poll.register(self.sock.fileno(), select.POLLIN)
+        while True:
+            now = time.monotonic()
+            timeout = min((e.deadline for e in self.live if not e.killed), default=None)
+            events = self.poll.poll(None if timeout is None else max(0.0, timeout - now) * 1000 + 1)
+            # New requests last: a request accepted now may reuse the number of an fd released by an
+            # earlier event of this same batch.
+            events.sort(key=lambda ev: ev[0] == self.sock.fileno())
+            for fd, _ev in events:
+                if fd == self.sock.fileno():
+                    if not self._accept():
+                        self._shutdown()
+                        return
+                    continue
+                kind, e = self.fds.get(fd, ("gone", None))
+                if e is None:
+                    continue
+                if kind == "pid":
+                    self._finish(e)
+                elif kind == "ctl":
+                    try:
+                        why = os.read(fd, 1)
+                    except BlockingIOError:
+                        continue
+                    e.report["output_killed" if why == b"O" else "cancelled"] = True
+                    self._unwatch(fd)
+                    self._kill(e)
+                elif kind == "sp":
+                    data = e.sp.recv(4096) if e.sp else b""
+                    if not data:
+                        self._unwatch(fd)
+                    elif data.startswith(b"R") and e.started is None:
+                        e.started = time.monotonic()
+                        e.deadline = e.started + float(e.req["timeout_s"])
+                    else:
+                        e.setup_msg += data
+            now = time.monotonic()
+            for e in list(self.live):
+                if not e.killed and now >= e.deadline:
+                    if e.started is None:
+                        e.report["setup_error"] = "sandbox setup did not finish in time"
+                    else:
+                        e.report["timed_out"] = True
+                    self._kill(e)
+
+    def _watch(self, fd: int, kind: str, e: _Exec) -> None:
+        self.fds[fd] = (kind, e)
+        self.poll.register(fd, select.POLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        if self.fds.pop(fd, None) is not None:
+            self.poll.unregister(fd)
+
+    def _kill(self, e: _Exec) -> None:
+        e.killed = True
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(e.pidfd, signal.SIGKILL)
+
+    def _accept(self) -> bool:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(self.sock, 1 << 16, 5)
+        except OSError:
+            return False
+        if not msg:
+            return False  # the pool closed its end
+        try:
+            req = json.loads(msg.decode())
+            if len(fds) != 5:
+                raise ValueError("expected 5 descriptors")
+        except Exception:
+            for fd in fds:
+                os.close(fd)
+            return True
+        if not self.free_slots:
+            os.write(fds[3], (json.dumps({"event": "done", "setup_error": "too many executions"}) + "\n").encode())
+            for fd in fds:
+                os.close(fd)
+            return True
+        e = _Exec(req, fds, self.free_slots.pop())
+        try:
+            self._start(e)
+        except Exception as exc:
+            e.report["setup_error"] = f"{type(exc).__name__}: {exc}"
+            self._report(e)
+        return True
+
+    def _start(self, e: _Exec) -> None:
+        ctx, plan = self.ctx, self.ctx.plan
+        e.uid = self.uid_base + e.slot if "unique_uid" in plan else os.getuid()
+        if "mount_ns" not in plan:
+            e.scratch = tempfile.mkdtemp(prefix="ctpo-sandbox-", dir=ctx.cfg.get("scratch_base") or None)
+            os.chown(e.scratch, e.uid, -1)
+        sp_m, sp_c = socket.socketpair()
+        pid = self._fork_child()
+        if pid == 0:  # the child: keep only its stdin/stdout/stderr pipes and the setup socket
+            try:
+                sp_m.close()
+                for fd, target in ((e.code_r, 0), (e.out_w, 1), (e.err_w, 2)):
+                    os.dup2(fd, target)
+                spc = os.dup2(sp_c.detach(), 3)
+                os.closerange(4, 1 << 20)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            except BaseException:
+                os._exit(EXIT_SETUP_FAILED)
+            _child(ctx, e.req, plan, e.uid, e.scratch, spc, strict=True)
+        e.pid = pid
+        sp_c.close()
+        for fd in (e.code_r, e.out_w, e.err_w):
+            os.close(fd)
+        e.sp = sp_m
+        e.pidfd = os.pidfd_open(pid)
+        os.set_blocking(e.status_w, False)
+        os.set_blocking(e.ctl_r, False)
+        self.live.add(e)
+        self._watch(e.pidfd, "pid", e)
+        self._watch(e.ctl_r, "ctl", e)
+        self._watch(sp_m.fileno(), "sp", e)
+
+    def _finish(self, e: _Exec) -> None:
+        pid, status, ru = os.wait4(e.pid, os.WNOHANG)
+        if pid == 0:
+            return  # not exited after all
+        if os.WIFSIGNALED(status):
+            e.report["signal"] = os.WTERMSIG(status)
+        else:
+            e.report["exit_code"] = os.WEXITSTATUS(status)
+        if e.started is None and not e.report["setup_error"]:
+            msg = e.setup_msg[1:] if e.setup_msg.startswith(b"E") else e.setup_msg
+            e.report["setup_error"] = msg.decode("utf-8", "replace") or "sandbox child died during setup"
+        e.report["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 4)
+        e.report["max_rss_mb"] = round(ru.ru_maxrss / 1024, 1)
+        e.report["run_s"] = round(time.monotonic() - e.started, 4) if e.started else 0.0
+        if "pid_ns" not in self.ctx.plan or e.scratch != "/tmp":
+            # Weaker tiers: leftover processes and a host scratch folder to clean, off the loop.
+            helper = os.fork()
+            if helper == 0:
+                try:
+                    os.closerange(3, e.status_w)  # hold no other execution's pipes open
+                    os.closerange(e.status_w + 1, 1 << 20)
+                    os.set_blocking(e.status_w, True)
+                    _kill_leftovers(self.ctx, e.uid, e.pid)
+                    shutil.rmtree(e.scratch, ignore_errors=True)
+                    os.write(e.status_w, (json.dumps(e.report) + "\n").encode())
+                finally:
+                    os._exit(0)
+            self._release(e, report=False)
+            self.reap_later.append(helper)
+            return
+        self._release(e, report=True)
+
+    def _report(self, e: _Exec) -> None:
+        with contextlib.suppress(OSError):
+            os.write(e.status_w, (json.dumps(e.report) + "\n").encode())
+
+    def _release(self, e: _Exec, report: bool) -> None:
+        if report:
+            self._report(e)
+        for fd in (e.pidfd, e.ctl_r, e.sp.fileno() if e.sp else -1):
+            self._unwatch(fd)
+        for fd in (e.pidfd, e.ctl_r, e.status_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if e.sp:
+            e.sp.close()
+        self.live.discard(e)
+        self.free_slots.append(e.slot)
+        for pid in list(self.reap_later):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    self.reap_later.remove(pid)
+
+    def _shutdown(self) -> None:
+        for e in list(self.live):
+            self._kill(e)
 
 
-def _startup(sock: socket.socket) -> Context:
+# --- start-up --------------------------------------------------------------------------------------
+def _startup(sock: socket.socket) -> tuple[Context, list[str], set[str]]:
     cfg = json.loads(sock.recv(1 << 20).decode())
     ctx = Context(cfg)
     os.chdir("/")
@@ -549,55 +659,53 @@ def _startup(sock: socket.socket) -> Context:
             wanted.discard("mount_ns")
     if not ctx.landlock_abi:
         wanted.discard("landlock")
-    ctx.seccomp_prog = iso.build_seccomp_filter(
-        allow_unix_sockets={"mount_ns", "net_ns"} <= wanted, deny_session_change="pid_ns" not in wanted)
-    ctx.plan = _probe(ctx, wanted)
-    if ctx.plan != wanted:  # a step failed: rebuild the filter for what really holds
-        ctx.seccomp_prog = iso.build_seccomp_filter(
-            allow_unix_sockets={"mount_ns", "net_ns"} <= ctx.plan, deny_session_change="pid_ns" not in ctx.plan)
-    hello = {"event": "ready", "plan": sorted(ctx.plan), "root": ctx.root, "landlock_abi": ctx.landlock_abi,
-             "ro_paths": ctx.ro_paths, "preload_failed": failed, "base_vm_mb": ctx.base_vm_bytes >> 20,
-             "notes": ctx.notes, "uid_base": UID_BASE if "unique_uid" in ctx.plan else None,
-             "zygote_pid": os.getpid()}
-    sock.sendall(json.dumps(hello).encode())
-    return ctx
+    return ctx, failed, wanted
 
 
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C aimed at the caller is the caller's
-    ctx = _startup(sock)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
-    while True:
+    ctx, failed, wanted = _startup(sock)
+    uid_base = UID_BASE + os.getpid() * UID_SLOTS  # host-unique while this zygote lives
+    if "pid_ns" in wanted:
+        # Become pid 1 of a namespace of our own (see Server); the outer process only waits, and
+        # its death (the pool killing it) takes the server and every execution with it.
+        alive_r, alive_w = os.pipe()
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, 5)
-        except OSError:
-            return
-        if not msg:
-            return  # the pool closed its end
-        try:
-            req = json.loads(msg.decode())
-            if len(fds) != 5:
-                raise ValueError("expected 5 descriptors")
-        except Exception:
-            for fd in fds:
-                os.close(fd)
-            continue
-        try:
-            pid = os.fork()
+            iso.unshare(iso.CLONE_NEWPID)
+            server = os.fork()
         except OSError as e:
-            os.write(fds[3], (json.dumps({"event": "done", "setup_error": f"fork: {e}"}) + "\n").encode())
-            pid = -1
-        if pid == 0:
-            try:
-                sock.close()
-                for fd in fds:
-                    os.set_inheritable(fd, False)
-                _monitor(ctx, req, fds)
-            finally:
-                os._exit(0)
-        for fd in fds:
-            os.close(fd)
+            ctx.notes.append(f"pid_ns: {e}")
+            wanted.discard("pid_ns")
+            server = 0
+        if server:
+            sock.close()
+            os.close(alive_r)
+            _, status = os.waitpid(server, 0)
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        os.close(alive_w)
+        if "pid_ns" in wanted:
+            iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)
+            p = select.poll()
+            p.register(alive_r, select.POLLIN)
+            if p.poll(0):  # the outer process died before we armed the death signal
+                os._exit(1)
+        os.close(alive_r)
+    ctx.plan = wanted
+    ctx.seccomp_prog = iso.build_seccomp_filter(
+        allow_unix_sockets={"mount_ns", "net_ns"} <= wanted, deny_session_change="pid_ns" not in wanted)
+    srv = Server(ctx, sock, uid_base)
+    ctx.plan = srv.probe(wanted)
+    if ctx.plan != wanted:  # a step failed: the filter must match what really holds
+        ctx.seccomp_prog = iso.build_seccomp_filter(
+            allow_unix_sockets={"mount_ns", "net_ns"} <= ctx.plan, deny_session_change="pid_ns" not in ctx.plan)
+        if "pid_ns" not in ctx.plan:
+            srv.self_pidfd = -1
+    hello = {"event": "ready", "plan": sorted(ctx.plan), "root": ctx.root, "landlock_abi": ctx.landlock_abi,
+             "ro_paths": ctx.ro_paths, "preload_failed": failed, "base_vm_mb": ctx.base_vm_bytes >> 20,
+             "notes": ctx.notes, "uid_base": uid_base if "unique_uid" in ctx.plan else None}
+    sock.sendall(json.dumps(hello).encode())
+    srv.serve()
 
 
 if __name__ == "__main__":

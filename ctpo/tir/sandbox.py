@@ -353,11 +353,11 @@ class SandboxPool:
         if limits.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {limits.timeout_s}")
         with self._slots:
-            for attempt in range(3):
-                res = self._execute(code, limits)
+            for _ in range(3):
+                res, zygote = self._execute(code, limits)
                 if res is not None:
                     return res
-                self._respawn(attempt)
+                self._respawn(zygote)
         raise SandboxError("the sandbox server keeps dying; giving up")
 
     def map(self, codes: Iterable[str], timeout_s: float | None = None, memory_mb: int | None = None) -> list[
@@ -397,14 +397,15 @@ class SandboxPool:
         return self._zygote.proc.pid
 
     # --- one execution ---------------------------------------------------------------------------
-    def _respawn(self, attempt: int) -> None:
+    def _respawn(self, failed: _Zygote) -> None:
+        """Replace the zygote ``failed`` if it is dead and still the current one (threads race here)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("SandboxPool is closed")
-            if self._zygote.alive() and attempt == 0:
-                return  # a transient failure: retry on the same zygote
-            log.warning("sandbox: the zygote died (exit %s); starting a new one", self._zygote.proc.poll())
-            self._zygote.kill()
+            if failed is not self._zygote or failed.alive():
+                return
+            log.warning("sandbox: the zygote died (exit %s); starting a new one", failed.proc.poll())
+            failed.kill()
             self._zygote = self._start_zygote()
             self.restarts += 1
             new = self._check_isolation(self._zygote.hello)
@@ -412,8 +413,8 @@ class SandboxPool:
                 log.warning("sandbox: the restarted zygote enforces %s (was %s)", new.layers, self.isolation.layers)
                 self.isolation = new
 
-    def _execute(self, code: str, lim: _Limits) -> ExecResult | None:
-        """One execution; ``None`` when the zygote was gone before it could start (retry)."""
+    def _execute(self, code: str, lim: _Limits) -> tuple[ExecResult | None, _Zygote]:
+        """One execution; ``None`` when the zygote died before reporting (then retry on a new one)."""
         t0 = time.monotonic()
         code_r, code_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -422,23 +423,24 @@ class SandboxPool:
         ctl_r, ctl_w = os.pipe()
         req = dataclasses.asdict(lim)
         fds = {"code": code_w, "out": out_r, "err": err_r, "status": st_r, "ctl": ctl_w}
+        zygote = self._zygote
         try:
             try:
                 with self._lock:
-                    socket.send_fds(self._zygote.sock, [json.dumps(req).encode()],
-                                    [code_r, out_w, err_w, st_w, ctl_r])
+                    zygote = self._zygote
+                    socket.send_fds(zygote.sock, [json.dumps(req).encode()], [code_r, out_w, err_w, st_w, ctl_r])
             except OSError:
-                return None
+                return None, zygote
             finally:
                 for fd in (code_r, out_w, err_w, st_w, ctl_r):
                     os.close(fd)
-            return self._stream(code, fds, lim, t0)
+            return self._stream(code, fds, lim, t0, zygote), zygote
         finally:
             for fd in fds.values():  # each closed exactly once: fd numbers are reused across threads
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _stream(self, code: str, fds: dict[str, int], lim: _Limits, t0: float) -> ExecResult | None:
+    def _stream(self, code: str, fds: dict[str, int], lim: _Limits, t0: float, zygote: _Zygote) -> ExecResult | None:
         import selectors
 
         code_w, out_r, err_r, st_r = fds["code"], fds["out"], fds["err"], fds["status"]
@@ -489,12 +491,13 @@ class SandboxPool:
         report = reports[-1] if reports else None
         duration = time.monotonic() - t0
         if report is None:
-            if not self._zygote.alive():
-                return None  # the zygote died before forking the monitor: retry on a new one
-            report = {"exit_code": None, "signal": signal.SIGKILL, "setup_error": "the monitor died"}
-        if os.environ.get("CTPO_SANDBOX_DEBUG_TIMING"):
-            log.warning("timing %s", {k: round((v - t0) * 1e3, 1) for k, v in report.items() if k.startswith("t_")}
-                        | {"end": round(duration * 1e3, 1)})
+            # The server died with this execution in flight (killed from outside): the execution
+            # died with it, so run it again on a new zygote.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                zygote.proc.wait(timeout=2)
+            if not zygote.alive():
+                return None
+            report = {"exit_code": None, "signal": signal.SIGKILL, "setup_error": "no report from the sandbox server"}
         return _result(report, out, err, duration, output_killed)
 
 
