@@ -307,3 +307,106 @@ def demonstration_styles(n: int, rng: random.Random, mix: dict[str, float], max_
             s = "tool"
         styles.append(s)
     return styles
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering demonstrations in the TIR turn format, with observations from really running the code.
+
+DEFAULT_MIX = {"tool": 0.75, "error": 0.12, "direct": 0.13}
+"""Demonstration styles: mostly clean tool use, some errors with recovery, some answered by hand."""
+
+CODE_TURN = "{text}\n```python\n{code}\n```\n"
+"""A code turn as the policy writes it: reasoning, then one fenced python block, cut after the block
+(exactly where `ctpo.tir.protocol.find_code_block` ends it and the stop string fires)."""
+
+# Many clean snippets run inside ONE sandbox execution (each in a fresh namespace, stdout captured), so
+# building thousands of demonstrations costs a few dozen executions. A snippet that raises, or any batch
+# that fails, is re-run on its own so error observations are exactly what a standalone run prints.
+_BATCH_HARNESS = """import contextlib, io, json
+_out = []
+for _src in json.loads({payload!r}):
+    _buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(_buf):
+            exec(compile(_src, "<snippet>", "exec"), {{"__name__": "__main__"}})
+        _out.append([True, _buf.getvalue()])
+    except BaseException:
+        _out.append([False, ""])
+print(json.dumps(_out))
+"""
+
+
+@dataclass
+class _Ok:
+    """An `ExecResult`-shaped record of a clean in-harness run (stdout only)."""
+
+    stdout: str
+    status: str = "ok"
+    stderr: str = ""
+    exit_code: int | None = 0
+    truncated: bool = False
+
+
+def execute_codes(pool: Any, codes: list[str], timeout_s: float = 10.0, batch: int = 48) -> list[Any]:
+    """Run every code snippet in the sandbox; returns one `ExecResult`-like object per snippet.
+
+    Snippets are batched into harness executions; any snippet that raised (or whose batch did not
+    finish cleanly) is re-run standalone through ``pool.map`` and its real result returned."""
+    import json
+
+    results: list[Any] = [None] * len(codes)
+    unique = list(dict.fromkeys(codes))
+    chunks = [unique[i:i + batch] for i in range(0, len(unique), batch)]
+    harnesses = [_BATCH_HARNESS.format(payload=json.dumps(c)) for c in chunks]
+    by_code: dict[str, Any] = {}
+    for chunk, res in zip(chunks, pool.map(harnesses, timeout_s=timeout_s) if harnesses else []):
+        if res.status != "ok" or res.truncated:
+            continue
+        try:
+            outs = json.loads(res.stdout)
+        except ValueError:
+            continue
+        for code, (ok, stdout) in zip(chunk, outs):
+            if ok:
+                by_code[code] = _Ok(stdout)
+    rerun = [c for c in unique if c not in by_code]
+    for code, res in zip(rerun, pool.map(rerun, timeout_s=timeout_s) if rerun else []):
+        by_code[code] = res
+    for i, c in enumerate(codes):
+        results[i] = by_code[c]
+    return results
+
+
+def demonstrations(records: list[dict[str, Any]], cfg: Any, pool: Any, mix: dict[str, float] | None = None,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Render one demonstration per record in the exact TIR turn format of `ctpo.tir.protocol`.
+
+    Returns dicts ``{"id", "style", "problem", "answer", "prompt", "segments"}`` where ``prompt`` is
+    `protocol.build_prompt` (plain layout: the tiny tokenizer has no chat template) and ``segments`` is
+    the response as ``[{"text", "policy": bool}]``: policy turns (`CODE_TURN`, or the final answer turn
+    whose EOS the tokenizer step appends) alternating with observations produced by
+    `protocol.format_observation` from really running each code block in ``pool``.
+    """
+    from ctpo.tir.protocol import build_prompt, find_code_block, format_observation
+
+    rng = random.Random(f"ctpo.arith.demos/{seed}")
+    styles = demonstration_styles(len(records), rng, mix or DEFAULT_MIX, cfg.max_turns, records)
+    planned = [demonstration_turns(r, s, rng) for r, s in zip(records, styles)]
+    codes = [t["code"] for turns in planned for t in turns if t["code"] is not None]
+    results = iter(execute_codes(pool, codes, timeout_s=max(10.0, cfg.tool_timeout_s)))
+    demos = []
+    for r, style, turns in zip(records, styles, planned):
+        segments = []
+        for t in turns:
+            if t["code"] is None:
+                segments.append({"text": t["text"], "policy": True})
+                continue
+            text = CODE_TURN.format(text=t["text"], code=t["code"])
+            block = find_code_block(text)
+            if block is None or block.code.strip() != t["code"].strip() or block.end != len(text):
+                raise AssertionError(f"demonstration turn does not parse as one code block: {text!r}")
+            segments.append({"text": text, "policy": True})
+            segments.append({"text": format_observation(next(results), cfg), "policy": False})
+        demos.append({"id": r["id"], "style": style, "problem": r["problem"], "answer": r["answer"],
+                      "prompt": build_prompt(r["problem"], None, cfg), "segments": segments})
+    return demos

@@ -1,0 +1,128 @@
+"""Evaluation: avg@k and pass@k through the same TIR episode loop, sandbox and grader as training.
+
+For each problem, k samples (the problem repeated k times in ONE batched `run_episodes` call), each graded
+on its final policy turn. Definitions (c_i = correct samples of problem i, n problems):
+
+- ``avg_at_k`` = (1/n) Σ_i c_i / k — the paper's avg@k (mean accuracy over all samples).
+- ``avg_at_k_se`` = standard error **over problems**: sd_i(c_i / k) / √n (ddof=1). Samples of one problem
+  are correlated (same difficulty), so problems are the independent units; this is the honest error
+  bar for comparing methods on a fixed problem set. ``avg_at_k_se_samples`` = √(p(1-p)/(n·k)) treats the
+  n·k samples as independent (a lower bound, given for reference).
+- ``pass_at_k[j]`` for j = 1..k: the unbiased estimator of Chen et al. (2021),
+  mean_i [1 - C(k - c_i, j) / C(k, j)].
+
+`evaluate` is what the trainer calls for periodic eval; ``ctpo eval`` (`ctpo.commands.eval`) wraps
+`run_eval` with model loading, files and MLflow. Generation backends come from
+`ctpo.generation.GENERATORS` (``hf`` here, ``vllm`` on GPU), so callers never name a backend class.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from typing import Any
+
+DEFAULT_EVAL_SEED = 1234
+"""Sampling seed of evaluation when the config gives none: every eval of a model samples the same way."""
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    # numerically stable product form of C(n-c, k) / C(n, k)
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def summarize(correct: list[list[bool]]) -> dict[str, Any]:
+    """avg@k, its standard errors and pass@j (j = 1..k) from a per-problem list of k correctness flags."""
+    if not correct:
+        raise ValueError("cannot summarise an evaluation with no problems")
+    k = len(correct[0])
+    if k < 1 or any(len(row) != k for row in correct):
+        raise ValueError("every problem needs the same number k >= 1 of samples")
+    n = len(correct)
+    per_problem = [sum(row) / k for row in correct]
+    mean = sum(per_problem) / n
+    var = sum((p - mean) ** 2 for p in per_problem) / (n - 1) if n > 1 else 0.0
+    return {
+        "k": k,
+        "n_problems": n,
+        "avg_at_k": mean,
+        "avg_at_k_se": math.sqrt(var / n),
+        "avg_at_k_se_samples": math.sqrt(mean * (1 - mean) / (n * k)),
+        "pass_at_k": {str(j): sum(pass_at_k(k, sum(row), j) for row in correct) / n for j in range(1, k + 1)},
+    }
+
+
+def run_eval(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, pool, grader,
+             params=None, seed: int = DEFAULT_EVAL_SEED) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sample k episodes per record through `ctpo.tir.episode.run_episodes`, grade them; returns
+    (summary, per-sample records). ``params`` (SamplingParams) defaults to T=1, no truncation."""
+    from dataclasses import replace
+
+    from ctpo.tir.episode import SamplingParams, run_episodes
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not records:
+        raise ValueError("no problems to evaluate")
+    params = params or SamplingParams(temperature=1.0, top_p=1.0, top_k=-1)
+    if params.seed is None:
+        params = replace(params, seed=seed)
+    problems = [r["problem"] for r in records for _ in range(k)]
+    t0 = time.perf_counter()
+    episodes = run_episodes(generator, tokenizer, problems, cfg, pool, params)
+    gen_s = time.perf_counter() - t0
+    golds = [r["answer"] for r in records for _ in range(k)]
+    grades = grader.grade_batch([ep.final_text for ep in episodes], golds)
+
+    samples = []
+    for i, (ep, g) in enumerate(zip(episodes, grades)):
+        r = records[i // k]
+        samples.append({
+            "problem_id": r["id"], "sample": i % k, "correct": bool(g.correct), "extracted": g.extracted,
+            "answer": r["answer"], "grade_status": g.status, "turns": ep.num_turns,
+            "tool_calls": ep.num_tool_calls, "tool_errors": ep.num_tool_errors, "void_turns": ep.num_void_turns,
+            "finish": ep.finish, "length": len(ep.response_ids), "policy_tokens": sum(ep.response_mask),
+            "response": ep.response_text,
+        })
+    correct = [[s["correct"] for s in samples[i * k:(i + 1) * k]] for i in range(len(records))]
+    n_s = len(samples)
+    summary = summarize(correct)
+    summary.update({
+        "mean_length": sum(s["length"] for s in samples) / n_s,
+        "mean_policy_tokens": sum(s["policy_tokens"] for s in samples) / n_s,
+        "mean_turns": sum(s["turns"] for s in samples) / n_s,
+        "mean_tool_calls": sum(s["tool_calls"] for s in samples) / n_s,
+        "tool_error_rate": sum(s["tool_errors"] for s in samples) / max(1, sum(s["tool_calls"] for s in samples)),
+        "no_answer_rate": sum(s["extracted"] is None for s in samples) / n_s,
+        "finish": dict(Counter(s["finish"] for s in samples)),
+        "eval_seed": params.seed, "temperature": params.temperature,
+        "rollout_s": gen_s, "eval_s": time.perf_counter() - t0,
+    })
+    return summary, samples
+
+
+def evaluate(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, pool, grader,
+             params=None, seed: int = DEFAULT_EVAL_SEED) -> dict[str, Any]:
+    """Summary dict of `run_eval` (avg_at_k, avg_at_k_se, pass_at_k, mean_length, ...): the periodic
+    in-training evaluation. Same seed, same problems -> same samples for the same weights."""
+    return run_eval(generator, tokenizer, records, k, cfg, pool, grader, params=params, seed=seed)[0]
+
+
+def sampling_from_config(eval_cfg: dict[str, Any]):
+    """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens, seed)."""
+    from ctpo.tir.episode import SamplingParams
+
+    return SamplingParams(
+        temperature=float(eval_cfg.get("temperature", 1.0)), top_p=float(eval_cfg.get("top_p", 1.0)),
+        top_k=int(eval_cfg.get("top_k", -1)), max_new_tokens=int(eval_cfg.get("max_new_tokens", 256)),
+        seed=int(eval_cfg.get("seed", DEFAULT_EVAL_SEED)),
+    )

@@ -1,0 +1,284 @@
+"""Supervised warm-up: the "Base" checkpoint of the tiny study.
+
+    records (ctpo.data) ─► demonstrations (arith + protocol + sandbox) ─► tokenizer (BPE on that corpus)
+        ─► token ids + policy mask, exactly as the RL episode loop lays them out ─► a tiny Qwen3 model
+        trained on policy tokens only ─► HF folder + sft_summary.json
+
+The loss covers exactly the tokens RL trains on: each policy turn tokenised on its own (as the model
+emits it), the final turn followed by EOS; the prompt and every tool observation (tokenised on its own,
+as `ctpo.tir.episode` appends it) have mask 0. Training is deterministic given the seed (data order,
+init, dropout-free model), with a fixed number of steps rather than a time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    """Warm-up settings (the ``sft:`` block of a model in the experiment config)."""
+
+    n_demos: int = 2000
+    """Train problems turned into demonstrations (the first ``n_demos`` of the config's train set)."""
+    mix: dict[str, float] = field(default_factory=lambda: {"tool": 0.75, "error": 0.12, "direct": 0.13})
+    """Demonstration styles: clean tool use, a tool error then recovery, answered by hand (no tool)."""
+    steps: int = 400
+    """Optimizer steps (fixed, so runs are reproducible)."""
+    batch_size: int = 16
+    """Demonstrations per step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW); linear warm-up then cosine decay to ``min_lr_ratio``."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    seed: int = 0
+    """Seed of the model init, the demonstration styles and the data order."""
+    vocab_size: int = 512
+    """BPE vocabulary size of the tokenizer trained on the demonstrations."""
+    log_every: int = 20
+    """Steps between logged metrics."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SFTConfig:
+        d = dict(d or {})
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown sft option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+@dataclass
+class Example:
+    """One tokenised demonstration: ids and the policy mask (1 = trained on)."""
+
+    ids: list[int]
+    mask: list[int]
+    style: str
+
+
+def tokenize_demonstration(demo: dict[str, Any], tokenizer, cfg) -> Example:
+    """Token ids + policy mask of a demonstration, laid out exactly like an RL episode: the prompt by
+    `protocol.encode_prompt`, each segment encoded on its own, EOS after the final policy turn."""
+    from ctpo.tir.protocol import encode_prompt
+
+    ids = list(encode_prompt(demo["problem"], tokenizer, cfg))
+    mask = [0] * len(ids)
+    for i, seg in enumerate(demo["segments"]):
+        seg_ids = list(tokenizer.encode(seg["text"], add_special_tokens=False))
+        if seg["policy"] and i == len(demo["segments"]) - 1:
+            seg_ids.append(tokenizer.eos_token_id)
+        ids += seg_ids
+        mask += [1 if seg["policy"] else 0] * len(seg_ids)
+    return Example(ids, mask, demo["style"])
+
+
+def corpus(demos: list[dict[str, Any]]) -> list[str]:
+    """The texts the tokenizer is trained on: every prompt and every segment."""
+    texts = []
+    for d in demos:
+        texts.append(d["prompt"])
+        texts.extend(s["text"] for s in d["segments"])
+    return texts
+
+
+def _batches(examples: list[Example], batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """Indices of each step's batch: epochs of a seeded shuffle, grouped by similar length within a
+    window of 32 batches (less padding), the batch order shuffled again."""
+    rng = random.Random(f"ctpo.sft/{seed}")
+    out: list[list[int]] = []
+    while len(out) < steps:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        window = batch_size * 32
+        epoch = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w:w + window], key=lambda i: len(examples[i].ids))
+            epoch += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(epoch)
+        out += epoch
+    return out[:steps]
+
+
+def _collate(examples: list[Example], idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(examples[i].ids) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(idx), width), dtype=torch.long)
+    labels = torch.full((len(idx), width), -100, dtype=torch.long)
+    for r, i in enumerate(idx):
+        e = examples[i]
+        n = len(e.ids)
+        ids[r, :n] = torch.tensor(e.ids)
+        attn[r, :n] = 1
+        lab = torch.tensor(e.ids)
+        lab[torch.tensor(e.mask) == 0] = -100
+        labels[r, :n] = lab
+    return ids, attn, labels
+
+
+def policy_token_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over policy tokens (label != -100) of the batch."""
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    target = labels[:, 1:]
+    n = int((target != -100).sum())
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100, reduction="sum") / max(n, 1)
+    return loss, n
+
+
+def train(model, examples: list[Example], cfg: SFTConfig, pad_id: int, progress: bool = True,
+          log_fn=None) -> dict[str, Any]:
+    """The warm-up loop; returns summary statistics. ``log_fn(metrics, step)`` receives metrics."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    batches = _batches(examples, cfg.batch_size, cfg.steps, cfg.seed)
+    t0 = time.perf_counter()
+    tokens = policy_tokens = 0
+    window: list[float] = []
+    first_loss = last_loss = float("nan")
+    bar = tqdm(batches, desc="sft", disable=not progress, mininterval=1.0)
+    for step, idx in enumerate(bar):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        ids, attn, labels = _collate(examples, idx, pad_id)
+        loss, n = policy_token_loss(model, ids, attn, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        opt.step()
+        tokens += int(attn.sum())
+        policy_tokens += n
+        window.append(loss.item())
+        if step == 0:
+            first_loss = loss.item()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == len(batches):
+            last_loss = sum(window) / len(window)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            if log_fn is not None:
+                log_fn({"sft/loss": last_loss, "sft/lr": lr_at(step), "sft/grad_norm": float(gnorm),
+                        "time/sft_tokens_per_s": tokens / elapsed}, step + 1)
+            window = []
+    model.eval()
+    wall = time.perf_counter() - t0
+    return {"steps": len(batches), "first_loss": first_loss, "final_loss": last_loss, "train_s": wall,
+            "tokens": tokens, "policy_tokens": policy_tokens, "tokens_per_s": tokens / max(wall, 1e-9)}
+
+
+def build_examples(config: dict[str, Any], sft: SFTConfig, tir_cfg, pool) -> tuple[list[dict], Any, list[Example]]:
+    """Demonstrations, the tokenizer trained on them, and the tokenised examples."""
+    from ctpo import data as datasets
+    from ctpo import tiny
+    from ctpo.tasks import arith
+
+    train_spec = dict((config.get("data") or {}).get("train") or {})
+    source = train_spec.pop("source", "arith")
+    if datasets.resolve_name(source).name != "arith":
+        raise ValueError(f"ctpo sft builds demonstrations for the arith task only; data.train.source is {source!r}")
+    n = min(sft.n_demos, int(train_spec.get("n", sft.n_demos)))
+    records = datasets.load(source, split=train_spec.get("split", "train"), n=n,
+                            seed=int(train_spec.get("seed", 0)))
+    demos = arith.demonstrations(records, tir_cfg, pool, mix=sft.mix, seed=sft.seed)
+    tokenizer = tiny.build_tokenizer(corpus(demos), vocab_size=sft.vocab_size)
+    examples = [tokenize_demonstration(d, tokenizer, tir_cfg) for d in demos]
+    return demos, tokenizer, examples
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def run_sft(config: dict[str, Any], model_name: str, out_dir: str | Path, threads: int | None = None,
+            progress: bool = True, overrides: dict[str, Any] | None = None, pool=None) -> dict[str, Any]:
+    """The whole ``ctpo sft`` step; returns the summary also written to ``out_dir/sft_summary.json``."""
+    from ctpo import tiny, tracking
+    from ctpo.config import section
+    from ctpo.tir.protocol import TIRConfig
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    t_start = time.perf_counter()
+    spec = section(config, "models", model_name)
+    if "preset" not in spec:
+        raise ValueError(f"models.{model_name} has no tiny `preset`; `ctpo sft` builds tiny models only "
+                         f"(presets: {', '.join(tiny.PRESETS)})")
+    sft = SFTConfig.from_dict({**(spec.get("sft") or {}), **(overrides or {})})
+    tir_cfg = TIRConfig.from_dict(config.get("tir"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    if pool is None:
+        from ctpo.tir.sandbox import SandboxPool
+
+        sandbox = config.get("sandbox") or {}
+        with SandboxPool(workers=int(sandbox.get("workers", 2)),
+                         allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False))) as p:
+            demos, tokenizer, examples = build_examples(config, sft, tir_cfg, p)
+    else:
+        demos, tokenizer, examples = build_examples(config, sft, tir_cfg, pool)
+    demo_s = time.perf_counter() - t0
+
+    model = tiny.build_model(spec["preset"], tokenizer, seed=sft.seed,
+                             **{k: v for k, v in spec.items() if k not in ("preset", "sft")})
+    n_params = tiny.count_parameters(model)
+    styles: dict[str, int] = {}
+    for e in examples:
+        styles[e.style] = styles.get(e.style, 0) + 1
+    policy_lens = [sum(e.mask) for e in examples if e.style != "direct"]
+    log.info("sft %s: %d demonstrations %s, %d params, %.0f policy tokens per tool demo", model_name,
+             len(examples), styles, n_params, sum(policy_lens) / max(1, len(policy_lens)))
+
+    params = {"model": model_name, "preset": spec["preset"], "n_params": n_params,
+              **{f"sft.{k}": v for k, v in asdict(sft).items()}}
+    with tracking.start_run(config, f"sft__{model_name}", tags={"model": model_name, "method": "sft"},
+                            params=params, kind="sft", id_file=out / ".mlflow_run_id") as run:
+        stats = train(model, examples, sft, tokenizer.pad_token_id, progress=progress,
+                      log_fn=lambda m, s: run.log_metrics(m, step=s))
+        tiny.save_pretrained(model, tokenizer, out)
+        summary = {
+            "model": model_name, "preset": spec["preset"], "n_params": n_params, "vocab_size": len(tokenizer),
+            "n_demos": len(examples), "styles": styles, "demo_build_s": demo_s,
+            "mean_tokens": sum(len(e.ids) for e in examples) / len(examples),
+            "mean_policy_tokens_tool_demos": sum(policy_lens) / max(1, len(policy_lens)),
+            "threads": torch.get_num_threads(), "sft": asdict(sft), **stats,
+            "wall_s": time.perf_counter() - t_start, "mlflow_run_id": run.run_id if hasattr(run, "run_id") else None,
+        }
+        run.log_metrics({"sft/final_loss": stats["final_loss"], "time/sft_s": stats["train_s"]}, step=stats["steps"])
+        with (out / "sft_demos_sample.jsonl").open("w") as f:  # a look at what the model was taught
+            for d in demos[:20]:
+                f.write(json.dumps({**d, "text": d["prompt"] + "".join(s["text"] for s in d["segments"])}) + "\n")
+        _atomic_json(out / "sft_summary.json", summary)
+        run.log_artifact(out / "sft_summary.json")
+    print(f"sft {model_name}: {stats['steps']} steps, loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, "
+          f"{summary['wall_s']:.1f}s ({stats['tokens_per_s']:.0f} tok/s, {torch.get_num_threads()} threads) -> {out}")
+    return summary

@@ -1,0 +1,144 @@
+"""Evaluation: avg@k, its standard errors and pass@k against hand-computed values; the evaluation loop
+through the real episode loop, sandbox and grader with a scripted generator; and the `ctpo sft` /
+`ctpo eval` CLIs end to end on a micro budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctpo.eval import evaluate, pass_at_k, run_eval, summarize
+
+
+def test_pass_at_k_hand_values():
+    assert pass_at_k(4, 0, 1) == 0.0
+    assert pass_at_k(4, 4, 4) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)      # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)      # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(4, 2, 3) == pytest.approx(1.0)            # n - c < k
+    assert pass_at_k(8, 3, 4) == pytest.approx(1 - math.comb(5, 4) / math.comb(8, 4))
+    assert pass_at_k(32, 5, 7) == pytest.approx(1 - math.comb(27, 7) / math.comb(32, 7))
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+def test_summarize_hand_values():
+    # 3 problems, k = 4: per-problem accuracies 1/4, 2/4, 4/4
+    correct = [[True, False, False, False], [True, True, False, False], [True, True, True, True]]
+    s = summarize(correct)
+    assert s["k"] == 4 and s["n_problems"] == 3
+    assert s["avg_at_k"] == pytest.approx(7 / 12)
+    # SE over problems: sd of (0.25, 0.5, 1.0) with ddof=1, divided by sqrt(3)
+    m = 7 / 12
+    sd = math.sqrt(((0.25 - m) ** 2 + (0.5 - m) ** 2 + (1 - m) ** 2) / 2)
+    assert s["avg_at_k_se"] == pytest.approx(sd / math.sqrt(3))
+    assert s["avg_at_k_se_samples"] == pytest.approx(math.sqrt(m * (1 - m) / 12))
+    assert s["pass_at_k"]["1"] == pytest.approx(7 / 12)  # pass@1 == avg@k
+    assert s["pass_at_k"]["2"] == pytest.approx((0.5 + 5 / 6 + 1) / 3)
+    assert s["pass_at_k"]["4"] == pytest.approx(1.0)
+    assert list(s["pass_at_k"]) == ["1", "2", "3", "4"]
+    with pytest.raises(ValueError):
+        summarize([[True], [True, False]])
+
+
+class _Tok:
+    """Character-level stand-in tokenizer (enough for the episode loop's text/token work)."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+    eos_token = "\x00"
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) + 1 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i - 1) for i in ids if i != 0)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from ctpo.tir.sandbox import SandboxPool
+
+    try:
+        with SandboxPool(workers=2) as p:
+            yield p
+    except Exception as exc:  # pragma: no cover - machines without namespaces
+        pytest.skip(f"sandbox unavailable: {exc}")
+
+
+def test_run_eval_with_scripted_generator(pool):
+    from ctpo.reward import Grader
+    from ctpo.tir.episode import ScriptedGenerator
+    from ctpo.tir.protocol import TIRConfig
+
+    records = [{"id": "p0", "problem": "What is 12 * 34?", "answer": "408"},
+               {"id": "p1", "problem": "What is 7 * 6?", "answer": "42"}]
+    # p0: uses the tool and copies its output (right); p1: answers by hand (wrong)
+    script = {
+        "What is 12 * 34?": ["Compute.\n```python\nprint(12 * 34)\n```\n", "So \\boxed{408}.\x00"],
+        "What is 7 * 6?": ["By hand: \\boxed{41}.\x00"],
+    }
+    gen = ScriptedGenerator(_Tok(), script)
+    cfg = TIRConfig(max_response_tokens=400)
+    with Grader(workers=1) as grader:
+        summary, samples = run_eval(gen, _Tok(), records, 3, cfg, pool, grader)
+        again = evaluate(gen, _Tok(), records, 3, cfg, pool, grader)
+    assert summary["avg_at_k"] == pytest.approx(0.5) and summary["avg_at_k_se"] == pytest.approx(0.5)
+    assert summary["pass_at_k"] == {"1": 0.5, "2": 0.5, "3": 0.5}
+    assert again["avg_at_k"] == summary["avg_at_k"]
+    assert gen.calls[0] == 6  # all k samples of all problems in one generate call
+    assert [s["problem_id"] for s in samples] == ["p0"] * 3 + ["p1"] * 3
+    assert [s["sample"] for s in samples] == [0, 1, 2] * 2
+    s0, s1 = samples[0], samples[3]
+    assert s0["correct"] and s0["extracted"] == "408" and s0["turns"] == 2 and s0["tool_calls"] == 1
+    assert "```output\n408\n```" in s0["response"]
+    assert not s1["correct"] and s1["extracted"] == "41" and s1["turns"] == 1 and s1["tool_calls"] == 0
+    assert s0["length"] > s0["policy_tokens"] > 0
+    assert summary["mean_tool_calls"] == pytest.approx(0.5)
+    assert summary["finish"] == {"answer": 6}
+
+
+def _ctpo(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ctpo", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def micro_config(tmp_path_factory):
+    import yaml
+
+    root = tmp_path_factory.mktemp("study")
+    cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "tiny.yaml").read_text())
+    cfg["results_dir"] = str(root / "results")
+    cfg["mlflow"] = {"enabled": False}
+    cfg["models"] = {"micro": {"preset": "xs", "sft": {"n_demos": 64, "steps": 4, "batch_size": 4,
+                                                        "vocab_size": 320}}}
+    path = root / "micro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sft_and_eval_cli_smoke(micro_config, tmp_path):
+    base = tmp_path / "base"
+    r = _ctpo("sft", "--config", str(micro_config), "--model", "micro", "--out", str(base), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((base / "sft_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["n_demos"] == 64 and summary["threads"] == 1
+    assert (base / "config.json").is_file() and (base / "tokenizer.json").is_file()
+
+    out = tmp_path / "eval"
+    r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(base), "--benchmark", "arith-easy",
+              "--out", str(out), "--k", "2", "--n", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["k"] == 2 and s["n_problems"] == 3 and s["model"] == "micro" and s["method"] == "base"
+    assert {"avg_at_k", "avg_at_k_se", "pass_at_k", "mean_length", "benchmark", "seed"} <= set(s)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    assert {"problem_id", "sample", "response", "extracted", "correct", "turns", "length"} <= set(rows[0])
