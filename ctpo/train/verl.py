@@ -55,7 +55,7 @@ from ctpo.config import ConfigError, results_dir, section
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "backends" / "verl"
 TOOL_CONFIG = PACKAGE_DIR / "tool_config.yaml"
 AGENT_LOOP_CONFIG = PACKAGE_DIR / "agent_loop.yaml"
-PLUGIN_MODULE = "ctpo.backends.verl"
+PLUGIN_MODULE = "ctpo.backends.verl.losses"
 POLICY_LOSS_TARGET = "ctpo.backends.verl.config.CTPOPolicyLossConfig"
 
 # ctpo method name -> VERL policy_loss.loss_mode (verl.builtin_losses: false swaps vanilla/gspo for the
@@ -429,7 +429,7 @@ def collect_outputs(out: Path) -> int:
         row = {"step": step, **{ours_metric_key(k): v for k, v in data.items() if isinstance(v, int | float)}}
         lines.append(json.dumps(row))
         if any(k.startswith("actor/diag/") for k in data):
-            from ctpo.backends.verl.losses import figure1_data
+            from ctpo.backends.verl.metrics import figure1_data
 
             diag_dir.mkdir(exist_ok=True)
             figure1_data(data).to_frame().to_csv(diag_dir / f"step_{step:05d}.csv", index=False)

@@ -57,3 +57,7 @@ def core_config(method: str, policy_loss: typing.Any, loss_agg_mode: str) -> cor
         if value is not None:
             values[name] = list(value) if name == "ratio_quantiles" else value
     return core.PolicyLossConfig.from_dict(values)
+
+
+# Selecting this config is enough to bring the losses in (Hydra imports this module in each worker).
+from ctpo.backends.verl import losses as _losses  # noqa: E402, F401

@@ -10,10 +10,9 @@ with (B, T) tensors per micro-batch, ``config.policy_loss`` the policy-loss conf
 normalisers (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor), which the core applies
 itself, so a mini-batch split into micro-batches and data-parallel ranks gives the same gradient.
 
-Metrics: VERL wraps each returned scalar in ``Metric(MEAN)`` and averages it over micro-batches and then
-over data-parallel ranks. Every key we return is therefore a per-micro-batch mean or a per-bucket sum or
-count whose *ratios* survive that averaging (``figure1_data`` divides them back out). No key contains
-"max" or "min", which VERL's legacy ``reduce_metrics`` would reduce with np.max / np.min.
+Metrics: the core's (``actor/clip/...``, ``actor/ratio/...``), VERL's usual three (``actor/pg_clipfrac``,
+``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) and the per-position diagnostics (``actor/diag/pos/...``);
+see ``ctpo.backends.verl.metrics`` for why they survive VERL's averaging.
 """
 
 from __future__ import annotations
@@ -25,23 +24,22 @@ from verl.trainer.ppo.core_algos import register_policy_loss
 
 from ctpo import losses as core
 from ctpo.backends.verl.config import core_config
+from ctpo.backends.verl.metrics import (
+    DIAG_BUCKETS,
+    DIAG_PREFIX,
+    figure1_data,
+    position_scalars,
+    position_stats,
+    verl_metric_key,
+)
+
+__all__ = ["DIAG_BUCKETS", "DIAG_PREFIX", "PLUGIN_LOSSES", "figure1_data", "make_policy_loss", "position_stats"]
 
 PLUGIN_LOSSES = {"ctpo": "ctpo", "ctpo_fixed": "ctpo_fixed", "seq": "seq",
                  "ctpo_grpo": "grpo", "ctpo_gspo": "gspo"}
 """VERL loss name -> ``ctpo.losses`` method. The ratio designs VERL lacks keep their names; GRPO and GSPO
 normally run on VERL's own ``vanilla`` / ``gspo`` (same numbers, tested), and are also available as
 ``ctpo_grpo`` / ``ctpo_gspo`` for runs that want the per-position diagnostics of this adapter."""
-
-METRIC_PREFIX = "actor/"
-DIAG_PREFIX = "actor/diag/pos"
-DIAG_BUCKETS = {"exact_limit": 16, "spacing": "log", "per_octave": 4, "max_position": 16384}
-"""Position buckets of the in-loss diagnostics: 1..16 exact, then 4 per doubling up to 16,384
-(~60 buckets x 8 scalars per step, cheap enough to log every step)."""
-
-
-def verl_metric_key(key: str) -> str:
-    """``ratio/max`` -> ``actor/ratio/peak``: namespaced, and no "max"/"min" for VERL's name-based reducer."""
-    return METRIC_PREFIX + key.replace("max", "peak").replace("min", "floor")
 
 
 def _policy_loss_config(config: Any) -> Any:
@@ -91,37 +89,6 @@ def make_policy_loss(method: str):
     policy_loss.__name__ = f"compute_policy_loss_{method}"
     policy_loss.__doc__ = f"VERL policy loss {method!r}: ctpo.losses.compute_policy_loss(method={method!r})."
     return policy_loss
-
-
-def position_stats(cfg: core.PolicyLossConfig):
-    """An empty ``PositionStats`` with the adapter's buckets and ``cfg``'s clip ranges (Figure 1's two
-    rows: the fixed range and the position-adaptive range)."""
-    from ctpo.diagnostics import PositionStats
-
-    r = cfg.resolved()
-    return PositionStats(**DIAG_BUCKETS, clip_low=r.clip_low, clip_high=r.clip_high, eps_low=r.eps_low,
-                         eps_high=r.eps_high, gamma=r.gamma, position=r.position)
-
-
-def position_scalars(old_log_prob, log_prob, response_mask, advantages, cfg: core.PolicyLossConfig) -> dict[str, float]:
-    """Per-position statistics of log ρ_{1:t} for this micro-batch as additive scalars
-    (``actor/diag/pos/bNNN/{count,sum,sumsq,tsum,fixed_low,...}``, see ``ctpo.diagnostics``)."""
-    stats = position_stats(cfg)
-    with torch.no_grad():
-        stats.update(old_log_prob.detach(), log_prob.detach(), response_mask)
-    return stats.to_scalars(DIAG_PREFIX)
-
-
-def figure1_data(metrics: dict[str, Any], prefix: str = DIAG_PREFIX):
-    """Logged metrics of one step -> ``PositionStats`` (Figure-1 data: ``.to_frame()``, ``.fit_sqrt()``).
-
-    VERL averaged each scalar over micro-batches and ranks, so counts are per-micro-batch averages;
-    means, stds and clip rates are exact. ``prefix`` is ``diag/pos`` for rows of ``RUN/metrics.jsonl``.
-    """
-    from ctpo.diagnostics import PositionStats
-
-    return PositionStats.from_scalars({k: float(v) for k, v in metrics.items() if k.startswith(prefix)},
-                                      prefix, **DIAG_BUCKETS)
 
 
 for _verl_name, _method in PLUGIN_LOSSES.items():
