@@ -55,8 +55,8 @@ position-scaled d_t = dual_clip_eps · t^γ (the public CTPO release's ``la_clip
 A clipped token contributes its constant clipped value and no gradient. Before any ``exp`` the
 log-weight is clamped to ``max_log_weight`` (default 20): a token beyond it is treated as clipped
 (no gradient), exactly like verl's ``clamp(log_ratio, max=...)``, so loss and gradients stay finite
-even for T = 32,768 tokens with per-token log-ratio noise of std 1 (float32 or bfloat16 inputs; all
-arithmetic is done in float32).
+even for T = 32,768 tokens with per-token log-ratio noise of std 1 (float32 or bfloat16 inputs; the
+arithmetic is done in float32, or float64 for float64 inputs).
 
 Aggregation (``loss_agg_mode``), with verl 0.9.1's ``agg_loss`` meanings (see :func:`agg_loss`):
 ``token-mean`` Σ m·loss / N_tokens; ``seq-mean-token-mean`` mean over sequences of the per-sequence
@@ -342,14 +342,14 @@ class PolicyLossConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def position_index(mask: torch.Tensor, position: str = "policy") -> torch.Tensor:
-    """Token position t ≥ 1 as float32: ``policy`` counts mask tokens up to and including the current
-    one (clamped to ≥ 1 so mask-0 tokens before the first policy token get 1); ``absolute`` is the
-    column index + 1, shape (1, T)."""
+def position_index(mask: torch.Tensor, position: str = "policy", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Token position t ≥ 1: ``policy`` counts mask tokens up to and including the current one
+    (clamped to ≥ 1 so mask-0 tokens before the first policy token get 1), shape (B, T);
+    ``absolute`` is the column index + 1, shape (1, T)."""
     if position == "policy":
-        return mask.to(torch.float32).cumsum(-1).clamp_(min=1.0)
+        return mask.to(dtype).cumsum(-1).clamp_(min=1.0)
     if position == "absolute":
-        return torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=torch.float32).unsqueeze(0)
+        return torch.arange(1, mask.shape[-1] + 1, device=mask.device, dtype=dtype).unsqueeze(0)
     raise ValueError(f"position={position!r} is not one of {POSITION_MODES}")
 
 
@@ -379,17 +379,19 @@ def _row_coefficients(
     global_batch_size: Any = None,
     loss_scale_factor: Any = None,
 ) -> torch.Tensor:
-    """Per-sequence weights c_b (shape (B, 1), float32) with ``agg(loss_mat) = Σ_{b,t} c_b m_bt loss_bt``."""
-    n_tok = mask.sum(-1, keepdim=True, dtype=torch.float32)
+    """Per-sequence weights c_b (shape (B, 1), ``mask``'s float dtype) with
+    ``agg(loss_mat) = Σ_{b,t} c_b m_bt loss_bt``."""
+    dt = mask.dtype if mask.is_floating_point() else torch.float32
+    n_tok = mask.sum(-1, keepdim=True, dtype=dt)
     if loss_agg_mode == "token-mean":
-        denom = n_tok.sum() if batch_num_tokens is None else torch.as_tensor(batch_num_tokens, dtype=torch.float32)
+        denom = n_tok.sum() if batch_num_tokens is None else torch.as_tensor(batch_num_tokens, dtype=dt)
         return (dp_size / denom.clamp(min=1.0)).expand_as(n_tok)
     if loss_agg_mode == "token-sum":
         return torch.full_like(n_tok, float(dp_size))
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode={loss_agg_mode!r} is not one of {LOSS_AGG_MODES}")
-    seq_mask = (n_tok > 0).to(torch.float32)
-    g = seq_mask.sum() if global_batch_size is None else torch.as_tensor(global_batch_size, dtype=torch.float32)
+    seq_mask = (n_tok > 0).to(dt)
+    g = seq_mask.sum() if global_batch_size is None else torch.as_tensor(global_batch_size, dtype=dt)
     coef = seq_mask * (dp_size / g.clamp(min=1.0))
     if loss_agg_mode == "seq-mean-token-mean":
         return coef / (n_tok + 1e-8)
@@ -416,9 +418,10 @@ def agg_loss(
     Σ_b [n_b>0] (Σ_t m·loss / (n_b + 1e-8)) / G · dp_size, with G = global_batch_size (default: the
     number of sequences with n_b > 0). Degenerate denominators are clamped to ≥ 1 (verl returns NaN).
     """
-    mask = loss_mask.to(torch.float32)
+    dt = torch.promote_types(loss_mat.dtype, torch.float32)
+    mask = loss_mask.to(dt)
     coef = _row_coefficients(mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
-    return (loss_mat.to(torch.float32) * mask * coef).sum()
+    return (loss_mat.to(dt) * mask * coef).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,11 +496,14 @@ def _side_bounds(cfg: PolicyLossConfig) -> tuple[tuple[float, float], tuple[floa
     return lower, upper, dual
 
 
-def _row_bound(pos: torch.Tensor, if_pos: tuple[float, float], if_not: tuple[float, float]):
+def _row_bound(pos: torch.Tensor, if_pos: tuple[float, float], if_not: tuple[float, float], dtype: torch.dtype):
     """A bound chosen by the advantage's sign, as (constant, t^γ-coefficient or None), shaped like ``pos``."""
-    const = torch.where(pos, if_pos[0], if_not[0])
-    coef = torch.where(pos, if_pos[1], if_not[1]) if (if_pos[1] or if_not[1]) else None
-    return const, coef
+
+    def pick(a: float, b: float) -> torch.Tensor:
+        return torch.where(pos, torch.tensor(a, dtype=dtype, device=pos.device),
+                           torch.tensor(b, dtype=dtype, device=pos.device))
+
+    return pick(if_pos[0], if_not[0]), (pick(if_pos[1], if_not[1]) if (if_pos[1] or if_not[1]) else None)
 
 
 def _scaled_bound(scale: torch.Tensor, const: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -509,8 +515,8 @@ def _scaled_bound(scale: torch.Tensor, const: torch.Tensor, coef: torch.Tensor, 
 
 
 def _position_scale(mask: torch.Tensor, position: str, gamma: float) -> torch.Tensor:
-    """t^γ as a fresh (B, T) float32 tensor (0 on mask-0 tokens before the first policy token)."""
-    t = mask.cumsum(-1) if position == "policy" else position_index(mask, position).expand_as(mask).clone()
+    """t^γ as a fresh (B, T) tensor of ``mask``'s dtype (0 on mask-0 tokens before the first policy token)."""
+    t = mask.cumsum(-1) if position == "policy" else position_index(mask, position, mask.dtype).expand_as(mask).clone()
     return t.sqrt_() if gamma == 0.5 else t.pow_(gamma)
 
 
@@ -538,9 +544,9 @@ def _weight_stats(cfg, x, mask, n, scratch) -> list[torch.Tensor]:
                 continue
             pos = q * (k - 1)
             lo_k, frac = math.floor(pos), pos - math.floor(pos)
-            lo_v = sample.kthvalue(lo_k + 1).values
-            hi_v = sample.kthvalue(min(lo_k + 2, k)).values if frac > 0 else lo_v
-            quantiles.append((lo_v + (hi_v - lo_v) * frac).clamp(max=cap).exp())
+            lo_w = sample.kthvalue(lo_k + 1).values.clamp(max=cap).exp()  # exp is monotone: rank in log space
+            hi_w = sample.kthvalue(min(lo_k + 2, k)).values.clamp(max=cap).exp() if frac > 0 else lo_w
+            quantiles.append(lo_w + (hi_w - lo_w) * frac)
     return [ratio_mean, ratio_max, log_mean, *quantiles]
 
 
@@ -561,6 +567,11 @@ def _clip_fractions(kept, below, mask, pos, neg, n) -> list[torch.Tensor]:
     return [low, high, dual, low + high + dual]
 
 
+def _compute_dtype(log_prob: torch.Tensor) -> torch.dtype:
+    """float32 for float32 / bfloat16 / float16 inputs, float64 for float64 inputs."""
+    return torch.promote_types(log_prob.dtype, torch.float32)
+
+
 def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, with_metrics=True):
     """``grad="current"``: one no-grad pass over (B, T) computing value, gradient factor and metrics.
 
@@ -571,9 +582,9 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
     plus the float mask when the input mask is not float32; grpo and ctpo use the same number.
     """
     method = METHODS[cfg.method]
-    f32 = torch.float32
+    f32 = _compute_dtype(log_prob)
     with torch.no_grad():
-        mask = response_mask.to(f32)  # aliases the input when already float32: never written
+        mask = response_mask.to(f32)  # aliases the input when already that dtype: never written
         adv = advantages.to(f32)
         if adv.dim() == 1:
             adv = adv.unsqueeze(-1)
@@ -591,8 +602,8 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
         lower_b, upper_b, dual_b = _side_bounds(cfg)
         pos = adv > 0
         # A > 0: bounded above by hi; A ≤ 0: below by lo and above by the dual threshold.
-        lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b)
-        up_const, up_coef = _row_bound(pos, upper_b, dual_b)
+        lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b, f32)
+        up_const, up_coef = _row_bound(pos, upper_b, dual_b, f32)
         cap = cfg.max_log_weight
         scale = _position_scale(mask, cfg.position, cfg.gamma) if (lo_coef is not None or up_coef is not None) else None
         if lo_coef is None:
@@ -626,7 +637,7 @@ def _max_bound(const: torch.Tensor, coef: torch.Tensor, length: int, gamma: floa
 def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
     """``grad="prefix"``: plain autograd through w_t = exp(L_t) (the whole prefix gets gradient)."""
     method = METHODS[cfg.method]
-    f32 = torch.float32
+    f32 = _compute_dtype(log_prob)
     mask = response_mask.to(f32)
     adv = advantages.to(f32)
     if adv.dim() == 1:
@@ -637,8 +648,8 @@ def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
     x = method.log_weight(log_ratio.clone(), mask).expand_as(mask)
     lower_b, upper_b, dual_b = _side_bounds(cfg)
     pos = adv > 0
-    lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b)
-    up_const, up_coef = _row_bound(pos, upper_b, dual_b)
+    lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b, f32)
+    up_const, up_coef = _row_bound(pos, upper_b, dual_b, f32)
     scale = None
     if lo_coef is not None or up_coef is not None:
         scale = _position_scale(mask, cfg.position, cfg.gamma)
@@ -697,7 +708,7 @@ def compute_policy_loss(
         loss, parts = _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
     else:
         loss, parts = _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
-    vals = torch.stack([p.reshape(()).to(torch.float32) for p in parts]).tolist()  # one host transfer
+    vals = torch.stack([p.reshape(()).to(torch.float64) for p in parts]).tolist()  # one host transfer
     if not math.isfinite(vals[-1]):
         raise FloatingPointError(
             f"policy loss is {vals[-1]}: an input holds inf/nan (log_prob, old_log_prob or advantages, "
