@@ -1,21 +1,23 @@
 """The sandbox fork server ("zygote"): run as ``python -I -m ctpo.tir._zygote FD`` by ``SandboxPool``.
 
-Process tree of one execution (see ``ctpo.tir.sandbox`` for the threat model)::
+Processes (see ``ctpo.tir.sandbox`` for the threat model)::
 
     caller (SandboxPool) ──unix socket──► zygote Z    started with an empty environment; imports the
-         │  code, stdout/stderr,             │          math modules once, builds the sandbox's root
-         │  status and control pipes         │          filesystem and the seccomp filter once, then
-         │  (passed to Z as fds)             │          only forks; it never reads code or output
-         │                                   ▼
-         └────────────────────────────►  monitor M   per execution; host side, outside every sandbox
-                                             │        namespace: enforces the wall clock, reports
-                                             ▼        the exit status, kills the tree
-                                         child C      pid 1 of a fresh pid namespace; hardens itself
-                                                      (namespaces, uid, rlimits, Landlock, seccomp),
-                                                      then reads the code from its stdin and runs it
+         │  per execution: the child's        │         math modules once, builds the read-only root
+         │  stdin/stdout/stderr pipes, a      │         filesystem and the seccomp filter once, then
+         │  status pipe and a control pipe    │         waits; its death takes everything below
+         │  (sent to the server as fds)       ▼
+         │                                server S   pid 1 of a pid namespace of its own; for each
+         │                                    │       request: unshare(CLONE_NEWPID), fork, setns
+         │                                    │       back; one poll loop enforces every wall clock
+         │                                    ▼       and writes each exit status to its status pipe
+         └──── code in, output out ─────► child C    pid 1 of a fresh nested pid namespace; hardens
+                                                     itself (namespaces, uid, rlimits, Landlock,
+                                                     seccomp), reads the code from stdin, runs it
 
-The pool writes the code straight into C's stdin pipe and reads C's stdout/stderr itself, so Z (the
+The pool writes the code straight into C's stdin pipe and reads C's stdout/stderr itself, so S (the
 template every execution is forked from) never holds a request's code or output in its memory.
+Without pid namespaces (a weaker tier) Z is the server and C an ordinary child.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ CHILD_STEPS = ("mount_ns", "net_ns", "ipc_ns", "uts_ns", "unique_uid", "user_ns"
 
 
 class Context:
-    """Everything a forked monitor/child needs; built once in the zygote, never holds a request."""
+    """Everything a forked child needs; built once in the zygote, never holds a request."""
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
@@ -346,7 +348,7 @@ def _child(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, sp: 
         iso.prctl(iso.PR_SET_PDEATHSIG, signal.SIGKILL)  # after the last credential change
         p = select.poll()
         p.register(sp, select.POLLIN)
-        if p.poll(0):  # the monitor already died (or wrote nothing: then this is just data)
+        if p.poll(0):  # the server already died (it never writes to this socket)
             os._exit(EXIT_SETUP_FAILED)
         if not strict:
             os.write(sp, json.dumps({"done": sorted(done), "errors": errors}).encode())

@@ -17,11 +17,11 @@ kernel exploit: the kernel is the trusted base, and the layers below shrink the 
 (a seccomp deny-list, no capabilities, Landlock) rather than replace a VM. What an execution can
 reach (full isolation):
 
-* **processes** — pid 1 of its own pid namespace: the caller, the zygote, the monitor and other
+* **processes** — pid 1 of its own pid namespace: the caller, the zygote, the server and other
   executions do not exist for it (no pids to signal or ``ptrace``, its own ``/proc``). When it
   exits or is killed, the kernel kills everything left in the namespace (orphans, daemons,
-  threads). A unique unprivileged host uid (``1000000000 + pid``; never host root) plus
-  ``RLIMIT_NPROC`` bounds fork bombs; ``PR_SET_PDEATHSIG`` ties it to its monitor.
+  threads). A unique unprivileged host uid per execution (``>= 1000000000``; never host root)
+  plus ``RLIMIT_NPROC`` bounds fork bombs; ``PR_SET_PDEATHSIG`` ties it to the server.
 * **files** — a private mount namespace whose root is a read-only tmpfs holding read-only binds of
   what Python needs (the stdlib, site-packages, the folders of mapped shared libraries) and
   ``/dev/{null,zero,full,random,urandom}``. Not the caller's cwd, not the project, not ``/etc``.
@@ -35,8 +35,8 @@ reach (full isolation):
   ``PR_SET_NO_NEW_PRIVS``, seccomp deny-list (ptrace, process_vm_*, mount, unshare/setns,
   namespace-creating clone flags, bpf, perf, keyrings, io_uring, kexec, modules, ...). IPC and UTS
   namespaces are private.
-* **resources** — wall clock (enforced by a monitor outside the sandbox: SIGKILL of the namespace's
-  init), ``RLIMIT_CPU``, ``RLIMIT_AS`` (``memory_mb`` beyond the preloaded interpreter),
+* **resources** — wall clock (enforced by the server outside the sandbox: SIGKILL of the
+  namespace's init), ``RLIMIT_CPU``, ``RLIMIT_AS`` (``memory_mb`` beyond the preloaded interpreter),
   ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE = 0``; set as hard limits, so
   they cannot be raised from inside. Output is read while it streams: ``max_output_bytes`` are kept
   (head and tail), past ``kill_output_bytes`` the execution is killed (status ``output_limit``).
@@ -54,18 +54,31 @@ recorded but does not lower the tier, because the user namespace plus the pid na
 separate the execution from the caller) is ``"weaker"``: ``SandboxPool`` then refuses to start
 with :class:`SandboxIsolationError` naming what is missing, unless the caller passes
 ``allow_weaker_isolation=True``; it then warns (``warnings.warn`` and the log) and sets
-``isolation.weaker_allowed``. The weakest tier (no namespaces at all) still applies Landlock,
-seccomp (which then also denies ``setsid``/``setpgid`` and every ``socket()``), rlimits and a
-per-execution scratch folder, kills leftover processes by uid or process group, but cannot cap the
-scratch folder's total size or hide ``/proc``. Record ``pool.isolation.to_dict()`` with each run.
+``isolation.weaker_allowed``. The weakest tier (no namespaces at all) still applies Landlock (the
+Python installation read-only, a per-execution scratch folder under the host's temp dir
+read-write, nothing else, ``/proc`` included), seccomp (which then also denies ``setsid``/``setpgid``
+and every ``socket()``), rlimits and, as root, a distinct uid; the server kills leftover processes
+by uid (or process group) and removes the scratch folder. It cannot cap the scratch folder's total
+size (only each file's), and a distinct uid must be able to read the Python installation (not so
+for one under ``/root``: lazy imports then fail). Record ``pool.isolation.to_dict()`` with each run.
 
 How it is fast
 --------------
-One zygote per pool imports sympy/numpy/... once; an execution is two forks of it (a monitor, and
-the child that becomes pid 1 of its namespaces) plus ~40 syscalls of hardening, a few
-milliseconds instead of a fresh interpreter's import time. The seccomp filter and the read-only
-root are built once. Each in-flight execution is served by one caller thread reading its pipes;
-``workers`` executions run at a time.
+One zygote per pool imports sympy/numpy/... once and runs a short warm-up (first-call caches, lazy
+imports), freezes its objects out of the garbage collector, and builds the read-only root and the
+seccomp filter once. An execution is then one ``fork`` of that template (into a fresh pid
+namespace) plus ~40 syscalls of hardening: milliseconds instead of a fresh interpreter's import
+time. One event loop in the server supervises all executions; each in-flight execution is served
+by one caller thread reading its pipes; ``workers`` executions run at a time.
+
+Semantics to know
+-----------------
+The code runs as ``python -c`` would (``__name__ == "__main__"``, exit status from ``sys.exit``,
+traceback on stderr, non-daemon threads joined at exit), with unbuffered stdout/stderr so that
+output printed before a timeout is kept. It is pid 1 of its namespace: like any init it ignores
+signals it sends itself whose action is the default (``os.kill(os.getpid(), SIGTERM)``), while
+faults (a segfault) and the limits still end it. Orphans are re-parented to it, and when it exits
+everything else in the namespace is killed. There are no executables (no shell) inside.
 """
 
 from __future__ import annotations
@@ -462,11 +475,11 @@ class SandboxPool:
             sel.register(fd, selectors.EVENT_READ, what)
         open_fds = 3
         output_killed = False
-        backstop = t0 + lim.timeout_s + 30.0  # the monitor enforces the real limit; this guards the monitor
+        backstop = t0 + lim.timeout_s + 30.0  # the server enforces the real limit; this guards the server
         while open_fds:
             left = backstop - time.monotonic()
             if left <= 0:
-                log.error("sandbox: no report from the monitor %.0fs past the deadline; cancelling", 30.0)
+                log.error("sandbox: no report from the sandbox server %.0fs past the deadline; cancelling", 30.0)
                 os.close(fds.pop("ctl"))
                 break
             for key, _ in sel.select(timeout=min(left, 1.0)):
