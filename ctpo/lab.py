@@ -486,16 +486,20 @@ def mc_bias_variance(
         return err_sq - trace / M, trace, err_sq
 
     b2, tr, err = (x[0] for x in stats(np.full((1, K), 1.0 / K)))
-    W = rng.multinomial(K, np.full(K, 1.0 / K), size=n_boot) / K
-    b2_star, tr_star, _ = stats(W)
     alpha = (1.0 - level) / 2.0
-    lo_b2 = b2 - (np.quantile(b2_star, 1 - alpha) - err)
-    hi_b2 = b2 - (np.quantile(b2_star, alpha) - err)
+    if n_boot > 0:
+        W = rng.multinomial(K, np.full(K, 1.0 / K), size=n_boot) / K
+        b2_star, tr_star, _ = stats(W)
+        lo_b2 = b2 - (np.quantile(b2_star, 1 - alpha) - err)
+        hi_b2 = b2 - (np.quantile(b2_star, alpha) - err)
+    else:  # no intervals asked for
+        lo_b2 = hi_b2 = float("nan")
+        tr_star = np.full(1, np.nan)
     gn = np.sqrt(gg)
     return {
         "mc_rel_bias": _safe_div(np.sqrt(max(b2, 0.0)), gn),
-        "mc_rel_bias_lo": _safe_div(np.sqrt(max(lo_b2, 0.0)), gn),
-        "mc_rel_bias_hi": _safe_div(np.sqrt(max(hi_b2, 0.0)), gn),
+        "mc_rel_bias_lo": _safe_div(np.sqrt(max(lo_b2, 0.0)), gn) if n_boot > 0 else float("nan"),
+        "mc_rel_bias_hi": _safe_div(np.sqrt(max(hi_b2, 0.0)), gn) if n_boot > 0 else float("nan"),
         "mc_rel_error_raw": _safe_div(np.sqrt(max(err, 0.0)), gn),
         "mc_noise_floor": _safe_div(np.sqrt(max(tr, 0.0) / M), gn),
         "mc_total_var": float(tr),
@@ -597,8 +601,13 @@ def _estimator_rows(
     targets: dict[str, np.ndarray],
     key: tuple,
     positions: bool = False,
+    skipped: list[str] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Exact + MC bias and variance of every (method, clip mode) against every target on one MDP."""
+    """Exact + MC bias and variance of every (method, clip mode) against every target on one MDP.
+
+    A (method, clip mode) the loss rejects, or whose loss is not a sum over sequences, is skipped with a
+    warning and recorded in ``skipped``; the rest of the lab still runs.
+    """
     rng = _setting_rng(settings, *key, "samples")
     tokens, states = sample_sequences(mdp, settings.n_samples, rng)
     rows, pos_rows = [], []
@@ -607,8 +616,10 @@ def _estimator_rows(
         try:
             exact = exact_moments(mdp, advantages_fn, cfg)
             mc = mc_moments(mdp, tokens, states, advantages_fn, cfg, settings.n_batches)
-        except (ValueError, NotImplementedError, KeyError) as exc:
-            log.warning("lab: %s with clip_mode=%s skipped: %s", method, clip_mode, exc)
+        except (ValueError, NotImplementedError, KeyError, RuntimeError) as exc:
+            log.warning("lab: %s with clip_mode=%s skipped (%s): %s", method, clip_mode, key, exc)
+            if skipped is not None:
+                skipped.append(f"{method}/{clip_mode} at {key}: {exc}")
             continue
         clip_frac = _clip_fraction(mc.metrics)
         boot_rng = _setting_rng(settings, *key, method, clip_mode, "boot")
@@ -659,60 +670,74 @@ def run_lab(out_dir: str | Path, settings: LabSettings | None = None, methods: I
 
 
 def _run_experiments(out: Path, settings: LabSettings, methods: list[str], start: float) -> dict:
-    V, T = settings.vocab, settings.horizon
+    skipped: list[str] = []
+    bias, positions = token_level_study(settings, methods, skipped)
+    ratio = ratio_variance_study(settings)
+    outcome, outcome_positions = outcome_study(settings, methods, skipped)
+    positions = pd.concat([positions, outcome_positions], ignore_index=True)
+    compute_s = time.perf_counter() - start
+    summary = write_outputs(out, settings, methods, bias, positions, ratio, outcome, compute_s)
+    summary["skipped"] = skipped
+    if skipped:
+        log.warning("lab: %d (method, clip mode, setting) combinations were skipped; see lab_summary.json",
+                    len(skipped))
+    return summary
 
-    # 1. token-level advantage: off-policyness sweep, then horizon sweep (every clip mode).
-    bias_rows, pos_rows = [], []
+
+def token_level_study(settings: LabSettings, methods: Sequence[str], skipped: list[str]):
+    """Prop. 1 setting: bias and variance vs off-policyness (every clip mode) and vs the horizon."""
+    V, T, kf = settings.vocab, settings.horizon, settings.focus_off_policy
+    rows_all, pos_all = [], []
     log.info("lab: token-level advantage, off-policyness sweep (V=%d, T=%d, κ=%s)", V, T, settings.off_policy)
-    for kappa in settings.off_policy:
-        mdp = make_mdp(V, T, kappa, settings.seed, logit_scale=settings.logit_scale)
+    settings_list = [("offpolicy", T, k) for k in settings.off_policy] + [("horizon", h, kf) for h in settings.horizons]
+    for experiment, horizon, kappa in settings_list:
+        if experiment == "horizon" and horizon == settings.horizons[0]:
+            log.info("lab: horizon sweep (T=%s, κ=%g)", settings.horizons, kf)
+        mdp = make_mdp(V, horizon, kappa, settings.seed, logit_scale=settings.logit_scale)
         rows, prow = _estimator_rows(mdp, settings, methods, settings.clip_modes, _token_advantages(mdp),
-                                     {"token": exact_token_gradient(mdp)}, ("offpolicy", T, kappa),
-                                     positions=kappa == settings.focus_off_policy)
-        bias_rows += [{**_mdp_columns(mdp, kappa, "offpolicy"), **r} for r in rows]
-        pos_rows += [{**_mdp_columns(mdp, kappa, "offpolicy"), **r} for r in prow]
-    log.info("lab: horizon sweep (T=%s, κ=%g)", settings.horizons, settings.focus_off_policy)
-    kappa_h = settings.focus_off_policy
-    for horizon in settings.horizons:
-        mdp = make_mdp(V, horizon, kappa_h, settings.seed, logit_scale=settings.logit_scale)
-        rows, _ = _estimator_rows(mdp, settings, methods, settings.clip_modes, _token_advantages(mdp),
-                                  {"token": exact_token_gradient(mdp)}, ("horizon", horizon, kappa_h))
-        bias_rows += [{**_mdp_columns(mdp, kappa_h, "horizon"), **r} for r in rows]
+                                     {"token": exact_token_gradient(mdp)}, (experiment, horizon, kappa),
+                                     positions=experiment == "offpolicy" and kappa == kf, skipped=skipped)
+        cols = _mdp_columns(mdp, kappa, experiment)
+        rows_all += [{**cols, **r} for r in rows]
+        pos_all += [{**cols, **r} for r in prow]
+    return pd.DataFrame(rows_all), pd.DataFrame(pos_all)
 
-    # 2. Proposition 2: Var(ρ_{1:t}) — i.i.d. ratios (closed form exact) and the state-dependent MDP.
+
+def ratio_variance_study(settings: LabSettings) -> pd.DataFrame:
+    """Prop. 2: Var(ρ_{1:t}) exact / closed form / MC, for i.i.d. ratios and the state-dependent MDP."""
     log.info("lab: ratio variance (Prop. 2)")
-    ratio_rows = []
-    for iid, kappa in itertools.product((True, False), settings.off_policy[1:]):
+    V, T = settings.vocab, settings.horizon
+    rows = []
+    for iid, kappa in itertools.product((True, False), [k for k in settings.off_policy if k > 0]):
         mdp = make_mdp(V, T, kappa, settings.seed, iid=iid, logit_scale=settings.logit_scale)
         tokens, states = sample_sequences(mdp, settings.n_samples, _setting_rng(settings, "ratio", iid, kappa))
-        exact, closed, mc = ratio_variance_exact(mdp), ratio_variance_independent(mdp), ratio_variance_mc(
-            mdp, tokens, states)
+        exact, closed = ratio_variance_exact(mdp), ratio_variance_independent(mdp)
+        mc = ratio_variance_mc(mdp, tokens, states)
+        chi2 = divergence(mdp)["chi2_per_token"]
         for t in range(1, T + 1):
-            ratio_rows.append({"mdp": "iid" if iid else "state-dependent", "V": V, "T": T, "off_policy": kappa,
-                               "chi2_per_token": divergence(mdp)["chi2_per_token"], "position": t,
-                               "var_rho_prefix_exact": exact[t - 1], "var_rho_prefix_closed_form": closed[t - 1],
-                               "var_rho_prefix_mc": mc[t - 1], "var_rho_seq_exact": exact[-1],
-                               "var_rho_seq_closed_form": closed[-1]})
+            rows.append({"mdp": "iid" if iid else "state-dependent", "V": V, "T": T, "off_policy": kappa,
+                         "chi2_per_token": chi2, "position": t,
+                         "var_rho_prefix_exact": exact[t - 1], "var_rho_prefix_closed_form": closed[t - 1],
+                         "var_rho_prefix_mc": mc[t - 1], "var_rho_seq_exact": exact[-1],
+                         "var_rho_seq_closed_form": closed[-1]})
+    return pd.DataFrame(rows)
 
-    # 3. outcome reward: which estimator is unbiased for which target.
+
+def outcome_study(settings: LabSettings, methods: Sequence[str], skipped: list[str]):
+    """Outcome reward: every estimator against the three targets of `outcome_targets`."""
     log.info("lab: outcome reward")
-    outcome_rows, outcome_pos = [], []
+    V, T, kf = settings.vocab, settings.horizon, settings.focus_off_policy
+    rows_all, pos_all = [], []
     for kappa in settings.off_policy:
         mdp = make_mdp(V, T, kappa, settings.seed, logit_scale=settings.logit_scale,
                        reward_rate=settings.reward_rate)
         rows, prow = _estimator_rows(mdp, settings, methods, ("none",), _outcome_advantages(mdp),
-                                     outcome_targets(mdp), ("outcome", T, kappa),
-                                     positions=kappa == settings.focus_off_policy)
-        outcome_rows += [{**_mdp_columns(mdp, kappa, "outcome"), **r} for r in rows]
-        outcome_pos += [{**_mdp_columns(mdp, kappa, "outcome"), **r} for r in prow]
-
-    bias = pd.DataFrame(bias_rows)
-    positions = pd.DataFrame(pos_rows + outcome_pos)
-    ratio = pd.DataFrame(ratio_rows)
-    outcome = pd.DataFrame(outcome_rows)
-    compute_s = time.perf_counter() - start
-
-    return write_outputs(out, settings, methods, bias, positions, ratio, outcome, compute_s)
+                                     outcome_targets(mdp), ("outcome", T, kappa), positions=kappa == kf,
+                                     skipped=skipped)
+        cols = _mdp_columns(mdp, kappa, "outcome")
+        rows_all += [{**cols, **r} for r in rows]
+        pos_all += [{**cols, **r} for r in prow]
+    return pd.DataFrame(rows_all), pd.DataFrame(pos_all)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -188,8 +188,8 @@ def test_on_policy_every_method_gives_the_same_gradient_and_it_is_unbiased():
     methods = lab.registered_methods()
     assert {"grpo", "seq", "gspo", "ctpo", "ctpo_fixed"} <= set(methods)
     coefs = {m: lab.token_coefficients(mdp, tokens, states, adv, lab.loss_config(m))[0] for m in methods}
-    for m in methods:
-        np.testing.assert_array_equal(coefs[m], coefs["grpo"], err_msg=m)
+    for m in methods:  # identical up to the loss's float32 arithmetic (every weight is exp(0) = 1)
+        np.testing.assert_allclose(coefs[m], coefs["grpo"], rtol=1e-6, atol=0, err_msg=m)
     np.testing.assert_allclose(coefs["grpo"], adv, rtol=1e-6)  # vanilla policy gradient: w = 1
     g = lab.exact_token_gradient(mdp)
     mc = lab.mc_moments(mdp, tokens, states, _token_adv(mdp), lab.loss_config("ctpo"), n_batches=32)
