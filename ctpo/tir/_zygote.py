@@ -1,4 +1,4 @@
-"""The sandbox fork server ("zygote"): run as ``python -I -m ctpo.tir._zygote FD`` by ``SandboxPool``.
+"""The sandbox fork server ("zygote"), started by ``SandboxPool`` as ``python -I`` with an empty environment.
 
 Processes (see ``ctpo.tir.sandbox`` for the threat model)::
 
@@ -62,6 +62,7 @@ class Context:
         self.disable = set(cfg.get("disable", ()))
         self.plan: set[str] = set()
         self.ro_paths: list[str] = []
+        self.tmp_binds: list[tuple[str, str]] = []  # (parked copy, path under /tmp)
         self.seccomp_prog: bytes | None = None
         self.landlock_abi = 0
         self.base_vm_bytes = 0
@@ -149,11 +150,17 @@ def _build_root(ctx: Context) -> None:
     proc_fd = os.open("/proc", os.O_PATH | os.O_CLOEXEC)
     new = "/tmp"  # any existing folder: covered only inside our own mount namespace
     iso.mount("tmpfs", new, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
-    for path, fd in sources.items():
-        target = new + path
+    ro_flags = iso.MS_BIND | iso.MS_REMOUNT | iso.MS_RDONLY | iso.MS_NOSUID | iso.MS_NODEV
+    for i, (path, fd) in enumerate(sources.items()):
+        if path == "/tmp" or path.startswith("/tmp/"):
+            # Each execution mounts its scratch over /tmp: park this one aside, re-bound per execution.
+            ctx.tmp_binds.append((f"/.ro{i}", path))
+            target = f"{new}/.ro{i}"
+        else:
+            target = new + path
         os.makedirs(target, exist_ok=True)
         iso.mount(f"/proc/self/fd/{fd}", target, None, iso.MS_BIND | iso.MS_REC)
-        iso.mount(None, target, None, iso.MS_BIND | iso.MS_REMOUNT | iso.MS_RDONLY | iso.MS_NOSUID | iso.MS_NODEV)
+        iso.mount(None, target, None, ro_flags)
     os.makedirs(new + "/dev", exist_ok=True)
     for name, fd in devs.items():
         open(f"{new}/dev/{name}", "w").close()
@@ -216,6 +223,10 @@ def _harden(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, str
             iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
         size = f"size={int(req['scratch_mb'])}m,nr_inodes={int(req['scratch_inodes'])},mode=1777"
         iso.mount("tmpfs", "/tmp", "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, size)
+        for src, dst in ctx.tmp_binds:  # Python installed under /tmp (a CI checkout's venv, say)
+            os.makedirs(dst, mode=0o755, exist_ok=True)
+            iso.mount(src, dst, None, iso.MS_BIND | iso.MS_REC)
+            iso.mount(None, dst, None, iso.MS_BIND | iso.MS_REMOUNT | iso.MS_RDONLY | iso.MS_NOSUID | iso.MS_NODEV)
 
     step("mount_ns", mount_ns)
     step("net_ns", lambda: iso.unshare(iso.CLONE_NEWNET))
@@ -300,6 +311,7 @@ def _run_user_code(timeout_fd: int) -> None:
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", write_through=True)
     sys.argv = ["-c"]
+    sys.path[:] = [p for p in sys.path if os.path.isdir(p)]  # what is visible in here
     os.environ.clear()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     main = types.ModuleType("__main__")

@@ -207,6 +207,12 @@ class _Limits:
     scratch_inodes: int
 
 
+# ``-I``: no PYTHON* variables, no user site, no cwd on sys.path. ctpo's own folder goes last on the
+# path only so that an uninstalled checkout works too.
+_BOOT = "import sys; sys.path.append(sys.argv[2]); from ctpo.tir._zygote import main; main()"
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 class _Zygote:
     """The fork-server process and the control socket to it."""
 
@@ -215,7 +221,7 @@ class _Zygote:
         self.sock = parent
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "ctpo.tir._zygote", str(child.fileno())],
+                [sys.executable, "-I", "-c", _BOOT, str(child.fileno()), _PACKAGE_PARENT],
                 env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 pass_fds=(child.fileno(),), start_new_session=True,
             )
