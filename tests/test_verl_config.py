@@ -136,7 +136,9 @@ def test_overrides_compose_and_validate_with_verl(model, method, tmp_path):
     from verl.utils.config import omega_conf_to_dataclass
 
     env = {"MLFLOW_RUN_ID": "0123abcd", "MLFLOW_TRACKING_URI": "sqlite:////tmp/a dir/mlflow.db"}
-    cfg = compose(tv.build_overrides(paper_config(), model, method, 3, tmp_path / "run", env=env))
+    study = paper_config()
+    study["tir"]["enable_thinking"] = False
+    cfg = compose(tv.build_overrides(study, model, method, 3, tmp_path / "run", env=env))
     validate(cfg)  # VERL's own checks, incl. instantiating the actor config
 
     actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
@@ -153,6 +155,7 @@ def test_overrides_compose_and_validate_with_verl(model, method, tmp_path):
     assert Path(cfg.actor_rollout_ref.rollout.multi_turn.tool_config_path).is_file()
     assert Path(cfg.actor_rollout_ref.rollout.agent.agent_loop_config_path).is_file()
     assert cfg.trainer.nnodes == 1 and cfg.trainer.n_gpus_per_node == 8
+    assert cfg.data.apply_chat_template_kwargs.enable_thinking is False
 
 
 @pytest.mark.verl

@@ -305,6 +305,11 @@ def build_overrides(
     steps = max_steps or v["total_training_steps"] or train["steps"]
     if steps:
         ov.append(f"trainer.total_training_steps={int(steps)}")
+    # the chat template's switches (Qwen3's enable_thinking) as the local protocol passes them
+    template_kwargs = dict(tir.get("extra_template_kwargs") or {})
+    if tir.get("enable_thinking") is not None:
+        template_kwargs["enable_thinking"] = bool(tir["enable_thinking"])
+    ov += [f"+data.apply_chat_template_kwargs.{k}={hydra_value(x)}" for k, x in sorted(template_kwargs.items())]
     ov += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(x)}" for k, x in sorted(workers_env.items())]
     ov += [str(x) for x in (v["overrides"] or [])]
     return ov
