@@ -33,9 +33,10 @@ log ρ ∉ [−eps_low·t^γ, eps_high·t^γ] (below / above). A token counts as
 outside the range on either side (the side that binds in the loss depends on the advantage's sign,
 which the statistics leave out), so the rates are comparable for any training method.
 
-Numerics: each update reduces its tokens to per-bucket count, Σ log ρ and Σ (log ρ)² in float64,
-converts them to (count, mean, M2) and folds them into the running state with Chan et al.'s
-parallel update (the pairwise form of Welford's algorithm); ``merge`` uses the same formula.
+Numerics: each update reduces its tokens to per-bucket count, Σ x and Σ x² in float64 with
+x = log ρ − (the bucket's running mean), converts them to (count, mean, M2) and folds them into the
+running state with Chan et al.'s parallel update (the pairwise form of Welford's algorithm); ``merge``
+uses the same formula. Inputs are read in float32 (float64 when given float64).
 
 Cost: the statistics need the prefix sum, the position and a scatter per token, which is about as
 much work as the loss itself. An update therefore looks at a deterministic subset of whole
@@ -167,10 +168,10 @@ class PositionStats:
             return self
         cfg = self._config
         step = 1 if cfg["max_tokens"] is None else max(1, math.ceil(b * t_len / cfg["max_tokens"]))
-        f32 = torch.float32
+        f32 = torch.promote_types(log_prob.dtype, torch.float32)  # float64 stays float64
         mask = response_mask[::step].to(f32)
         log_rho = (log_prob[::step].detach().to(f32) - old_log_prob[::step].to(f32)).mul_(mask).cumsum_(-1)
-        t = position_index(mask, cfg["position"]).expand_as(mask)
+        t = position_index(mask, cfg["position"], f32).expand_as(mask)
         scale = t.pow(cfg["gamma"])
         lo_f, hi_f = self._fixed
         # Clip state of each range ∈ {0 inside, 1 below, 2 above}, folded with the exact position
@@ -187,25 +188,29 @@ class PositionStats:
         code.add_(tpos, alpha=9.0)
         code = code.reshape(-1).to(torch.int32)
         tpos = tpos.reshape(-1).to(torch.int32)
-        x = log_rho.reshape(-1).double()
         dev, f64 = log_rho.device, torch.float64
+        # centre on the bucket's running mean before squaring, so Σx² − (Σx)²/n does not cancel
+        bucket_of = self._bucket_of[: n_pos - 1].to(dev)
+        shift = torch.from_numpy(self.mean).to(dev)
+        shift_pos = torch.cat([torch.zeros(1, dtype=f64, device=dev), shift[bucket_of]])
+        x = log_rho.reshape(-1).double() - shift_pos[tpos]
         state = torch.bincount(code, minlength=n_pos * 9).reshape(n_pos, 9)[1:].to(f64)
         s1 = torch.bincount(tpos, weights=x, minlength=n_pos)[1:]
         s2 = torch.bincount(tpos, weights=x * x, minlength=n_pos)[1:]
         per_pos = torch.cat([s1[:, None], s2[:, None], state @ self._state_cols.to(dev)], 1)
         per_pos[:, 2] *= torch.arange(1, n_pos, dtype=f64, device=dev)  # count -> Σ t
         per_bucket = torch.zeros(self.n_buckets, 8, dtype=f64, device=dev)
-        per_bucket.index_add_(0, self._bucket_of[: n_pos - 1].to(dev), per_pos)
+        per_bucket.index_add_(0, bucket_of, per_pos)
         n, s1, s2, tsum, clips = per_bucket[:, 3], per_bucket[:, 0], per_bucket[:, 1], per_bucket[:, 2], per_bucket[:, 4:]
-        self._fold(*(a.cpu().numpy() for a in (n, s1, s2, tsum, clips)))
+        self._fold(*(a.cpu().numpy() for a in (n, s1, s2, tsum, clips)), shift=self.mean.copy())
         return self
 
-    def _fold(self, n, s1, s2, tsum, clips) -> None:
-        """Fold additive per-bucket sums of one batch into the running (count, mean, M2)."""
+    def _fold(self, n, s1, s2, tsum, clips, shift=0.0) -> None:
+        """Fold per-bucket sums of one batch (of x − shift) into the running (count, mean, M2)."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean_b = np.where(n > 0, s1 / np.maximum(n, 1), 0.0)
-            m2_b = np.maximum(s2 - n * mean_b * mean_b, 0.0)
-        self._chan(n, mean_b, m2_b)
+            centred = np.where(n > 0, s1 / np.maximum(n, 1), 0.0)
+            m2_b = np.maximum(s2 - n * centred * centred, 0.0)
+        self._chan(n, np.where(n > 0, centred + shift, 0.0), m2_b)
         self.tsum += tsum
         self.clips += clips
 
@@ -237,7 +242,8 @@ class PositionStats:
     def to_frame(self) -> pd.DataFrame:
         """One row per non-empty bucket: ``bucket, t_lo, t_hi, t_mean, count, mean, std,
         clip_fixed, clip_fixed_low, clip_fixed_high, clip_adaptive, clip_adaptive_low,
-        clip_adaptive_high`` (clip columns are rates in [0, 1])."""
+        clip_adaptive_high`` (clip columns are rates in [0, 1]). The overflow bucket (t > max_position,
+        ``t_hi`` = inf) reports its tokens' mean position as max_position + 1."""
         keep = self.count > 0
         n = self.count[keep]
         rates = self.clips[keep] / n[:, None]
@@ -259,8 +265,10 @@ class PositionStats:
 
     def fit_sqrt(self, min_count: int = 2) -> tuple[float, float]:
         """Least-squares fit std_b ≈ c·√t_b over buckets with ≥ ``min_count`` tokens (t_b the bucket's
-        mean position, one point per bucket); returns ``(c, r2)``, NaN when fewer than two buckets."""
+        mean position, one point per bucket, the overflow bucket left out); returns ``(c, r2)``, NaN
+        when fewer than two buckets qualify."""
         keep = self.count >= max(min_count, 1)
+        keep[-1] = False
         if keep.sum() < 2:
             return math.nan, math.nan
         x = np.sqrt(self.tsum[keep] / self.count[keep])
