@@ -90,6 +90,11 @@ def test_generate_batches_one_turn_and_seeds_each_copy(monkeypatch):
     assert gen.stats == {"calls": 1, "rows": 3, "new_tokens": 6}
 
 
+def test_unknown_options_are_an_error_naming_them():
+    with pytest.raises(TypeError, match="tensor_parallel"):
+        backend.VLLMGenerator("m", llm=_FakeLLM(), tensor_parallel=2)
+
+
 @pytest.mark.vllm
 @pytest.mark.gpu
 def test_real_engine_generates_with_logprobs():

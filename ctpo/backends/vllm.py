@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Any
 
 DEFAULT_MAX_NEW_TOKENS = 8000
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "stop")
 
 
 def request_seed(seed: int, prompt: list[int], occurrence: int) -> int:
@@ -89,6 +90,9 @@ def continuation_from_output(completion: Any, eos_ids: list[int]):
 class VLLMGenerator:
     """`Generator` backed by ``vllm.LLM``.
 
+    ``ctpo eval --backend vllm`` builds it as ``VLLMGenerator(model_path, **config["eval"]["vllm"])``, so that
+    block takes the engine arguments below and the sampling defaults.
+
     Args:
         model_path: HF folder or hub id.
         tensor_parallel_size: GPUs per engine (default: all visible GPUs for models that need them is up to
@@ -104,8 +108,11 @@ class VLLMGenerator:
                  max_model_len: int | None = None, dtype: str = "bfloat16", enforce_eager: bool = False,
                  seed: int = 0, engine_kwargs: dict[str, Any] | None = None, llm: Any = None, **sampling: Any):
         self.model_path = str(model_path)
-        self.defaults = {k: v for k, v in sampling.items() if k in
-                         ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "stop")}
+        unknown = sorted(set(sampling) - set(SAMPLING_DEFAULT_KEYS))
+        if unknown:
+            raise TypeError(f"VLLMGenerator: unknown option(s) {unknown}; sampling defaults are "
+                            f"{list(SAMPLING_DEFAULT_KEYS)}, other vllm.LLM arguments go in engine_kwargs")
+        self.defaults = dict(sampling)
         if llm is None:
             llm = self._engine(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                                max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager, seed=seed,
