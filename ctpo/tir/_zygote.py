@@ -44,6 +44,8 @@ from ctpo.tir import _isolation as iso
 UID_BASE = 1_000_000_000
 UID_SLOTS = 512
 SETUP_TIMEOUT_S = 30.0
+REQUEST_KEYS = ("timeout_s", "memory_mb", "max_procs", "max_file_mb", "max_open_files", "scratch_mb",
+                "scratch_inodes")
 EXIT_SETUP_FAILED = 125
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
               "VECLIB_MAXIMUM_THREADS")
@@ -459,8 +461,11 @@ class Server:
         sp_m, sp_c = socket.socketpair()
         pid = self._fork_child() if "pid_ns" in plan else os.fork()
         if pid == 0:
-            sp_m.close()
-            _child(ctx, req, plan, uid, scratch, sp_c.fileno(), strict=False)
+            try:
+                sp_m.close()
+                _child(ctx, req, plan, uid, scratch, sp_c.fileno(), strict=False)
+            finally:
+                os._exit(EXIT_SETUP_FAILED)
         sp_c.close()
         os.waitpid(pid, 0)
         data = sp_m.recv(1 << 16)
@@ -493,25 +498,15 @@ class Server:
                 kind, e = self.fds.get(fd, ("gone", None))
                 if e is None:
                     continue
-                if kind == "pid":
-                    self._finish(e)
-                elif kind == "ctl":
-                    try:
-                        why = os.read(fd, 1)
-                    except BlockingIOError:
-                        continue
-                    e.report["output_killed" if why == b"O" else "cancelled"] = True
-                    self._unwatch(fd)
+                try:
+                    self._event(kind, fd, e)
+                except Exception as exc:  # keep serving the others; this one reports what happened
+                    print(f"sandbox server: {kind} event: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    e.report["setup_error"] = e.report["setup_error"] or f"server: {type(exc).__name__}: {exc}"
                     self._kill(e)
-                elif kind == "sp":
-                    data = e.sp.recv(4096) if e.sp else b""
-                    if not data:
-                        self._unwatch(fd)
-                    elif data.startswith(b"R") and e.started is None:
-                        e.started = time.monotonic()
-                        e.deadline = e.started + float(e.req["timeout_s"])
-                    else:
-                        e.setup_msg += data
+                    if kind == "pid":  # the child is gone: report now, or the pool would wait on it
+                        with contextlib.suppress(Exception):
+                            self._release(e, report=True)
             now = time.monotonic()
             for e in list(self.live):
                 if not e.killed and now >= e.deadline:
@@ -520,6 +515,27 @@ class Server:
                     else:
                         e.report["timed_out"] = True
                     self._kill(e)
+
+    def _event(self, kind: str, fd: int, e: _Exec) -> None:
+        if kind == "pid":
+            self._finish(e)
+        elif kind == "ctl":
+            try:
+                why = os.read(fd, 1)
+            except BlockingIOError:
+                return
+            e.report["output_killed" if why == b"O" else "cancelled"] = True
+            self._unwatch(fd)
+            self._kill(e)
+        elif kind == "sp":
+            data = e.sp.recv(4096) if e.sp else b""
+            if not data:
+                self._unwatch(fd)
+            elif data.startswith(b"R") and e.started is None:
+                e.started = time.monotonic()
+                e.deadline = e.started + e.req["timeout_s"]
+            else:
+                e.setup_msg += data
 
     def _watch(self, fd: int, kind: str, e: _Exec) -> None:
         self.fds[fd] = (kind, e)
@@ -542,9 +558,10 @@ class Server:
         if not msg:
             return False  # the pool closed its end
         try:
-            req = json.loads(msg.decode())
-            if len(fds) != 5:
-                raise ValueError("expected 5 descriptors")
+            raw = json.loads(msg.decode())
+            req = {k: float(raw[k]) if k == "timeout_s" else int(raw[k]) for k in REQUEST_KEYS}
+            if len(fds) != 5 or req["timeout_s"] <= 0:
+                raise ValueError("bad request")
         except Exception:
             for fd in fds:
                 os.close(fd)
@@ -580,7 +597,10 @@ class Server:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             except BaseException:
                 os._exit(EXIT_SETUP_FAILED)
-            _child(ctx, e.req, plan, e.uid, e.scratch, spc, strict=True)
+            try:
+                _child(ctx, e.req, plan, e.uid, e.scratch, spc, strict=True)
+            finally:  # whatever the code did, the child never returns into the server's loop
+                os._exit(EXIT_SETUP_FAILED)
         e.pid = pid
         sp_c.close()
         for fd in (e.code_r, e.out_w, e.err_w):
