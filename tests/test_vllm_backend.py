@@ -106,3 +106,52 @@ def test_real_engine_generates_with_logprobs():
     prompt = gen.tokenizer.encode("1 + 1 =")
     (c,) = gen.generate([prompt], SamplingParams(temperature=1.0, max_new_tokens=8, seed=0))
     assert 0 < len(c.token_ids) <= 8 and len(c.logprobs) == len(c.token_ids)
+
+
+class _ScriptedLLM:
+    """A vllm.LLM stand-in that answers every prompt with a code turn, then (after the observation) a boxed
+    answer; text goes through a real tokenizer, so the TIR loop sees real token ids."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def generate(self, requests, sampling, use_tqdm=False):
+        outs = []
+        for req, sp in zip(requests, sampling):
+            text = self.tok.decode(req["prompt_token_ids"])
+            if "Compute it." in text:  # our first turn is in the prompt: this is the second turn
+                reply, stop = "So the answer is \\boxed{42}.", None
+            else:
+                reply, stop = "Compute it.\n```python\nprint(6 * 7)\n```\n", "\n```\n"
+            ids = self.tok.encode(reply, add_special_tokens=False)
+            assert stop is None or stop in sp["stop"]
+            lp = [{t: _Logprob(-0.25)} for t in ids]
+            outs.append(types.SimpleNamespace(outputs=[_Completion(ids, "stop", stop, lp)]))
+        return outs
+
+
+def test_eval_runs_the_same_tir_loop_and_records_through_vllm(monkeypatch):
+    """ctpo.eval.run_eval with VLLMGenerator: code turn -> sandbox -> observation -> answer, graded."""
+    from ctpo import tiny
+    from ctpo.eval import run_eval
+    from ctpo.reward import Grader
+    from ctpo.tir.protocol import TIRConfig
+    from ctpo.tir.sandbox import SandboxPool
+
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.SamplingParams = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    tok = tiny.build_tokenizer(["Compute it. print(6 * 7) So the answer is boxed 42 output What is six times seven"])
+    gen = backend.VLLMGenerator("fake", llm=_ScriptedLLM(tok))
+    records = [{"id": "p0", "problem": "What is six times seven?", "answer": "42"},
+               {"id": "p1", "problem": "What is 6*7, really?", "answer": "41"}]
+    with SandboxPool(workers=1, allow_weaker_isolation=True) as pool, Grader(workers=0) as grader:
+        summary, samples = run_eval(gen, tok, records, 2, TIRConfig(max_turns=3, max_response_tokens=400), pool,
+                                    grader, params=SamplingParams(temperature=0.7, max_new_tokens=64, seed=1))
+    assert [s["correct"] for s in samples] == [True, True, False, False]
+    assert all(s["tool_calls"] == 1 and s["tool_errors"] == 0 and s["turns"] == 2 for s in samples)
+    assert "```output\n42\n```" in samples[0]["response"]
+    assert summary["avg_at_k"] == 0.5
