@@ -651,6 +651,8 @@ class Server:
             os.write(e.status_w, (json.dumps(e.report) + "\n").encode())
 
     def _release(self, e: _Exec, report: bool) -> None:
+        if e not in self.live and e.pidfd >= 0:
+            return  # already released
         if report:
             self._report(e)
         for fd in (e.pidfd, e.ctl_r, e.sp.fileno() if e.sp else -1):
