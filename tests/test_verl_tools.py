@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import types
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,65 @@ def test_reward_routes_every_data_source_to_the_grader():
         assert compute_score(data_source=source, solution_str="so \\boxed{42}", ground_truth="42") == 1.0
         assert compute_score(data_source=source, solution_str="so \\boxed{41}", ground_truth="42") == 0.0
     assert compute_score("hmmt_nov_2025", "\\boxed{\\frac{1}{2}}", "\\frac12", {}) == 1.0
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_full_agent_loop_run_with_the_sandbox(monkeypatch, tmp_path):
+    """VERL's own ToolAgentLoop.run() state machine with our subclass, parser and tool: a code turn stops at
+    the end of the block, the sandbox's observation is appended in the same turn with mask 0 and log-prob
+    0, the model continues and answers."""
+    import verl.trainer
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
+    from verl.workers.rollout.replica import TokenOutput
+
+    from ctpo import tiny
+    from ctpo.tir.sandbox import SandboxPool
+    from ctpo.train import verl as tv
+
+    root = Path(__file__).resolve().parent.parent
+    study = yaml.safe_load((root / "experiments" / "paper.yaml").read_text())
+    study["tir"]["max_response_tokens"] = 600
+    overrides = tv.build_overrides(study, "qwen3-4b", "ctpo", 0, tmp_path / "run")
+    with initialize_config_dir(config_dir=str(Path(verl.trainer.__file__).parent / "config"), version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+
+    tok = tiny.build_tokenizer(["<|im_start|> system user assistant Compute it. print(6 * 7) the answer is 42"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    turns = ["Compute it.\n```python\nprint(6 * 7)\n```\n", "So the answer is \\boxed{42}.<|im_end|>"]
+    seen_params = []
+
+    class FakeServer:
+        async def generate(self, request_id, prompt_ids, sampling_params, **kwargs):
+            seen_params.append(dict(sampling_params))
+            text = turns[len(seen_params) - 1]
+            ids = tok.encode(text, add_special_tokens=False)
+            return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids))
+
+    with SandboxPool(workers=1, allow_weaker_isolation=True) as pool:
+        monkeypatch.setattr(tool, "shared_pool", lambda workers, weaker: pool)
+        tools = initialize_tools_from_config(str(TOOL_CONFIG))
+        loop = agent_loop.TIRAgentLoop(trainer_config=DictConfigWrap(cfg), server_manager=FakeServer(), tokenizer=tok,
+                                       processor=None, dataset_cls=None, data_config=DictConfigWrap(cfg.data),
+                                       tools=ToolListWrap(tools))
+        messages = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": "What is 6*7?"}]
+        # the agent loop binds the event loop it was built in (VERL runs it inside its worker's loop)
+        out = loop.loop.run_until_complete(loop.run({"temperature": 1.0, "logprobs": True}, raw_prompt=messages,
+                                                    extra_info={}, tools_kwargs={}))
+
+    assert len(seen_params) == 2 and all(p["include_stop_str_in_output"] for p in seen_params)
+    assert "\n```\n" in seen_params[0]["stop"]
+    response = tok.decode(out.response_ids)
+    obs = OBS_OPEN + "42" + OBS_CLOSE
+    assert response == turns[0] + obs + turns[1]
+    assert "SYSTEM" in tok.decode(out.prompt_ids) and "tool" not in tok.decode(out.prompt_ids)
+    n1, n_obs = len(tok.encode(turns[0], add_special_tokens=False)), len(tok.encode(obs, add_special_tokens=False))
+    assert out.response_mask[:n1] == [1] * n1 and out.response_mask[n1:n1 + n_obs] == [0] * n_obs
+    assert out.response_mask[n1 + n_obs:] == [1] * (len(out.response_mask) - n1 - n_obs)
+    assert out.response_logprobs[n1:n1 + n_obs] == [0.0] * n_obs and out.response_logprobs[0] == -0.5
+    assert compute_score("aime25", response, "42") == 1.0
