@@ -180,3 +180,15 @@ print("registered")
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "registered" in proc.stdout
+
+
+@pytest.mark.verl
+def test_verl_loads_our_reward_function_from_the_overrides(tmp_path):
+    pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    cfg = compose(tv.build_overrides(paper_config(), "qwen3-4b", "grpo", 0, tmp_path))
+    fn = get_custom_reward_fn(cfg)
+    assert fn(data_source="deepscaler", solution_str="thus \\boxed{\\frac{5}{6}}", ground_truth="\\frac{5}{6}",
+              extra_info={}) == 1.0
+    assert fn(data_source="brumo_2025", solution_str="\\boxed{7}", ground_truth="6", extra_info=None) == 0.0
