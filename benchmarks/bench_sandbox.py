@@ -7,7 +7,10 @@ executions/s, p50/p99 latency and the throughput ratio. The baseline is what man
 On a shared machine the load changes from second to second, so the two are measured in alternating
 rounds (baseline, pool, baseline, pool, ...); the ratio is computed per round and over all rounds.
 
-    python benchmarks/bench_sandbox.py [--rounds 3] [--n 100] [--baseline-n 6] [--workers 2]
+    python benchmarks/bench_sandbox.py [--rounds 3] [--n 100] [--baseline-n 6] [--workers 2] [--scaling]
+
+``--scaling`` also prints the pool's throughput with 1, 2 and 4 workers (it should grow up to the
+number of free cores).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="sandbox executions per round")
     ap.add_argument("--baseline-n", type=int, default=6, help="baseline executions per round")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--scaling", action="store_true", help="also measure 1, 2 and 4 workers")
     args = ap.parse_args()
 
     def baseline() -> None:
@@ -91,6 +95,14 @@ def main() -> None:
     print(f"{'SandboxPool (full isolation)':28s} {rate:8.2f} {1e3 * _pct(lat, .5):8.1f} {1e3 * _pct(lat, .99):8.1f}")
     print(f"throughput ratio: {rate / base_rate:.1f}x overall, median of rounds {statistics.median(ratios):.1f}x "
           f"(workers={args.workers}, pool start-up {startup:.2f}s)")
+
+    if args.scaling:
+        for w in (1, 2, 4):
+            with SandboxPool(workers=w) as pool:
+                pool.run(SNIPPET)
+                lat = []
+                el = _timed(lambda: pool.run(SNIPPET, timeout_s=30), args.n, w, lat)
+                print(f"scaling: workers={w}  {args.n / el:6.2f} exec/s  p50 {1e3 * _pct(lat, .5):6.1f} ms")
 
 
 if __name__ == "__main__":
