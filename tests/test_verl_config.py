@@ -71,6 +71,17 @@ def test_overrides_carry_the_paper_setup(tmp_path):
     assert d["data.val_files"].endswith("aime25.parquet")
 
 
+def test_base_folder_without_weights_falls_back_to_the_models_hub_path(tmp_path):
+    cfg = paper_config()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "summary_only").mkdir()
+    assert tv.model_path(cfg, "qwen3-4b", tmp_path / "hf") == str(tmp_path / "hf")
+    assert tv.model_path(cfg, "qwen3-4b", tmp_path / "summary_only") == "Qwen/Qwen3-4B"
+    assert tv.model_path(cfg, "qwen3-14b", "Qwen/Qwen3-14B-Base") == "Qwen/Qwen3-14B-Base"
+    assert tv.model_path(cfg, "qwen3-14b") == "Qwen/Qwen3-14B"
+
+
 def test_builtin_methods_use_verl_losses_with_the_configs_clip_range(tmp_path):
     cfg = paper_config()
     d = dict(o.split("=", 1) for o in tv.build_overrides(cfg, "qwen3-14b", "gspo", 0, tmp_path))

@@ -128,8 +128,10 @@ def verl_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def model_path(config: dict[str, Any], model: str, base: str | Path | None = None) -> str:
-    """The HF model the run starts from: ``--base`` if given, else the model entry's path."""
-    if base is not None:
+    """The HF model the run starts from: ``--base`` if it is an HF folder or a hub id, else the model
+    entry's path (the paper's base models are the hub checkpoints themselves; the workflow's base folder
+    for them holds no weights)."""
+    if base is not None and not (Path(base).is_dir() and not (Path(base) / "config.json").is_file()):
         return str(base)
     spec = section(config, "models", model)
     for key in ("path", "hf_path", "hf", "name_or_path"):
