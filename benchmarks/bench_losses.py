@@ -12,12 +12,15 @@ What is measured, all in one run so the ratios are comparable on a noisy shared 
   each case's time and the median of the per-round ratios. ``surrogate only`` repeats it without the
   metrics (the private ``_current_token_loss(..., with_metrics=False)``) to show where time goes. The diagnostics row times
   ``PositionStats.update`` on the same tokens; its ratio is against the ctpo loss call.
-* peak memory: each case runs in a fresh subprocess whose glibc allocator hands every buffer of
+* peak memory (CPU): each case runs in a fresh subprocess whose glibc allocator hands every buffer of
   >= 64 KiB straight to ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so resident memory tracks the bytes
   torch actually holds. After one warm-up call the kernel's high-water mark is reset
   (``/proc/self/clear_refs``), the case runs once, and ``VmHWM - VmRSS(before)`` is the extra
   memory the call needed beyond its inputs (including ``log_prob.grad``). ``tracemalloc`` would see
   none of torch's buffers, hence this.
+
+With ``--device cuda`` time is wall clock around synchronised calls and peak memory is
+``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it.
 
 Inputs look like TIR rollouts: responses of 25-100 % of the max length, right-padded, with up to
 four tool-output spans (mask 0) inside; per-token log-ratio noise std 0.05; one advantage per
@@ -79,16 +82,38 @@ def time_cases(inputs, rounds: int, with_metrics: bool, names) -> dict[str, list
     old, new, adv, mask = inputs
     leaf = new.detach().clone().requires_grad_(True)
     args = (old, leaf, adv, mask)
+    cuda = old.is_cuda
     for name in names:  # warm-up
         run_case(name, args, with_metrics)
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
         for name in names:
             leaf.grad = None
-            t0 = time.thread_time()
-            run_case(name, args, with_metrics)
-            times[name].append(time.thread_time() - t0)
+            if cuda:  # wall clock around synchronised GPU work
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                run_case(name, args, with_metrics)
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+            else:
+                t0 = time.thread_time()
+                run_case(name, args, with_metrics)
+                times[name].append(time.thread_time() - t0)
     return times
+
+
+def cuda_peak(name: str, inputs) -> float:
+    """Extra GPU memory (bytes) one call allocates at its peak, from torch's caching allocator."""
+    old, new, adv, mask = inputs
+    leaf = new.detach().clone().requires_grad_(True)
+    run_case(name, (old, leaf, adv, mask))
+    leaf.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run_case(name, (old, leaf, adv, mask))
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated() - base)
 
 
 def _status_kb(key: str) -> int:
@@ -132,6 +157,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -140,10 +166,11 @@ def main() -> None:
         child_peak(args.child, args.batch, args.length, args.dtype)
         return
     torch.set_num_threads(args.threads)
-    inputs = make_inputs(args.batch, args.length, getattr(torch, args.dtype))
+    inputs = tuple(x.to(args.device) for x in make_inputs(args.batch, args.length, getattr(torch, args.dtype)))
     n_tok = int(inputs[3].sum())
-    print(f"batch {args.batch} x {args.length} ({n_tok:,} policy tokens), {args.dtype}, "
-          f"{args.threads} thread(s), {args.rounds} rounds, torch {torch.__version__}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"batch {args.batch} x {args.length} ({n_tok:,} policy tokens), {args.dtype}, {where}, "
+          f"{args.rounds} rounds, torch {torch.__version__}")
 
     names = ["grpo", "ctpo", "diagnostics"]
     full = time_cases(inputs, args.rounds, True, names)
@@ -160,9 +187,12 @@ def main() -> None:
     print(f"{'ctpo  surrogate only fwd+bwd':34s} {statistics.median(core['ctpo']) * 1e3:10.2f}")
     print(f"{'diagnostics update':34s} {med['diagnostics'] * 1e3:10.2f}")
 
-    peaks = {n: measure_peak(n, args.batch, args.length, args.dtype) for n in names}
+    if args.device == "cuda":
+        peaks = {n: cuda_peak(n, inputs) for n in names}
+    else:
+        peaks = {n: measure_peak(n, args.batch, args.length, args.dtype) for n in names}
     mib = 2**20
-    print(f"\n{'peak extra memory (subprocess)':34s} {'MiB':>10s}")
+    print(f"\n{'peak extra memory':34s} {'MiB':>10s}")
     for n in names:
         print(f"{n:34s} {peaks[n] / mib:10.1f}")
     input_bytes = sum(t.numel() * t.element_size() for t in inputs)

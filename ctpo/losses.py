@@ -506,10 +506,11 @@ def _row_bound(pos: torch.Tensor, if_pos: tuple[float, float], if_not: tuple[flo
     return pick(if_pos[0], if_not[0]), (pick(if_pos[1], if_not[1]) if (if_pos[1] or if_not[1]) else None)
 
 
-def _scaled_bound(scale: torch.Tensor, const: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _scaled_bound(scale: torch.Tensor, const: torch.Tensor, coef: torch.Tensor, out: torch.Tensor,
+                  has_const: bool) -> torch.Tensor:
     """out ← coef·t^γ + const (``out`` may be ``scale`` itself)."""
     torch.mul(scale, coef, out=out)
-    if bool((const != 0).any()):  # only with a constant dual clip in adaptive mode (or vice versa)
+    if has_const:  # only with a constant dual clip in adaptive mode (or a scaled one in fixed mode)
         out.add_(const)
     return out
 
@@ -609,12 +610,14 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
         if lo_coef is None:
             torch.maximum(x, lo_const, out=y)
         else:
-            torch.maximum(_scaled_bound(scale, lo_const, lo_coef, out=y), x, out=y)
+            torch.maximum(_scaled_bound(scale, lo_const, lo_coef, y, True), x, out=y)  # −inf for A > 0
         if up_coef is None:
             upper = up_const.clamp(max=cap)
         else:
-            upper = _scaled_bound(scale, up_const, up_coef, out=scale)  # t^γ is not needed any more
-            if _max_bound(up_const, up_coef, mask.shape[-1], cfg.gamma) > cap:
+            has_const = upper_b[0] != 0.0 or dual_b[0] != 0.0
+            upper = _scaled_bound(scale, up_const, up_coef, scale, has_const)  # t^γ is not needed any more
+            reach = max(c + k * float(mask.shape[-1]) ** cfg.gamma for c, k in (upper_b, dual_b))
+            if reach > cap:  # skip the clamp when no bound can exceed max_log_weight
                 upper.clamp_(max=cap)
         torch.minimum(y, upper, out=y)
         unclipped = torch.eq(y, x, out=scale if scale is not None else torch.empty_like(mask)).mul_(mask)
@@ -627,11 +630,6 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
         grad_factor = val.mul_(unclipped)  # c_b·m_t·(−A)·exp(x_t)·[unclipped] (unclipped is masked)
     loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
     return loss, [*metrics, loss_value] if with_metrics else metrics
-
-
-def _max_bound(const: torch.Tensor, coef: torch.Tensor, length: int, gamma: float) -> float:
-    """An upper limit of coef·t^γ + const over t ≤ length (to skip a clamp that cannot bind)."""
-    return float((coef.clamp(min=0) * float(length) ** gamma + const).max())
 
 
 def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):

@@ -223,3 +223,15 @@ def test_bad_input_is_a_clear_error():
         PositionStats(position="column")
     with pytest.raises(TypeError, match="PositionStats"):
         PositionStats().merge({})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    old, new, mask = make_batch()
+    cpu = PositionStats(**CFG).update(old, new, mask)
+    gpu = PositionStats(**CFG).update(old.cuda(), new.cuda(), mask.cuda())
+    fa, fb = cpu.to_frame(), gpu.to_frame()
+    np.testing.assert_array_equal(fa["count"], fb["count"])
+    for col in fa.columns:
+        np.testing.assert_allclose(fa[col], fb[col], rtol=1e-5, atol=1e-6, err_msg=col)

@@ -565,3 +565,32 @@ def test_property_values_on_masked_tokens_do_not_matter(batch, method, junk):
     b = ours(old2, new2, adv, mask, cfg, dtype=F64)
     assert_close(a[0], b[0], rtol=1e-12, atol=1e-12)
     assert_close(a[1], b[1], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (deselected by default; `pytest -m gpu`)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_cuda_matches_cpu(method):
+    old, new, adv, mask = make_batch(b=5, t=40, seed=13, per_token_adv=False)
+    for mode in ["token-mean", "seq-mean-token-mean"]:
+        cfg = PolicyLossConfig(method=method, loss_agg_mode=mode)
+        cpu = ours(old.float(), new.float(), adv.float(), mask, cfg)
+        gpu = ours(old.float().cuda(), new.float().cuda(), adv.float().cuda(), mask.cuda(), cfg)
+        assert_close(gpu[0].cpu(), cpu[0])
+        assert_close(gpu[1].cpu(), cpu[1])
+        for k, v in cpu[2].items():
+            assert gpu[2][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    g = torch.Generator().manual_seed(14)
+    t = 32768
+    old = (-torch.rand(2, t, generator=g) * 3).bfloat16().cuda()
+    new = (old.float() + torch.randn(2, t, generator=g).cuda()).bfloat16().requires_grad_(True)
+    loss, metrics = compute_policy_loss(old, new, torch.tensor([1.0, -1.0]).cuda(),
+                                        torch.ones(2, t, dtype=torch.bool).cuda(), PolicyLossConfig(method=method))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(new.grad.float()).all()
+    assert all(math.isfinite(v) for v in metrics.values())
