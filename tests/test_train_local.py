@@ -83,7 +83,9 @@ def test_packed_log_probs_equal_unpadded_forward():
         sub = batch.select(torch.tensor([1, 2]))
         assert sub.input_ids.shape == (2, 4 + 3)
         sub_lp, _ = response_log_probs(model, sub, temperature=0.7)
-        assert torch.allclose(sub_lp * sub.response_mask, logp[1:, :3] * batch.response_mask[1:, :3], atol=1e-5)
+        assert torch.allclose(
+            sub_lp * sub.response_mask, logp[1:, :3] * batch.response_mask[1:, :3], atol=1e-5
+        )
 
 
 def test_batch_indices_cover_each_epoch_once():
@@ -113,13 +115,22 @@ def test_update_moves_log_probs_with_advantage_sign(method):
     loss_cfg = PolicyLossConfig.from_dict({"method": method}).resolved()
     old = old_log_probs(model, batch, 1.0, chunk=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    metrics = update_policy(model, optimizer, batch, old, advantages, loss_cfg, cfg, torch.Generator().manual_seed(0))
+    metrics = update_policy(
+        model, optimizer, batch, old, advantages, loss_cfg, cfg, torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         new, _ = response_log_probs(model.eval(), batch)
     seq_change = ((new - old) * batch.response_mask).sum(1)
     assert (seq_change[advantages > 0] > 0).all(), seq_change
     assert (seq_change[advantages < 0] < 0).all(), seq_change
-    for key in ("train/loss", "train/entropy", "train/grad_norm", "clip/frac", "ratio/mean", "ratio/approx_kl"):
+    for key in (
+        "train/loss",
+        "train/entropy",
+        "train/grad_norm",
+        "clip/frac",
+        "ratio/mean",
+        "ratio/approx_kl",
+    ):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert metrics["train/grad_norm"] > 0
 
@@ -147,3 +158,221 @@ def test_on_policy_first_step_is_vanilla_policy_gradient():
     ref = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     for method, g in grads.items():
         assert torch.allclose(g, ref, atol=1e-6), method
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The real program on a micro study: outputs, metrics, determinism, resume after SIGKILL
+# ----------------------------------------------------------------------------------------------------------
+MICRO_STUDY = {
+    "study": "micro",
+    "seeds": [0],
+    "data": {
+        "train": {"source": "arith", "split": "easy", "n": 64, "seed": 0},
+        "benchmarks": {"arith-easy": {"source": "arith", "split": "easy", "n": 4, "seed": 101}},
+    },
+    "models": {
+        "micro": {
+            "preset": "xs",
+            "sft": {"n_demos": 32, "steps": 25, "batch_size": 8, "lr": 0.01, "warmup_steps": 5},
+        }
+    },
+    "methods": {"grpo": {"method": "grpo"}, "ctpo": {"method": "ctpo"}},
+    "runs": [{"models": ["micro"], "methods": ["grpo", "ctpo"]}],
+    "train": {
+        "steps": 4,
+        "prompts_per_step": 3,
+        "group_size": 4,
+        "minibatches": 2,
+        "lr": 0.003,
+        "eval_every": 2,
+        "eval_k": 2,
+        "eval_problems": 2,
+        "diag_steps": [2],
+        "checkpoint_every": 2,
+        "threads": 1,
+    },
+    "tir": {"max_turns": 3, "max_response_tokens": 64},
+    "sandbox": {"workers": 1},
+    "mlflow": {"enabled": False},
+}
+
+# A micro model cannot solve arith, so every reward would be 0 and no parameter would ever move. The
+# runs swap the grader for a deterministic stand-in (reward 1 when the final turn has an even number of
+# characters): advantages are then non-zero, the optimizer state matters, and resume has something to
+# get wrong. Everything else is the real `ctpo train`.
+PARITY_GRADER = """
+import ctpo.reward as reward
+
+class ParityGrader(reward.Grader):
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+    def grade_batch(self, solutions, golds):
+        return [reward.GradeResult(len(s) % 2 == 0, None, "ok") for s in solutions]
+"""
+RUNNER = (
+    PARITY_GRADER
+    + """
+import sys
+reward.Grader = ParityGrader
+from ctpo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+)
+
+
+@pytest.fixture
+def parity_grader(monkeypatch):
+    import ctpo.reward
+
+    namespace: dict = {}
+    exec(PARITY_GRADER, namespace)
+    monkeypatch.setattr(ctpo.reward, "Grader", namespace["ParityGrader"])
+
+
+def _train_in_process(study, out, method="grpo", seed=0, **train_overrides):
+    from ctpo.train.local import train
+
+    config = dict(study["dict"])
+    config["train"] = {**config["train"], **train_overrides}
+    threads = torch.get_num_threads()
+    try:
+        return train(config, "micro", method, seed, study["base"], out, progress=False, log=lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def micro_study(tmp_path_factory):
+    import yaml
+
+    from ctpo.train.sft import run_sft
+
+    root = tmp_path_factory.mktemp("micro_study")
+    config = {**MICRO_STUDY, "results_dir": str(root / "results")}
+    path = root / "micro.yaml"
+    path.write_text(yaml.safe_dump(config))
+    threads = torch.get_num_threads()
+    # The base is a shrunken xs (the schema has no architecture overrides, so they go in-process only).
+    micro = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64, "num_attention_heads": 2}
+    models = {"micro": {**config["models"]["micro"], **micro, "num_key_value_heads": 1}}
+    run_sft({**config, "models": models}, "micro", root / "base", threads=1, progress=False)
+    torch.set_num_threads(threads)
+    runner = root / "runner.py"
+    runner.write_text(RUNNER)
+    return {"root": root, "config": path, "base": root / "base", "runner": runner, "dict": config}
+
+
+def _train_cmd(study, out, method="grpo", seed=0, config=None):
+    import sys
+
+    return [
+        sys.executable, str(study["runner"]), "train", "--config", str(config or study["config"]),
+        "--model", "micro", "--method", method, "--seed", str(seed), "--base", str(study["base"]),
+        "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+
+
+def _metrics(run_dir):
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def test_cli_outputs_metrics_and_mlflow(micro_study, tmp_path):
+    import json
+    import subprocess
+
+    import yaml
+
+    config = {**micro_study["dict"], "mlflow": {"enabled": True}, "results_dir": str(tmp_path / "results")}
+    cfg_path = tmp_path / "with_mlflow.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        _train_cmd(micro_study, out, "ctpo", config=cfg_path), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    rows = _metrics(out)
+    assert [r["train/step"] for r in rows] == [1, 2, 3, 4]
+    raw = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in (
+        "train/reward_mean", "train/accuracy", "train/response_length", "train/tool_calls",
+        "train/tool_errors", "train/degenerate_groups_frac", "train/entropy", "train/grad_norm",
+        "train/kl_behaviour_old", "ratio/mean", "ratio/approx_kl", "clip/frac", "clip/frac_low",
+        "time/generate", "time/tool", "time/old_logprob", "time/update", "time/step",
+        "eval/avg_at_k", "eval/avg_at_k_se",
+    ):  # fmt: skip
+        assert key in raw, key
+    assert "diag/sqrt_fit_r2" in rows[1] and "eval/avg_at_k" in rows[1] and "eval/avg_at_k" not in rows[0]
+    assert (out / "diagnostics" / "step_00002.csv").is_file()
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
+    done = json.loads((out / "DONE.json").read_text())
+    assert done["final_step"] == 4 and done["mlflow_run_id"] and done["wall_s"] > 0
+
+    from mlflow.tracking import MlflowClient
+
+    store = json.loads((tmp_path / "results" / "mlflow.json").read_text())
+    run = MlflowClient(store["tracking_uri"]).get_run(done["mlflow_run_id"])
+    assert run.data.tags["model"] == "micro" and run.data.tags["method"] == "ctpo"
+    assert run.data.tags["seed"] == "0" and run.data.tags["study"] == "micro"
+    assert any(k.startswith("sandbox_isolation") for k in run.data.params)
+    assert run.data.metrics["train/step"] == 4
+
+    # a finished run is not retrained
+    from ctpo.train.local import train
+
+    messages = []
+    again = train(config, "micro", "ctpo", 0, micro_study["base"], out, log=messages.append)
+    assert again == done and "already finished" in messages[0]
+
+
+def test_same_seed_same_metrics_other_seed_differs(micro_study, tmp_path, parity_grader):
+    _train_in_process(micro_study, tmp_path / "a", steps=2, eval_every=0, diag_steps=[])
+    _train_in_process(micro_study, tmp_path / "b", steps=2, eval_every=0, diag_steps=[])
+    _train_in_process(micro_study, tmp_path / "c", seed=1, steps=2, eval_every=0, diag_steps=[])
+    a, b, c = (_metrics(tmp_path / name) for name in "abc")
+    assert a == b
+    assert a != c
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, parity_grader):
+    import signal
+    import subprocess
+    import time
+
+    full = tmp_path / "full"
+    _train_in_process(micro_study, full)
+
+    # Kill the real CLI twice: once mid-step 3 (the newest checkpoint is step 2) and once right after
+    # step 3 was logged (metrics.jsonl is then ahead of the checkpoint and must be rolled back on resume).
+    cut = tmp_path / "cut"
+    for kill_after_rows, delay in ((2, 0.3), (3, 0.0)):
+        proc = subprocess.Popen(
+            _train_cmd(micro_study, cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        metrics = cut / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and metrics.read_text().count("\n") >= kill_after_rows:
+                break
+            time.sleep(0.005)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (cut / "DONE.json").exists(), "the run finished before it could be killed; slow it down"
+    # the restart (in-process: it knows only what the killed runs left on disk)
+    _train_in_process(micro_study, cut)
+
+    expected, got = _metrics(full), _metrics(cut)
+    assert len(got) == 4
+    assert got == expected
+    assert any(r["train/grad_norm"] > 0 for r in expected), "no update happened; the test proves nothing"
+    a = torch.load(sorted((full / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
+    b = torch.load(sorted((cut / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -16,11 +16,15 @@ from ctpo.config import ConfigError, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="study config (experiments/tiny.yaml or a resolved copy)")
+    parser.add_argument(
+        "--config", required=True, help="study config (experiments/tiny.yaml or a resolved copy)"
+    )
     parser.add_argument("--model", required=True, help="a name from the config's `models`")
     parser.add_argument("--method", required=True, help="a name from the config's `methods`")
     parser.add_argument("--seed", type=int, default=0, help="training seed (sampling, data order, init)")
-    parser.add_argument("--base", required=True, help="HF folder of the starting policy (the `ctpo sft` output)")
+    parser.add_argument(
+        "--base", required=True, help="HF folder of the starting policy (the `ctpo sft` output)"
+    )
     parser.add_argument("--out", required=True, help="run folder (created; resumed if it holds checkpoints)")
     parser.add_argument(
         "--backend",

@@ -174,7 +174,9 @@ class PolicyBatch:
         )
 
 
-def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], masks, pad_id: int) -> PolicyBatch:
+def pack(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], masks, pad_id: int
+) -> PolicyBatch:
     n = len(prompts)
     p_len = max(len(p) for p in prompts)
     r_len = max(1, max(len(r) for r in responses))
@@ -386,7 +388,9 @@ def update_policy(
             r_len = mb.response_mask.shape[1]
             mb_old = old_logp[rows, :r_len]
             logp, entropy = response_log_probs(model, mb, cfg.temperature, with_entropy=True)
-            loss, loss_metrics = compute_policy_loss(mb_old, logp, advantages[rows], mb.response_mask, loss_cfg)
+            loss, loss_metrics = compute_policy_loss(
+                mb_old, logp, advantages[rows], mb.response_mask, loss_cfg
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for p in model.parameters() if p.grad is not None]
@@ -453,6 +457,24 @@ def tir_config(config: dict[str, Any]) -> Any:
         raise ConfigError(f"tir section: {exc}") from None
 
 
+def position_stats(cfg: TrainConfig, loss_cfg: Any) -> Any:
+    """A `PositionStats` whose fixed and adaptive clip ranges are the method's (or their defaults)."""
+    from ctpo.diagnostics import PositionStats
+
+    return PositionStats(
+        exact_limit=cfg.diag_max_position,
+        spacing="linear",
+        max_position=cfg.diag_max_position,
+        clip_low=loss_cfg.clip_low,
+        clip_high=loss_cfg.clip_high,
+        eps_low=loss_cfg.eps_low,
+        eps_high=loss_cfg.eps_high,
+        gamma=loss_cfg.gamma,
+        position=loss_cfg.position,
+        max_tokens=None,
+    )
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -503,7 +525,6 @@ def train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ctpo import tracking
-    from ctpo.diagnostics import PositionStats
     from ctpo.reward import Grader
     from ctpo.tir.sandbox import SandboxPool
 
@@ -522,7 +543,7 @@ def train(
     torch.set_num_threads(cfg.threads)
     loss_cfg = loss_config(config, method)
     tir_cfg = tir_config(config)
-    sandbox_cfg = dict(config.get("sandbox") or {})
+    sandbox_cfg = {"workers": 2, **(config.get("sandbox") or {})}
     section(config, "models", model_name)  # fail early on an unknown model name
 
     problems = train_problems if train_problems is not None else load_train_problems(config)
@@ -556,12 +577,7 @@ def train(
 
     tags = {"model": model_name, "method": method, "seed": seed, "study": config.get("study", "")}
     with ExitStack() as stack:
-        pool = stack.enter_context(
-            SandboxPool(
-                workers=int(sandbox_cfg.get("workers", 2)),
-                allow_weaker_isolation=bool(sandbox_cfg.get("allow_weaker_isolation", False)),
-            )
-        )
+        pool = stack.enter_context(SandboxPool(**sandbox_cfg))
         grader = stack.enter_context(Grader(workers=cfg.grader_workers))
         isolation = pool.isolation
         isolation = dataclasses.asdict(isolation) if dataclasses.is_dataclass(isolation) else isolation
@@ -570,8 +586,12 @@ def train(
                 config,
                 tracking.run_name(config, model_name, method, seed),
                 tags=tags,
-                params={"train_resolved": dataclasses.asdict(cfg), "loss": dataclasses.asdict(loss_cfg),
-                        "sandbox_isolation": isolation, "base": str(base)},
+                params={
+                    "train_resolved": dataclasses.asdict(cfg),
+                    "loss": dataclasses.asdict(loss_cfg),
+                    "sandbox_isolation": isolation,
+                    "base": str(base),
+                },
                 kind="train",
                 id_file=out / "mlflow_run_id",
             )
@@ -581,7 +601,12 @@ def train(
             from tqdm import tqdm
 
             bar = stack.enter_context(
-                tqdm(total=cfg.steps, initial=start_step, desc=f"{model_name}/{method}/s{seed}", file=sys.stderr)
+                tqdm(
+                    total=cfg.steps,
+                    initial=start_step,
+                    desc=f"{model_name}/{method}/s{seed}",
+                    file=sys.stderr,
+                )
             )
 
         for step in range(start_step, cfg.steps):
@@ -591,9 +616,20 @@ def train(
             shuffle = torch.Generator().manual_seed(step_seed(seed, step, "minibatch-order"))
 
             # 1. rollout
-            batch_problems = [problems[i] for i in batch_indices(len(problems), cfg.prompts_per_step, step, seed)]
-            ro = rollout(model, tokenizer, batch_problems, cfg.group_size, tir_cfg, pool, grader,
-                         cfg.temperature, step_seed(seed, step, "sampling"))
+            batch_problems = [
+                problems[i] for i in batch_indices(len(problems), cfg.prompts_per_step, step, seed)
+            ]
+            ro = rollout(
+                model,
+                tokenizer,
+                batch_problems,
+                cfg.group_size,
+                tir_cfg,
+                pool,
+                grader,
+                cfg.temperature,
+                step_seed(seed, step, "sampling"),
+            )
             metrics = {"train/step": step_no, **ro.metrics}
             metrics["time/rollout"] = time.perf_counter() - t_step
 
@@ -608,17 +644,21 @@ def train(
             metrics["time/old_logprob"] = time.perf_counter() - t0
             if ro.behaviour_logprobs is not None:
                 diff = (old_logp - ro.behaviour_logprobs) * ro.batch.response_mask
-                metrics["train/behaviour_logprob_absdiff_mean"] = masked_mean(diff.abs(), ro.batch.response_mask)
+                metrics["train/behaviour_logprob_absdiff_mean"] = masked_mean(
+                    diff.abs(), ro.batch.response_mask
+                )
                 metrics["train/behaviour_logprob_absdiff_max"] = float(diff.abs().max())
                 # k3 estimator of KL(behaviour || old) on the sampled tokens
                 metrics["train/kl_behaviour_old"] = masked_mean(diff.exp() - 1 - diff, ro.batch.response_mask)
 
             # 4. update
-            diag = PositionStats(max_position=cfg.diag_max_position, loss_cfg=loss_cfg) \
-                if step_no in cfg.diag_steps else None
+            diag = position_stats(cfg, loss_cfg) if step_no in cfg.diag_steps else None
             t0 = time.perf_counter()
-            metrics.update(update_policy(model, optimizer, ro.batch, old_logp, advantages, loss_cfg, cfg,
-                                         shuffle, diag, scheduler))
+            metrics.update(
+                update_policy(
+                    model, optimizer, ro.batch, old_logp, advantages, loss_cfg, cfg, shuffle, diag, scheduler
+                )
+            )
             metrics["time/update"] = time.perf_counter() - t0
             metrics["train/lr"] = scheduler.get_last_lr()[0]
             if diag is not None:
