@@ -130,6 +130,8 @@ def test_metric_names_map_to_the_study_namespaces():
     assert tv.ours_metric_key("critic/score/mean") == "train/reward_mean"
     assert tv.ours_metric_key("timing_s/gen") == "time/gen"
     assert tv.ours_metric_key("perf/mfu") == "verl/perf/mfu"
+    assert tv.ours_metric_key("val-core/aime25/reward/mean@8") == "eval/avg_at_k"
+    assert tv.ours_metric_key("val-aux/aime25/reward/std@8") == "verl/val-aux/aime25/reward/std@8"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,3 +76,5 @@ def test_run_from_args_launches_and_collects(tmp_path, monkeypatch):
     frame = pd.read_csv(out / "diagnostics" / "step_00002.csv")
     assert len(frame) > 0 and merged == [(out, 2)]
     assert (out / "verl_command.txt").read_text().startswith(sys.executable)
+    assert tv.run_from_args(args, cfg) == 0  # finished: nothing to do, nothing rewritten
+    assert json.loads((out / "DONE.json").read_text()) == done

@@ -354,11 +354,15 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
     if getattr(args, "dry_run", False):
         print(shlex.join(command(overrides_for({"MLFLOW_RUN_ID": "<created at launch>"}))))
         return 0
+    if (out / "DONE.json").is_file():
+        print(f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished (delete the folder to retrain)",
+              file=sys.stderr)
+        return 0
 
     out.mkdir(parents=True, exist_ok=True)
     data_dir = results_dir(config) / "data"
     ensure_parquet(config, "train", data_dir / "train.parquet")
-    for name in sorted((config.get("data") or {}).get("benchmarks") or {})[:1]:
+    for name in list((config.get("data") or {}).get("benchmarks") or {})[:1]:  # the in-training eval set
         ensure_parquet(config, name, data_dir / f"{name}.parquet")
 
     t0 = time.time()
@@ -415,6 +419,8 @@ def ours_metric_key(key: str) -> str:
             return key[len("actor/"):]
     if key.startswith("timing_s/"):
         return "time/" + key[len("timing_s/"):]
+    if key.startswith("val-core/") and "/mean@" in key:  # the in-training eval (Figure 2): mean reward = avg@n
+        return "eval/avg_at_k"
     named = {"critic/score/mean": "train/reward_mean", "critic/rewards/mean": "train/reward_mean",
              "response_length/mean": "train/response_length_mean", "actor/pg_loss": "train/loss",
              "actor/grad_norm": "train/grad_norm", "actor/entropy": "train/entropy"}
