@@ -422,7 +422,7 @@ def ours_metric_key(key: str) -> str:
     if key.startswith("val-core/") and "/mean@" in key:  # the in-training eval (Figure 2): mean reward = avg@n
         return "eval/avg_at_k"
     named = {"critic/score/mean": "train/reward_mean", "critic/rewards/mean": "train/reward_mean",
-             "response_length/mean": "train/response_length_mean", "actor/pg_loss": "train/loss",
+             "response_length/mean": "train/response_length", "actor/pg_loss": "train/loss",
              "actor/grad_norm": "train/grad_norm", "actor/entropy": "train/entropy"}
     return named.get(key, "verl/" + key)
 
