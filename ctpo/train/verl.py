@@ -134,9 +134,8 @@ def model_path(config: dict[str, Any], model: str, base: str | Path | None = Non
     if base is not None and not (Path(base).is_dir() and not (Path(base) / "config.json").is_file()):
         return str(base)
     spec = section(config, "models", model)
-    for key in ("path", "hf_path", "hf", "name_or_path"):
-        if spec.get(key):
-            return str(spec[key])
+    if spec.get("path"):
+        return str(spec["path"])
     raise ConfigError(f"model {model!r} has no HF path (give it `path: Qwen/Qwen3-4B` or pass --base); "
                       "tiny presets train with --backend local")
 
@@ -217,7 +216,7 @@ def build_overrides(
     response_len = int(tir.get("max_response_tokens", 8000))
     obs_chars = int(tir.get("obs_max_chars", 512))
     data_dir = results_dir(config) / "data"
-    train_file = Path(v.get("train_files") or data_dir / "train.parquet")
+    train_file = data_dir / "train.parquet"
     benchmarks = list((config.get("data") or {}).get("benchmarks") or {})  # the first is Figure 2's
     val_file = data_dir / f"{benchmarks[0]}.parquet" if benchmarks else train_file
     eval_every = int(train["eval_every"] or -1) if benchmarks else -1
