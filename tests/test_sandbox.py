@@ -159,6 +159,37 @@ print(json.dumps({"hits": hits, "pids": sorted(int(p) for p in os.listdir("/proc
     assert out["pids"] == [1]  # alone in its pid namespace
 
 
+def test_executions_cannot_reach_each_other(pool):
+    """No shared scratch, SysV shared memory, abstract unix socket or hostname between executions."""
+    key = 0x5EC0000 + os.getpid() % 4096
+    name = "ctpo-" + uuid.uuid4().hex
+    first = f"""
+import ctypes, socket, time
+libc = ctypes.CDLL(None, use_errno=True)
+open("/tmp/{name}", "w").write("mine")
+shm = libc.shmget({key}, 4096, 0o1666)
+s = socket.socket(socket.AF_UNIX); s.bind("\\0{name}"); s.listen(1)
+try: socket.sethostname("first")
+except OSError: pass
+print("ready", shm >= 0, flush=True)
+time.sleep(1.5)
+"""
+    second = f"""
+import ctypes, os, socket, json
+libc = ctypes.CDLL(None, use_errno=True)
+res = {{"tmp": os.path.exists("/tmp/{name}"), "shm": libc.shmget({key}, 0, 0), "host": socket.gethostname()}}
+try:
+    c = socket.socket(socket.AF_UNIX); c.connect("\\0{name}"); res["abstract"] = "CONNECTED"
+except OSError as e:
+    res["abstract"] = type(e).__name__
+print(json.dumps(res))
+"""
+    results = pool.map([first, "import time; time.sleep(0.5)\n" + second])
+    assert results[0].stdout.startswith("ready True"), results[0]
+    out = _json_out(results[1])
+    assert out == {"tmp": False, "shm": -1, "host": "sandbox", "abstract": "ConnectionRefusedError"}, out
+
+
 def test_tcp_to_listening_loopback_socket_fails(pool):
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.bind(("127.0.0.1", 0))
@@ -613,6 +644,8 @@ def test_exit_codes_and_exceptions(pool):
     assert (r[5].status, r[5].exit_code) == ("error", 7)
     assert (r[6].status, r[6].stdout) == ("ok", "fine\n")
     assert (r[7].status, r[7].exit_code) == ("killed", -signal.SIGSEGV)
+    r = run(pool, "import sys\nprint('MemoryError', file=sys.stderr)")  # a message, not a failure
+    assert r.status == "ok"
 
 
 def test_non_utf8_output_is_replaced(pool):
@@ -689,4 +722,6 @@ def test_tempdir_cleanup_on_host():
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="workers"):
         SandboxPool(workers=0)
+    with pytest.raises(ValueError, match="unknown isolation layers"):
+        SandboxPool(workers=1, disable=["net"])
     assert sys.platform == "linux"

@@ -103,6 +103,7 @@ from concurrent.futures import ThreadPoolExecutor
 log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "error", "timeout", "memory", "killed", "output_limit")
+MAX_WORKERS = 512  # concurrent executions per pool (each gets its own uid slot)
 DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
                    "random", "statistics", "re", "string", "json", "heapq", "bisect", "operator",
                    "numpy", "sympy")
@@ -229,9 +230,9 @@ class _Zygote:
             child.close()
         self._stderr_tail: list[bytes] = []
         threading.Thread(target=self._drain_stderr, daemon=True, name="sandbox-zygote-stderr").start()
-        self.sock.sendall(json.dumps(cfg).encode())
         self.sock.settimeout(start_timeout_s)
         try:
+            self.sock.sendall(json.dumps(cfg).encode())
             msg = self.sock.recv(1 << 20)
         except OSError:
             msg = b""
@@ -300,8 +301,11 @@ class SandboxPool:
         disable: Iterable[str] = (),
         start_timeout_s: float = 120.0,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not 1 <= workers <= MAX_WORKERS:
+            raise ValueError(f"workers must be in 1..{MAX_WORKERS}, got {workers}")
+        unknown = set(disable) - {*FULL, "unique_uid"}
+        if unknown:
+            raise ValueError(f"unknown isolation layers in disable: {sorted(unknown)}; known: {[*FULL, 'unique_uid']}")
         if sys.platform != "linux":
             raise SandboxIsolationError(f"the sandbox needs Linux, this is {sys.platform}")
         self.workers = workers
@@ -563,7 +567,7 @@ def _result(report: dict, out: _Capture, err: _Capture, duration: float, output_
         status = "output_limit"
     elif report.get("timed_out") or sig == signal.SIGXCPU:
         status = "timeout"
-    elif "MemoryError" in last_err or (sig and "MemoryError" in stderr[-4000:]):
+    elif (code or sig) and ("MemoryError" in last_err or (sig and "MemoryError" in stderr[-4000:])):
         status = "memory"
     elif sig:
         status = "killed"
