@@ -11,9 +11,8 @@ import types
 from pathlib import Path
 
 import pytest
-import yaml
 
-from ctpo.config import run_matrix
+from ctpo.config import load_config, run_matrix, validate_config
 from ctpo.train import verl as tv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,8 +20,10 @@ PAPER = ROOT / "experiments" / "paper.yaml"
 
 
 def paper_config() -> dict:
-    cfg = yaml.safe_load(PAPER.read_text())
+    """experiments/paper.yaml (validated by the study schema) plus a `seq` method."""
+    cfg = load_config(PAPER)
     cfg["methods"]["seq"] = {"method": "seq", "clip_mode": "fixed", "clip_low": 0.2, "clip_high": 0.2}
+    validate_config(cfg)
     return cfg
 
 
