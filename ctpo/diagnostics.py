@@ -64,7 +64,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctpo.losses import fixed_clip_bounds, position_index
+from ctpo.losses import adaptive_clip_bounds, fixed_clip_bounds, position_index
 
 __all__ = ["PositionStats"]
 
@@ -172,7 +172,7 @@ class PositionStats:
         mask = response_mask[::step].to(f32)
         log_rho = (log_prob[::step].detach().to(f32) - old_log_prob[::step].to(f32)).mul_(mask).cumsum_(-1)
         t = position_index(mask, cfg["position"], f32).expand_as(mask)
-        scale = t.pow(cfg["gamma"])
+        lo_a, hi_a = adaptive_clip_bounds(t, cfg["eps_low"], cfg["eps_high"], cfg["gamma"])
         lo_f, hi_f = self._fixed
         # Clip state of each range ∈ {0 inside, 1 below, 2 above}, folded with the exact position
         # into one code per token (3·fixed + adaptive + 9·t), so one bincount yields the token
@@ -181,10 +181,10 @@ class PositionStats:
         code = torch.lt(log_rho, lo_f, out=torch.empty_like(log_rho))
         code += torch.gt(log_rho, hi_f, out=buf).mul_(2.0)
         code *= 3.0
-        code += torch.lt(log_rho, scale.mul(-cfg["eps_low"]), out=buf)
-        code += torch.gt(log_rho, scale.mul_(cfg["eps_high"]), out=buf).mul_(2.0)
+        code += torch.lt(log_rho, lo_a, out=buf)
+        code += torch.gt(log_rho, hi_a, out=buf).mul_(2.0)
         tpos = t.mul(mask).clamp_(max=cfg["max_position"] + 1)  # 0: mask-0 token; max_position + 1: overflow
-        n_pos = int(tpos.max()) + 1
+        n_pos = min(t_len, cfg["max_position"] + 1) + 1  # positions never exceed the row length: no host sync
         code.add_(tpos, alpha=9.0)
         code = code.reshape(-1).to(torch.int32)
         tpos = tpos.reshape(-1).to(torch.int32)
@@ -201,8 +201,8 @@ class PositionStats:
         per_pos[:, 2] *= torch.arange(1, n_pos, dtype=f64, device=dev)  # count -> Σ t
         per_bucket = torch.zeros(self.n_buckets, 8, dtype=f64, device=dev)
         per_bucket.index_add_(0, bucket_of, per_pos)
-        n, s1, s2, tsum, clips = per_bucket[:, 3], per_bucket[:, 0], per_bucket[:, 1], per_bucket[:, 2], per_bucket[:, 4:]
-        self._fold(*(a.cpu().numpy() for a in (n, s1, s2, tsum, clips)), shift=self.mean.copy())
+        pb = per_bucket.cpu().numpy()  # the one device -> host transfer
+        self._fold(pb[:, 3], pb[:, 0], pb[:, 1], pb[:, 2], pb[:, 4:], shift=self.mean.copy())
         return self
 
     def _fold(self, n, s1, s2, tsum, clips, shift=0.0) -> None:

@@ -67,11 +67,30 @@ T of the tensor); ``token-sum`` Σ m·loss. verl's distributed normalisers pass 
 ``batch_num_tokens`` (global token count), ``global_batch_size`` (global number of non-empty
 sequences), ``loss_scale_factor``.
 
-Implementation. The default (``grad="current"``) path computes everything in one no-grad pass and
-saves a single (B, T) float32 tensor for backward: the per-token gradient factor
+Implementation. The default (``grad="current"``) path computes value, gradient and metrics in one
+no-grad pass over (B, T) and keeps a single tensor for backward: the per-token gradient factor
 ∂loss/∂log π_θ(a_t) = c_t·(−A_t)·w_t·[token t not clipped] (c_t the aggregation weight). A tiny
-``autograd.Function`` returns the loss and hands that factor back in backward; no autograd graph is
-built over the B×T intermediates. ``grad="prefix"`` uses plain autograd (it is a research option).
+``autograd.Function`` returns the loss and hands that factor back in backward (scaled in place, so
+backward allocates nothing and runs once: ``retain_graph`` double backward is not supported). The
+pass works in place on three (B, T) buffers (log-weight, clipped log-weight, position scale or clip
+indicator) plus the float mask when the given mask is not already float, for ``grpo`` and ``ctpo``
+alike; ``ctpo`` adds two prefix sums (ℓ and the mask) and the bound scaling. ``grad="prefix"`` is
+plain autograd (a research option).
+
+Public surface (stable)::
+
+    PolicyLossConfig(method="ctpo", clip_mode=None, clip_low=None, clip_high=None, eps_low=None,
+                     eps_high=None, gamma=None, dual_clip_c=None, dual_clip_eps=None,
+                     loss_agg_mode="token-mean", grad="current", position="policy",
+                     max_log_weight=20.0, ratio_quantiles=(.05, .25, .5, .75, .95), quantile_sample=16384)
+    PolicyLossConfig.from_dict(d) / .to_dict() / .resolved()      # None fields -> the method's defaults
+    compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cfg=None,
+                        *, global_batch_info=None) -> (loss, metrics: dict[str, float])
+    register_method(name, log_weight, *, clip_mode=..., clip_low=..., ..., overwrite=False)
+    METHODS                                                         # name -> RatioMethod
+    agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None,
+             global_batch_size=None, loss_scale_factor=None)        # verl 0.9.1's, standalone
+    position_index, fixed_clip_bounds, adaptive_clip_bounds         # shared with ctpo.diagnostics
 
 Add your own ratio design (see ``docs/add_your_own_ratio.md``)::
 
@@ -87,9 +106,12 @@ Metrics (plain floats; keys are namespaced ``clip/`` and ``ratio/``): ``clip/fra
 (A<0, w below the lower bound), ``clip/frac_high`` (A>0, w above the upper bound), ``clip/frac_dual``
 (A<0, w above the dual threshold or the ``max_log_weight`` guard), ``clip/frac`` (their sum; a
 token is in at most one), ``ratio/mean``, ``ratio/max``, ``ratio/p05`` … ``ratio/p95`` (of the
-unclipped weight w_t over mask tokens; quantiles from a deterministic strided sample of at most
+unclipped weight w_t = exp(min(L_t, max_log_weight)) over mask tokens; quantiles interpolate linearly
+between order statistics like ``torch.quantile``, from a deterministic strided sample of at most
 ``quantile_sample`` tokens, exact below that), ``ratio/log_mean`` (mean L_t), ``ratio/approx_kl``
 (mean of −ℓ_t over mask tokens: verl's ``ppo_kl``), ``ratio/tokens`` (number of mask tokens).
+All fractions and means are over this call's mask tokens, so a mean over equal-sized micro-batches
+(what verl logs) is the batch value.
 """
 
 from __future__ import annotations
@@ -126,6 +148,7 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "se
 GRAD_MODES = ("current", "prefix")
 POSITION_MODES = ("policy", "absolute")
 _GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+_BIG = 1e30  # pushes mask-0 tokens out of a max
 
 LogWeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -717,5 +740,3 @@ def compute_policy_loss(
             "ratio/approx_kl", "ratio/tokens"]
     return loss, dict(zip(keys, vals[:-1]))
 
-
-_BIG = 1e30
