@@ -208,3 +208,30 @@ def test_full_agent_loop_run_with_the_sandbox(monkeypatch, tmp_path):
     assert out.response_mask[n1 + n_obs:] == [1] * (len(out.response_mask) - n1 - n_obs)
     assert out.response_logprobs[n1:n1 + n_obs] == [0.0] * n_obs and out.response_logprobs[0] == -0.5
     assert compute_score("aime25", response, "42") == 1.0
+
+
+def test_verl_dataset_reads_our_parquet(tmp_path, monkeypatch):
+    """VERL's RLHFDataset, configured by our overrides, yields the chat prompt, agent loop, index and
+    ground truth of a `ctpo data --parquet` file."""
+    import verl.trainer
+    from hydra import compose, initialize_config_dir
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from ctpo import data, tiny
+    from ctpo.config import load_config
+    from ctpo.train import verl as tv
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(root / "tests" / "fixtures" / "datasets"))
+    study = load_config(root / "experiments" / "paper.yaml")
+    parquet = data.to_verl_parquet(data.load("hmmt_nov_2025"), tmp_path / "h.parquet", data.tir_system_prompt(study))
+    with initialize_config_dir(config_dir=str(Path(verl.trainer.__file__).parent / "config"), version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=tv.build_overrides(study, "qwen3-4b", "ctpo", 0, tmp_path))
+    tok = tiny.build_tokenizer(["hello world"])
+    tok.chat_template = CHATML
+    ds = RLHFDataset(data_files=[str(parquet)], tokenizer=tok, config=cfg.data)
+    item = ds[1]
+    assert len(ds) == 3 and item["agent_name"] == "ctpo_tir_agent" and item["index"] == 1
+    assert [m["role"] for m in item["raw_prompt"]] == ["system", "user"]
+    assert item["raw_prompt"][0]["content"] == TIRConfig().system_prompt
+    assert item["reward_model"]["ground_truth"] == "\\frac{1}{2}" and item["data_source"] == "hmmt_nov_2025"
