@@ -112,7 +112,7 @@ _SYS = {
         fanotify_init=300, kcmp=312, pidfd_getfd=438, io_uring_setup=425, io_uring_enter=426,
         io_uring_register=427, open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432,
         fspick=433, mount_setattr=442, vhangup=153, uselib=134, nfsservctl=180, quotactl_fd=443,
-        clone=56, clone3=435, socket=41, setsid=112, setpgid=109,
+        modify_ldt=154, clone=56, clone3=435, socket=41, setsid=112, setpgid=109,
     ),
     "aarch64": dict(
         pivot_root=41, ptrace=117, process_vm_readv=270, process_vm_writev=271, kexec_load=104,
@@ -138,7 +138,7 @@ SECCOMP_DENY = (
     "iopl", "ioperm", "quotactl", "quotactl_fd", "lookup_dcookie", "open_by_handle_at",
     "name_to_handle_at", "fanotify_init", "kcmp", "pidfd_getfd", "io_uring_setup", "io_uring_enter",
     "io_uring_register", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
-    "mount_setattr", "vhangup", "uselib", "nfsservctl",
+    "mount_setattr", "vhangup", "uselib", "nfsservctl", "modify_ldt",
 )
 
 # --- seccomp: classic BPF assembled in Python, once per zygote ------------------------------------

@@ -222,7 +222,13 @@ def _harden(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, str
         flags = iso.CLONE_NEWNS
         iso.unshare(flags)
         if "pid_ns" in plan:
-            iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
+            # Only the namespace's own pid folders where the kernel allows it (5.8+): no /proc/sys,
+            # /proc/kcore, /proc/sysrq-trigger, ... to poke at.
+            proc_flags = iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC
+            try:
+                iso.mount("proc", "/proc", "proc", proc_flags, "subset=pid")
+            except OSError:
+                iso.mount("proc", "/proc", "proc", proc_flags)
         size = f"size={int(req['scratch_mb'])}m,nr_inodes={int(req['scratch_inodes'])},mode=1777"
         iso.mount("tmpfs", "/tmp", "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, size)
         for src, dst in ctx.tmp_binds:  # Python installed under /tmp (a CI checkout's venv, say)
