@@ -123,13 +123,9 @@ class PositionStats:
         self.t_lo = _bucket_edges(exact_limit, spacing, per_octave, width, max_position)
         nb = len(self.t_lo)
         self._fixed = fixed_clip_bounds(clip_low, clip_high)
-        # position t (1..max_position+1) -> bucket index, and the 9 clip states -> the per-position
-        # columns (Σ t [from the count], count, fixed low, fixed high, adaptive low, adaptive high).
-        self._bucket_of = torch.from_numpy(np.repeat(np.arange(nb), np.diff(np.append(self.t_lo, max_position + 2))))
-        cols = np.zeros((3, 3, 6))
-        cols[..., 0] = cols[..., 1] = 1.0
-        cols[1, :, 2] = cols[2, :, 3] = cols[:, 1, 4] = cols[:, 2, 5] = 1.0
-        self._state_cols = torch.from_numpy(cols.reshape(9, 6))
+        # position t -> bucket, for t = 0 (a mask-0 token: the extra "trash" bucket nb) .. max_position + 1
+        counts = np.diff(np.append(self.t_lo, max_position + 2))
+        self._bucket_of = torch.from_numpy(np.concatenate([[nb], np.repeat(np.arange(nb), counts)]))
         self.count = np.zeros(nb, dtype=np.float64)
         self.mean = np.zeros(nb, dtype=np.float64)
         self.m2 = np.zeros(nb, dtype=np.float64)
@@ -174,35 +170,32 @@ class PositionStats:
         t = position_index(mask, cfg["position"], f32).expand_as(mask)
         lo_a, hi_a = adaptive_clip_bounds(t, cfg["eps_low"], cfg["eps_high"], cfg["gamma"])
         lo_f, hi_f = self._fixed
-        # Clip state of each range ∈ {0 inside, 1 below, 2 above}, folded with the exact position
-        # into one code per token (3·fixed + adaptive + 9·t), so one bincount yields the token
-        # count and all four clip counts per position; positions are summed into buckets on the host.
+        # Clip state of each range ∈ {0 inside, 1 below, 2 above}, folded with the bucket into one
+        # code per token (9·bucket + 3·fixed + adaptive), so one bincount yields the token count and
+        # all four clip counts per bucket.
         buf = torch.empty_like(log_rho)
         code = torch.lt(log_rho, lo_f, out=torch.empty_like(log_rho))
         code += torch.gt(log_rho, hi_f, out=buf).mul_(2.0)
         code *= 3.0
         code += torch.lt(log_rho, lo_a, out=buf)
         code += torch.gt(log_rho, hi_a, out=buf).mul_(2.0)
-        tpos = t.mul(mask).clamp_(max=cfg["max_position"] + 1)  # 0: mask-0 token; max_position + 1: overflow
-        n_pos = min(t_len, cfg["max_position"] + 1) + 1  # positions never exceed the row length: no host sync
-        code.add_(tpos, alpha=9.0)
-        code = code.reshape(-1).to(torch.int32)
-        tpos = tpos.reshape(-1).to(torch.int32)
-        dev, f64 = log_rho.device, torch.float64
+        dev, f64, nb = log_rho.device, torch.float64, self.n_buckets
+        tpos = t.mul(mask).clamp_(max=cfg["max_position"] + 1).reshape(-1)  # 0 on mask-0 tokens
+        bucket = self._bucket_of.to(dev)[tpos.long()]
+        code = code.reshape(-1).to(torch.int32).add_(bucket, alpha=9)
+        states = torch.bincount(code, minlength=(nb + 1) * 9)[: nb * 9].reshape(nb, 3, 3).to(f64)
         # centre on the bucket's running mean before squaring, so Σx² − (Σx)²/n does not cancel
-        bucket_of = self._bucket_of[: n_pos - 1].to(dev)
-        shift = torch.from_numpy(self.mean).to(dev)
-        shift_pos = torch.cat([torch.zeros(1, dtype=f64, device=dev), shift[bucket_of]])
-        x = log_rho.reshape(-1).double() - shift_pos[tpos]
-        state = torch.bincount(code, minlength=n_pos * 9).reshape(n_pos, 9)[1:].to(f64)
-        s1 = torch.bincount(tpos, weights=x, minlength=n_pos)[1:]
-        s2 = torch.bincount(tpos, weights=x * x, minlength=n_pos)[1:]
-        per_pos = torch.cat([s1[:, None], s2[:, None], state @ self._state_cols.to(dev)], 1)
-        per_pos[:, 2] *= torch.arange(1, n_pos, dtype=f64, device=dev)  # count -> Σ t
-        per_bucket = torch.zeros(self.n_buckets, 8, dtype=f64, device=dev)
-        per_bucket.index_add_(0, bucket_of, per_pos)
+        shift = torch.cat([torch.from_numpy(self.mean), torch.zeros(1, dtype=f64)]).to(dev)
+        x = log_rho.reshape(-1).to(f64) - shift[bucket]
+        per_bucket = torch.stack([
+            states.sum((1, 2)),
+            torch.bincount(bucket, weights=x, minlength=nb + 1)[:nb],
+            torch.bincount(bucket, weights=x * x, minlength=nb + 1)[:nb],
+            torch.bincount(bucket, weights=tpos.to(f64), minlength=nb + 1)[:nb],
+            states[:, 1, :].sum(1), states[:, 2, :].sum(1), states[:, :, 1].sum(1), states[:, :, 2].sum(1),
+        ], 1)
         pb = per_bucket.cpu().numpy()  # the one device -> host transfer
-        self._fold(pb[:, 3], pb[:, 0], pb[:, 1], pb[:, 2], pb[:, 4:], shift=self.mean.copy())
+        self._fold(pb[:, 0], pb[:, 1], pb[:, 2], pb[:, 3], pb[:, 4:], shift=self.mean.copy())
         return self
 
     def _fold(self, n, s1, s2, tsum, clips, shift=0.0) -> None:
