@@ -154,3 +154,48 @@ def test_rollout_correction_weights_are_refused_with_a_reason():
     with pytest.raises(NotImplementedError, match="rollout_is"):
         core_algos.get_policy_loss_fn("ctpo")(old, new, adv, mask, "token-mean", actor_config("ctpo"),
                                              rollout_is_weights=torch.ones_like(old))
+
+
+def test_verl_ppo_loss_call_site_runs_the_adapter():
+    """VERL's own per-micro-batch entry point (workers/utils/losses.py::ppo_loss, unpadded log-probs and
+    global batch info in a TensorDict) gives the core's loss and gradients through our adapter."""
+    from verl.utils import tensordict_utils as tu
+    from verl.utils.metric import AggregationType
+    from verl.workers.utils.losses import ppo_loss
+
+    g = torch.Generator().manual_seed(7)
+    b, p, r = 3, 4, 6
+    prompt_lens, resp_lens = [4, 2, 3], [6, 4, 5]
+    attn = torch.zeros(b, p + r, dtype=torch.long)
+    mask = torch.zeros(b, r)
+    for i in range(b):
+        attn[i, p - prompt_lens[i]:p] = 1
+        attn[i, p:p + resp_lens[i]] = 1
+        mask[i, :resp_lens[i]] = 1
+    old = -torch.rand(b, r, generator=g)
+    new = (old + 0.3 * torch.randn(b, r, generator=g)) * mask
+    adv = (torch.randn(b, 1, generator=g).expand(b, r) * mask).contiguous()
+    # the model's unpadded output: per sequence, prompt + response positions, log-probs shifted left by one
+    flat = []
+    for i in range(b):
+        v = torch.zeros(prompt_lens[i] + resp_lens[i])
+        v[prompt_lens[i] - 1:prompt_lens[i] - 1 + resp_lens[i]] = new[i, :resp_lens[i]]
+        flat.append(v)
+    values = torch.cat(flat).requires_grad_(True)
+    data = tu.get_tensordict(
+        {"prompts": torch.zeros(b, p, dtype=torch.long), "responses": torch.zeros(b, r, dtype=torch.long),
+         "attention_mask": attn, "response_mask": mask, "old_log_probs": old, "advantages": adv},
+        {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": b})
+    loss, metrics = ppo_loss(actor_config("ctpo"), {"log_probs": values}, data)
+    loss.backward()
+
+    new_leaf = new.clone().requires_grad_(True)
+    ref, _ = core.compute_policy_loss(old, new_leaf, adv, mask, core.PolicyLossConfig(method="ctpo"))
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach())
+    got = torch.stack([torch.nn.functional.pad(
+        values.grad[sum(prompt_lens[:i]) + sum(resp_lens[:i]) + prompt_lens[i] - 1:][:resp_lens[i]],
+        (0, r - resp_lens[i])) for i in range(b)])
+    torch.testing.assert_close(got, new_leaf.grad * mask)
+    assert metrics["actor/clip/frac"].aggregation == AggregationType.MEAN
+    assert any(k.startswith("actor/diag/pos/") for k in metrics)
