@@ -385,13 +385,13 @@ def table3(config: Mapping[str, Any], evals: pd.DataFrame) -> Table:
 
 def _best(table: Table) -> set[tuple[int, str]]:
     """(row index, column) of the best method per model and column, ties included (bolded; Base and Δ rows
-    excluded; nothing is bold when a model has a single method)."""
+    excluded; nothing is bold when a model has a single method or all its methods tie)."""
     best = set()
     frame = table.frame
     for _, g in frame[~frame["method"].isin([BASE, "delta"])].groupby("model", sort=False):
         for col in table.columns:
             values = g[col].dropna()
-            if len(g) > 1 and len(values):
+            if len(g) > 1 and len(values) and values.max() > values.min():
                 top = values.max()
                 best.update((int(i), col) for i in values.index if abs(values[i] - top) < 1e-9)
     return best

@@ -18,4 +18,5 @@ rule base:
     resources:
         **resources_for("sft"),
     shell:
-        "ctpo sft --config {params.config} --model {wildcards.model} --out {params.out} > {log} 2>&1"
+        "ctpo sft --config {params.config} --model {wildcards.model} --out {params.out} --threads {threads}"
+        " --no-progress > {log} 2>&1"

@@ -22,7 +22,7 @@ rule eval_run:
         **resources_for("eval"),
     shell:
         "ctpo eval --config {params.config} --model-path {params.run}/final --benchmark {wildcards.benchmark}"
-        " --out {params.out} --run {params.run} > {log} 2>&1"
+        " --out {params.out} --run {params.run} --threads {threads} > {log} 2>&1"
 
 
 rule eval_base:
@@ -44,5 +44,6 @@ rule eval_base:
         **resources_for("eval"),
     shell:
         "ctpo eval --config {params.config} --model-path {params.base} --benchmark {wildcards.benchmark}"
-        " --out {params.out} > {log} 2>&1"
+        " --out {params.out} --model {wildcards.model} --method base --seed {wildcards.seed} --threads {threads}"
+        " > {log} 2>&1"
 
