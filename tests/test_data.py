@@ -166,3 +166,14 @@ def test_data_command_writes_verl_parquet_with_the_tir_system_prompt(tmp_path, d
     frame = pd.read_parquet(parquet)
     assert len(frame) == 2 and frame.iloc[0]["prompt"][0]["content"] == TIRConfig().system_prompt
     assert frame.iloc[0]["reward_model"]["ground_truth"] == "81"
+
+
+def test_a_datasets_save_to_disk_folder_is_read_without_the_hub(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="the `datasets` library is not installed")
+    rows = pd.read_parquet(FIXTURES / "MathArena" / "brumo_2025" / "data" / "train-00000-of-00001.parquet")
+    ds = datasets.Dataset.from_pandas(rows, preserve_index=False)
+    ds.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    expected = data.load("brumo_2025", path=FIXTURES / "MathArena" / "brumo_2025")
+    assert data.load("brumo_2025", path=tmp_path / "one") == expected
+    assert data.load("brumo_2025", path=tmp_path / "dict") == expected
