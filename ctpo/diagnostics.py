@@ -164,10 +164,10 @@ class PositionStats:
             return self
         cfg = self._config
         step = 1 if cfg["max_tokens"] is None else max(1, math.ceil(b * t_len / cfg["max_tokens"]))
-        f32 = torch.promote_types(log_prob.dtype, torch.float32)  # float64 stays float64
-        mask = response_mask[::step].to(f32)
-        log_rho = (log_prob[::step].detach().to(f32) - old_log_prob[::step].to(f32)).mul_(mask).cumsum_(-1)
-        t = position_index(mask, cfg["position"], f32).expand_as(mask)
+        cdt = torch.promote_types(log_prob.dtype, torch.float32)  # float64 stays float64
+        mask = response_mask[::step].to(cdt)
+        log_rho = (log_prob[::step].detach().to(cdt) - old_log_prob[::step].to(cdt)).mul_(mask).cumsum_(-1)
+        t = position_index(mask, cfg["position"], cdt).expand_as(mask)
         lo_a, hi_a = adaptive_clip_bounds(t, cfg["eps_low"], cfg["eps_high"], cfg["gamma"])
         lo_f, hi_f = self._fixed
         # Clip state of each range ∈ {0 inside, 1 below, 2 above}, folded with the bucket into one

@@ -218,7 +218,7 @@ def register_method(
 ) -> RatioMethod:
     """Register a ratio design under ``name`` so every harness can use it by name.
 
-    ``log_weight(log_ratio, mask)`` receives the per-token log-ratio ℓ (float32, (B, T), already 0 on
+    ``log_weight(log_ratio, mask)`` receives the per-token log-ratio ℓ ((B, T), float32 or float64, 0 on
     mask-0 tokens) and the float mask, and returns the log-weight L_t (broadcastable to (B, T)). It
     must be written in torch ops: with ``grad="current"`` it runs under ``no_grad`` (only its value
     is used); with ``grad="prefix"`` autograd differentiates it. It may overwrite ``log_ratio`` in
@@ -606,15 +606,15 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
     plus the float mask when the input mask is not float32; grpo and ctpo use the same number.
     """
     method = METHODS[cfg.method]
-    f32 = _compute_dtype(log_prob)
+    cdt = _compute_dtype(log_prob)
     with torch.no_grad():
-        mask = response_mask.to(f32)  # aliases the input when already that dtype: never written
-        adv = advantages.to(f32)
+        mask = response_mask.to(cdt)  # aliases the input when already that dtype: never written
+        adv = advantages.to(cdt)
         if adv.dim() == 1:
             adv = adv.unsqueeze(-1)
         row_factor = -adv * _row_coefficients(mask, cfg.loss_agg_mode, **gbi)  # c_b·(−A)
         n = mask.sum()
-        x = log_prob.detach().to(f32) - old_log_prob.to(f32)
+        x = log_prob.detach().to(cdt) - old_log_prob.to(cdt)
         x.mul_(mask)  # ℓ_t, 0 on mask-0 tokens
         log_ratio_sum = x.sum()
         x = method.log_weight(x, mask)  # L_t; may work in place on ℓ (ℓ is not used afterwards)
@@ -626,8 +626,8 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
         lower_b, upper_b, dual_b = _side_bounds(cfg)
         pos = adv > 0
         # A > 0: bounded above by hi; A ≤ 0: below by lo and above by the dual threshold.
-        lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b, f32)
-        up_const, up_coef = _row_bound(pos, upper_b, dual_b, f32)
+        lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b, cdt)
+        up_const, up_coef = _row_bound(pos, upper_b, dual_b, cdt)
         cap = cfg.max_log_weight
         scale = _position_scale(mask, cfg.position, cfg.gamma) if (lo_coef is not None or up_coef is not None) else None
         if lo_coef is None:
@@ -658,19 +658,19 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
 def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
     """``grad="prefix"``: plain autograd through w_t = exp(L_t) (the whole prefix gets gradient)."""
     method = METHODS[cfg.method]
-    f32 = _compute_dtype(log_prob)
-    mask = response_mask.to(f32)
-    adv = advantages.to(f32)
+    cdt = _compute_dtype(log_prob)
+    mask = response_mask.to(cdt)
+    adv = advantages.to(cdt)
     if adv.dim() == 1:
         adv = adv.unsqueeze(-1)
     row_factor = -adv * _row_coefficients(mask, cfg.loss_agg_mode, **gbi)
     n = mask.sum()
-    log_ratio = (log_prob.to(f32) - old_log_prob.to(f32)) * mask
+    log_ratio = (log_prob.to(cdt) - old_log_prob.to(cdt)) * mask
     x = method.log_weight(log_ratio.clone(), mask).expand_as(mask)
     lower_b, upper_b, dual_b = _side_bounds(cfg)
     pos = adv > 0
-    lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b, f32)
-    up_const, up_coef = _row_bound(pos, upper_b, dual_b, f32)
+    lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b, cdt)
+    up_const, up_coef = _row_bound(pos, upper_b, dual_b, cdt)
     scale = None
     if lo_coef is not None or up_coef is not None:
         scale = _position_scale(mask, cfg.position, cfg.gamma)
@@ -682,7 +682,7 @@ def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
         xd, yd = x.detach(), y.detach()
         scratch = torch.empty_like(mask)
         metrics = _weight_stats(cfg, xd, mask, n, scratch)
-        kept, below = (yd == xd).to(f32) * mask, (yd > xd).to(f32) * mask
+        kept, below = (yd == xd).to(cdt) * mask, (yd > xd).to(cdt) * mask
         metrics = _clip_fractions(kept, below, mask, pos, adv < 0, n) + metrics
         metrics += [-log_ratio.detach().sum() / n.clamp(min=1.0), n, loss.detach()]
     return loss, metrics
