@@ -37,16 +37,15 @@ _MEMORY_SECRET = "MEMSE" + "CRET" + MEM_SECRET_TAIL
 
 
 def _uid_procs(uid: int) -> list[int]:
-    """Host pids whose real uid is ``uid``."""
+    """Host pids of live (not zombie) processes whose real uid is ``uid``."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{d}/status").read_text().splitlines():
-                    if line.startswith("Uid:"):
-                        if int(line.split()[1]) == uid:
-                            out.append(int(d))
-                        break
+                fields = dict(line.split(":", 1) for line in Path(f"/proc/{d}/status").read_text().splitlines()
+                              if ":" in line)
+                if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+                    out.append(int(d))
     return out
 
 

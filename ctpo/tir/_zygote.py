@@ -389,12 +389,11 @@ def _kill_leftovers(ctx: Context, uid: int, pgid: int) -> None:
         if pid == 0:
             try:
                 os.setresuid(uid, uid, uid)
-                for _ in range(400):  # until no process of the uid is left (zombies: until reaped)
-                    try:
+                # One pass reaches every process of the uid (the task list is locked while it runs,
+                # and a fork racing with it is aborted by the pending SIGKILL); a second for luck.
+                for _ in range(2):
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(-1, signal.SIGKILL)
-                    except ProcessLookupError:
-                        break
-                    time.sleep(0.005)
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
