@@ -18,7 +18,8 @@ kernel exploit: the kernel is the trusted base, and the layers below shrink the 
 reach (full isolation):
 
 * **processes** — pid 1 of its own pid namespace: the caller, the zygote, the server and other
-  executions do not exist for it (no pids to signal or ``ptrace``, its own ``/proc``). When it
+  executions do not exist for it (no pids to signal or ``ptrace``; its own ``/proc``, mounted with
+  ``subset=pid`` where the kernel allows: no ``/proc/sys``, ``kcore``, ``sysrq-trigger``). When it
   exits or is killed, the kernel kills everything left in the namespace (orphans, daemons,
   threads). A unique unprivileged host uid per execution (``>= 1000000000``; never host root)
   plus ``RLIMIT_NPROC`` bounds fork bombs; ``PR_SET_PDEATHSIG`` ties it to the server.
@@ -34,7 +35,7 @@ reach (full isolation):
 * **privilege** — private user namespace, every capability dropped (bounding set included),
   ``PR_SET_NO_NEW_PRIVS``, seccomp deny-list (ptrace, process_vm_*, mount, unshare/setns,
   namespace-creating clone flags, bpf, perf, keyrings, io_uring, kexec, modules, ...). IPC and UTS
-  namespaces are private.
+  namespaces are private, so executions share no SysV IPC, abstract socket or hostname either.
 * **resources** — wall clock (enforced by the server outside the sandbox: SIGKILL of the
   namespace's init), ``RLIMIT_CPU``, ``RLIMIT_AS`` (``memory_mb`` beyond the preloaded interpreter),
   ``RLIMIT_NPROC``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE = 0``; set as hard limits, so
