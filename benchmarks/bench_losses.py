@@ -198,6 +198,8 @@ def main() -> None:
     input_bytes = sum(t.numel() * t.element_size() for t in inputs)
     print(f"{'(inputs, for scale)':34s} {input_bytes / mib:10.1f}")
 
+    if args.quick:
+        print("\n(--quick: at this size fixed per-call overheads dominate; use the default shape for ratios)")
     print("\nratios (goal)")
     print(f"  time   ctpo / grpo, loss+metrics   {ratio('ctpo', 'grpo', full):5.2f}   (<= 1.25)")
     print(f"  time   ctpo / grpo, surrogate only {ratio('ctpo', 'grpo', core):5.2f}")
