@@ -218,9 +218,8 @@ def _harden(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, str
             if errors is not None:
                 errors[name] = f"{type(e).__name__}: {e}"
 
-    def mount_ns() -> None:
-        flags = iso.CLONE_NEWNS
-        iso.unshare(flags)
+    def mount_ns() -> None:  # a copy of the zygote's read-only root, plus a fresh /proc and /tmp
+        iso.unshare(iso.CLONE_NEWNS)
         if "pid_ns" in plan:
             # Only the namespace's own pid folders where the kernel allows it (5.8+): no /proc/sys,
             # /proc/kcore, /proc/sysrq-trigger, ... to poke at.
