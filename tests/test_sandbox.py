@@ -26,7 +26,7 @@ if sys.platform != "linux":
     pytest.skip("the sandbox needs Linux", allow_module_level=True)
 
 from ctpo.tir import sandbox as sb
-from ctpo.tir._zygote import UID_BASE
+from ctpo.tir._zygote import UID_BASE, UID_SLOTS
 from ctpo.tir.sandbox import ExecResult, SandboxIsolationError, SandboxPool, run_code
 
 pytestmark = pytest.mark.sandbox
@@ -36,15 +36,15 @@ MEM_SECRET_TAIL = uuid.uuid4().hex  # lives in this process's memory as "MEMSECR
 _MEMORY_SECRET = "MEMSE" + "CRET" + MEM_SECRET_TAIL
 
 
-def _uid_procs(uid: int) -> list[int]:
-    """Host pids of live (not zombie) processes whose real uid is ``uid``."""
+def _uid_procs(uid: int, count: int = 1) -> list[int]:
+    """Host pids of live (not zombie) processes whose real uid is in ``uid .. uid + count - 1``."""
     out = []
     for d in os.listdir("/proc"):
         if d.isdigit():
             with contextlib.suppress(OSError):
                 fields = dict(line.split(":", 1) for line in Path(f"/proc/{d}/status").read_text().splitlines()
                               if ":" in line)
-                if int(fields["Uid"].split()[0]) == uid and not fields["State"].strip().startswith("Z"):
+                if uid <= int(fields["Uid"].split()[0]) < uid + count and not fields["State"].strip().startswith("Z"):
                     out.append(int(d))
     return out
 
@@ -583,6 +583,18 @@ def test_zygote_killed_pool_recovers():
         assert r.status == "ok" and r.stdout == "2\n"
         assert p.zygote_pid != old and p.restarts == 1
         assert p.isolation.tier == "full"
+        # Killed with an execution in flight: that execution dies with it and is run again.
+        box: dict = {}
+        t = threading.Thread(target=lambda: box.update(r=p.run("import time, os\ntime.sleep(0.8)\nprint(os.getuid())")))
+        t.start()
+        time.sleep(0.3)
+        killed = p.zygote_pid
+        os.kill(killed, signal.SIGKILL)
+        t.join(30)
+        assert box["r"].status == "ok" and p.restarts == 2
+        assert _uid_procs(int(box["r"].stdout)) == []
+        if os.getuid() == 0:  # nothing of the killed zygote's executions (its block of uids) is left
+            assert _uid_procs(UID_BASE + killed * UID_SLOTS, UID_SLOTS) == []
 
 
 def test_weaker_tier_refused_then_allowed_with_warning(pool):
