@@ -389,16 +389,37 @@ def _kill_leftovers(ctx: Context, uid: int, pgid: int) -> None:
             try:
                 os.setresuid(uid, uid, uid)
                 # One pass reaches every process of the uid (the task list is locked while it runs,
-                # and a fork racing with it is aborted by the pending SIGKILL); a second for luck.
-                for _ in range(2):
+                # and a fork racing with it is aborted by the pending SIGKILL). Then wait, up to a
+                # second, until they are really gone, so none outlives the execution's report.
+                deadline = time.monotonic() + 1.0
+                while True:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(-1, signal.SIGKILL)
+                    if not _live_pids_of(uid) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.002)
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
     else:
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def _live_pids_of(uid: int) -> list[int]:
+    """Pids of non-zombie processes of ``uid`` other than ourselves ([] where /proc is not visible)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) != os.getpid():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{d}/status") as f:
+                        status = f.read()
+                    state = status.split("\nState:", 1)[1].split()[0]
+                    real_uid = int(status.split("\nUid:", 1)[1].split()[0])
+                    if real_uid == uid and state != "Z":
+                        out.append(int(d))
+    return out
 
 
 class _Exec:
