@@ -371,7 +371,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
 
     expected, got = _metrics(full), _metrics(cut)
     assert len(got) == 4
-    assert got == expected
+    for step, (e, g) in enumerate(zip(expected, got), start=1):
+        diff = {k: (e.get(k), g.get(k)) for k in e.keys() | g.keys() if e.get(k) != g.get(k)}
+        assert not diff, f"step {step} differs after resume: {diff}"
     assert any(r["train/grad_norm"] > 0 for r in expected), "no update happened; the test proves nothing"
     a = torch.load(sorted((full / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     b = torch.load(sorted((cut / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -89,8 +88,8 @@ class TrainConfig:
     """Problems of the eval benchmark used in training (first N; 0 = all)."""
     eval_benchmark: str | None = None
     """Benchmark for in-training eval; default: the first one in ``data.benchmarks``."""
-    eval_seed: int = 1234
-    """Sampling seed of in-training eval, fixed so every step and every method see the same draws."""
+    eval_seed: int | None = None
+    """Sampling seed of in-training eval; None: the ``eval`` section's (as ``ctpo eval`` samples)."""
     diag_steps: list[int] = field(default_factory=list)
     """Steps (1-based) at which per-position statistics of log ρ_{1:t} are collected (paper: 50/100/150)."""
     diag_max_position: int = 512
@@ -475,6 +474,31 @@ def position_stats(cfg: TrainConfig, loss_cfg: Any) -> Any:
     )
 
 
+DIAG_FIT_MIN_FRACTION = 0.25
+"""The √t fit uses positions reached by at least this fraction of the sequences seen at t = 1: a std
+from a handful of long responses is noise, not the curve (the CSV keeps every position)."""
+
+
+def diagnostic_summary(diag: Any) -> dict[str, float]:
+    """``diag/`` scalars: the c·√t fit of std log ρ_{1:t} and clip rates early vs late in the response."""
+    frame = diag.to_frame()
+    if frame.empty:
+        return {}
+    c, r2 = diag.fit_sqrt(min_count=max(2, int(DIAG_FIT_MIN_FRACTION * frame["count"].iloc[0])))
+    reached = frame[frame["count"] >= DIAG_FIT_MIN_FRACTION * frame["count"].iloc[0]]
+    half = len(reached) // 2
+    out = {
+        "diag/sqrt_fit_c": float(c),
+        "diag/sqrt_fit_r2": float(r2),
+        "diag/max_position": float(len(reached)),
+    }
+    for name, part in (("early", reached.iloc[:half]), ("late", reached.iloc[half:])):
+        weights = part["count"] / max(1, part["count"].sum())
+        for kind in ("fixed", "adaptive"):
+            out[f"diag/clip_{kind}_{name}"] = float((part[f"clip_{kind}"] * weights).sum())
+    return out
+
+
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -491,17 +515,36 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def in_training_eval(model, tokenizer, problems, cfg: TrainConfig, tir_cfg, pool, grader) -> dict[str, float]:
-    """avg@k on the eval problems with a fixed sampling seed, through the same TIR loop and grader."""
-    ro = rollout(model, tokenizer, problems, cfg.eval_k, tir_cfg, pool, grader, 1.0, cfg.eval_seed)
-    per_problem = ro.rewards.view(-1, cfg.eval_k).mean(1)
-    n = per_problem.numel()
-    se = float(per_problem.std() / math.sqrt(n)) if n > 1 else 0.0
+def in_training_eval(
+    model, tokenizer, problems, cfg: TrainConfig, config, tir_cfg, pool, grader
+) -> dict[str, float]:
+    """avg@k on the eval problems through `ctpo.eval.evaluate`: the sampling of ``ctpo eval`` (the
+    config's ``eval`` section) with a fixed seed, so every step and every method see the same draws."""
+    from ctpo.eval import evaluate, sampling_from_config
+    from ctpo.generation import HFGenerator
+
+    params = sampling_from_config(config.get("eval") or {})
+    if cfg.eval_seed is not None:
+        params = dataclasses.replace(params, seed=cfg.eval_seed)
+    model.eval()
+    with torch.no_grad():
+        summary = evaluate(
+            HFGenerator(model, tokenizer),
+            tokenizer,
+            problems,
+            cfg.eval_k,
+            tir_cfg,
+            pool,
+            grader,
+            params=params,
+        )
     return {
-        "eval/avg_at_k": float(per_problem.mean()),
-        "eval/avg_at_k_se": se,
-        "eval/response_length": ro.metrics["train/response_length"],
-        "eval/tool_calls": ro.metrics["train/tool_calls"],
+        "eval/avg_at_k": summary["avg_at_k"],
+        "eval/avg_at_k_se": summary["avg_at_k_se"],
+        "eval/pass_at_k": summary["pass_at_k"][str(cfg.eval_k)],
+        "eval/mean_policy_tokens": summary["mean_policy_tokens"],
+        "eval/tool_calls": summary["mean_tool_calls"],
+        "eval/no_answer_rate": summary["no_answer_rate"],
     }
 
 
@@ -665,15 +708,16 @@ def train(
                 path = out / "diagnostics" / f"step_{step_no:05d}.csv"
                 diag.to_frame().to_csv(path.with_suffix(".tmp"), index=False)
                 os.replace(path.with_suffix(".tmp"), path)
-                c, r2 = diag.fit_sqrt()
-                metrics["diag/sqrt_fit_c"], metrics["diag/sqrt_fit_r2"] = float(c), float(r2)
+                metrics.update(diagnostic_summary(diag))
                 run.log_artifact(path, "diagnostics")
 
             # periodic evaluation (Figure 2: accuracy vs step)
             last = step_no == cfg.steps
             if cfg.eval_every > 0 and (step_no % cfg.eval_every == 0 or last):
                 t0 = time.perf_counter()
-                metrics.update(in_training_eval(model, tokenizer, eval_problems, cfg, tir_cfg, pool, grader))
+                metrics.update(
+                    in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader)
+                )
                 metrics["eval/benchmark_step"] = step_no
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
