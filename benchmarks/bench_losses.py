@@ -11,7 +11,8 @@ What is measured, all in one run so the ratios are comparable on a noisy shared 
   it) on the same inputs, cases interleaved round by round; we report the median over rounds of
   each case's time and the median of the per-round ratios. ``surrogate only`` repeats it without the
   metrics (the private ``_current_token_loss(..., with_metrics=False)``) to show where time goes. The diagnostics row times
-  ``PositionStats.update`` on the same tokens; its ratio is against the ctpo loss call.
+  a fresh ``PositionStats`` (as the VERL adapter makes per micro-batch) and its ``update`` on the
+  same tokens; its ratio is against the ctpo loss call.
 * peak memory (CPU): each case runs in a fresh subprocess whose glibc allocator hands every buffer of
   >= 64 KiB straight to ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so resident memory tracks the bytes
   torch actually holds. After one warm-up call the kernel's high-water mark is reset

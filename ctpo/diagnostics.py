@@ -57,6 +57,7 @@ stds and rates do not depend on which. Σ(log ρ)² loses relative precision onl
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -64,11 +65,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ctpo.losses import adaptive_clip_bounds, fixed_clip_bounds, position_index
+from ctpo.losses import fixed_clip_bounds, position_index
 
 __all__ = ["PositionStats"]
 
 _SCALAR_FIELDS = ("count", "sum", "sumsq", "tsum", "fixed_low", "fixed_high", "adaptive_low", "adaptive_high")
+
+
+@functools.lru_cache(maxsize=32)
+def _buckets(exact_limit: int, spacing: str, per_octave: int, width: int, max_position: int):
+    """(t_lo, bucket_of): the buckets' inclusive lower edges, and position t -> bucket for
+    t = 0 (a mask-0 token: the extra "trash" bucket) .. max_position + 1. Cached: the VERL adapter
+    builds a fresh accumulator per micro-batch. Treat both as read-only."""
+    t_lo = _bucket_edges(exact_limit, spacing, per_octave, width, max_position)
+    t_lo.setflags(write=False)
+    nb = len(t_lo)
+    counts = np.diff(np.append(t_lo, max_position + 2))
+    return t_lo, torch.from_numpy(np.concatenate([[nb], np.repeat(np.arange(nb), counts)]))
 
 
 def _bucket_edges(exact_limit: int, spacing: str, per_octave: int, width: int, max_position: int) -> np.ndarray:
@@ -120,12 +133,9 @@ class PositionStats:
             max_position=max_position, clip_low=clip_low, clip_high=clip_high, eps_low=eps_low,
             eps_high=eps_high, gamma=gamma, position=position, max_tokens=max_tokens,
         )
-        self.t_lo = _bucket_edges(exact_limit, spacing, per_octave, width, max_position)
+        self.t_lo, self._bucket_of = _buckets(exact_limit, spacing, per_octave, width, max_position)
         nb = len(self.t_lo)
         self._fixed = fixed_clip_bounds(clip_low, clip_high)
-        # position t -> bucket, for t = 0 (a mask-0 token: the extra "trash" bucket nb) .. max_position + 1
-        counts = np.diff(np.append(self.t_lo, max_position + 2))
-        self._bucket_of = torch.from_numpy(np.concatenate([[nb], np.repeat(np.arange(nb), counts)]))
         self.count = np.zeros(nb, dtype=np.float64)
         self.mean = np.zeros(nb, dtype=np.float64)
         self.m2 = np.zeros(nb, dtype=np.float64)
@@ -168,7 +178,8 @@ class PositionStats:
         mask = response_mask[::step].to(cdt)
         log_rho = (log_prob[::step].detach().to(cdt) - old_log_prob[::step].to(cdt)).mul_(mask).cumsum_(-1)
         t = position_index(mask, cfg["position"], cdt).expand_as(mask)
-        lo_a, hi_a = adaptive_clip_bounds(t, cfg["eps_low"], cfg["eps_high"], cfg["gamma"])
+        tpos = t.mul(mask).clamp_(max=cfg["max_position"] + 1).reshape(-1)  # 0 on mask-0 tokens
+        z = t.pow(-cfg["gamma"]).mul_(log_rho)  # log ρ / t^γ, compared with the adaptive range's ±eps
         lo_f, hi_f = self._fixed
         # Clip state of each range ∈ {0 inside, 1 below, 2 above}, folded with the bucket into one
         # code per token (9·bucket + 3·fixed + adaptive), so one bincount yields the token count and
@@ -177,25 +188,21 @@ class PositionStats:
         code = torch.lt(log_rho, lo_f, out=torch.empty_like(log_rho))
         code += torch.gt(log_rho, hi_f, out=buf).mul_(2.0)
         code *= 3.0
-        code += torch.lt(log_rho, lo_a, out=buf)
-        code += torch.gt(log_rho, hi_a, out=buf).mul_(2.0)
+        code += torch.lt(z, -cfg["eps_low"], out=buf)
+        code += torch.gt(z, cfg["eps_high"], out=buf).mul_(2.0)
         dev, f64, nb = log_rho.device, torch.float64, self.n_buckets
-        tpos = t.mul(mask).clamp_(max=cfg["max_position"] + 1).reshape(-1)  # 0 on mask-0 tokens
         bucket = self._bucket_of.to(dev)[tpos.long()]
         code = code.reshape(-1).to(torch.int32).add_(bucket, alpha=9)
-        states = torch.bincount(code, minlength=(nb + 1) * 9)[: nb * 9].reshape(nb, 3, 3).to(f64)
         # centre on the bucket's running mean before squaring, so Σx² − (Σx)²/n does not cancel
-        shift = torch.cat([torch.from_numpy(self.mean), torch.zeros(1, dtype=f64)]).to(dev)
-        x = log_rho.reshape(-1).to(f64) - shift[bucket]
-        per_bucket = torch.stack([
-            states.sum((1, 2)),
-            torch.bincount(bucket, weights=x, minlength=nb + 1)[:nb],
-            torch.bincount(bucket, weights=x * x, minlength=nb + 1)[:nb],
-            torch.bincount(bucket, weights=tpos.to(f64), minlength=nb + 1)[:nb],
-            states[:, 1, :].sum(1), states[:, 2, :].sum(1), states[:, :, 1].sum(1), states[:, :, 2].sum(1),
-        ], 1)
-        pb = per_bucket.cpu().numpy()  # the one device -> host transfer
-        self._fold(pb[:, 0], pb[:, 1], pb[:, 2], pb[:, 3], pb[:, 4:], shift=self.mean.copy())
+        shift = torch.from_numpy(np.append(self.mean, 0.0)).to(dev)
+        x = log_rho.reshape(-1).to(f64).sub_(shift[bucket])
+        sums = torch.stack([torch.bincount(bucket, weights=w, minlength=nb + 1)[:nb]
+                            for w in (x, x * x, tpos.to(f64))], 1)
+        states = torch.bincount(code, minlength=(nb + 1) * 9)[: nb * 9].reshape(nb, 9).to(f64)
+        host = torch.cat([sums, states], 1).cpu().numpy()  # the one device -> host transfer
+        st = host[:, 3:].reshape(nb, 3, 3)  # [bucket, fixed state, adaptive state] counts
+        clips = np.stack([st[:, 1].sum(1), st[:, 2].sum(1), st[:, :, 1].sum(1), st[:, :, 2].sum(1)], 1)
+        self._fold(st.sum((1, 2)), host[:, 0], host[:, 1], host[:, 2], clips, shift=self.mean.copy())
         return self
 
     def _fold(self, n, s1, s2, tsum, clips, shift=0.0) -> None:
