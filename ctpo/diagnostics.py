@@ -41,8 +41,8 @@ uses the same formula. Inputs are read in float32 (float64 when given float64).
 Cost: the statistics need the prefix sum, the position and a scatter per token, which is about as
 much work as the loss itself. An update therefore looks at a deterministic subset of whole
 sequences, rows 0, k, 2k, … with k = ceil(B·T / max_tokens), so at most ``max_tokens`` token slots
-(default 32,768: 1/16 of a 64 × 8,192 batch; a trainer step of 4,096 sequences still contributes
-256 of them per position). Every statistic stays exact for the rows it sees;
+(default 32,768: 1/16 of a 64 × 8,192 batch; a batch with B·T ≤ max_tokens is seen whole, so
+micro-batch-sized updates lose little). Every statistic stays exact for the rows it sees;
 ``max_tokens=None`` sees every row.
 
 Scalars (``to_scalars``/``from_scalars``): for bucket ``i`` (3 digits, zero-padded) the keys
@@ -51,7 +51,8 @@ Scalars (``to_scalars``/``from_scalars``): for bucket ``i`` (3 digits, zero-padd
 "min" or "max" (verl reduces such keys with min/max). The rebuild assumes every key was reduced the
 same *linear* way across micro-batches and ranks: summed (counts are totals) or averaged (counts are
 per-micro-batch averages; pass ``count_scale`` = number of averaged items to restore totals). Means,
-stds and rates do not depend on which. Σ(log ρ)² loses relative precision only as
+stds and rates do not depend on which. Only the bucket arguments (exact_limit, spacing, per_octave,
+width, max_position) of ``from_scalars`` must match the emitter's; the clip settings play no part. Σ(log ρ)² loses relative precision only as
 1e-16·mean²/variance, negligible for log-ratios.
 """
 
