@@ -94,6 +94,12 @@ def _preload(modules: list[str], warmup: str) -> list[str]:
     import threading  # noqa: F401
     import types  # noqa: F401
 
+    # At most two malloc arenas per child: each extra thread would otherwise reserve 64 MB of
+    # address space, which RLIMIT_AS (the memory limit) counts.
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX
     # Move everything imported so far out of the collector's reach: a child's garbage collection
     # then never walks (and copy-on-write faults) the template's objects.
     gc.collect()

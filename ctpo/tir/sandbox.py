@@ -376,6 +376,9 @@ class SandboxPool:
         )
         if limits.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {limits.timeout_s}")
+        if limits.memory_mb < 16:
+            raise ValueError(f"memory_mb must be >= 16 (MB of address space beyond the preloaded interpreter), "
+                             f"got {limits.memory_mb}")
         with self._slots:
             for _ in range(3):
                 res, zygote = self._execute(code, limits)
