@@ -514,6 +514,19 @@ def test_bad_input_is_a_clear_error(change, error, pattern):
                             global_batch_info=args["gbi"])
 
 
+def test_mask_and_advantage_layouts_agree():
+    """bool / int64 (verl's attention-mask slice) / float masks, and (B,), (B, 1), (B, T) advantages."""
+    old, new, adv, mask = make_batch(seed=15)
+    cfg = PolicyLossConfig(method="ctpo")
+    base = ours(old, new, adv, mask, cfg)
+    for m in (mask.long(), mask.float()):
+        for a in (adv[:, None], adv[:, None].expand(mask.shape).contiguous()):
+            other = ours(old, new, a, m, cfg)
+            assert_close(other[0], base[0], rtol=1e-6, atol=1e-7)
+            assert_close(other[1], base[1], rtol=1e-6, atol=1e-7)
+            assert other[2] == pytest.approx(base[2])
+
+
 def test_config_round_trips_through_a_dict():
     cfg = PolicyLossConfig(method="ctpo", clip_mode="adaptive", gamma=0.4, ratio_quantiles=(0.5,))
     assert PolicyLossConfig.from_dict(cfg.to_dict()) == cfg
