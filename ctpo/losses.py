@@ -554,7 +554,10 @@ def _weight_stats(cfg, x, mask, n, scratch) -> list[torch.Tensor]:
     cap = cfg.max_log_weight
     denom = n.clamp(min=1.0)
     log_mean = _row_dot(x, mask, scratch).sum() / denom
-    ratio_max = torch.sub(mask, 1.0, out=scratch).mul_(_BIG).add_(x).amax().clamp(max=cap).exp()
+    if mask.numel() == 0:  # an empty batch: no token, like a batch of mask-0 tokens
+        ratio_max = torch.zeros((), dtype=mask.dtype, device=mask.device)
+    else:
+        ratio_max = torch.sub(mask, 1.0, out=scratch).mul_(_BIG).add_(x).amax().clamp(max=cap).exp()
     ratio_mean = _row_dot(torch.clamp(x, max=cap, out=scratch).exp_(), mask, scratch).sum() / denom
     quantiles = []
     if cfg.ratio_quantiles:

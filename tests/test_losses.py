@@ -527,6 +527,17 @@ def test_mask_and_advantage_layouts_agree():
             assert other[2] == pytest.approx(base[2])
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 4)])
+@pytest.mark.parametrize("grad", ["current", "prefix"])
+def test_empty_batches_give_zero_loss(shape, grad):
+    lp = torch.zeros(shape, requires_grad=True)
+    mask = torch.zeros(shape, dtype=torch.bool)  # (2, 4): no policy token at all
+    loss, m = compute_policy_loss(torch.zeros(shape), lp, torch.ones(shape[0]), mask, PolicyLossConfig(grad=grad))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(lp.grad == 0)
+    assert m["ratio/tokens"] == 0.0 and m["clip/frac"] == 0.0
+
+
 def test_config_round_trips_through_a_dict():
     cfg = PolicyLossConfig(method="ctpo", clip_mode="adaptive", gamma=0.4, ratio_quantiles=(0.5,))
     assert PolicyLossConfig.from_dict(cfg.to_dict()) == cfg
