@@ -35,9 +35,11 @@ so E_μ[w_t A_t ∇log π_θ(a_t|s_t)] is the unbiased per-decision estimator of
 −Σ_t c_t A_t ∇log π_θ(a_t|s_t). ``grad="prefix"`` instead differentiates the whole product
 exp(Σ_{k≤t} ℓ_k), so token k also receives Σ_{t≥k} of the later terms' gradients: that is the
 gradient of the IS-weighted *objective*, not the Prop. 1 estimator, and it has the variance of a
-product of ratios (Prop. 2: Var ρ_{1:T} > Var ρ_{1:t}; under independence
-Var ρ_{1:t} = Π_{k≤t}(1 + δ_k) − 1, so Var ρ_{1:T}/Var ρ_{1:t} → T/t near on-policy and grows
-exponentially in T − t off-policy). For ``grpo`` the two options coincide.
+product of ratios (Prop. 2: Var ρ_{1:T} > Var ρ_{1:t}; with independent per-token ratios
+Var ρ_{1:t} = Π_{k≤t}(1 + δ_k) − 1, δ_k = E_μ[r_k²] − 1 the local χ² divergence, so
+Var ρ_{1:T}/Var ρ_{1:t} → T/t near on-policy and grows exponentially in T − t off-policy; the same
+growth is why ``seq`` is noisy and why CTPO stops the product at t). For ``grpo`` the two options
+coincide.
 
 Clipping (§3.3), in log space — equivalent to clipping the ratio since exp is monotone:
 
