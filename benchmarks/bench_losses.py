@@ -20,6 +20,11 @@ What is measured, all in one run so the ratios are comparable on a noisy shared 
   memory the call needed beyond its inputs (including ``log_prob.grad``). ``tracemalloc`` would see
   none of torch's buffers, hence this.
 
+On CPU the time of a (B, T) buffer's first touch (page faults) is often as large as the arithmetic
+on it, and whether glibc hands back fresh pages or reuses its heap depends on its state, so numbers
+move between runs. To time the arithmetic alone (a steady-state heap, as a long-running trainer
+tends to have), run with ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824``.
+
 With ``--device cuda`` time is wall clock around synchronised calls and peak memory is
 ``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it.
 
