@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,9 +225,20 @@ def test_default_profile_is_picked_up_without_a_flag(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _run_smoke(workdir: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _smoke_config(workdir: Path) -> Path:
+    """experiments/smoke.yaml with the figure style in a copy the test may edit."""
+    style = workdir / "style.mplstyle"
+    shutil.copy(REPO / "figures" / "style.mplstyle", style)
+    config = _config("smoke")
+    config.setdefault("workflow", {})["style"] = str(style)
+    path = workdir / "smoke.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _run_smoke(workdir: Path, *extra: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return snakemake(
-        workdir, "--cores", "2", "--configfile", str(REPO / "experiments/smoke.yaml"), *extra, timeout=timeout
+        workdir, "--cores", "2", "--configfile", str(workdir / "smoke.yaml"), *extra, timeout=timeout
     )
 
 
@@ -236,6 +248,7 @@ def test_smoke_study_end_to_end(tmp_path):
 
     from ctpo import tracking
 
+    style = _smoke_config(tmp_path).parent / "style.mplstyle"
     t0 = time.perf_counter()
     proc = _run_smoke(tmp_path)
     wall = time.perf_counter() - t0
@@ -276,14 +289,10 @@ def test_smoke_study_end_to_end(tmp_path):
     )
     for run in runs:
         if run.data.tags.get("ctpo.kind") == "train":
+            tags = run.data.tags
             done = json.loads(
                 (
-                    results
-                    / "runs"
-                    / run.data.tags["model"]
-                    / run.data.tags["method"]
-                    / f"s{run.data.tags['seed']}"
-                    / "DONE.json"
+                    results / "runs" / tags["model"] / tags["method"] / f"s{tags['seed']}" / "DONE.json"
                 ).read_text()
             )
             assert done["mlflow_run_id"] == run.info.run_id
@@ -298,15 +307,13 @@ def test_smoke_study_end_to_end(tmp_path):
     # setting re-evaluates without retraining.
     again = _run_smoke(tmp_path, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
-    style = REPO / "figures" / "style.mplstyle"
-    stat = style.stat()
-    try:
-        os.utime(style, (stat.st_atime, time.time() + 5))
-        out = _run_smoke(tmp_path, "-n")
-    finally:
-        os.utime(style, (stat.st_atime, stat.st_mtime))
+    style.write_text(style.read_text() + "\nlines.linewidth: 2.0\n")
+    out = _run_smoke(tmp_path, "-n")
     assert job_counts(out.stdout + out.stderr) == {"figures": 1, "all": 1}
-    out = _run_smoke(tmp_path, "-n", "--config", f"eval={{'backend': 'hf', 'k': {config['eval']['k'] + 1}}}")
+    changed = yaml.safe_load((tmp_path / "smoke.yaml").read_text())
+    changed["eval"]["k"] += 1
+    (tmp_path / "smoke_k.yaml").write_text(yaml.safe_dump(changed))
+    out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "smoke_k.yaml"))
     counts = job_counts(out.stdout + out.stderr)
     assert "train" not in counts and "base" not in counts and "data" not in counts
     assert counts["eval_run"] == len(matrix) * n_bench and counts["analyze"] == 1

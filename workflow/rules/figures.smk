@@ -1,8 +1,9 @@
-# Figures from the analysis outputs only. Their look lives in figures/style.mplstyle, an input of this
-# rule alone: restyling redraws the figures and retrains nothing.
+# Figures from the analysis outputs only. Their look lives in a matplotlib style file (workflow.style,
+# default figures/style.mplstyle), an input of this rule alone: restyling redraws the figures and retrains
+# nothing. (Snakemake compares checksums: touching the file without changing it reruns nothing.)
 
 FIGURES = f"{R}/figures"
-STYLE = str(REPO / "figures" / "style.mplstyle")
+STYLE = str(REPO / config["workflow"]["style"])  # an absolute path stays as it is
 FIGURE_OUTPUTS = [f"{FIGURES}/{fig}.{ext}" for fig in ("fig1", "fig2") for ext in ("png", "pdf")]
 
 
