@@ -299,7 +299,7 @@ def test_cli_outputs_metrics_and_mlflow(micro_study, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     rows = _metrics(out)
-    assert [r["train/step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["train/step"] for r in rows] == [0, 1, 2, 3, 4]  # step 0: eval of the starting policy
     raw = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in (
         "train/reward_mean", "train/accuracy", "train/response_length", "train/tool_calls",
@@ -309,7 +309,8 @@ def test_cli_outputs_metrics_and_mlflow(micro_study, tmp_path):
         "eval/avg_at_k", "eval/avg_at_k_se",
     ):  # fmt: skip
         assert key in raw, key
-    assert "diag/sqrt_fit_r2" in rows[1] and "eval/avg_at_k" in rows[1] and "eval/avg_at_k" not in rows[0]
+    assert set(rows[0]) == {"train/step", *(k for k in rows[0] if k.startswith("eval/"))}
+    assert "diag/sqrt_fit_r2" in rows[2] and "eval/avg_at_k" in rows[2] and "eval/avg_at_k" not in rows[1]
     assert (out / "diagnostics" / "step_00002.csv").is_file()
     assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
     done = json.loads((out / "DONE.json").read_text())
@@ -351,8 +352,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
 
     # Kill the real CLI twice: once mid-step 3 (the newest checkpoint is step 2) and once right after
     # step 3 was logged (metrics.jsonl is then ahead of the checkpoint and must be rolled back on resume).
+    # metrics.jsonl has a row for step 0 (the eval before training), so step s is row s + 1.
     cut = tmp_path / "cut"
-    for kill_after_rows, delay in ((2, 0.3), (3, 0.0)):
+    for kill_after_rows, delay in ((3, 0.3), (4, 0.0)):
         proc = subprocess.Popen(
             _train_cmd(micro_study, cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -364,17 +366,20 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
             time.sleep(0.005)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed"
+        assert metrics.read_text().count("\n") >= kill_after_rows - 1
         assert not (cut / "DONE.json").exists(), "the run finished before it could be killed; slow it down"
     # the restart (in-process: it knows only what the killed runs left on disk)
     _train_in_process(micro_study, cut)
 
     expected, got = _metrics(full), _metrics(cut)
-    assert len(got) == 4
-    for step, (e, g) in enumerate(zip(expected, got), start=1):
+    assert len(got) == 5
+    for step, (e, g) in enumerate(zip(expected, got)):
         diff = {k: (e.get(k), g.get(k)) for k in e.keys() | g.keys() if e.get(k) != g.get(k)}
         assert not diff, f"step {step} differs after resume: {diff}"
-    assert any(r["train/grad_norm"] > 0 for r in expected), "no update happened; the test proves nothing"
+    assert any(r.get("train/grad_norm", 0) > 0 for r in expected), (
+        "no update happened; the test proves nothing"
+    )
     a = torch.load(sorted((full / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     b = torch.load(sorted((cut / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -456,27 +456,42 @@ def tir_config(config: dict[str, Any]) -> Any:
         raise ConfigError(f"tir section: {exc}") from None
 
 
-def position_stats(cfg: TrainConfig, loss_cfg: Any) -> Any:
-    """A `PositionStats` whose fixed and adaptive clip ranges are the method's (or their defaults)."""
-    from ctpo.diagnostics import PositionStats
+def position_stats(cfg: TrainConfig, config: dict[str, Any]) -> Any:
+    """A `PositionStats` measuring log ρ_{1:t} against the study's cumulative-ratio clip ranges.
 
+    Figure 1 compares, on the same tokens, the fixed range of the ``ctpo_fixed`` ablation with the
+    adaptive range of ``ctpo``, whatever method is being trained, so every run's panels are comparable.
+    The ranges are those of the config's methods using ``ctpo_fixed`` / ``ctpo`` (registry defaults when
+    the config has none); GSPO's range is for a length-normalised ratio and would mean nothing here.
+    """
+    from ctpo.diagnostics import PositionStats
+    from ctpo.losses import PolicyLossConfig
+
+    def reference(method: str) -> Any:
+        for fields in (config.get("methods") or {}).values():
+            if (fields or {}).get("method") == method:
+                return PolicyLossConfig.from_dict(fields).resolved()
+        return PolicyLossConfig(method=method).resolved()
+
+    fixed, adaptive = reference("ctpo_fixed"), reference("ctpo")
     return PositionStats(
         exact_limit=cfg.diag_max_position,
         spacing="linear",
         max_position=cfg.diag_max_position,
-        clip_low=loss_cfg.clip_low,
-        clip_high=loss_cfg.clip_high,
-        eps_low=loss_cfg.eps_low,
-        eps_high=loss_cfg.eps_high,
-        gamma=loss_cfg.gamma,
-        position=loss_cfg.position,
+        clip_low=fixed.clip_low,
+        clip_high=fixed.clip_high,
+        eps_low=adaptive.eps_low,
+        eps_high=adaptive.eps_high,
+        gamma=adaptive.gamma,
+        position=adaptive.position,
         max_tokens=None,
     )
 
 
 DIAG_FIT_MIN_FRACTION = 0.25
-"""The √t fit uses positions reached by at least this fraction of the sequences seen at t = 1: a std
-from a handful of long responses is noise, not the curve (the CSV keeps every position)."""
+"""``diag/sqrt_fit_*_populated`` fits only positions reached by at least this fraction of the sequences
+seen at t = 1: a std from a handful of long responses is noise, not the curve. ``diag/sqrt_fit_*`` fit
+every position with >= 2 tokens (as `PositionStats.fit_sqrt` and the analysis do)."""
 
 
 def diagnostic_summary(diag: Any) -> dict[str, float]:
@@ -484,14 +499,18 @@ def diagnostic_summary(diag: Any) -> dict[str, float]:
     frame = diag.to_frame()
     if frame.empty:
         return {}
-    c, r2 = diag.fit_sqrt(min_count=max(2, int(DIAG_FIT_MIN_FRACTION * frame["count"].iloc[0])))
-    reached = frame[frame["count"] >= DIAG_FIT_MIN_FRACTION * frame["count"].iloc[0]]
-    half = len(reached) // 2
+    populated = max(2, int(DIAG_FIT_MIN_FRACTION * frame["count"].iloc[0]))
+    c, r2 = diag.fit_sqrt()
+    c_pop, r2_pop = diag.fit_sqrt(min_count=populated)
+    reached = frame[frame["count"] >= populated]
     out = {
         "diag/sqrt_fit_c": float(c),
         "diag/sqrt_fit_r2": float(r2),
-        "diag/max_position": float(len(reached)),
+        "diag/sqrt_fit_c_populated": float(c_pop),
+        "diag/sqrt_fit_r2_populated": float(r2_pop),
+        "diag/populated_positions": float(len(reached)),
     }
+    half = len(reached) // 2
     for name, part in (("early", reached.iloc[:half]), ("late", reached.iloc[half:])):
         weights = part["count"] / max(1, part["count"].sum())
         for kind in ("fixed", "adaptive"):
@@ -652,6 +671,18 @@ def train(
                 )
             )
 
+        if start_step == 0 and cfg.eval_every > 0:
+            # Figure 2 starts at the Base policy: a step-0 row with only the evaluation in it.
+            t0 = time.perf_counter()
+            seed_everything(step_seed(seed, 0, "eval-before-training"))
+            row = {"train/step": 0}
+            row.update(in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader))
+            row["time/eval"] = time.perf_counter() - t0
+            history.append(row)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            run.log_metrics(row, step=0)
+
         for step in range(start_step, cfg.steps):
             step_no = step + 1
             t_step = time.perf_counter()
@@ -695,7 +726,7 @@ def train(
                 metrics["train/kl_behaviour_old"] = masked_mean(diff.exp() - 1 - diff, ro.batch.response_mask)
 
             # 4. update
-            diag = position_stats(cfg, loss_cfg) if step_no in cfg.diag_steps else None
+            diag = position_stats(cfg, config) if step_no in cfg.diag_steps else None
             t0 = time.perf_counter()
             metrics.update(
                 update_policy(
@@ -718,7 +749,6 @@ def train(
                 metrics.update(
                     in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader)
                 )
-                metrics["eval/benchmark_step"] = step_no
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
 
