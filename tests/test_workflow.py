@@ -374,3 +374,11 @@ def test_killed_training_resumes_with_rerun_incomplete(tmp_path):
     steps = [json.loads(line)["train/step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     # rows logged after the checkpoint were dropped and redone: every step once (step 0: the Base eval)
     assert len(steps) == len(set(steps)) and [s for s in steps if s >= 1] == list(range(1, 7))
+    # ... and the resumed job continued the same MLflow run
+    from ctpo import tracking
+
+    runs = tracking.find_runs(
+        {**config, "results_dir": str(tmp_path / "results/resume")}, "tags.`ctpo.kind` = 'train'"
+    )
+    assert [r.info.run_id for r in runs] == [(run / "mlflow_run_id").read_text().strip()]
+    assert runs[0].info.status == "FINISHED"
