@@ -3,6 +3,7 @@ problem text), split difficulty, disjoint splits, and demonstrations that really
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
@@ -133,3 +134,54 @@ def test_styles_respect_turn_budget():
     styles = arith.demonstration_styles(300, random.Random(0), {"tool": 0.0, "error": 1.0, "direct": 0.0}, 5, recs)
     for r, s in zip(recs, styles):
         assert s == ("error" if r["extra"]["n_tool_calls"] + 2 <= 5 else "tool")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    from ctpo.tir.sandbox import SandboxPool
+
+    try:
+        with SandboxPool(workers=2) as p:
+            yield p
+    except Exception as exc:  # pragma: no cover - machines without namespaces
+        pytest.skip(f"sandbox unavailable: {exc}")
+
+
+def test_demonstrations_are_real_tir_episodes(pool):
+    """Rendered demonstrations: every code turn parses as one block, its observation is what a standalone
+    sandbox run prints, and replaying the policy turns through the real episode loop gives exactly the
+    SFT token ids and policy mask."""
+    from ctpo import tiny
+    from ctpo.reward import extract_answer
+    from ctpo.tir.episode import SamplingParams, ScriptedGenerator, run_episodes
+    from ctpo.tir.protocol import TIRConfig, extract_code, format_observation
+    from ctpo.train.sft import corpus, tokenize_demonstration
+
+    cfg = TIRConfig(max_response_tokens=2000)
+    records = arith.load_split("train", n=40, seed=9)
+    demos = arith.demonstrations(records, cfg, pool, mix={"tool": 0.4, "error": 0.4, "direct": 0.2}, seed=1)
+    assert {d["style"] for d in demos} == {"tool", "error", "direct"}
+    for r, d in zip(records, demos):
+        segs = d["segments"]
+        assert segs[-1]["policy"] and extract_answer(segs[-1]["text"]) == r["answer"]
+        for seg, nxt in itertools.pairwise(segs):
+            if seg["policy"] and not nxt["policy"]:
+                code = extract_code(seg["text"])
+                assert code is not None and seg["text"].endswith("```\n")
+                assert format_observation(pool.run(code, timeout_s=10.0), cfg) == nxt["text"]
+        errors = sum(1 for s in segs if not s["policy"] and "Error" in s["text"])
+        assert errors == (1 if d["style"] == "error" else 0)
+
+    tokenizer = tiny.build_tokenizer(corpus(demos))
+    script = {d["problem"]: [s["text"] for s in d["segments"] if s["policy"]] for d in demos}
+    for turns in script.values():
+        turns[-1] += tokenizer.eos_token
+    episodes = run_episodes(ScriptedGenerator(tokenizer, script), tokenizer, [d["problem"] for d in demos], cfg,
+                            pool, SamplingParams())
+    for d, ep in zip(demos, episodes):
+        ex = tokenize_demonstration(d, tokenizer, cfg)
+        n = len(ep.prompt_ids)
+        assert ex.ids[:n] == ep.prompt_ids and ex.mask[:n] == [0] * n
+        assert ex.ids[n:] == ep.response_ids
+        assert ex.mask[n:] == ep.response_mask
+        assert ep.finish == "answer"

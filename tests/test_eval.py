@@ -117,8 +117,7 @@ def micro_config(tmp_path_factory):
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "tiny.yaml").read_text())
     cfg["results_dir"] = str(root / "results")
     cfg["mlflow"] = {"enabled": False}
-    cfg["models"] = {"micro": {"preset": "xs", "sft": {"n_demos": 64, "steps": 4, "batch_size": 4,
-                                                        "vocab_size": 320}}}
+    cfg["models"] = {"micro": {"preset": "xs", "sft": {"n_demos": 64, "steps": 4, "batch_size": 4}}}
     path = root / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

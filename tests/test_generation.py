@@ -24,7 +24,7 @@ STOP = "\n```\n"
 def tokenizer():
     texts = [r["problem"] for r in arith.load_split("train", n=200, seed=0)]
     texts += ["```python\nprint(12 * 34)\n```\n```output\n408\n```\nSo \\boxed{408}."] * 20
-    return tiny.build_tokenizer(texts, vocab_size=320)
+    return tiny.build_tokenizer(texts)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,10 @@ def _prompts(tokenizer):
     return [tokenizer.encode(t) for t in texts]
 
 
+@pytest.mark.parametrize("engine", ["loop", "generate"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_generate_logprobs_match_recompute(tokenizer, peaked_model, temperature):
-    gen = HFGenerator(peaked_model, tokenizer)
+def test_generate_logprobs_match_recompute(tokenizer, peaked_model, temperature, engine):
+    gen = HFGenerator(peaked_model, tokenizer, engine=engine)
     prompts = _prompts(tokenizer)
     outs = gen.generate(prompts, _Sampling(temperature=temperature, max_new_tokens=40, seed=1))
     assert all(o.finish_reason in ("length", "eos") for o in outs)
@@ -59,8 +60,9 @@ def test_generate_logprobs_match_recompute(tokenizer, peaked_model, temperature)
     assert any(lp < -0.7 for o in outs for lp in o.logprobs)
 
 
-def test_seeded_and_rng_neutral(tokenizer, peaked_model):
-    gen = HFGenerator(peaked_model, tokenizer)
+@pytest.mark.parametrize("engine", ["loop", "generate"])
+def test_seeded_and_rng_neutral(tokenizer, peaked_model, engine):
+    gen = HFGenerator(peaked_model, tokenizer, engine=engine)
     prompts = _prompts(tokenizer) * 2  # identical prompts in one call still get different samples
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -81,12 +83,31 @@ def test_n_repeats_prompts(tokenizer, peaked_model):
     assert len(outs) == 6
 
 
-def test_greedy(tokenizer, peaked_model):
+def test_greedy_engines_agree(tokenizer, peaked_model):
+    p = _prompts(tokenizer)
+    a = HFGenerator(peaked_model, tokenizer, engine="loop").generate(p, _Sampling(temperature=0.0, max_new_tokens=12))
+    b = HFGenerator(peaked_model, tokenizer, engine="generate").generate(p, _Sampling(temperature=0.0, max_new_tokens=12, seed=9))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    for x, y in zip(a, b):
+        assert max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) < 1e-4
+
+
+def test_top_k_top_p_restrict_support(tokenizer, peaked_model):
+    from ctpo.generation import _warp
+
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert torch.isinf(_warp(scores, 2, 1.0)).tolist() == [[False, False, True, True, True]]
+    probs = scores.softmax(-1)[0]  # 0.636, 0.234, 0.086, ...
+    kept = ~torch.isinf(_warp(scores, 0, 0.8))[0]
+    assert kept.tolist() == [True, True, False, False, False] and probs[:2].sum() >= 0.8
+    assert not torch.isinf(_warp(scores, 0, 1.0)).any()
     gen = HFGenerator(peaked_model, tokenizer)
-    p = _prompts(tokenizer)[:1]
-    a = gen.generate(p, _Sampling(temperature=0.0, max_new_tokens=10))
-    b = gen.generate(p, _Sampling(temperature=0.0, max_new_tokens=10, seed=9))
-    assert a[0].token_ids == b[0].token_ids
+    prompts = _prompts(tokenizer)
+    outs = gen.generate(prompts, _Sampling(temperature=1.0, top_k=3, max_new_tokens=20, seed=0))
+    for p, o in zip(prompts, outs):  # every sampled token is among the 3 most likely
+        logits = peaked_model(torch.tensor([p + o.token_ids])).logits[0, len(p) - 1:-1]
+        top3 = torch.topk(logits, 3, dim=-1).indices
+        assert all(t in row.tolist() for t, row in zip(o.token_ids, top3))
 
 
 def test_finish_recorder(tokenizer):
@@ -124,8 +145,9 @@ def parrot(tokenizer):
     return model.eval()
 
 
-def test_stop_string_and_eos(tokenizer, parrot):
-    gen = HFGenerator(parrot, tokenizer)
+@pytest.mark.parametrize("engine", ["loop", "generate"])
+def test_stop_string_and_eos(tokenizer, parrot, engine):
+    gen = HFGenerator(parrot, tokenizer, engine=engine)
     prompts = [tokenizer.encode("Q1: "), tokenizer.encode("Q2: ")]
     out = gen.generate(prompts, _Sampling(temperature=0.05, max_new_tokens=30, stop=(STOP,), seed=0))
     text0 = tokenizer.decode(out[0].token_ids)

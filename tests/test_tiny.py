@@ -13,7 +13,7 @@ from ctpo.tasks import arith
 def tokenizer():
     texts = [r["problem"] for r in arith.load_split("train", n=300, seed=0)]
     texts += ["```python\nx = 12 * 34\nprint(x)\n```\n```output\n408\n```\nThe answer is \\boxed{408}."] * 20
-    return tiny.build_tokenizer(texts, vocab_size=400)
+    return tiny.build_tokenizer(texts)
 
 
 @pytest.mark.parametrize("text", [
@@ -27,22 +27,33 @@ def test_round_trip(tokenizer, text):
     assert tokenizer.decode(ids) == text
 
 
-def test_digits_are_single_tokens(tokenizer):
-    toks = tokenizer.convert_ids_to_tokens(tokenizer.encode("1234567890", add_special_tokens=False))
-    assert toks == list("1234567890")
+def test_digit_groups_are_single_tokens(tokenizer):
+    for g in tiny.digit_groups():
+        assert len(tokenizer.encode(g, add_special_tokens=False)) == 1, g
+    def toks(text):
+        return tokenizer.convert_ids_to_tokens(tokenizer.encode(text, add_special_tokens=False))
+
+    assert toks("1234567") == ["123", "456", "7"]  # groups of three from the left
+    assert toks("100023") == ["100", "023"]
+    assert toks("x = 1234567")[-3:] == ["123", "456", "7"]
+
+
+def test_too_small_vocab_is_a_clear_error():
+    with pytest.raises(ValueError, match="vocab_size"):
+        tiny.build_tokenizer(["hello world"], vocab_size=600)
 
 
 def test_special_tokens(tokenizer):
     assert tokenizer.pad_token == tiny.PAD_TOKEN and tokenizer.eos_token == tiny.EOS_TOKEN
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.padding_side == "left"
-    assert len(tokenizer) <= 400
+    assert len(tokenizer) <= tiny.DEFAULT_VOCAB_SIZE
     # special tokens are atomic and never produced from ordinary text
     assert tokenizer.encode(tiny.EOS_TOKEN, add_special_tokens=False) == [tokenizer.eos_token_id]
     assert tokenizer.eos_token_id not in tokenizer.encode("endoftext <| |>", add_special_tokens=False)
 
 
-@pytest.mark.parametrize(("preset", "lo", "hi"), [("xs", 0.1e6, 0.5e6), ("s", 0.5e6, 2e6), ("m", 3e6, 8e6)])
+@pytest.mark.parametrize(("preset", "lo", "hi"), [("xs", 0.2e6, 0.5e6), ("s", 0.7e6, 1.5e6), ("m", 3e6, 7e6)])
 def test_presets_sizes(tokenizer, preset, lo, hi):
     model = tiny.build_model(preset, tokenizer)
     assert lo <= tiny.count_parameters(model) <= hi

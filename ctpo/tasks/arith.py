@@ -392,21 +392,29 @@ def demonstrations(records: list[dict[str, Any]], cfg: Any, pool: Any, mix: dict
     rng = random.Random(f"ctpo.arith.demos/{seed}")
     styles = demonstration_styles(len(records), rng, mix or DEFAULT_MIX, cfg.max_turns, records)
     planned = [demonstration_turns(r, s, rng) for r, s in zip(records, styles)]
-    codes = [t["code"] for turns in planned for t in turns if t["code"] is not None]
-    results = iter(execute_codes(pool, codes, timeout_s=max(10.0, cfg.tool_timeout_s)))
-    demos = []
-    for r, style, turns in zip(records, styles, planned):
-        segments = []
+    # render the policy turns; the code that runs is exactly what the episode loop would extract
+    rendered: list[list[tuple[str, str | None]]] = []
+    for turns in planned:
+        texts = []
         for t in turns:
             if t["code"] is None:
-                segments.append({"text": t["text"], "policy": True})
+                texts.append((t["text"], None))
                 continue
             text = CODE_TURN.format(text=t["text"], code=t["code"])
             block = find_code_block(text)
             if block is None or block.code.strip() != t["code"].strip() or block.end != len(text):
                 raise AssertionError(f"demonstration turn does not parse as one code block: {text!r}")
+            texts.append((text, block.code))
+        rendered.append(texts)
+    codes = [code for texts in rendered for _, code in texts if code is not None]
+    results = iter(execute_codes(pool, codes, timeout_s=max(10.0, cfg.tool_timeout_s)))
+    demos = []
+    for r, style, texts in zip(records, styles, rendered):
+        segments = []
+        for text, code in texts:
             segments.append({"text": text, "policy": True})
-            segments.append({"text": format_observation(next(results), cfg), "policy": False})
+            if code is not None:
+                segments.append({"text": format_observation(next(results), cfg), "policy": False})
         demos.append({"id": r["id"], "style": style, "problem": r["problem"], "answer": r["answer"],
                       "prompt": build_prompt(r["problem"], None, cfg), "segments": segments})
     return demos

@@ -51,10 +51,14 @@ class SFTConfig:
     """Gradient-norm clipping (0 disables)."""
     seed: int = 0
     """Seed of the model init, the demonstration styles and the data order."""
-    vocab_size: int = 512
+    vocab_size: int = 2048
     """BPE vocabulary size of the tokenizer trained on the demonstrations."""
     log_every: int = 20
     """Steps between logged metrics."""
+    copy_steps: int = 200
+    """Steps of the copy pre-phase (`copy_warmup`) before the demonstrations; 0 skips it."""
+    copy_lr: float = 3e-3
+    """Learning rate of the copy pre-phase."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SFTConfig:
@@ -141,6 +145,44 @@ def policy_token_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torc
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=-100, reduction="sum") / max(n, 1)
     return loss, n
+
+
+def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) -> dict[str, Any]:
+    """A short pre-phase that teaches the random-init model to copy: sequences ``prefix, span, SEP, span``
+    of random tokens, loss on the second span only.
+
+    Why: the task is mostly copying numbers (problem -> code, tool output -> next step), which needs
+    induction heads. On the demonstrations alone a 1M-parameter model had not formed them after 500-800
+    steps (10% teacher-forced accuracy on number tokens, 0% avg@k), because copy targets are a minority
+    of the loss and the template is learned first. On this pure copy task the same model forms them in
+    ~150-200 steps of ~30-token sequences (a few seconds), after which the warm-up learns to *use* them.
+    """
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    pool = torch.tensor(vocab, dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.copy_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    t0 = time.perf_counter()
+    b, span, prefix = 16, 12, 8
+    sep = pool[0]
+    acc = float("nan")
+    for step in tqdm(range(cfg.copy_steps), desc="copy", disable=not progress, mininterval=1.0):
+        seq = pool[torch.randint(1, len(pool), (b, span), generator=g)]
+        pre = pool[torch.randint(1, len(pool), (b, prefix), generator=g)]
+        x = torch.cat([pre, seq, sep.repeat(b, 1), seq], 1)
+        labels = x.clone()
+        labels[:, :prefix + span + 1] = -100
+        for group in opt.param_groups:
+            group["lr"] = cfg.copy_lr * min(1.0, (step + 1) / 30)
+        out = model(input_ids=x, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step + 1 == cfg.copy_steps:
+            acc = (out.logits[:, prefix + span:-1].argmax(-1) == x[:, prefix + span + 1:]).float().mean().item()
+    return {"copy_steps": cfg.copy_steps, "copy_accuracy": acc, "copy_s": time.perf_counter() - t0}
 
 
 def train(model, examples: list[Example], cfg: SFTConfig, pad_id: int, progress: bool = True,
@@ -262,8 +304,14 @@ def run_sft(config: dict[str, Any], model_name: str, out_dir: str | Path, thread
               **{f"sft.{k}": v for k, v in asdict(sft).items()}}
     with tracking.start_run(config, f"sft__{model_name}", tags={"model": model_name, "method": "sft"},
                             params=params, kind="sft", id_file=out / ".mlflow_run_id") as run:
+        copy_stats = {}
+        if sft.copy_steps > 0:
+            vocab = sorted({t for e in examples for t, m in zip(e.ids, e.mask) if m} - {tokenizer.eos_token_id})
+            copy_stats = copy_warmup(model, vocab, sft, progress=progress)
+            run.log_metrics({"sft/copy_accuracy": copy_stats["copy_accuracy"]}, step=0)
         stats = train(model, examples, sft, tokenizer.pad_token_id, progress=progress,
                       log_fn=lambda m, s: run.log_metrics(m, step=s))
+        stats.update(copy_stats)
         tiny.save_pretrained(model, tokenizer, out)
         summary = {
             "model": model_name, "preset": spec["preset"], "n_params": n_params, "vocab_size": len(tokenizer),
