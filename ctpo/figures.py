@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STYLE = Path(__file__).resolve().parent.parent / "figures" / "style.mplstyle"
 WIDTH_IN = 7.0  # a two-column paper's text width
-MIN_TOKENS = 8  # positions seen fewer times than this at a step are too noisy to draw
+MIN_TOKENS = 8  # positions reached by fewer responses than this at a step are too noisy to draw ...
+MIN_TOKEN_FRAC = 0.1  # ... or by fewer than this fraction of the responses (the few longest ones)
 MAX_POINTS = 60  # clip-rate curves are binned to about this many position bins
 METHOD_ORDER = ["grpo", "gspo", "seq", "ctpo", "ctpo_fixed"]  # colour order without a config
 
@@ -93,6 +94,18 @@ def _binned(x: np.ndarray, y: np.ndarray, w: np.ndarray, max_points: int = MAX_P
     return np.array(xs), np.array(ys)
 
 
+def _well_sampled(frame: pd.DataFrame, count: str) -> pd.DataFrame:
+    """The position buckets seen by enough sequences to draw: tokens per position in the bucket (the number
+    of responses that long) at least MIN_TOKENS and MIN_TOKEN_FRAC of the most. The √t fit itself uses
+    every bucket with ≥ 2 tokens, as ``PositionStats.fit_sqrt`` does."""
+    if frame.empty:
+        return frame
+    per_position = frame[count].astype(float)
+    if {"t_lo", "t_hi"} <= set(frame.columns):
+        per_position = per_position / (frame["t_hi"] - frame["t_lo"] + 1).clip(lower=1)
+    return frame[per_position >= max(MIN_TOKENS, MIN_TOKEN_FRAC * per_position.max())]
+
+
 def pick_steps(steps: Sequence[int], n: int = 3) -> list[int]:
     """Up to n steps spread over the available ones (first, middle, last)."""
     steps = sorted(set(int(s) for s in steps))
@@ -153,12 +166,15 @@ def figure1(
     model, method, main, other = _fig1_sources(data, cols, adaptive, fixed, models or [])
     steps = pick_steps(main["step"].unique())
     with plt.style.context(style_path):
-        fig, axes = plt.subplots(2, len(steps), figsize=(WIDTH_IN, 4.4), squeeze=False, sharex="col")
+        fig, axes = plt.subplots(
+            2, len(steps), figsize=(WIDTH_IN, 4.4), squeeze=False, sharex="col", sharey="row"
+        )
         colors = method_colors([*methods, adaptive or "ctpo", fixed or "ctpo_fixed"])
+        clip_top = 0.0
         for j, step in enumerate(steps):
             g = main[main["step"] == step].sort_values(cols.position)
             if cols.count:
-                g = g[g[cols.count] >= MIN_TOKENS]
+                g = _well_sampled(g, cols.count)
             t = g[cols.position].to_numpy(float)
             std = g[cols.std].to_numpy(float)
             c, r2 = float(g["sqrt_fit_c"].iloc[0]), float(g["sqrt_fit_r2"].iloc[0])
@@ -190,7 +206,7 @@ def figure1(
                 if other is not None and cols.clip:
                     h = other[other["step"] == step].sort_values(cols.position)
                     if cols.count:
-                        h = h[h[cols.count] >= MIN_TOKENS]
+                        h = _well_sampled(h, cols.count)
                     series.insert(0, ("fixed clip", h, cols.clip, fixed or "ctpo_fixed"))
             for label, frame, col, key in series:
                 if col is None or frame.empty:
@@ -199,11 +215,12 @@ def figure1(
                 ww = frame[cols.count].to_numpy(float) if cols.count else np.ones_like(x)
                 bx, by = _binned(x, frame[col].to_numpy(float), ww)
                 bottom.plot(bx, 100 * by, color=colors[key], label=label)
+                clip_top = max(clip_top, float(np.nanmax(100 * by)) if len(by) else 0.0)
             bottom.set_xlabel("response position t")
             if j == 0:
                 bottom.set_ylabel("tokens clipped (%)")
-                bottom.legend(loc="upper left")
-            bottom.set_ylim(bottom=0)
+                bottom.legend(loc="best")
+        axes[1, 0].set_ylim(0, max(1.0, 1.08 * clip_top))  # the row shares its y axis
         fig.suptitle(
             f"{model}: cumulative log-ratio spread and clip rate by position ({_label(method)} run)",
             fontsize=plt.rcParams["axes.titlesize"],
