@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -78,8 +79,8 @@ class TrainConfig:
     """Sampling temperature of rollouts; log-probs are taken of the same tempered distribution."""
     normalize_adv_std: bool = True
     """Divide group-centred rewards by the group std (GRPO); False keeps only the centring (Dr. GRPO)."""
-    logprob_batch_size: int = 32
-    """Sequences per forward pass when recomputing old log-probs."""
+    logprob_batch_size: int = 8
+    """Sequences per forward pass (old log-probs; update micro-batches), grouped by length to cut padding."""
     eval_every: int = 10
     """Evaluate avg@k every this many steps (and at the last step); 0 disables in-training eval."""
     eval_k: int = 4
@@ -193,6 +194,17 @@ def pack(
     return PolicyBatch(ids, attn, pos, rmask, p_len)
 
 
+def micro_batches(batch: PolicyBatch, rows: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``rows`` in chunks of <= ``size`` sequences of similar length, so little compute goes to padding.
+
+    Only the order of the forward passes inside one minibatch changes; which sequences share an
+    optimizer step (the minibatch) stays random.
+    """
+    lengths = batch.attention_mask[rows].sum(1)
+    by_length = rows[torch.argsort(lengths, stable=True)]
+    return list(by_length.split(max(1, size)))
+
+
 def response_log_probs(
     model: torch.nn.Module, batch: PolicyBatch, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -246,6 +258,32 @@ class _Timed:
         return timed
 
 
+class RetryInfraFailures:
+    """A pool wrapper that re-runs executions the sandbox itself failed to set up (not the code's fault).
+
+    Workaround: `ctpo.tir.sandbox` reports about 1% of fast executions as
+    ``[sandbox] setup failed: sandbox child died during setup`` (the child's exit is seen before its
+    start). Such an observation is random, so a run would not be reproducible; the execution is retried
+    (up to ``retries`` times) and the count is logged as ``train/tool_infra_retries``.
+    """
+
+    MARKER = "[sandbox] setup failed"
+
+    def __init__(self, pool: Any, retries: int = 3) -> None:
+        self.pool, self.retries, self.count = pool, retries, 0
+
+    def map(self, codes: list[str], timeout_s: float = 5.0) -> list[Any]:
+        results = list(self.pool.map(codes, timeout_s=timeout_s))
+        for _ in range(self.retries):
+            redo = [i for i, r in enumerate(results) if self.MARKER in (r.stderr or "")]
+            if not redo:
+                break
+            self.count += len(redo)
+            for i, r in zip(redo, self.pool.map([codes[i] for i in redo], timeout_s=timeout_s)):
+                results[i] = r
+        return results
+
+
 @dataclass
 class Rollout:
     """G responses per prompt, graded, packed for the policy."""
@@ -274,7 +312,8 @@ def rollout(
     from ctpo.tir.protocol import exclude_from_loss
 
     generator = _Timed(HFGenerator(model, tokenizer), ["generate"])
-    timed_pool = _Timed(pool, ["run", "map"])
+    retrying_pool = RetryInfraFailures(pool)
+    timed_pool = _Timed(retrying_pool, ["map"])
     texts = [p["problem"] for p in problems for _ in range(group_size)]
     golds = [p["answer"] for p in problems for _ in range(group_size)]
     params = SamplingParams(temperature=temperature, seed=seed)
@@ -320,6 +359,7 @@ def rollout(
         "train/tool_calls": sum(ep.num_tool_calls for ep in episodes) / n,
         "train/tool_errors": sum(ep.num_tool_errors for ep in episodes) / n,
         "train/void_turns": sum(ep.num_void_turns for ep in episodes) / n,
+        "train/tool_infra_retries": retrying_pool.count,
         "time/generate": generator.seconds,
         "time/tool": timed_pool.seconds,
         "time/episode_other": t_episodes - generator.seconds - timed_pool.seconds,
@@ -336,12 +376,11 @@ def rollout(
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def old_log_probs(model: torch.nn.Module, batch: PolicyBatch, temperature: float, chunk: int) -> torch.Tensor:
-    """log π_old of every response token (0 where mask 0), in chunks of ``chunk`` sequences."""
+    """log π_old of every response token (0 where mask 0), ``chunk`` sequences of similar length at a time."""
     model.eval()
     n, r_len = batch.response_mask.shape
     out = torch.zeros(n, r_len)
-    for start in range(0, n, chunk):
-        rows = torch.arange(start, min(n, start + chunk))
+    for rows in micro_batches(batch, torch.arange(n), chunk):
         sub = batch.select(rows)
         logp, _ = response_log_probs(model, sub, temperature)
         out[rows, : logp.shape[1]] = logp * sub.response_mask
@@ -371,7 +410,11 @@ def update_policy(
 ) -> dict[str, float]:
     """``ppo_epochs`` x ``minibatches`` AdamW steps on the clipped surrogate of ``loss_cfg.method``.
 
-    Returns the mean over optimizer steps of the loss metrics, entropy, grad norm and loss.
+    Each minibatch's gradient is accumulated over length-sorted micro-batches of ``logprob_batch_size``
+    sequences; ``global_batch_info`` normalises every micro-batch's loss by the whole minibatch's token
+    and sequence counts (VERL's convention), so the sum is exactly the minibatch loss.
+    Returns the mean over optimizer steps of the loss metrics (token-weighted over micro-batches;
+    ``max`` keys take the max), entropy, grad norm and loss.
     """
     from ctpo.losses import compute_policy_loss
 
@@ -383,15 +426,35 @@ def update_policy(
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=shuffle)
         for rows in order.tensor_split(n_mb):
-            mb = batch.select(rows)
-            r_len = mb.response_mask.shape[1]
-            mb_old = old_logp[rows, :r_len]
-            logp, entropy = response_log_probs(model, mb, cfg.temperature, with_entropy=True)
-            loss, loss_metrics = compute_policy_loss(
-                mb_old, logp, advantages[rows], mb.response_mask, loss_cfg
-            )
+            mask = batch.response_mask[rows]
+            info = {
+                "batch_num_tokens": float(mask.sum().clamp(min=1)),
+                "global_batch_size": int((mask.sum(1) > 0).sum().clamp(min=1)),
+                "loss_scale_factor": int(mask.sum(1).max().clamp(min=1)),
+            }
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step: dict[str, float] = defaultdict(float)
+            for micro in micro_batches(batch, rows, cfg.logprob_batch_size):
+                mb = batch.select(micro)
+                mb_old = old_logp[micro, : mb.response_mask.shape[1]]
+                logp, entropy = response_log_probs(model, mb, cfg.temperature, with_entropy=True)
+                loss, loss_metrics = compute_policy_loss(
+                    mb_old, logp, advantages[micro], mb.response_mask, loss_cfg, global_batch_info=info
+                )
+                loss.backward()
+                if diagnostics is not None:
+                    diagnostics.update(mb_old, logp.detach(), mb.response_mask)
+                share = float(mb.response_mask.sum()) / info["batch_num_tokens"]
+                for key, value in loss_metrics.items():
+                    key = _namespace(key)
+                    if "max" in key:
+                        step[key] = max(step.get(key, -math.inf), float(value))
+                    elif key == "ratio/tokens":
+                        step[key] += float(value)
+                    else:
+                        step[key] += share * float(value)
+                step["train/loss"] += float(loss.detach())
+                step["train/entropy"] += share * masked_mean(entropy, mb.response_mask)
             params = [p for p in model.parameters() if p.grad is not None]
             if cfg.max_grad_norm > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -400,13 +463,9 @@ def update_policy(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            if diagnostics is not None:
-                diagnostics.update(mb_old, logp.detach(), mb.response_mask)
-            for key, value in loss_metrics.items():
-                sums[_namespace(key)] += float(value)
-            sums["train/loss"] += float(loss.detach())
-            sums["train/entropy"] += masked_mean(entropy, mb.response_mask)
-            sums["train/grad_norm"] += float(grad_norm)
+            step["train/grad_norm"] = float(grad_norm)
+            for key, value in step.items():
+                sums[key] += value
             count += 1
     return {k: v / count for k, v in sums.items()}
 
