@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         | {x for x in result["evals"]["mlflow_run_id"].dropna()}
     )
     tags = {"ctpo.source_runs": ",".join(sources), "ctpo.missing_files": len(result["missing"])}
+    # Every analysis is a new MLflow run (its params are the config it was built with); `ctpo figures`
+    # adds the figures to the newest one through ANALYSIS/mlflow_run_id.
+    (out / "mlflow_run_id").unlink(missing_ok=True)
     with tracking.start_run(
         config, f"{config['study']}__analysis", tags=tags, kind="analysis", id_file=out / "mlflow_run_id"
     ) as run:
