@@ -135,6 +135,34 @@ def test_update_moves_log_probs_with_advantage_sign(method):
     assert metrics["train/grad_norm"] > 0
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_accumulate_to_the_minibatch_gradient(agg):
+    """Length-grouped micro-batches (gradient accumulation) give the same step as one forward pass."""
+    import copy
+
+    from ctpo.losses import PolicyLossConfig
+    from ctpo.train.local import TrainConfig, old_log_probs, pack, update_policy
+
+    prompts = [[3, 4, 5], [6, 7], [8], [9, 10, 11, 12], [3, 5], [7, 7, 7]]
+    responses = [[13, 14], [15, 16, 17, 18, 19], [20], [21, 22, 23], [24, 25, 26, 27, 28, 29], [30, 31]]
+    masks = [[1, 1], [1, 0, 0, 1, 1], [1], [1, 1, 1], [1, 1, 0, 1, 1, 1], [1, 1]]
+    batch = pack(prompts, responses, masks, pad_id=0)
+    advantages = torch.tensor([1.0, -0.5, 0.3, -1.0, 0.7, -0.2])
+    loss_cfg = PolicyLossConfig.from_dict({"method": "ctpo", "loss_agg_mode": agg}).resolved()
+    models = []
+    for micro in (64, 2):
+        model = micro_model(seed=3)
+        cfg = TrainConfig(minibatches=2, lr=1e-2, logprob_batch_size=micro, max_grad_norm=0.0)
+        old = old_log_probs(model, batch, 1.0, chunk=micro)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        update_policy(
+            model, optimizer, batch, old, advantages, loss_cfg, cfg, torch.Generator().manual_seed(0)
+        )
+        models.append(copy.deepcopy(model.state_dict()))
+    for key in models[0]:
+        assert torch.allclose(models[0][key], models[1][key], atol=1e-6), key
+
+
 def test_on_policy_first_step_is_vanilla_policy_gradient():
     """On-policy (old == current) every method's gradient is the vanilla policy gradient (Prop. 1)."""
     from ctpo.losses import PolicyLossConfig, compute_policy_loss
