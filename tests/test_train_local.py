@@ -411,3 +411,30 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
     a = torch.load(sorted((full / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     b = torch.load(sorted((cut / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_verl_backend_missing_gives_a_clear_error(monkeypatch, tmp_path, capsys):
+    import sys
+
+    import yaml
+
+    from ctpo.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**MICRO_STUDY, "results_dir": str(tmp_path)}))
+    monkeypatch.setitem(sys.modules, "ctpo.train.verl", None)  # import fails as if verl were not installed
+    argv = [
+        "train",
+        "--config",
+        str(cfg),
+        "--model",
+        "micro",
+        "--method",
+        "grpo",
+        "--base",
+        "b",
+        "--out",
+        "o",
+    ]
+    assert main([*argv, "--backend", "verl"]) == 2
+    assert "verl backend is not available" in capsys.readouterr().err

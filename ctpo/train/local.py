@@ -473,26 +473,16 @@ def update_policy(
 # ----------------------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------------------
-def load_train_problems(config: dict[str, Any]) -> list[dict[str, Any]]:
-    from ctpo import data
-
-    spec = dict((config.get("data") or {}).get("train") or {})
-    if "source" not in spec:
-        raise ConfigError("data.train must name a `source` (e.g. {source: arith, split: train, n: 4000})")
-    source = spec.pop("source")
-    return data.load(source, **spec)
-
-
 def load_eval_problems(config: dict[str, Any], cfg: TrainConfig) -> tuple[str, list[dict[str, Any]]]:
+    """The in-training eval set: the first ``eval_problems`` of ``eval_benchmark`` (default: the first)."""
     from ctpo import data
 
     benchmarks = (config.get("data") or {}).get("benchmarks") or {}
     if not benchmarks:
         raise ConfigError("train.eval_every > 0 needs data.benchmarks; set train.eval_every: 0 to disable")
     name = cfg.eval_benchmark or next(iter(benchmarks))
-    spec = section(config.get("data") or {}, "benchmarks", name)
-    source = spec.pop("source")
-    records = data.load(source, **spec)
+    section(config.get("data") or {}, "benchmarks", name)
+    records = data.load_entry(config, name)
     return name, records[: cfg.eval_problems] if cfg.eval_problems else records
 
 
@@ -587,6 +577,14 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _append_row(out: Path, history: list[dict[str, Any]], run: Any, row: dict[str, Any]) -> None:
+    """One step's metrics: kept for the next checkpoint, appended to metrics.jsonl, sent to MLflow."""
+    history.append(row)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    run.log_metrics(row, step=int(row["train/step"]))
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -636,7 +634,6 @@ def train(
     threads: int | None = None,
     max_steps: int | None = None,
     progress: bool = True,
-    train_problems: list[dict[str, Any]] | None = None,
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Train ``base`` with ``method`` into ``out``; resume from ``out/checkpoints`` if a run was cut short.
@@ -645,7 +642,7 @@ def train(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctpo import tracking
+    from ctpo import data, tracking
     from ctpo.reward import Grader
     from ctpo.tir.sandbox import SandboxPool
 
@@ -667,7 +664,7 @@ def train(
     sandbox_cfg = {"workers": 2, **(config.get("sandbox") or {})}
     section(config, "models", model_name)  # fail early on an unknown model name
 
-    problems = train_problems if train_problems is not None else load_train_problems(config)
+    problems = data.load_entry(config, "train")
     eval_name, eval_problems = (None, [])
     if cfg.eval_every > 0:
         eval_name, eval_problems = load_eval_problems(config, cfg)
@@ -737,10 +734,7 @@ def train(
             row = {"train/step": 0}
             row.update(in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader))
             row["time/eval"] = time.perf_counter() - t0
-            history.append(row)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            run.log_metrics(row, step=0)
+            _append_row(out, history, run, row)
 
         for step in range(start_step, cfg.steps):
             step_no = step + 1
@@ -811,10 +805,7 @@ def train(
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
 
-            history.append(metrics)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            run.log_metrics(metrics, step=step_no)
+            _append_row(out, history, run, metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['train/reward_mean']:.2f}", s=f"{metrics['time/step']:.1f}")
