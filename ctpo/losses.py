@@ -320,16 +320,20 @@ class PolicyLossConfig:
             )
         m = METHODS[self.method]
         explicit_dual = self.dual_clip_c is not None or self.dual_clip_eps is not None
+        clip_mode = m.clip_mode if self.clip_mode is None else self.clip_mode
+        # clip_mode="none" is the pure IS estimator: the method's default dual clip is off too
+        # (an explicitly requested dual clip is still honoured).
+        method_dual = clip_mode != "none"
         out = replace(
             self,
-            clip_mode=m.clip_mode if self.clip_mode is None else self.clip_mode,
+            clip_mode=clip_mode,
             clip_low=m.clip_low if self.clip_low is None else self.clip_low,
             clip_high=m.clip_high if self.clip_high is None else self.clip_high,
             eps_low=m.eps_low if self.eps_low is None else self.eps_low,
             eps_high=m.eps_high if self.eps_high is None else self.eps_high,
             gamma=m.gamma if self.gamma is None else self.gamma,
-            dual_clip_c=(self.dual_clip_c or 0.0) if explicit_dual else (m.dual_clip_c or 0.0),
-            dual_clip_eps=(self.dual_clip_eps or 0.0) if explicit_dual else (m.dual_clip_eps or 0.0),
+            dual_clip_c=(self.dual_clip_c or 0.0) if explicit_dual else (m.dual_clip_c or 0.0) * method_dual,
+            dual_clip_eps=(self.dual_clip_eps or 0.0) if explicit_dual else (m.dual_clip_eps or 0.0) * method_dual,
         )
         out._validate()
         return out

@@ -408,6 +408,23 @@ def test_method_defaults_follow_verl_and_the_ctpo_release():
     assert PolicyLossConfig(method="ctpo", dual_clip_c=2.0).resolved().dual_clip_eps == 0.0
 
 
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_clip_mode_none_is_the_pure_is_estimator(method):
+    """clip_mode="none" turns the method's default dual clip off too: one token, ratio 5, A = -1.
+
+    Pure IS gives loss -(5 · -1) = 5; grpo's default dual clip (c = 3) would give 3, ctpo's
+    position-scaled one exp(0.05) ≈ 1.05. An explicit dual clip is still honoured.
+    """
+    old = torch.zeros(1, 1)
+    new = torch.full((1, 1), math.log(5.0))
+    adv = torch.full((1,), -1.0)
+    mask = torch.ones(1, 1)
+    loss, _ = compute_policy_loss(old, new, adv, mask, PolicyLossConfig(method=method, clip_mode="none"))
+    assert loss.item() == pytest.approx(5.0, rel=1e-6)
+    cfg = PolicyLossConfig(method=method, clip_mode="none", dual_clip_c=3.0)
+    assert compute_policy_loss(old, new, adv, mask, cfg)[0].item() == pytest.approx(3.0, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Numerics
 # ---------------------------------------------------------------------------------------------
