@@ -18,7 +18,7 @@ WORKER = textwrap.dedent(
     from ctpo import tracking
     from ctpo.config import load_config
 
-    config = load_config(sys.argv[1], validate=False)
+    config = load_config(sys.argv[1])
     worker, steps, keys = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     name = tracking.run_name(config, "m", f"w{worker}", 0)
     with tracking.start_run(config, name, tags={"worker": worker}, kind="train", flush_every=7) as run:
@@ -31,7 +31,16 @@ WORKER = textwrap.dedent(
 
 
 def _config(tmp_path, **mlflow):
-    config = {"study": "trk", "results_dir": str(tmp_path / "results"), "seeds": [0], "mlflow": mlflow}
+    config = {
+        "study": "trk",
+        "results_dir": str(tmp_path / "results"),
+        "seeds": [0],
+        "mlflow": mlflow,
+        "data": {"train": {"source": "arith"}, "benchmarks": {"b": {"source": "arith"}}},
+        "models": {"m": {"preset": "xs"}},
+        "methods": {"ctpo": {"method": "ctpo"}},
+        "runs": [{"models": ["m"], "methods": ["ctpo"]}],
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return config, path
