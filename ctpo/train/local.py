@@ -312,8 +312,8 @@ def rollout(
     from ctpo.tir.protocol import exclude_from_loss
 
     generator = _Timed(HFGenerator(model, tokenizer), ["generate"])
-    retrying_pool = RetryInfraFailures(pool)
-    timed_pool = _Timed(retrying_pool, ["map"])
+    timed_pool = _Timed(pool, ["map"])
+    retries_before = getattr(pool, "count", 0)
     texts = [p["problem"] for p in problems for _ in range(group_size)]
     golds = [p["answer"] for p in problems for _ in range(group_size)]
     params = SamplingParams(temperature=temperature, seed=seed)
@@ -359,7 +359,7 @@ def rollout(
         "train/tool_calls": sum(ep.num_tool_calls for ep in episodes) / n,
         "train/tool_errors": sum(ep.num_tool_errors for ep in episodes) / n,
         "train/void_turns": sum(ep.num_void_turns for ep in episodes) / n,
-        "train/tool_infra_retries": retrying_pool.count,
+        "train/tool_infra_retries": getattr(pool, "count", 0) - retries_before,
         "time/generate": generator.seconds,
         "time/tool": timed_pool.seconds,
         "time/episode_other": t_episodes - generator.seconds - timed_pool.seconds,
@@ -695,9 +695,10 @@ def train(
 
     tags = {"model": model_name, "method": method, "seed": seed, "study": config.get("study", "")}
     with ExitStack() as stack:
-        pool = stack.enter_context(SandboxPool(**sandbox_cfg))
+        sandbox = stack.enter_context(SandboxPool(**sandbox_cfg))
+        pool = RetryInfraFailures(sandbox)
         grader = stack.enter_context(Grader(workers=cfg.grader_workers))
-        isolation = pool.isolation
+        isolation = sandbox.isolation
         isolation = dataclasses.asdict(isolation) if dataclasses.is_dataclass(isolation) else isolation
         run = stack.enter_context(
             tracking.start_run(
