@@ -524,12 +524,32 @@ def fig2_data(config: Mapping[str, Any], metrics: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["model", "method", "seed", "step"]).reset_index(drop=True)
 
 
+#: Figure 1 draws (and fits in its legend) only the positions reached by at least this fraction of the
+#: responses: a std from a handful of long responses is noise, not the curve. Same rule as the trainer's
+#: ``diag/sqrt_fit_*_populated`` metrics (ctpo.train.local.DIAG_FIT_MIN_FRACTION).
+POPULATED_FRACTION = 0.25
+
+
+def populated(frame: pd.DataFrame, cols: DiagColumns, fraction: float = POPULATED_FRACTION) -> np.ndarray:
+    """Boolean mask of the position buckets reached by ≥ ``fraction`` of the responses seen at t = 1
+    (tokens per position of the bucket, so wide buckets of coarse diagnostics compare fairly)."""
+    if cols.count is None or frame.empty:
+        return np.ones(len(frame), dtype=bool)
+    per_position = frame[cols.count].to_numpy(float)
+    if {"t_lo", "t_hi"} <= set(frame.columns):
+        per_position = per_position / np.maximum(1, (frame["t_hi"] - frame["t_lo"] + 1).to_numpy(float))
+    first = per_position[np.argmin(frame[cols.position].to_numpy(float))]
+    return per_position >= max(2.0, fraction * first)
+
+
 def fig1_data(config: Mapping[str, Any], diagnostics: pd.DataFrame) -> pd.DataFrame:
     """The diagnostics of every run at every diagnostic step, in one tidy table.
 
     Columns: model, method, seed, step, then those of ``PositionStats.to_frame()`` (position, the std of
-    log ρ_{1:t}, clip rates, ...), plus ``sqrt_fit_c`` and ``sqrt_fit_r2``: the least-squares fit of
-    std = c·√t at that step, computed here so the figure code only draws.
+    log ρ_{1:t}, clip rates, ...), plus the least-squares fits of std = c·√t at that step, computed here so
+    the figure code only draws: ``sqrt_fit_c`` / ``sqrt_fit_r2`` over every bucket with ≥ 2 tokens (the
+    trainer's ``diag/sqrt_fit_*``), and ``populated`` (bool) with ``sqrt_fit_c_populated`` /
+    ``sqrt_fit_r2_populated`` over the positions reached by ≥ POPULATED_FRACTION of the responses.
     """
     if diagnostics.empty:
         return diagnostics
@@ -537,12 +557,12 @@ def fig1_data(config: Mapping[str, Any], diagnostics: pd.DataFrame) -> pd.DataFr
     out = []
     for _, g in diagnostics.groupby(["model", "method", "seed", "step"], sort=True):
         g = g.sort_values(cols.position).copy()
-        c, r2 = fit_sqrt(
-            g[cols.position].to_numpy(float),
-            g[cols.std].to_numpy(float),
-            g[cols.count].to_numpy(float) if cols.count else None,
-        )
-        g["sqrt_fit_c"], g["sqrt_fit_r2"] = c, r2
+        t, std = g[cols.position].to_numpy(float), g[cols.std].to_numpy(float)
+        count = g[cols.count].to_numpy(float) if cols.count else None
+        g["sqrt_fit_c"], g["sqrt_fit_r2"] = fit_sqrt(t, std, count)
+        mask = populated(g, cols)
+        g["populated"] = mask
+        g["sqrt_fit_c_populated"], g["sqrt_fit_r2_populated"] = fit_sqrt(t[mask], std[mask])
         out.append(g)
     return pd.concat(out, ignore_index=True)
 

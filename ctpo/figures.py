@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STYLE = Path(__file__).resolve().parent.parent / "figures" / "style.mplstyle"
 WIDTH_IN = 7.0  # a two-column paper's text width
-MIN_TOKENS = 8  # positions reached by fewer responses than this at a step are too noisy to draw ...
-MIN_TOKEN_FRAC = 0.1  # ... or by fewer than this fraction of the responses (the few longest ones)
 MAX_POINTS = 60  # clip-rate curves are binned to about this many position bins
 METHOD_ORDER = ["grpo", "gspo", "seq", "ctpo", "ctpo_fixed"]  # colour order without a config
 
@@ -94,16 +92,11 @@ def _binned(x: np.ndarray, y: np.ndarray, w: np.ndarray, max_points: int = MAX_P
     return np.array(xs), np.array(ys)
 
 
-def _well_sampled(frame: pd.DataFrame, count: str) -> pd.DataFrame:
-    """The position buckets seen by enough sequences to draw: tokens per position in the bucket (the number
-    of responses that long) at least MIN_TOKENS and MIN_TOKEN_FRAC of the most. The √t fit itself uses
-    every bucket with ≥ 2 tokens, as ``PositionStats.fit_sqrt`` does."""
-    if frame.empty:
+def _drawn(frame: pd.DataFrame) -> pd.DataFrame:
+    """The positions Figure 1 draws: those reached by enough responses (``populated``, see ctpo.analysis)."""
+    if "populated" not in frame.columns or frame.empty:
         return frame
-    per_position = frame[count].astype(float)
-    if {"t_lo", "t_hi"} <= set(frame.columns):
-        per_position = per_position / (frame["t_hi"] - frame["t_lo"] + 1).clip(lower=1)
-    return frame[per_position >= max(MIN_TOKENS, MIN_TOKEN_FRAC * per_position.max())]
+    return frame[frame["populated"].astype(bool)]
 
 
 def pick_steps(steps: Sequence[int], n: int = 3) -> list[int]:
@@ -174,10 +167,11 @@ def figure1(
         for j, step in enumerate(steps):
             g = main[main["step"] == step].sort_values(cols.position)
             if cols.count:
-                g = _well_sampled(g, cols.count)
+                g = _drawn(g)
             t = g[cols.position].to_numpy(float)
             std = g[cols.std].to_numpy(float)
-            c, r2 = float(g["sqrt_fit_c"].iloc[0]), float(g["sqrt_fit_r2"].iloc[0])
+            fit = "_populated" if "sqrt_fit_c_populated" in g.columns else ""
+            c, r2 = float(g[f"sqrt_fit_c{fit}"].iloc[0]), float(g[f"sqrt_fit_r2{fit}"].iloc[0])
 
             top = axes[0, j]
             top.plot(t, std, color="0.25", lw=1.0, label="empirical std")
@@ -206,7 +200,7 @@ def figure1(
                 if other is not None and cols.clip:
                     h = other[other["step"] == step].sort_values(cols.position)
                     if cols.count:
-                        h = _well_sampled(h, cols.count)
+                        h = _drawn(h)
                     series.insert(0, ("fixed clip", h, cols.clip, fixed or "ctpo_fixed"))
             for label, frame, col, key in series:
                 if col is None or frame.empty:
