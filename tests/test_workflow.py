@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -131,6 +132,10 @@ def test_schema_sections_match_the_modules_config_fields():
     assert _schema_props("sft") == _fields(SFTConfig)
     assert _schema_props("verl") == set(VERL_DEFAULTS)
     assert _schema_props("lab") == _fields(LabSettings)
+    from ctpo.tir.sandbox import SandboxPool
+
+    sandbox = yaml.safe_load(SCHEMA.read_text())["properties"]["sandbox"]["properties"]
+    assert set(sandbox) == set(inspect.signature(SandboxPool.__init__).parameters) - {"self"}
 
 
 def test_snakemake_stops_on_a_bad_key_naming_it(tmp_path):
