@@ -78,6 +78,13 @@ def test_split_difficulty():
         assert len({s["branch"] for s in steps if s["rule"] == rule}) == 2, rule
 
 
+def test_rules_override():
+    recs = arith.load_split("hard", n=100, seed=0, rules={2: 1, 3: 1})
+    assert {r["extra"]["n_rules"] for r in recs} == {2, 3}
+    with pytest.raises(ValueError, match="rules"):
+        arith.load_split("hard", n=1, rules={4: 1.0})
+
+
 def test_eval_splits_disjoint_from_train():
     train = {r["problem"] for r in arith.load_split("train", n=4000, seed=0)}
     for split, seed in (("easy", 101), ("medium", 102), ("hard", 103)):

@@ -117,7 +117,9 @@ def micro_config(tmp_path_factory):
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "tiny.yaml").read_text())
     cfg["results_dir"] = str(root / "results")
     cfg["mlflow"] = {"enabled": False}
-    cfg["models"] = {"micro": {"preset": "xs", "sft": {"n_demos": 64, "steps": 4, "batch_size": 4}}}
+    cfg["models"] = {"micro": {"preset": "xs", "sft": {"n_demos": 64, "steps": 4, "batch_size": 4, "copy_steps": 2}}}
+    cfg["eval"] = {**cfg.get("eval", {}), "max_new_tokens": 24}
+    cfg["tir"] = {**cfg.get("tir", {}), "max_response_tokens": 96}
     path = root / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -160,12 +160,19 @@ def make_problem(rng: random.Random, n_rules: int, a_digits: tuple[int, int], b_
             "steps": [s.to_dict() for s in steps], "answer": v, "text": " ".join(sentences)}
 
 
-def load_split(split: str, n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def load_split(split: str, n: int | None = None, seed: int = 0,
+               rules: dict[int, float] | None = None) -> list[dict[str, Any]]:
     """``n`` problems of ``split`` in the normalised record schema (docs/interfaces.md), deterministic in
-    (split, n, seed); a smaller ``n`` gives a prefix of a larger one."""
+    (split, n, seed); a smaller ``n`` gives a prefix of a larger one. ``rules`` overrides the split's
+    weights over the number of rules (e.g. ``{2: 0.5, 3: 0.5}``), from a config's data entry."""
     if split not in SPLITS:
         raise ValueError(f"arith has no split {split!r}; splits: {', '.join(SPLITS)}")
-    spec = SPLITS[split]
+    spec = dict(SPLITS[split])
+    if rules is not None:
+        rules = {int(k): float(v) for k, v in dict(rules).items()}
+        if not rules or any(k not in (1, 2, 3) or v < 0 for k, v in rules.items()) or sum(rules.values()) <= 0:
+            raise ValueError(f"arith rules must map 1, 2 or 3 rules to non-negative weights, got {rules}")
+        spec["rules"] = rules
     n = spec["n"] if n is None else int(n)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
