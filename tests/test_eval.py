@@ -143,3 +143,43 @@ def test_sft_and_eval_cli_smoke(micro_config, tmp_path):
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert {"problem_id", "sample", "response", "extracted", "correct", "turns", "length"} <= set(rows[0])
+
+
+def test_sft_is_deterministic_and_masks_tool_output(pool, tmp_path):
+    import torch
+
+    from ctpo.train.sft import run_sft
+
+    config = {"study": "t", "results_dir": str(tmp_path), "mlflow": {"enabled": False}, "tir": {"system_prompt": ""},
+              "data": {"train": {"source": "arith", "split": "train", "n": 16, "seed": 0}},
+              "models": {"x": {"preset": "xs", "sft": {"n_demos": 16, "steps": 3, "batch_size": 4, "copy_steps": 2}}}}
+    a = run_sft(config, "x", tmp_path / "a", threads=1, progress=False, pool=pool)
+    b = run_sft(config, "x", tmp_path / "b", threads=1, progress=False, pool=pool)
+    assert a["final_loss"] == b["final_loss"] and a["policy_tokens"] == b["policy_tokens"]
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+    # the loss covers policy tokens only: fewer than all response tokens when observations are present
+    assert 0 < a["policy_tokens"] < a["tokens"]
+
+
+def test_eval_labels_from_run_and_base(tmp_path):
+    import argparse
+
+    from ctpo.commands.eval import _labels
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "sft_summary.json").write_text(json.dumps({"model": "tiny-s", "sft": {"seed": 3}}))
+    args = argparse.Namespace(model_path=str(base), run=None, model_name=None, method=None, seed=None)
+    assert _labels(args) == {"model": "tiny-s", "method": "base", "seed": 3, "train_run_id": None}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "DONE.json").write_text(json.dumps({"model": "tiny-m", "method": "ctpo", "seed": 1, "mlflow_run_id": "abc"}))
+    args = argparse.Namespace(model_path=str(run / "final"), run=str(run), model_name=None, method=None, seed=None)
+    assert _labels(args) == {"model": "tiny-m", "method": "ctpo", "seed": 1, "train_run_id": "abc"}
+    with pytest.raises(SystemExit, match="has not finished"):
+        _labels(argparse.Namespace(model_path=str(base), run=str(tmp_path / "nope"), model_name=None, method=None,
+                                   seed=None))
