@@ -416,8 +416,12 @@ def _live_pids_of(uid: int) -> list[int]:
     """Pids of non-zombie processes of ``uid`` other than ourselves ([] where /proc is not visible)."""
     out = []
     with contextlib.suppress(OSError):
+        # Ourselves as this /proc numbers us: in the server's pid namespace (no private root, so the
+        # host's /proc) getpid() is a namespace pid and never matches, and we would wait out the
+        # deadline for our own process on every execution.
+        me = os.readlink("/proc/self")
         for d in os.listdir("/proc"):
-            if d.isdigit() and int(d) != os.getpid():
+            if d.isdigit() and d != me:
                 with contextlib.suppress(OSError, ValueError, IndexError):
                     with open(f"/proc/{d}/status") as f:
                         status = f.read()
@@ -437,6 +441,7 @@ class _Exec:
         self.slot = slot
         self.pid = -1
         self.pidfd = -1
+        self.helper_pid = -1  # weaker tiers: the clean-up helper forked when it exited
         self.sp: socket.socket | None = None
         self.scratch = "/tmp"
         self.uid = -1
@@ -463,7 +468,6 @@ class Server:
         self.live: set[_Exec] = set()
         self.free_slots = list(range(UID_SLOTS - 1, -1, -1))
         self.self_pidfd = os.pidfd_open(os.getpid()) if "pid_ns" in ctx.plan else -1
-        self.reap_later: list[int] = []  # weaker tiers' clean-up helpers
 
     # A child of the server: unshare a pid namespace for it, fork, and come back to our own.
     def _fork_child(self) -> int:
@@ -542,6 +546,9 @@ class Server:
             for e in list(self.live):
                 if not e.killed and now >= e.deadline:
                     if e.started is None:
+                        self._drain_setup(e)  # an "R" that arrived since the poll moves the deadline
+                        if e.deadline > now:
+                            continue
                         e.report["setup_error"] = "sandbox setup did not finish in time"
                     else:
                         e.report["timed_out"] = True
@@ -550,6 +557,13 @@ class Server:
     def _event(self, kind: str, fd: int, e: _Exec) -> None:
         if kind == "pid":
             self._finish(e)
+        elif kind == "helper":  # a weaker tier's clean-up is over: its uid slot may be reused now
+            self._unwatch(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(e.helper_pid, 0)
+            self.free_slots.append(e.slot)
         elif kind == "ctl":
             try:
                 why = os.read(fd, 1)
@@ -562,11 +576,31 @@ class Server:
             data = e.sp.recv(4096) if e.sp else b""
             if not data:
                 self._unwatch(fd)
-            elif data.startswith(b"R") and e.started is None:
-                e.started = time.monotonic()
-                e.deadline = e.started + e.req["timeout_s"]
             else:
-                e.setup_msg += data
+                self._setup_data(e, data)
+
+    def _setup_data(self, e: _Exec, data: bytes) -> None:
+        """What the child said on its setup socket: ``R`` (hardened, code read: the wall clock
+        starts) or, before that, a setup error."""
+        if data.startswith(b"R") and e.started is None:
+            e.started = time.monotonic()
+            e.deadline = e.started + e.req["timeout_s"]
+        else:
+            e.setup_msg += data
+
+    def _drain_setup(self, e: _Exec) -> None:
+        """Take in whatever is still queued on the setup socket. The child writes there before it
+        exits, so once its exit is seen all of it is queued, but the poll batch that reports the
+        exit may list the pidfd ahead of the socket (and a fast snippet exits within microseconds
+        of its ``R``): judge an exit, or a setup timeout, only after this."""
+        while e.sp is not None:
+            try:
+                data = e.sp.recv(4096, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            self._setup_data(e, data)
 
     def _watch(self, fd: int, kind: str, e: _Exec) -> None:
         self.fds[fd] = (kind, e)
@@ -649,6 +683,7 @@ class Server:
         pid, status, ru = os.wait4(e.pid, os.WNOHANG)
         if pid == 0:
             return  # not exited after all
+        self._drain_setup(e)  # its "R" (or setup error) may be queued behind the exit in this batch
         if os.WIFSIGNALED(status):
             e.report["signal"] = os.WTERMSIG(status)
         else:
@@ -672,8 +707,15 @@ class Server:
                     os.write(e.status_w, (json.dumps(e.report) + "\n").encode())
                 finally:
                     os._exit(0)
-            self._release(e, report=False)
-            self.reap_later.append(helper)
+            # The slot (the uid the helper kills by) stays taken until the helper is gone: the
+            # next execution given it would run as that uid and be killed along with the leftovers.
+            self._release(e, report=False, free_slot=False)
+            e.helper_pid = helper
+            try:
+                self._watch(os.pidfd_open(helper), "helper", e)
+            except OSError:  # (no fd to spare) wait for it here, up to its one-second clean-up
+                os.waitpid(helper, 0)
+                self.free_slots.append(e.slot)
             return
         self._release(e, report=True)
 
@@ -681,7 +723,7 @@ class Server:
         with contextlib.suppress(OSError):
             os.write(e.status_w, (json.dumps(e.report) + "\n").encode())
 
-    def _release(self, e: _Exec, report: bool) -> None:
+    def _release(self, e: _Exec, report: bool, free_slot: bool = True) -> None:
         if e not in self.live and e.pidfd >= 0:
             return  # already released
         if report:
@@ -694,11 +736,8 @@ class Server:
         if e.sp:
             e.sp.close()
         self.live.discard(e)
-        self.free_slots.append(e.slot)
-        for pid in list(self.reap_later):
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    self.reap_later.remove(pid)
+        if free_slot:
+            self.free_slots.append(e.slot)
 
     def _shutdown(self) -> None:
         for e in list(self.live):
