@@ -321,13 +321,12 @@ def test_cli_outputs_metrics_and_mlflow(micro_study, tmp_path):
     cfg_path = tmp_path / "with_mlflow.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
-    proc = subprocess.run(
-        _train_cmd(micro_study, out, "ctpo", config=cfg_path), capture_output=True, text=True
-    )
+    cmd = [*_train_cmd(micro_study, out, "ctpo", config=cfg_path), "--max-steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     rows = _metrics(out)
-    assert [r["train/step"] for r in rows] == [0, 1, 2, 3, 4]  # step 0: eval of the starting policy
+    assert [r["train/step"] for r in rows] == [0, 1, 2]  # step 0: eval of the starting policy
     raw = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in (
         "train/reward_mean", "train/accuracy", "train/response_length", "train/tool_calls",
@@ -342,7 +341,7 @@ def test_cli_outputs_metrics_and_mlflow(micro_study, tmp_path):
     assert (out / "diagnostics" / "step_00002.csv").is_file()
     assert (out / "final" / "config.json").is_file() and (out / "final" / "tokenizer.json").is_file()
     done = json.loads((out / "DONE.json").read_text())
-    assert done["final_step"] == 4 and done["mlflow_run_id"] and done["wall_s"] > 0
+    assert done["final_step"] == 2 and done["mlflow_run_id"] and done["wall_s"] > 0
 
     from mlflow.tracking import MlflowClient
 
@@ -351,7 +350,7 @@ def test_cli_outputs_metrics_and_mlflow(micro_study, tmp_path):
     assert run.data.tags["model"] == "micro" and run.data.tags["method"] == "ctpo"
     assert run.data.tags["seed"] == "0" and run.data.tags["study"] == "micro"
     assert any(k.startswith("sandbox_isolation") for k in run.data.params)
-    assert run.data.metrics["train/step"] == 4
+    assert run.data.metrics["train/step"] == 2
 
     # a finished run is not retrained
     from ctpo.train.local import train
