@@ -258,32 +258,6 @@ class _Timed:
         return timed
 
 
-class RetryInfraFailures:
-    """A pool wrapper that re-runs executions the sandbox itself failed to set up (not the code's fault).
-
-    Workaround: `ctpo.tir.sandbox` reports about 1% of fast executions as
-    ``[sandbox] setup failed: sandbox child died during setup`` (the child's exit is seen before its
-    start). Such an observation is random, so a run would not be reproducible; the execution is retried
-    (up to ``retries`` times) and the count is logged as ``train/tool_infra_retries``.
-    """
-
-    MARKER = "[sandbox] setup failed"
-
-    def __init__(self, pool: Any, retries: int = 3) -> None:
-        self.pool, self.retries, self.count = pool, retries, 0
-
-    def map(self, codes: list[str], timeout_s: float = 5.0) -> list[Any]:
-        results = list(self.pool.map(codes, timeout_s=timeout_s))
-        for _ in range(self.retries):
-            redo = [i for i, r in enumerate(results) if self.MARKER in (r.stderr or "")]
-            if not redo:
-                break
-            self.count += len(redo)
-            for i, r in zip(redo, self.pool.map([codes[i] for i in redo], timeout_s=timeout_s)):
-                results[i] = r
-        return results
-
-
 @dataclass
 class Rollout:
     """G responses per prompt, graded, packed for the policy."""
@@ -313,7 +287,6 @@ def rollout(
 
     generator = _Timed(HFGenerator(model, tokenizer), ["generate"])
     timed_pool = _Timed(pool, ["map"])
-    retries_before = getattr(pool, "count", 0)
     texts = [p["problem"] for p in problems for _ in range(group_size)]
     golds = [p["answer"] for p in problems for _ in range(group_size)]
     params = SamplingParams(temperature=temperature, seed=seed)
@@ -359,7 +332,6 @@ def rollout(
         "train/tool_calls": sum(ep.num_tool_calls for ep in episodes) / n,
         "train/tool_errors": sum(ep.num_tool_errors for ep in episodes) / n,
         "train/void_turns": sum(ep.num_void_turns for ep in episodes) / n,
-        "train/tool_infra_retries": getattr(pool, "count", 0) - retries_before,
         "time/generate": generator.seconds,
         "time/tool": timed_pool.seconds,
         "time/episode_other": t_episodes - generator.seconds - timed_pool.seconds,
@@ -695,10 +667,9 @@ def train(
 
     tags = {"model": model_name, "method": method, "seed": seed, "study": config.get("study", "")}
     with ExitStack() as stack:
-        sandbox = stack.enter_context(SandboxPool(**sandbox_cfg))
-        pool = RetryInfraFailures(sandbox)
+        pool = stack.enter_context(SandboxPool(**sandbox_cfg))
         grader = stack.enter_context(Grader(workers=cfg.grader_workers))
-        isolation = sandbox.isolation
+        isolation = pool.isolation
         isolation = dataclasses.asdict(isolation) if dataclasses.is_dataclass(isolation) else isolation
         run = stack.enter_context(
             tracking.start_run(
