@@ -308,6 +308,11 @@ def run_sft(config: dict[str, Any], model_name: str, out_dir: str | Path, thread
         if sft.copy_steps > 0:
             vocab = sorted({t for e in examples for t, m in zip(e.ids, e.mask) if m} - {tokenizer.eos_token_id})
             copy_stats = copy_warmup(model, vocab, sft, progress=progress)
+            if copy_stats["copy_accuracy"] < 0.9:
+                log.warning("sft %s: the copy pre-phase ended at %.0f%% copy accuracy, so the model has not learned to "
+                            "copy and the warm-up will mostly fail to copy numbers; lower sft.copy_lr (wider models "
+                            "need less: m copies at 1e-3, not 3e-3) or raise sft.copy_steps",
+                            model_name, 100 * copy_stats["copy_accuracy"])
             run.log_metrics({"sft/copy_accuracy": copy_stats["copy_accuracy"]}, step=0)
         stats = train(model, examples, sft, tokenizer.pad_token_id, progress=progress,
                       log_fn=lambda m, s: run.log_metrics(m, step=s))
