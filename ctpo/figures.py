@@ -300,6 +300,8 @@ def figure2(
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 seen.setdefault(label, handle)
         labels, handles = list(seen), list(seen.values())
+        if len(models) == 1:  # one row: name the model where a multi-row figure labels its rows
+            fig.text(0.01, 0.99, models[0], ha="left", va="top", fontweight="bold")
         fig.legend(handles, labels, loc="upper center", ncol=max(1, len(labels)), bbox_to_anchor=(0.5, 1.0))
         fig.tight_layout(rect=(0, 0, 1, 0.94))
         paths = _save(fig, Path(out), "fig2")
