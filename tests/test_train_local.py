@@ -437,3 +437,30 @@ def test_verl_backend_missing_gives_a_clear_error(monkeypatch, tmp_path, capsys)
     ]
     assert main([*argv, "--backend", "verl"]) == 2
     assert "verl backend is not available" in capsys.readouterr().err
+
+
+def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
+    """A run rerun under a changed config starts fresh; the same config (or only more steps) resumes."""
+    from ctpo.train.local import _discard_stale_checkpoints, run_fingerprint
+
+    config = {"models": {"m": {"preset": "xs"}}, "methods": {"ctpo": {"method": "ctpo"}},
+              "train": {"steps": 4, "lr": 1e-3}, "data": {"train": {"source": "arith"}}}
+    fp = run_fingerprint(config, "m", "ctpo", 0, "base")
+    longer = {**config, "train": {"steps": 8, "lr": 1e-3}}
+    assert run_fingerprint(longer, "m", "ctpo", 0, "base") == fp
+    changed = {**config, "methods": {"ctpo": {"method": "ctpo", "gamma": 0.3}}}
+    assert run_fingerprint(changed, "m", "ctpo", 0, "base") != fp
+    assert run_fingerprint(config, "m", "ctpo", 1, "base") != fp
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00002.pt").write_bytes(b"x")
+    (out / "mlflow_run_id").write_text("abc")
+    messages = []
+    _discard_stale_checkpoints(out, fp, messages.append)  # first attempt: nothing recorded yet, keep
+    _discard_stale_checkpoints(out, fp, messages.append)  # same config: keep
+    assert (out / "checkpoints" / "step_00002.pt").exists() and (out / "mlflow_run_id").exists()
+    assert messages == []
+    _discard_stale_checkpoints(out, run_fingerprint(changed, "m", "ctpo", 0, "base"), messages.append)
+    assert not (out / "checkpoints").exists() and not (out / "mlflow_run_id").exists()
+    assert len(messages) == 1 and "config changed" in messages[0]

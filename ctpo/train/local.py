@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -596,6 +597,36 @@ def in_training_eval(
     }
 
 
+def run_fingerprint(config: dict[str, Any], model_name: str, method: str, seed: int, base: str | Path) -> str:
+    """A digest of everything that defines a run's trajectory (not its length, threads or sandbox limits)."""
+    train = {k: v for k, v in (config.get("train") or {}).items() if k not in ("steps", "threads")}
+    spec = {
+        "model": (config.get("models") or {}).get(model_name),
+        "method": (config.get("methods") or {}).get(method),
+        "train": train,
+        "tir": config.get("tir"),
+        "data": (config.get("data") or {}).get("train"),
+        "seed": seed,
+        "base": str(base),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _discard_stale_checkpoints(out: Path, fingerprint: str, log: Callable[[str], None]) -> None:
+    """Resume only a run of the same config: checkpoints written under another one are discarded.
+
+    Without this, a job that the workflow reruns because its config changed would silently continue
+    the old run (and its MLflow run) instead of training the new one.
+    """
+    fp_file = out / "run_fingerprint"
+    if fp_file.is_file() and fp_file.read_text().strip() != fingerprint:
+        log(f"{out}: the config changed since its checkpoints were written; starting a fresh run")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "mlflow_run_id").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(fingerprint + "\n")
+
+
 def train(
     config: dict[str, Any],
     model_name: str,
@@ -655,6 +686,7 @@ def train(
     history: list[dict[str, Any]] = []
     start_step = 0
     wall_before = 0.0
+    _discard_stale_checkpoints(out, run_fingerprint(config, model_name, method, seed, base), log)
     state = load_latest(ckpt_dir)
     if state is not None:
         model.load_state_dict(state["model"])
