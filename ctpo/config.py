@@ -37,7 +37,7 @@ def validate_config(config: dict[str, Any], source: str = "config") -> None:
 
     with SCHEMA_PATH.open() as f:
         schema = yaml.safe_load(f)
-    validator = jsonschema.Draft7Validator(schema)
+    validator = jsonschema.validators.validator_for(schema)(schema)  # the draft the schema names
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = []
