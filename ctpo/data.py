@@ -341,14 +341,15 @@ def to_verl_rows(records: list[dict[str, Any]], system_prompt: str, agent_name: 
                  ability: str = "math") -> list[dict[str, Any]]:
     """Records -> rows of VERL's RL dataset schema (``verl.utils.dataset.rl_dataset.RLHFDataset``).
 
-    ``prompt`` is the chat (system = the TIR system prompt, user = the problem); ``reward_model.ground_truth``
+    ``prompt`` is the chat (system = the TIR system prompt, omitted when empty; user = the problem); ``reward_model.ground_truth``
     is what VERL hands to ``compute_score``; ``agent_name`` picks VERL's multi-turn tool agent loop per row.
     """
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []  # "" = no system turn
     rows = []
     for i, r in enumerate(records):
         row = {
             "data_source": r["data_source"],
-            "prompt": [{"role": "system", "content": system_prompt}, {"role": "user", "content": r["problem"]}],
+            "prompt": [*system, {"role": "user", "content": r["problem"]}],
             "ability": ability,
             "reward_model": {"style": "rule", "ground_truth": r["answer"]},
             "extra_info": {"id": r["id"], "split": r["split"], "index": i, "problem": r["problem"],

@@ -153,18 +153,32 @@ def _on_alarm(signum, frame):
     raise _ItemTimeout()
 
 
+_PERCENT_RE = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*\\?%\s*")
+
+
+def _percent_forms(answer: str) -> list[str]:
+    """A plain percentage as both readings math-verify accepts (``50\\%`` == 50 == 0.5); else itself.
+
+    Done here, not left to math-verify: its percent parsing depends on the antlr4 runtime, and with
+    the 4.9.3 runtime that VERL's omegaconf pins, ``50\\%`` parses to a bare string that equals nothing.
+    """
+    m = _PERCENT_RE.fullmatch(answer)
+    return [answer] if m is None else [m.group(1), f"{m.group(1)}/100"]
+
+
 def _math_verify(pred: str, gold: str) -> tuple[bool, str, str]:
     """(correct, status, detail) of math-verify on two bare answers, each re-wrapped in one box."""
     from math_verify import parse, verify
 
     # Timeouts are ours (see the module docstring): math-verify's alarms would cancel our timer.
-    gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
-    if not gold_parsed:
+    golds = [g for g in (parse("\\boxed{" + s + "}", parsing_timeout=None) for s in _percent_forms(gold)) if g]
+    if not golds:
         return False, "error", f"gold answer could not be parsed: {gold[:80]!r}"
-    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None)
-    if not pred_parsed:
+    preds = [a for a in (parse("\\boxed{" + s + "}", parsing_timeout=None) for s in _percent_forms(pred)) if a]
+    if not preds:
         return False, "ok", "answer could not be parsed"
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None)), "ok", ""
+    correct = any(verify(g, a, timeout_seconds=None) for g in golds for a in preds)
+    return correct, "ok", ""
 
 
 def _math_verify_limited(pred: str, gold: str, timeout_s: float) -> tuple[bool, str, str]:

@@ -121,6 +121,7 @@ def _config(tmp_path, benchmarks):
     cfg["results_dir"] = str(tmp_path / "r")
     cfg["data"]["train"]["n"] = 7
     cfg["data"]["benchmarks"].update(benchmarks)
+    cfg.get("tir", {}).pop("system_prompt", None)  # the protocol's default TIR prompt (tiny.yaml sets "")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -286,3 +286,17 @@ def test_compute_score_off_the_main_thread():
     t.start()
     t.join(60)
     assert out == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("gold", "answer", "correct"),
+    [("50\\%", "50", True), ("50\\%", "0.5", True), ("0.125", "12.5\\%", True), ("50\\%", "0.4", False),
+     ("50\\%", "40\\%", False), ("5", "5\\%", True)],
+)
+def test_percentages_grade_the_same_under_any_antlr_runtime(gold, answer, correct):
+    """math-verify reads ``50\\%`` as 50 or 0.5 only with the antlr4 4.13 runtime; with the 4.9.3 one
+    that VERL's omegaconf pins it parses to a bare string. The grader must not depend on which is installed."""
+    from ctpo.reward import Grader
+
+    with Grader(workers=0) as g:
+        assert g.grade_batch([f"\\boxed{{{answer}}}"], [gold])[0].correct is correct
