@@ -467,3 +467,22 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     _discard_stale_checkpoints(out, run_fingerprint(changed, "m", "ctpo", 0, "base"), messages.append)
     assert not (out / "checkpoints").exists() and not (out / "mlflow_run_id").exists()
     assert len(messages) == 1 and "config changed" in messages[0]
+
+
+def test_dry_run_prints_the_verl_command_and_the_local_settings(capsys):
+    """`--dry-run` runs nothing: the paper config prints VERL's launch command, the tiny one its settings."""
+    import json
+    from pathlib import Path
+
+    from ctpo.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    argv = ["train", "--method", "ctpo", "--base", "b", "--out", "o", "--dry-run"]
+    assert main([*argv, "--config", str(root / "experiments/paper.yaml"), "--model", "qwen3-4b"]) == 0
+    cmd = capsys.readouterr().out
+    assert "-m verl.trainer.main_ppo" in cmd and "actor_rollout_ref.actor.policy_loss.loss_mode=ctpo" in cmd
+    assert "data.train_batch_size=512" in cmd and "+actor_rollout_ref.actor.policy_loss.gamma=0.5" in cmd
+    assert main([*argv, "--config", str(root / "experiments/tiny.yaml"), "--model", "tiny-s", "--backend", "local"]) == 0
+    settings = json.loads(capsys.readouterr().out)
+    assert settings["loss"]["method"] == "ctpo" and settings["loss"]["clip_mode"] == "adaptive"
+    assert not Path("o").exists()

@@ -35,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: train.threads)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.steps (smoke tests)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would run and exit: the `python -m verl.trainer.main_ppo ...` command for the verl "
+        "backend, the resolved trainer and loss settings for the local one",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,8 +65,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"ctpo train: unknown backend {backend!r}; use local or verl", file=sys.stderr)
         return 2
 
-    from ctpo.train.local import train
+    from ctpo.train.local import TrainConfig, loss_config, train
 
+    if args.dry_run:
+        import dataclasses
+        import json
+
+        try:
+            settings = {
+                "train": dataclasses.asdict(TrainConfig.from_section(dict(config.get("train") or {}))),
+                "loss": dataclasses.asdict(loss_config(config, args.method)),
+            }
+        except (ConfigError, ValueError) as exc:
+            print(f"ctpo train: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(settings, indent=2, default=str))
+        return 0
     try:
         train(
             config,
