@@ -143,17 +143,6 @@ def test_styles_respect_turn_budget():
         assert s == ("error" if r["extra"]["n_tool_calls"] + 2 <= 5 else "tool")
 
 
-@pytest.fixture(scope="module")
-def pool():
-    from ctpo.tir.sandbox import SandboxPool
-
-    try:
-        with SandboxPool(workers=2) as p:
-            yield p
-    except Exception as exc:  # pragma: no cover - machines without namespaces
-        pytest.skip(f"sandbox unavailable: {exc}")
-
-
 def test_demonstrations_are_real_tir_episodes(pool):
     """Rendered demonstrations: every code turn parses as one block, its observation is what a standalone
     sandbox run prints, and replaying the policy turns through the real episode loop gives exactly the

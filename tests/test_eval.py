@@ -62,17 +62,6 @@ class _Tok:
         return "".join(chr(i - 1) for i in ids if i != 0)
 
 
-@pytest.fixture(scope="module")
-def pool():
-    from ctpo.tir.sandbox import SandboxPool
-
-    try:
-        with SandboxPool(workers=2) as p:
-            yield p
-    except Exception as exc:  # pragma: no cover - machines without namespaces
-        pytest.skip(f"sandbox unavailable: {exc}")
-
-
 def test_run_eval_with_scripted_generator(pool):
     from ctpo.reward import Grader
     from ctpo.tir.episode import ScriptedGenerator
