@@ -12,7 +12,8 @@ on its final policy turn. Definitions (c_i = correct samples of problem i, n pro
   mean_i [1 - C(k - c_i, j) / C(k, j)].
 
 `evaluate` is what the trainer calls for periodic eval; ``ctpo eval`` (`ctpo.commands.eval`) wraps
-`run_eval` with model loading, files and MLflow. Generation backends come from
+`run_eval_many` (several benchmarks in one batched episode call, split back per benchmark) with model
+loading, files and MLflow. Generation backends come from
 `ctpo.generation.GENERATORS` (``hf`` here, ``vllm`` on GPU), so callers never name a backend class.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_EVAL_SEED = 1234
@@ -61,30 +63,71 @@ def summarize(correct: list[list[bool]]) -> dict[str, Any]:
     }
 
 
-def run_eval(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, pool, grader,
-             params=None, seed: int = DEFAULT_EVAL_SEED) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Sample k episodes per record through `ctpo.tir.episode.run_episodes`, grade them; returns
-    (summary, per-sample records). ``params`` (SamplingParams) defaults to T=1, no truncation."""
+def run_eval_many(generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any]]], k: int, cfg, pool,
+                  grader, params=None, seed: int = DEFAULT_EVAL_SEED
+                  ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Evaluate several benchmarks in ONE batched `ctpo.tir.episode.run_episodes` call; returns
+    ``{name: (summary, per-sample records)}`` in the order of ``benchmarks``.
+
+    Every problem of every benchmark, k times each, goes into the same episode batch, so each turn is one
+    generate call and one sandbox map for all benchmarks together (the model's per-step cost is paid once
+    per turn, not once per turn per benchmark). The episodes are then split back by position and each
+    benchmark is graded into its own samples and summary, exactly as `run_eval` would.
+
+    Timing: ``rollout_s`` and ``eval_s`` of each summary are the wall time of the *shared* call, and
+    ``batched_with`` names the other benchmarks that shared it (empty when evaluated alone).
+
+    Determinism: same benchmarks (names, records, order), k, weights and seed -> same samples. A sample
+    depends on the whole batch it was drawn in (the HF backend seeds each call from the seed and all of its
+    prompts), so a benchmark evaluated alone and batched with others draws different, equally valid samples.
+    ``params`` (SamplingParams) defaults to T=1, no truncation.
+    """
     from dataclasses import replace
 
     from ctpo.tir.episode import SamplingParams, run_episodes
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if not records:
-        raise ValueError("no problems to evaluate")
+    if not benchmarks:
+        raise ValueError("no benchmarks to evaluate")
+    empty = [name for name, records in benchmarks.items() if not records]
+    if empty:
+        raise ValueError(f"no problems to evaluate in {', '.join(map(repr, empty))}")
     params = params or SamplingParams(temperature=1.0, top_p=1.0, top_k=-1)
     if params.seed is None:
         params = replace(params, seed=seed)
-    problems = [r["problem"] for r in records for _ in range(k)]
+    # one flat batch: benchmark after benchmark, problem after problem, k copies each
+    spans: dict[str, tuple[int, int]] = {}
+    problems: list[str] = []
+    golds: list[str] = []
+    for name, records in benchmarks.items():
+        start = len(problems)
+        problems += [r["problem"] for r in records for _ in range(k)]
+        golds += [r["answer"] for r in records for _ in range(k)]
+        spans[name] = (start, len(problems))
     t0 = time.perf_counter()
     episodes = run_episodes(generator, tokenizer, problems, cfg, pool, params)
-    gen_s = time.perf_counter() - t0
-    golds = [r["answer"] for r in records for _ in range(k)]
+    rollout_s = time.perf_counter() - t0
     grades = grader.grade_batch([ep.final_text for ep in episodes], golds)
+    eval_s = time.perf_counter() - t0
 
+    out = {}
+    for name, records in benchmarks.items():
+        lo, hi = spans[name]
+        samples = _sample_records(records, k, episodes[lo:hi], grades[lo:hi])
+        summary = _summarize_samples(samples, len(records), k)
+        summary.update({
+            "eval_seed": params.seed, "temperature": params.temperature,
+            "rollout_s": rollout_s, "eval_s": eval_s, "batched_with": [b for b in benchmarks if b != name],
+        })
+        out[name] = (summary, samples)
+    return out
+
+
+def _sample_records(records: list[dict[str, Any]], k: int, episodes, grades) -> list[dict[str, Any]]:
+    """One record per sample: episode ``i`` is sample ``i % k`` of ``records[i // k]``."""
     samples = []
-    for i, (ep, g) in enumerate(zip(episodes, grades)):
+    for i, (ep, g) in enumerate(zip(episodes, grades, strict=True)):
         r = records[i // k]
         samples.append({
             "problem_id": r["id"], "sample": i % k, "correct": bool(g.correct), "extracted": g.extracted,
@@ -93,7 +136,12 @@ def run_eval(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, p
             "finish": ep.finish, "length": len(ep.response_ids), "policy_tokens": sum(ep.response_mask),
             "response": ep.response_text,
         })
-    correct = [[s["correct"] for s in samples[i * k:(i + 1) * k]] for i in range(len(records))]
+    return samples
+
+
+def _summarize_samples(samples: list[dict[str, Any]], n_records: int, k: int) -> dict[str, Any]:
+    """`summarize` of the samples' correctness plus their mean lengths, tool use and finish reasons."""
+    correct = [[s["correct"] for s in samples[i * k:(i + 1) * k]] for i in range(n_records)]
     n_s = len(samples)
     summary = summarize(correct)
     summary.update({
@@ -104,10 +152,17 @@ def run_eval(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, p
         "tool_error_rate": sum(s["tool_errors"] for s in samples) / max(1, sum(s["tool_calls"] for s in samples)),
         "no_answer_rate": sum(s["extracted"] is None for s in samples) / n_s,
         "finish": dict(Counter(s["finish"] for s in samples)),
-        "eval_seed": params.seed, "temperature": params.temperature,
-        "rollout_s": gen_s, "eval_s": time.perf_counter() - t0,
     })
-    return summary, samples
+    return summary
+
+
+def run_eval(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, pool, grader,
+             params=None, seed: int = DEFAULT_EVAL_SEED) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sample k episodes per record through `ctpo.tir.episode.run_episodes`, grade them; returns
+    (summary, per-sample records): `run_eval_many` with one benchmark. ``params`` (SamplingParams)
+    defaults to T=1, no truncation."""
+    return run_eval_many(generator, tokenizer, {"records": records}, k, cfg, pool, grader,
+                         params=params, seed=seed)["records"]
 
 
 def evaluate(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, pool, grader,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ctpo.eval import evaluate, pass_at_k, run_eval, summarize
+from ctpo.eval import evaluate, pass_at_k, run_eval, run_eval_many, summarize
 
 
 def test_pass_at_k_hand_values():
@@ -94,6 +94,85 @@ def test_run_eval_with_scripted_generator(pool):
     assert summary["finish"] == {"answer": 6}
 
 
+def _copies_script(answers: dict[str, list[str]], tool: dict[str, str]):
+    """A scripted model whose j-th copy of a problem answers ``answers[problem][j]`` by hand; problems in
+    ``tool`` first run its code, then answer its answer. Copies are told apart by counting calls per problem
+    (the episode loop keeps copies in order within a turn)."""
+    seen: dict[tuple[str, int], int] = {}
+
+    def script(context: str) -> str:
+        problem = next(p for p in [*answers, *tool] if p in context)
+        turn = context.split(problem, 1)[1].count("```output")  # observations so far
+        if problem in tool:
+            code, answer = tool[problem]
+            return f"So \\boxed{{{answer}}}.\x00" if turn else f"Compute.\n```python\nprint({code})\n```\n"
+        j = seen.get((problem, turn), 0)
+        seen[(problem, turn)] = j + 1
+        return f"By hand: \\boxed{{{answers[problem][j % len(answers[problem])]}}}.\x00"
+
+    return script
+
+
+EASY = [{"id": "e0", "problem": "What is 2 + 2?", "answer": "4"},
+        {"id": "e1", "problem": "What is 3 + 3?", "answer": "6"}]
+HARD = [{"id": "h0", "problem": "What is 12 * 34?", "answer": "408"},
+        {"id": "h1", "problem": "What is 7 * 6?", "answer": "42"},
+        {"id": "h2", "problem": "What is 9 * 9?", "answer": "81"}]
+# per copy: e0 2/3 right, e1 1/3, h0 3/3 (through the tool), h1 0/3, h2 2/3
+ANSWERS = {"What is 2 + 2?": ["4", "4", "5"], "What is 3 + 3?": ["6", "0", "0"],
+           "What is 7 * 6?": ["41"], "What is 9 * 9?": ["81", "80", "81"]}
+TOOL = {"What is 12 * 34?": ("12 * 34", "408")}
+
+
+def test_run_eval_many_batches_every_benchmark_and_splits_back(pool):
+    from ctpo.reward import Grader
+    from ctpo.tir.episode import ScriptedGenerator
+    from ctpo.tir.protocol import TIRConfig
+
+    cfg = TIRConfig(max_response_tokens=400)
+    gen = ScriptedGenerator(_Tok(), _copies_script(ANSWERS, TOOL))
+    with Grader(workers=1) as grader:
+        results = run_eval_many(gen, _Tok(), {"easy": EASY, "hard": HARD}, 3, cfg, pool, grader)
+        alone = run_eval(ScriptedGenerator(_Tok(), _copies_script(ANSWERS, TOOL)), _Tok(), HARD, 3, cfg, pool,
+                         grader)
+        with pytest.raises(ValueError, match="'hard'"):
+            run_eval_many(gen, _Tok(), {"easy": EASY, "hard": []}, 3, cfg, pool, grader)
+    # one generate call per turn for both benchmarks: 5 problems x 3 copies, then h0's 3 tool follow-ups
+    assert gen.calls[:2] == [15, 3]
+    assert list(results) == ["easy", "hard"]
+
+    for name, records in (("easy", EASY), ("hard", HARD)):
+        summary, samples = results[name]
+        # each sample sits under its own benchmark, problem by problem, copy by copy
+        answers = {r["id"]: r["answer"] for r in records}
+        assert [s["problem_id"] for s in samples] == [r["id"] for r in records for _ in range(3)]
+        assert [s["sample"] for s in samples] == [0, 1, 2] * len(records)
+        assert all(s["answer"] == answers[s["problem_id"]] for s in samples)
+        # the summary is the samples' own statistics
+        correct = [s["correct"] for s in samples]
+        assert summary["n_problems"] == len(records) and summary["k"] == 3
+        assert summary["avg_at_k"] == pytest.approx(sum(correct) / len(correct))
+        assert summary["mean_tool_calls"] == pytest.approx(sum(s["tool_calls"] for s in samples) / len(samples))
+        assert summary["mean_length"] == pytest.approx(sum(s["length"] for s in samples) / len(samples))
+        assert summary["batched_with"] == [b for b in ("easy", "hard") if b != name]
+
+    easy, hard = results["easy"][0], results["hard"][0]
+    # hand values: easy per-problem 2/3, 1/3; hard 3/3, 0/3, 2/3
+    assert easy["avg_at_k"] == pytest.approx(0.5)
+    assert easy["avg_at_k_se"] == pytest.approx(math.sqrt(2 * (1 / 6) ** 2) / math.sqrt(2))
+    assert easy["pass_at_k"]["2"] == pytest.approx((1 + 2 / 3) / 2) and easy["pass_at_k"]["3"] == 1.0
+    assert hard["avg_at_k"] == pytest.approx(5 / 9)
+    assert hard["pass_at_k"]["3"] == pytest.approx(2 / 3) and hard["mean_tool_calls"] == pytest.approx(1 / 3)
+    assert [s["correct"] for s in results["hard"][1]] == [True] * 3 + [False] * 3 + [True, False, True]
+    # the shared call's timings, the same in every summary
+    assert easy["rollout_s"] == hard["rollout_s"] and easy["eval_s"] == hard["eval_s"]
+    # evaluated alone, the same benchmark gives the same samples and statistics
+    timing = {"rollout_s", "eval_s", "batched_with"}
+    assert {k: v for k, v in alone[0].items() if k not in timing} == \
+        {k: v for k, v in hard.items() if k not in timing}
+    assert alone[1] == results["hard"][1] and alone[0]["batched_with"] == []
+
+
 def _ctpo(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "ctpo", *args], capture_output=True, text=True, timeout=timeout)
 
@@ -114,10 +193,17 @@ def micro_config(tmp_path_factory):
     return path
 
 
-def test_sft_and_eval_cli_smoke(micro_config, tmp_path):
-    base = tmp_path / "base"
+@pytest.fixture(scope="module")
+def micro_base(micro_config, tmp_path_factory):
+    """A micro Base checkpoint from `ctpo sft` (shared by the CLI smokes)."""
+    base = tmp_path_factory.mktemp("micro") / "base"
     r = _ctpo("sft", "--config", str(micro_config), "--model", "micro", "--out", str(base), "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
+    return base
+
+
+def test_sft_and_eval_cli_smoke(micro_config, micro_base, tmp_path):
+    base = micro_base
     summary = json.loads((base / "sft_summary.json").read_text())
     assert summary["steps"] == 4 and summary["n_demos"] == 64 and summary["threads"] == 1
     assert (base / "config.json").is_file() and (base / "tokenizer.json").is_file()
@@ -129,9 +215,44 @@ def test_sft_and_eval_cli_smoke(micro_config, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["k"] == 2 and s["n_problems"] == 3 and s["model"] == "micro" and s["method"] == "base"
     assert {"avg_at_k", "avg_at_k_se", "pass_at_k", "mean_length", "benchmark", "seed"} <= set(s)
+    assert s["batched_with"] == []
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     assert {"problem_id", "sample", "response", "extracted", "correct", "turns", "length"} <= set(rows[0])
+
+
+def test_eval_cli_several_benchmarks_in_one_call(micro_config, micro_base, tmp_path):
+    from ctpo import data as datasets
+    from ctpo.config import load_config
+
+    names = ["arith-easy", "arith-medium", "arith-hard"]
+    runs = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(micro_base),
+                  "--benchmark", "arith-easy,arith-medium", "--benchmark", "arith-hard",
+                  "--out", str(out), "--k", "2", "--n", "3")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "3 benchmarks in one batched run" in r.stdout
+        assert not (out / "summary.json").exists()  # several benchmarks: one folder each
+        runs.append(out)
+    config = load_config(micro_config)
+    for name in names:
+        s = json.loads((runs[0] / name / "summary.json").read_text())
+        assert s["benchmark"] == name and s["k"] == 2 and s["n_problems"] == 3
+        assert s["batched_with"] == [b for b in names if b != name]
+        rows = [json.loads(line) for line in (runs[0] / name / "samples.jsonl").read_text().splitlines()]
+        ids = [r["id"] for r in datasets.load_entry(config, name)[:3]]
+        assert [r["problem_id"] for r in rows] == [i for i in ids for _ in range(2)]
+        assert s["avg_at_k"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+        # same inputs and seed -> same samples
+        assert (runs[1] / name / "samples.jsonl").read_text() == (runs[0] / name / "samples.jsonl").read_text()
+
+    # one benchmark with --out-per-benchmark: the workflow's layout
+    out = tmp_path / "one"
+    r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(micro_base), "--benchmark", "arith-easy",
+              "--out", str(out), "--out-per-benchmark", "--k", "1", "--n", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "arith-easy" / "summary.json").read_text())["n_problems"] == 2
 
 
 def test_sft_is_deterministic_and_masks_tool_output(pool, tmp_path):

@@ -1,9 +1,23 @@
-"""``ctpo eval --config C --model-path P --benchmark B --out E [--run RUN] [--k K] [--backend hf|vllm]``.
+"""``ctpo eval --config C --model-path P --benchmark B [--benchmark B2 ...] --out E [--run RUN] [--k K]``.
 
-avg@k / pass@k of one model on one benchmark through the TIR loop, the sandbox and the grader. Writes
-``E/samples.jsonl`` (one record per sample) and ``E/summary.json`` (see `ctpo.eval` for the definitions),
-and logs an MLflow eval run; with ``--run RUN`` the run is tagged with the training run's id from
-``RUN/DONE.json`` (and takes model / method / seed from it).
+avg@k / pass@k of one model on one or more benchmarks through the TIR loop, the sandbox and the grader.
+The model is loaded once, and every problem of every benchmark (k samples each) goes through ONE batched
+episode loop (`ctpo.eval.run_eval_many`): each turn is one generate call for all benchmarks. The results
+are split back and summarised per benchmark.
+
+Where the files go:
+
+- one benchmark: ``E/samples.jsonl`` (one record per sample) and ``E/summary.json`` (see `ctpo.eval` for
+  the definitions), as with a single ``--benchmark``;
+- several benchmarks (``--benchmark A --benchmark B`` or ``--benchmark A,B``), or ``--out-per-benchmark``:
+  ``E/<benchmark>/samples.jsonl`` and ``E/<benchmark>/summary.json``, the same schema per benchmark.
+  ``rollout_s`` / ``eval_s`` are then the wall time of the shared call, and ``batched_with`` lists the
+  benchmarks it was shared with.
+
+One MLflow eval run per call, ``{study}__eval__{model}__{method}__s{seed}``, with the metrics of every
+benchmark under ``eval/<benchmark>/...`` and each summary as an artifact under ``<benchmark>/``; with
+``--run RUN`` it is tagged with the training run's id from ``RUN/DONE.json`` (and takes model / method /
+seed from it).
 """
 
 from __future__ import annotations
@@ -16,10 +30,19 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Several benchmarks share one model load and one batched episode loop (each turn is one "
+                     "generate call for all of them); each benchmark still gets its own samples.jsonl and "
+                     "summary.json, and the call logs one MLflow eval run.")
     parser.add_argument("--config", required=True, help="study config (experiments/tiny.yaml or the resolved copy)")
     parser.add_argument("--model-path", required=True, help="HF model folder (a Base from `ctpo sft` or RUN/final)")
-    parser.add_argument("--benchmark", required=True, help="a name under data.benchmarks (e.g. arith-hard) or a dataset")
-    parser.add_argument("--out", required=True, help="output folder for samples.jsonl and summary.json")
+    parser.add_argument("--benchmark", required=True, action="append", metavar="NAME[,NAME...]",
+                        help="a name under data.benchmarks (e.g. arith-hard) or a dataset; repeat it or give a "
+                             "comma-separated list to evaluate several in one batched run")
+    parser.add_argument("--out", required=True,
+                        help="output folder: OUT/samples.jsonl and OUT/summary.json for one benchmark, "
+                             "OUT/<benchmark>/{samples.jsonl,summary.json} for several")
+    parser.add_argument("--out-per-benchmark", action="store_true",
+                        help="write OUT/<benchmark>/ even for a single benchmark (the workflow always does)")
     parser.add_argument("--run", help="the training run folder evaluated (reads RUN/DONE.json: MLflow link, labels)")
     parser.add_argument("--k", type=int, help="samples per problem (default: eval.k of the config)")
     parser.add_argument("--backend", choices=None, help="generation backend: hf | vllm (default: eval.backend)")
@@ -52,6 +75,14 @@ def _labels(args: argparse.Namespace) -> dict[str, Any]:
     return labels
 
 
+def benchmark_names(values: list[str]) -> list[str]:
+    """The ``--benchmark`` values (repeated and / or comma-separated), in order, each once."""
+    names = [name.strip() for value in values for name in value.split(",")]
+    if not all(names):
+        raise SystemExit(f"--benchmark {','.join(values)!r}: an empty benchmark name; give NAME or NAME,NAME")
+    return list(dict.fromkeys(names))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -64,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from ctpo import data as datasets
     from ctpo import tracking
     from ctpo.config import load_config
-    from ctpo.eval import run_eval, sampling_from_config
+    from ctpo.eval import run_eval_many, sampling_from_config
     from ctpo.generation import make_generator
     from ctpo.reward import Grader
     from ctpo.tir.protocol import TIRConfig
@@ -76,14 +107,18 @@ def run(args: argparse.Namespace) -> int:
     k = int(args.k or eval_cfg.get("k", 8))
     backend = args.backend or eval_cfg.get("backend", "hf")
     labels = _labels(args)
-    records = datasets.load_entry(config, args.benchmark)
+    names = benchmark_names(args.benchmark)
+    benchmarks = {name: datasets.load_entry(config, name) for name in names}
     if args.n is not None:
-        records = records[: args.n]
+        benchmarks = {name: records[: args.n] for name, records in benchmarks.items()}
     tir_cfg = TIRConfig.from_dict(config.get("tir"))
     params = sampling_from_config(eval_cfg)
     sandbox = config.get("sandbox") or {}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    per_benchmark = args.out_per_benchmark or len(names) > 1
+    out_dirs = {name: out / name if per_benchmark else out for name in names}
+    for folder in out_dirs.values():
+        folder.mkdir(parents=True, exist_ok=True)
 
     generator = make_generator(backend, args.model_path, sampling=eval_cfg.get("vllm") or {})
     tokenizer = getattr(generator, "tokenizer", None)
@@ -92,32 +127,42 @@ def run(args: argparse.Namespace) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model_path)
 
-    run_name = f"eval__{labels['model']}__{labels['method']}__s{labels['seed']}__{args.benchmark}"
+    run_name = f"{config.get('study', 'study')}__eval__{labels['model']}__{labels['method']}__s{labels['seed']}"
     tags = {"model": labels["model"], "method": labels["method"], "seed": labels["seed"],
-            "benchmark": args.benchmark, "backend": backend}
-    with tracking.start_run(config, run_name, tags=tags, params={"k": k, "n_problems": len(records)},
+            "benchmarks": ",".join(names), "backend": backend}
+    run_params = {"k": k, "benchmarks": ",".join(names),
+                  "n_problems": {name: len(records) for name, records in benchmarks.items()}}
+    with tracking.start_run(config, run_name, tags=tags, params=run_params,
                             kind="eval", train_run_id=labels["train_run_id"]) as mlrun, \
             SandboxPool(workers=int(sandbox.get("workers", 2)),
                         allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False))) as pool, \
             Grader(workers=int(eval_cfg.get("grader_workers", 1))) as grader:
-        summary, samples = run_eval(generator, tokenizer, records, k, tir_cfg, pool, grader, params=params)
-        summary = {"benchmark": args.benchmark, "model": labels["model"], "method": labels["method"],
-                   "seed": labels["seed"], "model_path": str(args.model_path), "backend": backend,
-                   "train_run_id": labels["train_run_id"], **summary,
-                   "mlflow_run_id": getattr(mlrun, "run_id", None)}
-        gen_stats = getattr(generator, "stats", None)
-        if gen_stats:
-            summary["generator_stats"] = dict(gen_stats)
-        _write_atomic(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        metrics = {f"eval/{args.benchmark}/{key}": summary[key] for key in
-                   ("avg_at_k", "avg_at_k_se", "mean_length", "mean_policy_tokens", "mean_tool_calls",
-                    "tool_error_rate", "eval_s")}
-        metrics.update({f"eval/{args.benchmark}/pass_at_{j}": v for j, v in summary["pass_at_k"].items()})
-        mlrun.log_metrics(metrics)
-        mlrun.log_artifact(out / "summary.json")
-    print(f"eval {labels['model']}/{labels['method']}/s{labels['seed']} on {args.benchmark}: "
-          f"avg@{k} = {summary['avg_at_k']:.3f} ± {summary['avg_at_k_se']:.3f} (SE over {len(records)} problems), "
-          f"pass@{k} = {summary['pass_at_k'][str(k)]:.3f}, mean length {summary['mean_length']:.0f} tokens, "
-          f"{summary['eval_s']:.1f}s -> {out}")
+        results = run_eval_many(generator, tokenizer, benchmarks, k, tir_cfg, pool, grader, params=params)
+        gen_stats = getattr(generator, "stats", None)  # of the shared call: the same in every summary
+        summaries = {}
+        for name, (summary, samples) in results.items():
+            summary = {"benchmark": name, "model": labels["model"], "method": labels["method"],
+                       "seed": labels["seed"], "model_path": str(args.model_path), "backend": backend,
+                       "train_run_id": labels["train_run_id"], **summary,
+                       "mlflow_run_id": getattr(mlrun, "run_id", None)}
+            if gen_stats:
+                summary["generator_stats"] = dict(gen_stats)
+            folder = out_dirs[name]
+            _write_atomic(folder / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+            _write_atomic(folder / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            metrics = {f"eval/{name}/{key}": summary[key] for key in
+                       ("avg_at_k", "avg_at_k_se", "mean_length", "mean_policy_tokens", "mean_tool_calls",
+                        "tool_error_rate", "eval_s")}
+            metrics.update({f"eval/{name}/pass_at_{j}": v for j, v in summary["pass_at_k"].items()})
+            mlrun.log_metrics(metrics)
+            mlrun.log_artifact(folder / "summary.json", name)
+            summaries[name] = summary
+    who = f"{labels['model']}/{labels['method']}/s{labels['seed']}"
+    for name, summary in summaries.items():
+        print(f"eval {who} on {name}: avg@{k} = {summary['avg_at_k']:.3f} ± {summary['avg_at_k_se']:.3f} "
+              f"(SE over {summary['n_problems']} problems), pass@{k} = {summary['pass_at_k'][str(k)]:.3f}, "
+              f"mean length {summary['mean_length']:.0f} tokens -> {out_dirs[name]}")
+    eval_s = next(iter(summaries.values()))["eval_s"]
+    shared = f" ({len(names)} benchmarks in one batched run)" if len(names) > 1 else ""
+    print(f"eval {who}: {eval_s:.1f}s{shared}")
     return 0
