@@ -163,8 +163,8 @@ def _expected_counts(config: dict) -> dict[str, int]:
         "data": 1 + n_bench,
         "base": len(tiny),
         "train": len(matrix),
-        "eval_run": len(matrix) * n_bench,
-        "eval_base": len(models) * n_bench,
+        "eval_run": len(matrix),  # one job per checkpoint evaluates every benchmark
+        "eval_base": len(models),
         "analyze": 1,
         "figures": 1,
         "all": 1,
@@ -172,6 +172,25 @@ def _expected_counts(config: dict) -> dict[str, int]:
     if (config.get("workflow") or {}).get("lab", True):
         counts["lab"] = 1
     return {k: v for k, v in counts.items() if v}
+
+
+# Counted by hand from experiments/*.yaml (a changed matrix means recounting here, on purpose):
+# tiny: data 1 train + 3 benchmarks = 4; base 2 (tiny-s, tiny-m); train 2 models x 3 methods + tiny-m
+# ctpo_fixed = 7; one eval job per checkpoint: 7 runs + 2 Bases; + mlflow_init, lab, analyze, figures, all.
+# smoke: 1 benchmark, 1 model x 3 methods, no lab. paper: 4 benchmarks, hub models (no base), same 7 runs.
+HAND_COUNTS = {
+    "tiny": {"mlflow_init": 1, "data": 4, "base": 2, "train": 7, "eval_run": 7, "eval_base": 2, "lab": 1,
+             "analyze": 1, "figures": 1, "all": 1},  # 27 jobs (45 with one eval job per benchmark)
+    "smoke": {"mlflow_init": 1, "data": 2, "base": 1, "train": 3, "eval_run": 3, "eval_base": 1,
+              "analyze": 1, "figures": 1, "all": 1},
+    "paper": {"mlflow_init": 1, "data": 5, "train": 7, "eval_run": 7, "eval_base": 2, "lab": 1,
+              "analyze": 1, "figures": 1, "all": 1},
+}
+
+
+@pytest.mark.parametrize("name", ["tiny", "smoke", "paper"])
+def test_expected_counts_match_the_hand_count(name):
+    assert _expected_counts(_config(name)) == HAND_COUNTS[name]
 
 
 def _dry_run(tmp_path, name, *extra):
@@ -192,8 +211,10 @@ def test_dry_run_schedules_the_whole_matrix(tmp_path, name):
         cmd = next(c for c in train if f"--model {model} --method {method} --seed {seed} " in c)
         assert cmd.startswith(f"ctpo train --config {results}/config.resolved.yaml ")
         assert f"--out {results}/runs/{model}/{method}/s{seed} " in cmd and "--threads " in cmd
-    evals = shell_commands(out, "eval_run")
-    assert all(" --run " in c and "/final " in c for c in evals)
+    evals = shell_commands(out, "eval_run") + shell_commands(out, "eval_base")
+    benchmarks = ",".join(config["data"]["benchmarks"])
+    assert all(f" --benchmark {benchmarks} " in c and " --out-per-benchmark " in c for c in evals)
+    assert all(" --run " in c and "/final " in c for c in shell_commands(out, "eval_run"))
     assert (tmp_path / results / "config.resolved.yaml").is_file()  # every step reads the resolved copy
 
 
@@ -279,19 +300,18 @@ def test_smoke_study_end_to_end(tmp_path):
     matrix = run_matrix(config)
     runs = tracking.find_runs({**config, "results_dir": str(results)})
     kinds = [r.data.tags.get("ctpo.kind") for r in runs]
-    n_bench = len(config["data"]["benchmarks"])
     assert kinds.count("train") == len(matrix)
-    assert kinds.count("eval") == (len(matrix) + 1) * n_bench
+    assert kinds.count("eval") == len(matrix) + 1  # one eval run per checkpoint, all benchmarks in it
     assert kinds.count("analysis") == 1
     assert all(r.info.status == "FINISHED" for r in runs)
     train_ids = {r.info.run_id for r in runs if r.data.tags.get("ctpo.kind") == "train"}
     linked = [
         r for r in runs if r.data.tags.get("ctpo.kind") == "eval" and r.data.tags.get("ctpo.train_run_id")
     ]
-    assert (
-        len(linked) == len(matrix) * n_bench
-        and {r.data.tags["ctpo.train_run_id"] for r in linked} == train_ids
-    )
+    assert len(linked) == len(matrix) and {r.data.tags["ctpo.train_run_id"] for r in linked} == train_ids
+    for run in (r for r in runs if r.data.tags.get("ctpo.kind") == "eval"):
+        assert run.info.run_name.startswith(f"{config['study']}__eval__")
+        assert {f"eval/{b}/avg_at_k" for b in config["data"]["benchmarks"]} <= set(run.data.metrics)
     for run in runs:
         if run.data.tags.get("ctpo.kind") == "train":
             tags = run.data.tags
@@ -321,7 +341,7 @@ def test_smoke_study_end_to_end(tmp_path):
     out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "smoke_k.yaml"))
     counts = job_counts(out.stdout + out.stderr)
     assert "train" not in counts and "base" not in counts and "data" not in counts
-    assert counts["eval_run"] == len(matrix) * n_bench and counts["analyze"] == 1
+    assert counts["eval_run"] == len(matrix) and counts["eval_base"] == 1 and counts["analyze"] == 1
 
     # The HTML report with the figures and tables
     report = tmp_path / "report.html"

@@ -85,6 +85,11 @@ def eval_dir(model, method, seed, benchmark):
     return f"{R}/eval/{model}/{method}/s{seed}/{benchmark}"
 
 
+def eval_outputs(checkpoint_dir):
+    """The per-benchmark summaries one eval job writes under ``checkpoint_dir`` (wildcards kept)."""
+    return [f"{checkpoint_dir}/{benchmark}/summary.json" for benchmark in BENCHMARKS]
+
+
 def eval_summaries():
     out = [f"{eval_dir(m, x, s, b)}/summary.json" for m, x, s in RUNS for b in BENCHMARKS]
     out += [f"{eval_dir(m, 'base', BASE_SEED, b)}/summary.json" for m in MODELS for b in BENCHMARKS]
@@ -119,7 +124,7 @@ RESOURCE_DEFAULTS = {
     "data": {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0},
     "sft": {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0},
     "train": {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpu": 0},
-    "eval": {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0},
+    "eval": {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpu": 0},  # one job evaluates every benchmark
     "lab": {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0},
     "analyze": {"threads": 1, "mem_mb": 2000, "runtime": 15, "gpu": 0},
     "figures": {"threads": 1, "mem_mb": 2000, "runtime": 15, "gpu": 0},

@@ -1,4 +1,6 @@
 # avg@k / pass@k of every trained run and of every Base checkpoint on every benchmark of the config.
+# One job per checkpoint: `ctpo eval` loads the model once and runs all benchmarks through one batched
+# episode loop (each turn is one generate call for every benchmark), then writes one summary per benchmark.
 
 
 rule eval_run:
@@ -6,44 +8,45 @@ rule eval_run:
         method=r"(?!base/)[^/]+",
     input:
         done=f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json",
-        data=f"{R}/data/{{benchmark}}.jsonl",
+        data=expand(f"{R}/data/{{benchmark}}.jsonl", benchmark=BENCHMARKS),
         store=STORE,
     output:
-        f"{R}/eval/{{model}}/{{method}}/s{{seed}}/{{benchmark}}/summary.json",
+        eval_outputs(f"{R}/eval/{{model}}/{{method}}/s{{seed}}"),
     params:
         config=RESOLVED,
         run=f"{R}/runs/{{model}}/{{method}}/s{{seed}}",
-        out=f"{R}/eval/{{model}}/{{method}}/s{{seed}}/{{benchmark}}",
+        out=f"{R}/eval/{{model}}/{{method}}/s{{seed}}",
+        benchmarks=",".join(BENCHMARKS),
         cfg=lambda w: digest(section("eval"), section("tir"), section("sandbox")),
     log:
-        f"{LOGS}/eval/{{model}}__{{method}}__s{{seed}}__{{benchmark}}.log",
+        f"{LOGS}/eval/{{model}}__{{method}}__s{{seed}}.log",
     threads: threads_for("eval")
     resources:
         **resources_for("eval"),
     shell:
-        "ctpo eval --config {params.config} --model-path {params.run}/final --benchmark {wildcards.benchmark}"
-        " --out {params.out} --run {params.run} --threads {threads} > {log} 2>&1"
+        "ctpo eval --config {params.config} --model-path {params.run}/final --benchmark {params.benchmarks}"
+        " --out {params.out} --out-per-benchmark --run {params.run} --threads {threads} > {log} 2>&1"
 
 
 rule eval_base:
     input:
         base=base_inputs,
-        data=f"{R}/data/{{benchmark}}.jsonl",
+        data=expand(f"{R}/data/{{benchmark}}.jsonl", benchmark=BENCHMARKS),
         store=STORE,
     output:
-        f"{R}/eval/{{model}}/base/s{{seed}}/{{benchmark}}/summary.json",
+        eval_outputs(f"{R}/eval/{{model}}/base/s{{seed}}"),
     params:
         config=RESOLVED,
         base=lambda w: base_path(w.model),
-        out=f"{R}/eval/{{model}}/base/s{{seed}}/{{benchmark}}",
+        out=f"{R}/eval/{{model}}/base/s{{seed}}",
+        benchmarks=",".join(BENCHMARKS),
         cfg=lambda w: digest(section("eval"), section("tir"), section("sandbox")),
     log:
-        f"{LOGS}/eval/{{model}}__base__s{{seed}}__{{benchmark}}.log",
+        f"{LOGS}/eval/{{model}}__base__s{{seed}}.log",
     threads: threads_for("eval")
     resources:
         **resources_for("eval"),
     shell:
-        "ctpo eval --config {params.config} --model-path {params.base} --benchmark {wildcards.benchmark}"
-        " --out {params.out} --model {wildcards.model} --method base --seed {wildcards.seed} --threads {threads}"
-        " > {log} 2>&1"
-
+        "ctpo eval --config {params.config} --model-path {params.base} --benchmark {params.benchmarks}"
+        " --out {params.out} --out-per-benchmark --model {wildcards.model} --method base --seed {wildcards.seed}"
+        " --threads {threads} > {log} 2>&1"
