@@ -99,7 +99,8 @@ def store_file(config: Mapping[str, Any]) -> Path:
 
 
 def run_name(config: Mapping[str, Any], model: str, method: str, seed: int | str, suffix: str = "") -> str:
-    """The run-name recipe ``{study}__{model}__{method}__s{seed}`` (eval runs add ``__{benchmark}``)."""
+    """The run-name recipe ``{study}__{model}__{method}__s{seed}`` of a training run (an evaluation run is
+    ``{study}__eval__{model}__{method}__s{seed}``, one per checkpoint: `ctpo.commands.eval`)."""
     name = f"{config.get('study', 'study')}__{model}__{method}__s{seed}"
     return f"{name}__{suffix}" if suffix else name
 
