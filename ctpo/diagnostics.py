@@ -12,12 +12,14 @@ Public surface (stable; the local trainer and the VERL adapter call it)::
                           position="policy", max_tokens=32768)
     stats.update(old_log_prob, log_prob, response_mask)   # (B, T) tensors, any float dtype; no grad
     stats.merge(other)                                    # same configuration; returns self
+    stats.state_dict(); PositionStats.from_state_dict(state)  # exact copy (checkpoints), no rounding
     stats.to_frame()          # pandas.DataFrame, one row per non-empty bucket (columns below)
     stats.fit_sqrt()          # (c, r2): least-squares std ≈ c·√t over buckets, and its R²
     stats.to_scalars("diag/pos")                          # dict[str, float], flat, additive
     PositionStats.from_scalars(scalars, "diag/pos", count_scale=1.0, **same_config)
     stats.config()            # the constructor arguments, for from_scalars / a fresh instance
     stats.n_tokens            # tokens seen
+    stats.n_sequences         # sequences seen (tokens at position 1)
 
 Positions t follow ``ctpo.losses``: ``policy`` counts response-mask tokens up to and including
 the current one (tool-output tokens and padding neither contribute nor advance t); ``absolute`` is
@@ -156,6 +158,12 @@ class PositionStats:
     def n_tokens(self) -> int:
         return int(self.count.sum())
 
+    @property
+    def n_sequences(self) -> int:
+        """Sequences seen: the tokens at t = 1 (each sequence with a policy token has exactly one there
+        when ``position="policy"``; with ``"absolute"``, the rows whose first column is a policy token)."""
+        return int(self.count[0])
+
     def _t_hi(self) -> np.ndarray:
         hi = np.append(self.t_lo[1:] - 1, np.iinfo(np.int64).max).astype(np.float64)
         hi[-1] = math.inf
@@ -238,6 +246,27 @@ class PositionStats:
         self.tsum = self.tsum + other.tsum
         self.clips = self.clips + other.clips
         return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The configuration and the running state, as plain numpy arrays (copies): a checkpoint keeps an
+        accumulator with it, and `from_state_dict` restores it bit for bit (``to_scalars`` does not: its
+        Σx² form rounds M2)."""
+        return {"config": self.config(), "count": self.count.copy(), "mean": self.mean.copy(),
+                "m2": self.m2.copy(), "tsum": self.tsum.copy(), "clips": self.clips.copy()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> PositionStats:
+        """The accumulator `state_dict` described, exactly."""
+        stats = cls(**state["config"])
+        for name in ("count", "mean", "m2", "tsum", "clips"):
+            value = np.array(state[name], dtype=np.float64)
+            if value.shape != getattr(stats, name).shape:
+                raise ValueError(
+                    f"state_dict field {name!r} has shape {value.shape}, but its configuration gives "
+                    f"{getattr(stats, name).shape}: the state was saved under other bucket settings"
+                )
+            setattr(stats, name, value)
+        return stats
 
     # -- outputs ----------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:

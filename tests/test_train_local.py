@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -37,6 +39,104 @@ def test_group_advantages_eps_and_shapes():
     assert n_flat == 0
     with pytest.raises(ValueError, match="groups of 3"):
         group_advantages(torch.zeros(4), group_size=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Diagnostics pooled over a window of steps
+# ----------------------------------------------------------------------------------------------------------
+def _diag_step_batch(step: int):
+    """One step's (old, new, mask) in float64, rows of different lengths, a tool-output span (mask 0)."""
+    g = torch.Generator().manual_seed(100 + step)
+    b, t = 5 + step % 2, 30 + 4 * step
+    old = -torch.rand(b, t, generator=g, dtype=torch.float64)
+    new = old + 0.1 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    for i in range(b):
+        mask[i, t - 3 * i :] = False
+        mask[i, 5 + i : 8 + i] = False
+    return old, new, mask
+
+
+def _float64_reference(batches):
+    """Per position t: count, mean and population std of log ρ_{1:t} over all rows of all batches."""
+    from collections import defaultdict
+
+    values = defaultdict(list)
+    for old, new, mask in batches:
+        for i in range(mask.shape[0]):
+            logs = (new[i] - old[i])[mask[i]].numpy().cumsum()
+            for t, v in enumerate(logs, start=1):
+                values[t].append(v)
+    return {t: (len(v), np.mean(v), np.std(v)) for t, v in values.items()}
+
+
+def _run_windows(windows, steps, stop_after=None):
+    """Feed steps through the windows as the trainer does (two micro-batches per step); the files."""
+    files = {}
+    for step in steps:
+        collector = windows.collector(step)
+        if collector is not None:
+            old, new, mask = _diag_step_batch(step)
+            collector.update(old[:3], new[:3], mask[:3]).update(old[3:], new[3:], mask[3:])
+            windows.add(step, collector)
+        pooled = windows.pop(step)
+        if pooled is not None:
+            files[step] = (pooled[0].to_frame(), pooled[1], pooled[0].n_sequences)
+        if step == stop_after:
+            break
+    return files
+
+
+def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint():
+    from ctpo.diagnostics import PositionStats
+    from ctpo.train.local import DiagnosticWindows
+
+    def make():
+        return PositionStats(exact_limit=80, spacing="linear", max_position=80, max_tokens=None)
+
+    # windows of 3 for diagnostic steps 2 (clipped at step 1), 5 and 6 (overlapping: 4 and 5 are in both)
+    files = _run_windows(DiagnosticWindows([2, 5, 6], 3, make), range(1, 8))
+    assert {d: (steps, n) for d, (_, steps, n) in files.items()} == {
+        2: ([1, 2], 6 + 5), 5: ([3, 4, 5], 6 + 5 + 6), 6: ([4, 5, 6], 5 + 6 + 5)
+    }
+    for frame, steps, _ in files.values():
+        ref = _float64_reference([_diag_step_batch(s) for s in steps])
+        frame = frame.set_index("t_lo")
+        assert sorted(frame.index) == sorted(ref)
+        for t, (count, mean, std) in ref.items():
+            assert frame.loc[t, "count"] == count
+            assert frame.loc[t, "mean"] == pytest.approx(mean, rel=1e-10, abs=1e-12)
+            assert frame.loc[t, "std"] == pytest.approx(std, rel=1e-10, abs=1e-12)
+
+    # a checkpoint after step 4 (windows 5 and 6 open), restored in a fresh process: the same files, bit for bit
+    first = DiagnosticWindows([2, 5, 6], 3, make)
+    _run_windows(first, range(1, 8), stop_after=4)
+    state = torch.load(_bytes(first.state_dict()), weights_only=False)
+    assert sorted(state) == [5, 6] and state[5]["steps"] == [3, 4] and state[6]["steps"] == [4]
+    resumed = DiagnosticWindows([2, 5, 6], 3, make)
+    resumed.load_state_dict(state)
+    again = _run_windows(resumed, range(5, 8))
+    for d in (5, 6):
+        assert again[d][1:] == files[d][1:]
+        pd.testing.assert_frame_equal(again[d][0], files[d][0], check_exact=True)
+
+
+def _bytes(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_diag_window_must_be_positive():
+    from ctpo.config import ConfigError
+    from ctpo.train.local import TrainConfig
+
+    assert TrainConfig.from_section({"diag_window": 5}).diag_window == 5
+    with pytest.raises(ConfigError, match="diag_window"):
+        TrainConfig.from_section({"diag_window": 0})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,7 +315,8 @@ MICRO_STUDY = {
         "eval_every": 2,
         "eval_k": 2,
         "eval_problems": 2,
-        "diag_steps": [2],
+        "diag_steps": [2, 4],
+        "diag_window": 3,  # step 4 pools steps 2-4, across the step-2 checkpoint the resume test restarts from
         "checkpoint_every": 2,
         "threads": 1,
     },
@@ -410,6 +511,13 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
     a = torch.load(sorted((full / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     b = torch.load(sorted((cut / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the diagnostics of step 4 pool steps 2-4; step 2's part came through the checkpoint
+    for name in ("step_00002.csv", "step_00004.csv"):
+        assert (cut / "diagnostics" / name).read_bytes() == (full / "diagnostics" / name).read_bytes(), name
+    pooled = pd.read_csv(full / "diagnostics" / "step_00004.csv")
+    assert (pooled["window_first_step"] == 2).all() and (pooled["window_steps"] == 3).all()
+    assert pooled["n_sequences"].iloc[0] == pooled["count"].iloc[0] == 3 * 3 * 4  # steps x prompts x G
+    assert expected[4]["diag/n_sequences"] == 36 and expected[4]["diag/window_first_step"] == 2
 
 
 def test_verl_backend_missing_gives_a_clear_error(monkeypatch, tmp_path, capsys):

@@ -16,7 +16,8 @@ One training step, as in the paper (and VERL), for any ratio design registered i
    moved, so later minibatches are off-policy: that is where the ratio designs differ.
 
 Around the step: metrics (``RUN/metrics.jsonl`` + MLflow), periodic avg@k evaluation, per-position
-diagnostics of log ρ_{1:t} at configured steps (``RUN/diagnostics/step_NNNNN.csv``), and atomic
+diagnostics of log ρ_{1:t} at configured steps, each pooled over the ``diag_window`` steps up to it
+(``RUN/diagnostics/step_NNNNN.csv``), and atomic
 checkpoints from which a killed run resumes to exactly the metrics an uninterrupted run would give:
 every step reseeds all RNGs from (seed, step), so a step's randomness does not depend on the history of
 the process that runs it.
@@ -94,6 +95,9 @@ class TrainConfig:
     """Sampling seed of in-training eval; None: the ``eval`` section's (as ``ctpo eval`` samples)."""
     diag_steps: list[int] = field(default_factory=list)
     """Steps (1-based) at which per-position statistics of log ρ_{1:t} are collected (paper: 50/100/150)."""
+    diag_window: int = 1
+    """Steps pooled into each diagnostic step's statistics: step s's file holds steps s-window+1..s, merged
+    exactly (window x the sequences of one step; a std over one tiny-scale step's 32 is noisy)."""
     diag_max_position: int = 512
     """Positions tracked exactly by the diagnostics."""
     checkpoint_every: int = 5
@@ -116,6 +120,8 @@ class TrainConfig:
             )
         if "adam_betas" in values:
             values["adam_betas"] = tuple(values["adam_betas"])
+        if int(values.get("diag_window", 1)) < 1:
+            raise ConfigError(f"train.diag_window must be >= 1 (1 = no pooling), got {values['diag_window']}")
         return cls(**values)
 
 
@@ -510,18 +516,72 @@ def position_stats(cfg: TrainConfig, config: dict[str, Any]) -> Any:
     )
 
 
+class DiagnosticWindows:
+    """The statistics behind ``RUN/diagnostics/step_NNNNN.csv``: for each diagnostic step d, the
+    `PositionStats` of steps d-window+1..d pooled (`PositionStats.merge` combines counts, means and M2
+    exactly, as if the sequences had been one batch). One step of the tiny study has 32 sequences, and
+    those of its first minibatch are on-policy (log ρ = 0): a per-position std over so few is mostly noise
+    (a few large token log-ratios make a staircase, not a curve); pooling adds sequences.
+
+    Windows still open at a checkpoint go into it (`state_dict`), so a run resumed between pooled steps
+    writes the same file as one that ran through.
+    """
+
+    def __init__(self, diag_steps: Sequence[int], window: int, make: Callable[[], Any]) -> None:
+        self.diag_steps = sorted(set(diag_steps))
+        self.window = window
+        self.make = make  # a fresh, empty PositionStats
+        self.open: dict[int, tuple[Any, list[int]]] = {}  # diag step -> (pooled stats, steps pooled so far)
+
+    def targets(self, step: int) -> list[int]:
+        """The diagnostic steps whose window contains ``step``."""
+        return [d for d in self.diag_steps if d - self.window < step <= d]
+
+    def collector(self, step: int) -> Any:
+        """A fresh accumulator for ``step`` when some window needs it, else None."""
+        return self.make() if self.targets(step) else None
+
+    def add(self, step: int, stats: Any) -> None:
+        """Pool one step's statistics into every window that contains it (the first one keeps the object)."""
+        from ctpo.diagnostics import PositionStats
+
+        for i, d in enumerate(self.targets(step)):
+            if d in self.open:
+                self.open[d][0].merge(stats)
+                self.open[d][1].append(step)
+            else:
+                self.open[d] = (stats if i == 0 else PositionStats.from_state_dict(stats.state_dict()), [step])
+
+    def pop(self, step: int) -> tuple[Any, list[int]] | None:
+        """(pooled stats, steps pooled) of diagnostic step ``step``, closing its window; None if not one."""
+        return self.open.pop(step, None)
+
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        return {d: {"stats": stats.state_dict(), "steps": list(steps)} for d, (stats, steps) in self.open.items()}
+
+    def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
+        from ctpo.diagnostics import PositionStats
+
+        self.open = {
+            int(d): (PositionStats.from_state_dict(w["stats"]), list(w["steps"])) for d, w in state.items()
+        }
+
+
 DIAG_FIT_MIN_FRACTION = 0.25
-"""``diag/sqrt_fit_*_populated`` fits only positions reached by at least this fraction of the sequences
-seen at t = 1: a std from a handful of long responses is noise, not the curve. ``diag/sqrt_fit_*`` fit
-every position with >= 2 tokens (as `PositionStats.fit_sqrt` and the analysis do)."""
+"""The reported fit (``diag/sqrt_fit_*_populated``, Figure 1's legend) uses only the positions reached by at
+least this fraction of the sequences seen at t = 1: beyond them the std comes from a handful of long
+responses (noise, and not the same population). ``diag/sqrt_fit_*`` fit every position with >= 2 tokens
+(as `PositionStats.fit_sqrt` and the analysis do), kept for comparison. Same rule as
+``ctpo.analysis.POPULATED_FRACTION``."""
 
 
-def diagnostic_summary(diag: Any) -> dict[str, float]:
-    """``diag/`` scalars: the c·√t fit of std log ρ_{1:t} and clip rates early vs late in the response."""
+def diagnostic_summary(diag: Any, steps: Sequence[int] | None = None) -> dict[str, float]:
+    """``diag/`` scalars: the c·√t fit of std log ρ_{1:t}, clip rates early vs late in the response, and
+    what the statistics pooled (sequences; the steps of the window, ``steps``)."""
     frame = diag.to_frame()
     if frame.empty:
         return {}
-    populated = max(2, int(DIAG_FIT_MIN_FRACTION * frame["count"].iloc[0]))
+    populated = max(2, math.ceil(DIAG_FIT_MIN_FRACTION * frame["count"].iloc[0]))
     c, r2 = diag.fit_sqrt()
     c_pop, r2_pop = diag.fit_sqrt(min_count=populated)
     reached = frame[frame["count"] >= populated]
@@ -531,7 +591,11 @@ def diagnostic_summary(diag: Any) -> dict[str, float]:
         "diag/sqrt_fit_c_populated": float(c_pop),
         "diag/sqrt_fit_r2_populated": float(r2_pop),
         "diag/populated_positions": float(len(reached)),
+        "diag/n_sequences": float(diag.n_sequences),
     }
+    if steps:
+        out["diag/window_first_step"] = float(min(steps))
+        out["diag/window_steps"] = float(len(steps))
     half = len(reached) // 2
     for name, part in (("early", reached.iloc[:half]), ("late", reached.iloc[half:])):
         weights = part["count"] / max(1, part["count"].sum())
@@ -683,6 +747,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
     ckpt_dir = out / "checkpoints"
     (out / "diagnostics").mkdir(parents=True, exist_ok=True)
+    windows = DiagnosticWindows(cfg.diag_steps, cfg.diag_window, lambda: position_stats(cfg, config))
     history: list[dict[str, Any]] = []
     start_step = 0
     wall_before = 0.0
@@ -694,6 +759,7 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, history, wall_before = state["step"], state["metrics"], state["wall_s"]
+        windows.load_state_dict(state.get("diagnostics", {}))
         log(f"resuming {out} from checkpoint step {start_step}")
     _write_jsonl(out / "metrics.jsonl", history)  # drop rows logged after the checkpoint we resume from
 
@@ -783,7 +849,7 @@ def train(
                 metrics["train/kl_behaviour_old"] = masked_mean(diff.exp() - 1 - diff, ro.batch.response_mask)
 
             # 4. update
-            diag = position_stats(cfg, config) if step_no in cfg.diag_steps else None
+            diag = windows.collector(step_no)
             t0 = time.perf_counter()
             metrics.update(
                 update_policy(
@@ -793,10 +859,18 @@ def train(
             metrics["time/update"] = time.perf_counter() - t0
             metrics["train/lr"] = scheduler.get_last_lr()[0]
             if diag is not None:
+                windows.add(step_no, diag)
+            pooled = windows.pop(step_no)
+            if pooled is not None:  # a diagnostic step: its window (steps pooled) is complete
+                stats, pooled_steps = pooled
                 path = out / "diagnostics" / f"step_{step_no:05d}.csv"
-                diag.to_frame().to_csv(path.with_suffix(".tmp"), index=False)
+                frame = stats.to_frame()
+                frame["n_sequences"] = stats.n_sequences
+                frame["window_first_step"] = min(pooled_steps)
+                frame["window_steps"] = len(pooled_steps)
+                frame.to_csv(path.with_suffix(".tmp"), index=False)
                 os.replace(path.with_suffix(".tmp"), path)
-                metrics.update(diagnostic_summary(diag))
+                metrics.update(diagnostic_summary(stats, pooled_steps))
                 run.log_artifact(path, "diagnostics")
 
             # periodic evaluation (Figure 2: accuracy vs step)
@@ -826,6 +900,7 @@ def train(
                         "rng": rng_state(),
                         "data_position": step_no * cfg.prompts_per_step,
                         "metrics": history,
+                        "diagnostics": windows.state_dict(),  # windows still being pooled
                         "wall_s": wall_before + time.perf_counter() - t_start,
                     },
                     keep=cfg.keep_checkpoints,
