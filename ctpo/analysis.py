@@ -13,7 +13,9 @@ and writes, under ``A``:
 - ``table2.{csv,md,tex,html}`` — avg@k (%) per benchmark and their average, per model scale, for Base
   and every method (the paper's Table 2), mean ± standard error;
 - ``table3.{csv,md,tex,html}`` — CTPO with the position-adaptive clip against CTPO with a fixed clip
-  (Table 3), with their difference;
+  (Table 3), with their difference ± its paired standard error;
+- ``table2_paired.{csv,md,tex,html}`` — the differences Table 2 is read for, each ± its paired standard
+  error: per model, every method − Base, CTPO − GRPO, CTPO − GSPO, and CTPO − CTPO (fixed clip);
 - ``fig1_data.csv`` — per-position spread of log ρ_{1:t} and clip rates at the diagnostic steps, with the
   fitted c·√t curve (Figure 1);
 - ``fig2_data.csv`` — in-training eval accuracy, clip fraction and response length per step (Figure 2).
@@ -22,6 +24,17 @@ Standard errors. With one seed, a cell's SE is the evaluation's own (over proble
 ``summary.json``), and the average's SE combines the benchmarks' as independent: sqrt(Σ se²)/B. With
 several seeds, a cell is the mean over seeds and its SE the standard deviation across seeds / √n (which
 includes the evaluation noise).
+
+Paired differences. Every model is evaluated on the same problems with the same sampling seed, and most
+of a cell's SE is problem difficulty, which a difference between two models on the same problems cancels.
+A difference A − B is therefore computed per problem, from ``samples.jsonl`` beside each summary:
+d_i = (mean correctness of A's k samples of problem i) − (the same for B), Δ = mean_i d_i (equal to the
+difference of the two avg@k), SE = sd_i(d_i) / √n (ddof 1). With several seeds, each side's per-problem
+accuracy is first averaged over its seeds; the SE is then over problems only, for these trained models
+(seed-to-seed variation of training counts only as far as it differs between problems; Table 2's
+across-seed SE is the measure of that). The benchmark average: Δ = mean_b Δ_b, SE = sqrt(Σ SE_b²)/B
+(different problems, independent). Both sides must hold the same problem ids (checked; a mismatch is an
+error naming the two files). ``*`` marks |Δ| > 2 SE.
 """
 
 from __future__ import annotations
@@ -162,6 +175,83 @@ def load_done(results: str | Path) -> dict[tuple[str, str, int], dict[str, Any]]
     }
 
 
+@dataclass(frozen=True)
+class ProblemScores:
+    """Per-problem accuracy of one (model, method, benchmark): for each problem, the mean correctness of its
+    samples, averaged over the seeds' evaluations (``paths``, one ``samples.jsonl`` per seed)."""
+
+    scores: pd.Series  # problem_id -> accuracy in [0, 1]
+    paths: tuple[Path, ...]
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.paths)
+
+
+def read_problem_scores(path: str | Path) -> pd.Series:
+    """problem_id -> mean of ``correct`` over that problem's records in one ``samples.jsonl``."""
+    path = Path(path)
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    with open(path) as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                pid, correct = str(rec["problem_id"]), float(bool(rec["correct"]))
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise AnalysisError(f"{path}:{n}: not a sample record with problem_id and correct ({exc})") from None
+            total[pid] = total.get(pid, 0.0) + correct
+            count[pid] = count.get(pid, 0) + 1
+    if not total:
+        raise AnalysisError(f"{path} has no sample records; re-run its evaluation")
+    return pd.Series({pid: total[pid] / count[pid] for pid in total}, dtype=float).sort_index()
+
+
+def _check_same_problems(a: pd.Series, path_a: Path, b: pd.Series, path_b: Path) -> None:
+    if len(a.index) == len(b.index) and a.index.equals(b.index):
+        return
+    only_a = sorted(set(a.index) - set(b.index))
+    only_b = sorted(set(b.index) - set(a.index))
+    raise AnalysisError(
+        f"{path_a} and {path_b} do not hold the same problems ({len(a)} vs {len(b)} problem ids; "
+        f"{len(only_a)} only in the first, e.g. {only_a[:3]}; {len(only_b)} only in the second, e.g. "
+        f"{only_b[:3]}): a paired difference needs both evaluated on one problem set. Re-run the "
+        "evaluation that used other benchmark data (check data.benchmarks of the config each was run with)."
+    )
+
+
+def load_problem_scores(results: str | Path) -> dict[tuple[str, str, str], ProblemScores]:
+    """(model, method, benchmark) -> `ProblemScores` from every ``eval/*/*/s*/*/samples.jsonl``; the seeds of
+    one cell must hold the same problems (an `AnalysisError` names the two files otherwise)."""
+    per_seed: dict[tuple[str, str, str], list[tuple[Path, pd.Series]]] = {}
+    for model, method, _seed, path in _cells(Path(results) / "eval", "*/*/s*/*/samples.jsonl"):
+        per_seed.setdefault((model, method, path.parent.name), []).append((path, read_problem_scores(path)))
+    out = {}
+    for key, items in per_seed.items():
+        first_path, first = items[0]
+        for path, scores in items[1:]:
+            _check_same_problems(first, first_path, scores, path)
+        mean = pd.concat([scores for _, scores in items], axis=1).mean(axis=1)
+        out[key] = ProblemScores(mean, tuple(path for path, _ in items))
+    return out
+
+
+def paired_difference(a: ProblemScores, b: ProblemScores) -> dict[str, float]:
+    """A − B in percentage points over their common problems (which must be all of each side's):
+    ``delta`` = mean_i d_i, ``se`` = sd_i(d_i)/√n (paired), ``se_unpaired`` = sqrt(var_a/n + var_b/n)
+    on the same per-problem accuracies (what the two sides' own SEs give), ``n_problems``."""
+    _check_same_problems(a.scores, a.paths[0], b.scores, b.paths[0])
+    d = (a.scores - b.scores).to_numpy(float)
+    n = len(d)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    unpaired = (
+        math.sqrt((a.scores.var(ddof=1) + b.scores.var(ddof=1)) / n) if n > 1 else math.nan
+    )
+    return {"delta": 100.0 * float(d.mean()), "se": 100.0 * se, "se_unpaired": 100.0 * unpaired, "n_problems": n}
+
+
 # ---- the columns of ctpo.diagnostics.PositionStats.to_frame() -------------------------------------------
 
 
@@ -204,9 +294,18 @@ def diag_columns(frame: pd.DataFrame) -> DiagColumns:
 # ----------------------------------------------------------------------------------------------------------
 
 
+SIGNIFICANT_Z = 2.0
+"""A difference is marked ``*`` when |Δ| > SIGNIFICANT_Z · its (paired) SE."""
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
 @dataclass
 class Table:
-    """A results table: ``frame`` holds one row per (model, method) and ``{col}`` / ``{col}_se`` columns (%)."""
+    """A results table: ``frame`` holds one row per (model, method) and ``{col}`` / ``{col}_se`` columns (%).
+    Rows whose ``delta`` column is true are differences: signed, never bold, ``*`` where |Δ| > 2 SE."""
 
     name: str
     title: str
@@ -217,11 +316,14 @@ class Table:
 
     def cell(self, row: Mapping[str, Any], col: str) -> str:
         mean, se = row[col], row[f"{col}_se"]
-        if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        if _missing(mean):
             return "–"
-        if se is None or (isinstance(se, float) and math.isnan(se)):
-            return f"{mean:.1f}"
-        return f"{mean:.1f} ± {se:.1f}"
+        delta = bool(row.get("delta", False))
+        text = f"{mean:+.1f}" if delta else f"{mean:.1f}"
+        if _missing(se):
+            return text
+        mark = "*" if delta and abs(mean) > SIGNIFICANT_Z * se else ""
+        return f"{text} ± {se:.1f}{mark}"
 
 
 def method_label(config: Mapping[str, Any], method: str) -> str:
@@ -340,14 +442,48 @@ def ctpo_pair(config: Mapping[str, Any]) -> tuple[str | None, str | None]:
     return adaptive, fixed
 
 
-def table3(config: Mapping[str, Any], evals: pd.DataFrame) -> Table:
+def paired_cells(
+    scores: Mapping[tuple[str, str, str], ProblemScores], model: str, a: str, b: str, benchmarks: Sequence[str]
+) -> tuple[dict[str, float], list[str]]:
+    """``{col}``, ``{col}_se``, ``{col}_se_unpaired`` of A − B per benchmark and for their average (NaN where
+    a side has no ``samples.jsonl``), and the missing cells as ``eval/{model}/{method}/<seeds>/{benchmark}``."""
+    row: dict[str, float] = {}
+    missing = []
+    for bench in benchmarks:
+        sa, sb = scores.get((model, a, bench)), scores.get((model, b, bench))
+        if sa is None or sb is None:
+            missing += [f"eval/{model}/{x}/s*/{bench}/samples.jsonl" for x, s in ((a, sa), (b, sb)) if s is None]
+            row[bench] = row[f"{bench}_se"] = row[f"{bench}_se_unpaired"] = math.nan
+            continue
+        d = paired_difference(sa, sb)
+        row[bench], row[f"{bench}_se"], row[f"{bench}_se_unpaired"] = d["delta"], d["se"], d["se_unpaired"]
+    if benchmarks:
+        deltas = [row[bench] for bench in benchmarks]
+        row[AVG] = float(np.mean(deltas))  # NaN when a benchmark is missing
+        for se in ("_se", "_se_unpaired"):
+            row[f"{AVG}{se}"] = math.sqrt(sum(row[f"{bench}{se}"] ** 2 for bench in benchmarks)) / len(benchmarks)
+    return row, missing
+
+
+def table3(
+    config: Mapping[str, Any],
+    evals: pd.DataFrame,
+    scores: Mapping[tuple[str, str, str], ProblemScores] | None = None,
+) -> Table:
+    """CTPO adaptive vs fixed clip, and per model the row Δ (adaptive − fixed) ± its *paired* SE (from the
+    per-problem ``scores``; without them, or where a side lacks ``samples.jsonl``, the Δ has no SE)."""
     adaptive, fixed = ctpo_pair(config)
     matrix = run_matrix(dict(config))
     models = list(dict.fromkeys(m for m, _, _ in matrix))
     trained = {(m, x) for m, x, _ in matrix}
     pairs = [m for m in models if adaptive and fixed and (m, adaptive) in trained and (m, fixed) in trained]
     k = (config.get("eval") or {}).get("k")
-    caption = (f"avg@{k} (%)" if k else "avg@k (%)") + ": position-adaptive against fixed clipping for CTPO."
+    caption = (
+        (f"avg@{k} (%)" if k else "avg@k (%)")
+        + ": position-adaptive against fixed clipping for CTPO, mean ± standard error. Δ row: adaptive − fixed"
+        + " ± paired standard error (per-problem differences on the same problems and sampling seed, seeds"
+        + f" averaged per problem); * marks |Δ| > {SIGNIFICANT_Z:g} SE."
+    )
     rows = [(m, x) for m in pairs for x in (adaptive, fixed)]
     table = score_table(config, evals, rows, "table3", "Table 3", caption)
     if not pairs:
@@ -358,26 +494,93 @@ def table3(config: Mapping[str, Any], evals: pd.DataFrame) -> Table:
     frame = table.frame
     frame.loc[frame["method"] == adaptive, "label"] = "CTPO (adaptive clip)"
     frame.loc[frame["method"] == fixed, "label"] = "CTPO (fixed clip)"
-    deltas = []
+    benchmarks = [c for c in table.columns if c != AVG]
+    deltas, missing = [], []
     for model in pairs:
         a = frame[(frame["model"] == model) & (frame["method"] == adaptive)].iloc[0]
         f = frame[(frame["model"] == model) & (frame["method"] == fixed)].iloc[0]
+        paired, lacking = paired_cells(scores or {}, model, adaptive, fixed, benchmarks)
+        missing += lacking
         row: dict[str, Any] = {
             "model": model,
             "method": "delta",
             "label": "Δ (adaptive − fixed)",
             "n_seeds": min(a["n_seeds"], f["n_seeds"]),
+            "delta": True,
         }
         for c in table.columns:
-            row[c] = a[c] - f[c]
-            row[f"{c}_se"] = math.sqrt(a[f"{c}_se"] ** 2 + f[f"{c}_se"] ** 2)
+            row[c] = a[c] - f[c]  # = the mean per-problem difference when samples and summaries agree
+            row[f"{c}_se"] = paired[f"{c}_se"]
         deltas.append(row)
+    if missing:
+        table.note = f"Δ without a paired SE where samples.jsonl is missing: {', '.join(missing)}"
+        log.warning("table3: %s", table.note)
     ordered = []
     for model in pairs:
-        ordered.append(frame[frame["model"] == model])
+        ordered.append(frame[frame["model"] == model].assign(delta=False))
         ordered.append(pd.DataFrame([d for d in deltas if d["model"] == model]))
-    table.frame = pd.concat(ordered, ignore_index=True)[frame.columns]
+    table.frame = pd.concat(ordered, ignore_index=True)[[*frame.columns, "delta"]]
     return table
+
+
+def _methods_of_kind(config: Mapping[str, Any], kind: str) -> list[str]:
+    return [name for name, spec in (config.get("methods") or {}).items() if (spec or {}).get("method") == kind]
+
+
+def paired_comparisons(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(model, A, B) for every A − B the paired table shows, in study order: per model, each trained method
+    − Base, then CTPO − GRPO, CTPO − GSPO and CTPO − CTPO (fixed clip) where both were trained."""
+    adaptive, fixed = ctpo_pair(config)
+    matrix = run_matrix(dict(config))
+    methods = list(config.get("methods") or {})
+    out = []
+    for model in dict.fromkeys(m for m, _, _ in matrix):
+        trained = [x for x in methods if any(m == model and y == x for m, y, _ in matrix)]
+        out += [(model, x, BASE) for x in trained]
+        if adaptive in trained:
+            others = [*_methods_of_kind(config, "grpo"), *_methods_of_kind(config, "gspo"), fixed]
+            out += [(model, adaptive, b) for b in dict.fromkeys(others) if b in trained and b != adaptive]
+    return out
+
+
+def table2_paired(config: Mapping[str, Any], scores: Mapping[tuple[str, str, str], ProblemScores]) -> Table:
+    """The differences Table 2 is read for, as Δ ± paired SE (percentage points; see the module docstring)."""
+    benchmarks = list((config.get("data") or {}).get("benchmarks") or {})
+    columns = [*benchmarks, AVG]
+    k = (config.get("eval") or {}).get("k")
+    caption = (
+        f"Paired differences of {f'avg@{k}' if k else 'avg@k'} (percentage points), Δ = A − B ± paired standard"
+        " error: per problem, A's mean correctness over its samples minus B's (each averaged over seeds first"
+        " when there are several), SE = sd of those differences / √n over the benchmark's problems; Avg: mean"
+        f" of the benchmarks' Δ, SE √(Σ SE²)/B. * marks |Δ| > {SIGNIFICANT_Z:g} SE. The CSV adds the unpaired"
+        " SE of the same difference (…_se_unpaired) for comparison."
+    )
+    rows, missing = [], []
+    for model, a, b in paired_comparisons(config):
+        cells, lacking = paired_cells(scores, model, a, b, benchmarks)
+        missing += lacking
+        n_seeds = [scores[key].n_seeds for key in ((model, x, bench) for x in (a, b) for bench in benchmarks) if key in scores]
+        rows.append(
+            {
+                "model": model,
+                "method": f"{a}_vs_{b}",
+                "label": f"{method_label(config, a)} − {method_label(config, b)}",
+                "n_seeds": min(n_seeds) if n_seeds else 0,
+                "delta": True,
+                **{x: cells.get(x, math.nan) for c in columns for x in (c, f"{c}_se", f"{c}_se_unpaired")},
+            }
+        )
+    note = ""
+    if missing:
+        missing = list(dict.fromkeys(missing))
+        note = f"no per-sample records for {', '.join(missing)}"
+        log.warning("table2_paired: %s", note)
+    frame = pd.DataFrame(
+        rows,
+        columns=["model", "method", "label", "n_seeds", "delta",
+                 *[x for c in columns for x in (c, f"{c}_se", f"{c}_se_unpaired")]],
+    )  # fmt: skip
+    return Table("table2_paired", "Table 2, paired differences", frame, columns, caption, note)
 
 
 # ---- writers ----------------------------------------------------------------------------------------------
@@ -388,7 +591,8 @@ def _best(table: Table) -> set[tuple[int, str]]:
     excluded; nothing is bold when a model has a single method or all its methods tie)."""
     best = set()
     frame = table.frame
-    for _, g in frame[~frame["method"].isin([BASE, "delta"])].groupby("model", sort=False):
+    deltas = frame["delta"].fillna(False).astype(bool) if "delta" in frame else pd.Series(False, frame.index)
+    for _, g in frame[~frame["method"].isin([BASE, "delta"]) & ~deltas].groupby("model", sort=False):
         for col in table.columns:
             values = g[col].dropna()
             if len(g) > 1 and len(values) and values.max() > values.min():
@@ -450,6 +654,7 @@ def to_latex(table: Table) -> str:
         cells = [_tex_escape(row["model"]) if row["model"] != previous else "", _tex_escape(row["label"])]
         for col in table.columns:
             text = table.cell(row, col).replace("±", r"$\pm$").replace("–", "--")
+            text = "$-$" + text[1:] if text.startswith("-") else text  # a negative difference
             cells.append(f"\\textbf{{{text}}}" if (i, col) in best else text)
         previous = row["model"]
         lines.append(" & ".join(cells) + " \\\\")
@@ -615,8 +820,9 @@ def analyze(config: Mapping[str, Any], results: str | Path, out: str | Path) -> 
         log.warning("%d expected result files are missing (first: %s)", len(missing), ", ".join(missing[:5]))
     if evals.empty:
         raise AnalysisError(f"no evaluation summaries under {results / 'eval'}; run the eval steps first")
-    t2, t3 = table2(config, evals), table3(config, evals)
-    paths = write_table(t2, out) + write_table(t3, out)
+    scores = load_problem_scores(results)
+    t2, t3, t2p = table2(config, evals), table3(config, evals, scores), table2_paired(config, scores)
+    paths = write_table(t2, out) + write_table(t3, out) + write_table(t2p, out)
 
     f1 = fig1_data(config, load_diagnostics(results))
     f2 = fig2_data(config, load_metrics(results))
@@ -626,4 +832,12 @@ def analyze(config: Mapping[str, Any], results: str | Path, out: str | Path) -> 
         frame.to_csv(tmp, index=False)
         tmp.replace(path)
         paths.append(path)
-    return {"paths": paths, "missing": missing, "table2": t2, "table3": t3, "evals": evals, "done": done}
+    return {
+        "paths": paths,
+        "missing": missing,
+        "table2": t2,
+        "table3": t3,
+        "table2_paired": t2p,
+        "evals": evals,
+        "done": done,
+    }

@@ -189,14 +189,33 @@ def test_table2_matches_hand_computed_values(results):
 
 
 def test_table3_compares_adaptive_and_fixed_clip(results):
-    t3 = analysis.table3(CONFIG, analysis.load_eval_summaries(results))
+    evals = analysis.load_eval_summaries(results)
+    t3 = analysis.table3(CONFIG, evals, analysis.load_problem_scores(results))
     assert list(t3.frame["model"].unique()) == ["m-m"]
     assert list(t3.frame["method"]) == ["ctpo", "ctpo_fixed", "delta"]
     a, f, d = (_row(t3, "m-m", x) for x in ("ctpo", "ctpo_fixed", "delta"))
     assert (a["b1"], f["b1"], d["b1"]) == pytest.approx((71, 59, 12))
-    assert d["b1_se"] == pytest.approx(math.hypot(a["b1_se"], f["b1_se"]))
     assert a["b1_se"] == pytest.approx(np.std([70, 72], ddof=1) / math.sqrt(2))
     assert d["Avg"] == pytest.approx(a["Avg"] - f["Avg"])
+    # the fixture has no per-sample records: the Δ has no (paired) SE, and the note says why
+    assert math.isnan(d["b1_se"]) and "samples.jsonl" in t3.note
+    assert "| Δ (adaptive − fixed) | +12.0 |" in analysis.to_markdown(t3)
+
+    # with them, the Δ's SE is the paired one: per problem (k = 4, 4 problems), seeds averaged first
+    counts = {("ctpo", 0): [4, 3, 1, 0], ("ctpo", 1): [4, 1, 1, 0], ("ctpo_fixed", 0): [4, 2, 0, 0],
+              ("ctpo_fixed", 1): [4, 2, 0, 0]}  # fmt: skip
+    for (method, seed), c in counts.items():
+        for bench in ("b1", "b2"):
+            write_samples(results / "eval" / "m-m" / method / f"s{seed}" / bench / "samples.jsonl", c, k=4)
+    t3 = analysis.table3(CONFIG, evals, analysis.load_problem_scores(results))
+    d = _row(t3, "m-m", "delta")
+    # per problem: ctpo [1, 0.5, 0.25, 0], fixed [1, 0.5, 0, 0]: d = [0, 0, 0.25, 0], mean 1/16,
+    # var (ddof 1) = (3·(1/16)² + (3/16)²)/3 = 1/64, SE = (1/8)/√4 = 6.25 points
+    se = 6.25
+    assert d["b1_se"] == pytest.approx(se) and d["b2_se"] == pytest.approx(se)
+    assert d["Avg_se"] == pytest.approx(math.sqrt(2 * se**2) / 2)
+    assert d["b1"] == pytest.approx(12)  # the Δ itself stays the difference of the rows above
+    assert t3.note == "" and "paired standard error" in t3.caption
 
 
 def test_table3_without_a_pair_says_so(results):
@@ -287,5 +306,129 @@ def test_analyze_and_figures_commands_log_one_analysis_run(results, tmp_path):
 
     client = MlflowClient(tracking.store_info(config)["tracking_uri"])
     arts = {a.path for d in ("analysis", "figures") for a in client.list_artifacts(runs[0].info.run_id, d)}
-    assert {"analysis/table2.md", "analysis/table3.tex", "figures/fig1.png", "figures/fig2.pdf"} <= arts
+    assert {"analysis/table2.md", "analysis/table3.tex", "analysis/table2_paired.md", "figures/fig1.png",
+            "figures/fig2.pdf"} <= arts  # fmt: skip
     assert runs[0].data.metrics["table2/m-s/grpo/Avg"] == pytest.approx(42.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paired differences from per-sample records
+# ----------------------------------------------------------------------------------------------------------
+PAIRED_CONFIG = {
+    "study": "px",
+    "seeds": [0, 1],
+    "data": {
+        "train": {"source": "arith", "split": "train", "n": 8},
+        "benchmarks": {"b1": {"source": "arith", "split": "easy"}, "b2": {"source": "arith", "split": "hard"}},
+    },
+    "models": {"m": {"preset": "xs"}},
+    "methods": {
+        "grpo": {"method": "grpo", "clip_mode": "fixed"},
+        "ctpo": {"method": "ctpo", "clip_mode": "adaptive"},
+    },
+    "runs": [{"models": ["m"], "methods": ["grpo", "ctpo"]}],
+    "eval": {"backend": "hf", "k": 2},
+}
+
+# per-problem correct counts out of k = 2, problems p0..p5 (b1) and q0..q3 (b2)
+B1 = {
+    # difficulty dominates: problems are solved by everyone or nobody, except p4 (and p5 for grpo seed 1)
+    ("base", 0): [2, 2, 0, 0, 0, 0],
+    ("grpo", 0): [2, 2, 0, 0, 2, 0],
+    ("grpo", 1): [2, 2, 0, 0, 2, 2],
+    ("ctpo", 0): [2, 2, 0, 0, 1, 0],
+    ("ctpo", 1): [2, 2, 0, 0, 1, 0],
+}
+B2 = {  # every trained model solves one more sample of every problem than Base
+    ("base", 0): [1, 1, 0, 1],
+    ("grpo", 0): [2, 2, 1, 2],
+    ("grpo", 1): [2, 2, 1, 2],
+    ("ctpo", 0): [2, 2, 1, 2],
+    ("ctpo", 1): [2, 2, 1, 2],
+}
+
+
+def write_samples(path: Path, correct_counts, k: int = 2, prefix: str = "p") -> None:
+    """A samples.jsonl with ``correct_counts[i]`` of problem i's k samples correct (records shuffled)."""
+    records = [
+        {"problem_id": f"{prefix}{i}", "sample": j, "correct": j < c, "extracted": "1", "answer": "1"}
+        for i, c in enumerate(correct_counts)
+        for j in range(k)
+    ]
+    records.reverse()  # problem order in the file does not matter
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def paired_results(tmp_path):
+    root = tmp_path / "results"
+    for bench, table, prefix in (("b1", B1, "p"), ("b2", B2, "q")):
+        for (method, seed), counts in table.items():
+            write_samples(root / "eval" / "m" / method / f"s{seed}" / bench / "samples.jsonl", counts, prefix=prefix)
+    return root
+
+
+def test_paired_difference_hand_computed(paired_results):
+    scores = analysis.load_problem_scores(paired_results)
+    base, ctpo = scores[("m", "base", "b1")], scores[("m", "ctpo", "b1")]
+    assert ctpo.n_seeds == 2 and list(ctpo.scores) == [1, 1, 0, 0, 0.5, 0]  # seeds agree
+    # ctpo - base on b1: d = [0, 0, 0, 0, 0.5, 0]; mean 1/12; sd (ddof 1) = sqrt(0.208333/5); SE = sd/sqrt(6)
+    d = analysis.paired_difference(ctpo, base)
+    assert d["delta"] == pytest.approx(100 / 12)
+    assert d["se"] == pytest.approx(100 * math.sqrt((5 * (1 / 12) ** 2 + (0.5 - 1 / 12) ** 2) / 5 / 6))
+    assert d["se"] == pytest.approx(8.3333, abs=1e-4)
+    # the unpaired SE of the same difference is large: problem difficulty, which pairing cancels
+    unpaired = 100 * math.sqrt((np.var([1, 1, 0, 0, 0.5, 0], ddof=1) + np.var([1, 1, 0, 0, 0, 0], ddof=1)) / 6)
+    assert d["se_unpaired"] == pytest.approx(unpaired) and unpaired > 3 * d["se"]
+
+
+def test_paired_table_averages_seeds_per_problem_and_benchmarks(paired_results):
+    t = analysis.table2_paired(PAIRED_CONFIG, analysis.load_problem_scores(paired_results))
+    assert list(t.frame["method"]) == ["grpo_vs_base", "ctpo_vs_base", "ctpo_vs_grpo"]
+    assert list(t.frame["label"]) == ["GRPO − Base", "CTPO − Base", "CTPO − GRPO"]
+    row = _row(t, "m", "ctpo_vs_grpo")
+    # b1: grpo averaged over seeds per problem = [1, 1, 0, 0, 1, 0.5]; ctpo [1, 1, 0, 0, 0.5, 0]
+    # d = [0, 0, 0, 0, -0.5, -0.5]: mean -1/6, sd = sqrt(4·(1/6)² + 2·(1/3)²)/sqrt(5) = sqrt(1/3)/sqrt(5)
+    se_b1 = 100 * math.sqrt(1 / 3 / 5) / math.sqrt(6)
+    assert (row["b1"], row["b1_se"]) == pytest.approx((-100 / 6, se_b1))
+    # b2: both sides identical on every problem: Δ = 0 with SE 0
+    assert (row["b2"], row["b2_se"]) == pytest.approx((0.0, 0.0))
+    # average over benchmarks: mean of Δ, SE sqrt(Σ SE²)/B
+    assert row["Avg"] == pytest.approx((-100 / 6 + 0) / 2)
+    assert row["Avg_se"] == pytest.approx(math.sqrt(se_b1**2 + 0) / 2)
+    assert row["n_seeds"] == 2
+    # grpo - base on b2: d = [0.5, 0.5, 0.5, 0.5]: a sure gain, SE 0
+    g = _row(t, "m", "grpo_vs_base")
+    assert (g["b2"], g["b2_se"]) == pytest.approx((50.0, 0.0))
+    assert g["n_seeds"] == 1  # Base has one seed
+    # ctpo - base: b1 +8.3 ± 8.3 (not marked), b2 +50 ± 0 (marked), Avg 29.2 ± 8.3/2 (marked)
+    md = analysis.to_markdown(t)
+    assert "|  | CTPO − Base | +8.3 ± 8.3 | +50.0 ± 0.0* | +29.2 ± 4.2* |" in md
+    assert "|  | CTPO − GRPO | -16.7 ± 10.5 | +0.0 ± 0.0 | -8.3 ± 5.3 |" in md  # |Δ| < 2 SE: no mark
+    assert md.count("| m |") == 1
+    assert "**" not in md.split("\n", 1)[1]  # differences are never bolded as "best"
+    assert r"$-$16.7 $\pm$ 10.5" in analysis.to_latex(t)
+
+
+def test_paired_problem_mismatch_names_both_files(paired_results):
+    grpo = paired_results / "eval" / "m" / "grpo" / "s0" / "b2" / "samples.jsonl"
+    write_samples(grpo, [2, 1, 0], prefix="q")  # q3 missing
+    with pytest.raises(analysis.AnalysisError) as err:
+        analysis.load_problem_scores(paired_results)  # against grpo's other seed
+    msg = str(err.value)
+    assert str(grpo) in msg and str(paired_results / "eval/m/grpo/s1/b2/samples.jsonl") in msg and "q3" in msg
+    write_samples(paired_results / "eval" / "m" / "grpo" / "s1" / "b2" / "samples.jsonl", [2, 1, 0], prefix="q")
+    scores = analysis.load_problem_scores(paired_results)  # both grpo seeds agree; base has q3
+    with pytest.raises(analysis.AnalysisError, match="do not hold the same problems") as err:
+        analysis.table2_paired(PAIRED_CONFIG, scores)
+    base = paired_results / "eval" / "m" / "base" / "s0" / "b2" / "samples.jsonl"
+    assert str(base) in str(err.value) and "grpo/s0/b2/samples.jsonl" in str(err.value)
+
+
+def test_paired_table_without_samples_says_which(paired_results):
+    (paired_results / "eval" / "m" / "base" / "s0" / "b1" / "samples.jsonl").unlink()
+    t = analysis.table2_paired(PAIRED_CONFIG, analysis.load_problem_scores(paired_results))
+    row = _row(t, "m", "ctpo_vs_base")
+    assert math.isnan(row["b1"]) and math.isnan(row["Avg"]) and row["b2"] == pytest.approx(50.0)
+    assert "eval/m/base/s*/b1/samples.jsonl" in t.note

@@ -287,12 +287,14 @@ def test_smoke_study_end_to_end(tmp_path):
     results = tmp_path / "results" / "smoke"
     config = load_config(results / "config.resolved.yaml")
     analysis = results / "analysis"
-    for name in ("table2", "table3"):
+    for name in ("table2", "table3", "table2_paired"):
         for ext in ("csv", "md", "tex", "html"):
             assert (analysis / f"{name}.{ext}").stat().st_size > 0
     table2 = (analysis / "table2.md").read_text()
     assert "| tiny-xs | Base |" in table2 and "CTPO" in table2 and "±" in table2
     assert "CTPO (adaptive clip)" in (analysis / "table3.md").read_text()
+    assert "| tiny-xs | " in (paired := (analysis / "table2_paired.md").read_text()) and "CTPO − Base" in paired
+    assert "Note" not in paired  # every evaluation left its samples.jsonl
     for fig in ("fig1", "fig2"):
         for ext in ("png", "pdf"):
             assert (results / "figures" / f"{fig}.{ext}").stat().st_size > 5000

@@ -2,9 +2,10 @@
 
     ctpo analyze --config results/tiny/config.resolved.yaml --results results/tiny --out results/tiny/analysis
 
-Writes ``table2.{csv,md,tex,html}``, ``table3.*``, ``fig1_data.csv`` and ``fig2_data.csv`` (see
-`ctpo.analysis`), and records them in the study's MLflow experiment as an ``analysis`` run whose tag
-``ctpo.source_runs`` lists the training and evaluation runs it was built from.
+Writes ``table2.{csv,md,tex,html}``, ``table3.*``, ``table2_paired.*`` (differences ± paired SE),
+``fig1_data.csv`` and ``fig2_data.csv`` (see `ctpo.analysis`), and records them in the study's MLflow
+experiment as an ``analysis`` run whose tag ``ctpo.source_runs`` lists the training and evaluation runs it
+was built from.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
                 for col in table.columns:
                     if row[col] == row[col]:  # not NaN
                         run.log_metrics({f"{table.name}/{row['model']}/{row['method']}/{col}": row[col]})
+        paired = result["table2_paired"]  # differences: Δ and its paired SE
+        for _, row in paired.frame.iterrows():
+            for col in (c + suffix for c in paired.columns for suffix in ("", "_se")):
+                if row[col] == row[col]:
+                    run.log_metrics({f"{paired.name}/{row['model']}/{row['method']}/{col}": row[col]})
         for path in result["paths"]:
             run.log_artifact(path, "analysis")
     print(
@@ -70,4 +76,5 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(Path(out / "table2.md").read_text())
+    print(Path(out / "table2_paired.md").read_text())
     return 0
