@@ -4,7 +4,8 @@
   steps, with the fitted c·√t curve (c and R² in the legend); bottom row, the fraction of tokens clipped at
   each position under a fixed clip range and under CTPO's position-adaptive clip, at the same steps.
 - Figure 2: training dynamics per method — in-training eval accuracy on the first benchmark, clip
-  fraction, and mean response length against the step; one row per model scale.
+  fraction, and mean response length against the step; one row per model scale. Shaded: ±1 SE across
+  seeds; with one seed, eval accuracy has bars of ±1 SE over the eval problems (see ``FIG2_PANELS``).
 
 The look lives in ``figures/style.mplstyle`` (``--style``): restyling redraws these and reruns nothing else.
 Every figure is written as PNG and PDF.
@@ -99,6 +100,18 @@ def _drawn(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["populated"].astype(bool)]
 
 
+def _step_title(frame: pd.DataFrame, step: int) -> str:
+    """"step 15", or "steps 11–15" when the diagnostics pooled a window of steps (train.diag_window), with
+    the number of sequences behind the panel when the file records it."""
+    title = f"step {step}"
+    if "window_first_step" in frame.columns and len(frame) and frame["window_first_step"].notna().any():
+        first = int(frame["window_first_step"].dropna().iloc[0])
+        title = f"steps {first}–{step}" if first < step else title
+    if "n_sequences" in frame.columns and len(frame) and frame["n_sequences"].notna().any():
+        title += f"  ({int(frame['n_sequences'].dropna().iloc[0])} sequences)"
+    return title
+
+
 def pick_steps(steps: Sequence[int], n: int = 3) -> list[int]:
     """Up to n steps spread over the available ones (first, middle, last)."""
     steps = sorted(set(int(s) for s in steps))
@@ -184,7 +197,7 @@ def figure1(
                     color=colors[adaptive or "ctpo"],
                     label=f"{c:.3f}·√t  (R² = {r2:.2f})",
                 )
-            top.set_title(f"step {step}")
+            top.set_title(_step_title(g, step))
             top.legend(loc="upper left")
             if j == 0:
                 top.set_ylabel(r"std of $\log\rho_{1:t}$")
@@ -234,14 +247,26 @@ FIG2_PANELS = [
     ("clip_frac", "clipped tokens (%)", 100.0),
     ("response_length", "mean response length (tokens)", 1.0),
 ]
+"""Uncertainty drawn (and stated in workflow/report/fig2.rst): every panel shades ±1 SE across seeds where a
+method has several; with one seed, eval accuracy gets error bars of ±1 SE over the eval problems (the
+evaluation's own, ``eval/avg_at_k_se``), each method's points shifted a little sideways so bars stay apart."""
+DODGE = 0.06  # sideways shift between methods' eval points, as a fraction of the eval interval
 
 
-def _mean_band(g: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean over seeds per step, and its standard error (0 with one seed)."""
+def _mean_band(g: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per step: mean over seeds, its standard error across seeds (0 with one seed), and the seed count."""
     s = g.dropna(subset=[col]).groupby("step")[col]
     mean = s.mean()
     se = (s.std(ddof=1) / np.sqrt(s.count())).fillna(0.0)
-    return mean.index.to_numpy(float), mean.to_numpy(float), se.to_numpy(float)
+    return mean.index.to_numpy(float), mean.to_numpy(float), se.to_numpy(float), s.count().to_numpy()
+
+
+def _eval_se(g: pd.DataFrame, steps: np.ndarray) -> np.ndarray | None:
+    """The in-training evaluation's own SE over its problems at each step (one seed), if logged."""
+    if "eval_accuracy_se" not in g.columns or g["eval_accuracy_se"].isna().all():
+        return None
+    se = g.dropna(subset=["eval_accuracy"]).groupby("step")["eval_accuracy_se"].mean()
+    return se.reindex(steps).to_numpy(float)
 
 
 def figure2(
@@ -269,13 +294,23 @@ def figure2(
         for i, model in enumerate(models):
             for j, (col, ylabel, scale) in enumerate(FIG2_PANELS):
                 ax = axes[i, j]
-                for method in methods:
+                for k, method in enumerate(methods):
                     g = data[(data["model"] == model) & (data["method"] == method)]
                     if g.empty or g[col].isna().all():
                         continue
-                    x, y, se = _mean_band(g, col)
-                    marker = "o" if col == "eval_accuracy" else None
-                    ax.plot(x, scale * y, color=colors[method], marker=marker, label=_label(method))
+                    x, y, se, n_seeds = _mean_band(g, col)
+                    if col != "eval_accuracy":
+                        ax.plot(x, scale * y, color=colors[method], label=_label(method))
+                    elif n_seeds.max() > 1:
+                        ax.plot(x, scale * y, color=colors[method], marker="o", label=_label(method))
+                    else:  # one seed: the eval's own SE over problems, as bars on sideways-shifted points
+                        interval = float(np.diff(x).min()) if len(x) > 1 else 1.0
+                        dx = (k - (len(methods) - 1) / 2) * DODGE * interval
+                        ax.plot(x + dx, scale * y, color=colors[method], marker="o", label=_label(method))
+                        eval_se = _eval_se(g, x)
+                        if eval_se is not None:
+                            ax.errorbar(x + dx, scale * y, yerr=scale * eval_se, fmt="none",
+                                        ecolor=colors[method], elinewidth=0.8, capsize=2, alpha=0.6)  # fmt: skip
                     if np.any(se > 0):
                         ax.fill_between(
                             x, scale * (y - se), scale * (y + se), color=colors[method], alpha=0.2, lw=0

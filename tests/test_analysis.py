@@ -432,3 +432,35 @@ def test_paired_table_without_samples_says_which(paired_results):
     row = _row(t, "m", "ctpo_vs_base")
     assert math.isnan(row["b1"]) and math.isnan(row["Avg"]) and row["b2"] == pytest.approx(50.0)
     assert "eval/m/base/s*/b1/samples.jsonl" in t.note
+
+
+def test_figure2_error_bars_are_what_the_caption_says(results, tmp_path, monkeypatch):
+    """Several seeds: a band of ±1 SE across seeds, no bars. One seed: bars of ±1 eval SE over problems."""
+    import matplotlib.axes
+
+    out = tmp_path / "analysis"
+    analysis.analyze(CONFIG, results, out)
+    data = pd.read_csv(out / "fig2_data.csv")
+    calls = {"errorbar": [], "fill_between": []}
+    for name in calls:
+        original = getattr(matplotlib.axes.Axes, name)
+
+        def record(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name].append(kwargs.get("yerr"))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.axes.Axes, name, record)
+    figures.figure2(data, tmp_path / "two_seeds", methods=list(CONFIG["methods"]))
+    assert calls["errorbar"] == [] and len(calls["fill_between"]) > 0  # seeds differ in the fixture
+    calls["fill_between"].clear()
+    figures.figure2(data[data["seed"] == 0], tmp_path / "one_seed", methods=list(CONFIG["methods"]))
+    assert calls["fill_between"] == []
+    assert len(calls["errorbar"]) == 5  # one per (model, method) with eval points
+    assert all(np.allclose(yerr, 100 * 0.02) for yerr in calls["errorbar"])  # eval/avg_at_k_se = 0.02
+
+
+def test_figure1_panel_titles_name_the_pooled_steps():
+    frame = pd.DataFrame({"window_first_step": [11, 11], "n_sequences": [160, 160]})
+    assert figures._step_title(frame, 15) == "steps 11–15  (160 sequences)"
+    assert figures._step_title(frame.assign(window_first_step=15, n_sequences=32), 15) == "step 15  (32 sequences)"
+    assert figures._step_title(pd.DataFrame({"t_mean": [1.0]}), 15) == "step 15"  # files before diag_window
