@@ -12,8 +12,8 @@ on its final policy turn. Definitions (c_i = correct samples of problem i, n pro
   mean_i [1 - C(k - c_i, j) / C(k, j)].
 
 `evaluate` is what the trainer calls for periodic eval; ``ctpo eval`` (`ctpo.commands.eval`) wraps
-`run_eval_many` (several benchmarks in one batched episode call, split back per benchmark) with model
-loading, files and MLflow. Generation backends come from
+`run_eval_many` (several benchmarks with one model load, optionally in one batched episode call) with
+model loading, files and MLflow. Generation backends come from
 `ctpo.generation.GENERATORS` (``hf`` here, ``vllm`` on GPU), so callers never name a backend class.
 """
 
@@ -64,27 +64,30 @@ def summarize(correct: list[list[bool]]) -> dict[str, Any]:
 
 
 def run_eval_many(generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any]]], k: int, cfg, pool,
-                  grader, params=None, seed: int = DEFAULT_EVAL_SEED
+                  grader, params=None, seed: int = DEFAULT_EVAL_SEED, batched: bool = True
                   ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Evaluate several benchmarks in ONE batched `ctpo.tir.episode.run_episodes` call; returns
-    ``{name: (summary, per-sample records)}`` in the order of ``benchmarks``.
+    """Evaluate several benchmarks with one generator, pool and grader; returns ``{name: (summary,
+    per-sample records)}`` in the order of ``benchmarks``, each exactly as `run_eval` would report it.
 
-    Every problem of every benchmark, k times each, goes into the same episode batch, so each turn is one
-    generate call and one sandbox map for all benchmarks together (the model's per-step cost is paid once
-    per turn, not once per turn per benchmark). The episodes are then split back by position and each
-    benchmark is graded into its own samples and summary, exactly as `run_eval` would.
+    ``batched=True``: ONE `ctpo.tir.episode.run_episodes` call for every problem of every benchmark (k copies
+    each), so each turn is one generate call and one sandbox map for all benchmarks; the episodes are then
+    split back by position and graded per benchmark. ``rollout_s`` / ``eval_s`` of each summary are then the
+    wall time of the *shared* call, and ``batched_with`` names the benchmarks that shared it. This is the
+    right shape for a backend that batches without padding (vLLM). The HF loop left-pads a batch to its
+    longest context, so on CPU a mixed batch costs more per token than one batch per benchmark (measured
+    on tiny-s: benchmarks/bench_eval_merge.py, numbers in benchmarks/README.md).
 
-    Timing: ``rollout_s`` and ``eval_s`` of each summary are the wall time of the *shared* call, and
-    ``batched_with`` names the other benchmarks that shared it (empty when evaluated alone).
+    ``batched=False``: one `run_episodes` call per benchmark, one after another (``batched_with`` empty);
+    the samples are then the same as evaluating each benchmark on its own.
 
-    Determinism: same benchmarks (names, records, order), k, weights and seed -> same samples. A sample
-    depends on the whole batch it was drawn in (the HF backend seeds each call from the seed and all of its
-    prompts), so a benchmark evaluated alone and batched with others draws different, equally valid samples.
-    ``params`` (SamplingParams) defaults to T=1, no truncation.
+    Determinism: same benchmarks (names, records, order), k, weights, seed and ``batched`` -> same samples.
+    A sample depends on the whole batch it was drawn in (the HF backend seeds each call from the seed and
+    all of its prompts), so a benchmark batched with others draws different, equally valid samples than
+    it does alone. ``params`` (SamplingParams) defaults to T=1, no truncation.
     """
     from dataclasses import replace
 
-    from ctpo.tir.episode import SamplingParams, run_episodes
+    from ctpo.tir.episode import SamplingParams
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -96,7 +99,20 @@ def run_eval_many(generator, tokenizer, benchmarks: Mapping[str, list[dict[str, 
     params = params or SamplingParams(temperature=1.0, top_p=1.0, top_k=-1)
     if params.seed is None:
         params = replace(params, seed=seed)
-    # one flat batch: benchmark after benchmark, problem after problem, k copies each
+    if batched:
+        return _run_batch(generator, tokenizer, benchmarks, k, cfg, pool, grader, params)
+    out = {}
+    for name, records in benchmarks.items():
+        out.update(_run_batch(generator, tokenizer, {name: records}, k, cfg, pool, grader, params))
+    return out
+
+
+def _run_batch(generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any]]], k: int, cfg, pool, grader,
+               params) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """One `run_episodes` call over all ``benchmarks`` (benchmark after benchmark, problem after problem, k
+    copies each), one grading call, then samples and a summary per benchmark."""
+    from ctpo.tir.episode import run_episodes
+
     spans: dict[str, tuple[int, int]] = {}
     problems: list[str] = []
     golds: list[str] = []

@@ -135,6 +135,8 @@ def test_run_eval_many_batches_every_benchmark_and_splits_back(pool):
         results = run_eval_many(gen, _Tok(), {"easy": EASY, "hard": HARD}, 3, cfg, pool, grader)
         alone = run_eval(ScriptedGenerator(_Tok(), _copies_script(ANSWERS, TOOL)), _Tok(), HARD, 3, cfg, pool,
                          grader)
+        gen_apart = ScriptedGenerator(_Tok(), _copies_script(ANSWERS, TOOL))
+        apart = run_eval_many(gen_apart, _Tok(), {"easy": EASY, "hard": HARD}, 3, cfg, pool, grader, batched=False)
         with pytest.raises(ValueError, match="'hard'"):
             run_eval_many(gen, _Tok(), {"easy": EASY, "hard": []}, 3, cfg, pool, grader)
     # one generate call per turn for both benchmarks: 5 problems x 3 copies, then h0's 3 tool follow-ups
@@ -171,6 +173,20 @@ def test_run_eval_many_batches_every_benchmark_and_splits_back(pool):
     assert {k: v for k, v in alone[0].items() if k not in timing} == \
         {k: v for k, v in hard.items() if k not in timing}
     assert alone[1] == results["hard"][1] and alone[0]["batched_with"] == []
+    # batched=False: one batch per benchmark, in order (easy's one turn, then hard's two)
+    assert gen_apart.calls == [6, 9, 3]
+    assert apart["hard"][1] == results["hard"][1] and apart["easy"][1] == results["easy"][1]
+    assert apart["easy"][0]["batched_with"] == [] and apart["easy"][0]["eval_s"] != apart["hard"][0]["eval_s"]
+
+
+def test_batch_benchmarks_default_follows_the_backend():
+    from ctpo.commands.eval import batch_together, benchmark_names
+
+    assert not batch_together("hf", None) and batch_together("vllm", None)
+    assert batch_together("hf", "together") and not batch_together("vllm", "apart")
+    assert benchmark_names(["a,b", "c", "a"]) == ["a", "b", "c"]
+    with pytest.raises(SystemExit, match="empty benchmark"):
+        benchmark_names(["a,,b"])
 
 
 def _ctpo(*args, timeout=300):
@@ -221,38 +237,62 @@ def test_sft_and_eval_cli_smoke(micro_config, micro_base, tmp_path):
     assert {"problem_id", "sample", "response", "extracted", "correct", "turns", "length"} <= set(rows[0])
 
 
+def test_run_eval_many_with_a_model_is_deterministic(micro_config, micro_base, pool):
+    """A real (micro) model: batched twice -> the same samples; apart -> each benchmark as if alone."""
+    from ctpo import data as datasets
+    from ctpo.config import load_config
+    from ctpo.eval import sampling_from_config
+    from ctpo.generation import HFGenerator
+    from ctpo.reward import Grader
+    from ctpo.tir.protocol import TIRConfig
+
+    config = load_config(micro_config)
+    gen = HFGenerator.from_pretrained(micro_base)
+    tir, params = TIRConfig.from_dict(config["tir"]), sampling_from_config(config["eval"])
+    benchmarks = {b: datasets.load_entry(config, b)[:3] for b in ("arith-easy", "arith-hard")}
+    with Grader(workers=0) as grader:
+        def many(batched):
+            return run_eval_many(gen, gen.tokenizer, benchmarks, 2, tir, pool, grader, params=params,
+                                 batched=batched)
+
+        first, second, apart = many(True), many(True), many(False)
+        alone = run_eval(gen, gen.tokenizer, benchmarks["arith-hard"], 2, tir, pool, grader, params=params)
+    for b in benchmarks:
+        assert first[b][1] == second[b][1]
+    assert apart["arith-hard"][1] == alone[1]
+
+
 def test_eval_cli_several_benchmarks_in_one_call(micro_config, micro_base, tmp_path):
     from ctpo import data as datasets
     from ctpo.config import load_config
 
     names = ["arith-easy", "arith-medium", "arith-hard"]
-    runs = []
-    for out in (tmp_path / "a", tmp_path / "b"):
-        r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(micro_base),
-                  "--benchmark", "arith-easy,arith-medium", "--benchmark", "arith-hard",
-                  "--out", str(out), "--k", "2", "--n", "3")
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "3 benchmarks in one batched run" in r.stdout
-        assert not (out / "summary.json").exists()  # several benchmarks: one folder each
-        runs.append(out)
+    out = tmp_path / "many"
+    r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(micro_base),
+              "--benchmark", "arith-easy,arith-medium", "--benchmark", "arith-hard", "--batch-benchmarks", "together",
+              "--out", str(out), "--k", "2", "--n", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 benchmarks in one batched run" in r.stdout
+    assert not (out / "summary.json").exists()  # several benchmarks: one folder each
     config = load_config(micro_config)
     for name in names:
-        s = json.loads((runs[0] / name / "summary.json").read_text())
+        s = json.loads((out / name / "summary.json").read_text())
         assert s["benchmark"] == name and s["k"] == 2 and s["n_problems"] == 3
         assert s["batched_with"] == [b for b in names if b != name]
-        rows = [json.loads(line) for line in (runs[0] / name / "samples.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / name / "samples.jsonl").read_text().splitlines()]
         ids = [r["id"] for r in datasets.load_entry(config, name)[:3]]
         assert [r["problem_id"] for r in rows] == [i for i in ids for _ in range(2)]
         assert s["avg_at_k"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
-        # same inputs and seed -> same samples
-        assert (runs[1] / name / "samples.jsonl").read_text() == (runs[0] / name / "samples.jsonl").read_text()
 
-    # one benchmark with --out-per-benchmark: the workflow's layout
-    out = tmp_path / "one"
-    r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(micro_base), "--benchmark", "arith-easy",
-              "--out", str(out), "--out-per-benchmark", "--k", "1", "--n", "2")
+    # the hf backend's default: one batch per benchmark, in one process
+    out = tmp_path / "apart"
+    r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(micro_base),
+              "--benchmark", "arith-easy,arith-hard", "--out", str(out), "--k", "1", "--n", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((out / "arith-easy" / "summary.json").read_text())["n_problems"] == 2
+    assert "2 benchmarks, one batch each, one process" in r.stdout
+    for name in ("arith-easy", "arith-hard"):
+        s = json.loads((out / name / "summary.json").read_text())
+        assert s["n_problems"] == 2 and s["batched_with"] == []
 
 
 def test_sft_is_deterministic_and_masks_tool_output(pool, tmp_path):

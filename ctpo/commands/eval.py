@@ -1,9 +1,12 @@
 """``ctpo eval --config C --model-path P --benchmark B [--benchmark B2 ...] --out E [--run RUN] [--k K]``.
 
 avg@k / pass@k of one model on one or more benchmarks through the TIR loop, the sandbox and the grader.
-The model is loaded once, and every problem of every benchmark (k samples each) goes through ONE batched
-episode loop (`ctpo.eval.run_eval_many`): each turn is one generate call for all benchmarks. The results
-are split back and summarised per benchmark.
+The model, the sandbox pool and the grader start once for all benchmarks (`ctpo.eval.run_eval_many`).
+``--batch-benchmarks together`` puts every problem of every benchmark (k samples each) into ONE batched
+episode loop, so each turn is one generate call for all of them, and splits the results back per
+benchmark; ``apart`` runs one batch per benchmark, one after another. The default is ``apart`` for the
+``hf`` backend (its batches are left-padded to the longest context, so on CPU a mixed batch is slower:
+benchmarks/bench_eval_merge.py) and ``together`` for the others (vLLM batches without padding).
 
 Where the files go:
 
@@ -11,8 +14,8 @@ Where the files go:
   the definitions), as with a single ``--benchmark``;
 - several benchmarks (``--benchmark A --benchmark B`` or ``--benchmark A,B``), or ``--out-per-benchmark``:
   ``E/<benchmark>/samples.jsonl`` and ``E/<benchmark>/summary.json``, the same schema per benchmark.
-  ``rollout_s`` / ``eval_s`` are then the wall time of the shared call, and ``batched_with`` lists the
-  benchmarks it was shared with.
+  With ``together``, ``rollout_s`` / ``eval_s`` are the wall time of the shared call and ``batched_with``
+  lists the benchmarks it was shared with (empty otherwise).
 
 One MLflow eval run per call, ``{study}__eval__{model}__{method}__s{seed}``, with the metrics of every
 benchmark under ``eval/<benchmark>/...`` and each summary as an artifact under ``<benchmark>/``; with
@@ -30,9 +33,10 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Several benchmarks share one model load and one batched episode loop (each turn is one "
-                     "generate call for all of them); each benchmark still gets its own samples.jsonl and "
-                     "summary.json, and the call logs one MLflow eval run.")
+    parser.epilog = ("Several benchmarks share one model load, sandbox pool and grader (and with --batch-benchmarks "
+                     "together one episode batch: each turn is one generate call for all of them); each "
+                     "benchmark still gets its own samples.jsonl and summary.json, and the call logs one MLflow "
+                     "eval run.")
     parser.add_argument("--config", required=True, help="study config (experiments/tiny.yaml or the resolved copy)")
     parser.add_argument("--model-path", required=True, help="HF model folder (a Base from `ctpo sft` or RUN/final)")
     parser.add_argument("--benchmark", required=True, action="append", metavar="NAME[,NAME...]",
@@ -43,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "OUT/<benchmark>/{samples.jsonl,summary.json} for several")
     parser.add_argument("--out-per-benchmark", action="store_true",
                         help="write OUT/<benchmark>/ even for a single benchmark (the workflow always does)")
+    parser.add_argument("--batch-benchmarks", choices=("together", "apart"),
+                        help="one episode batch for all benchmarks, or one per benchmark in turn (default: "
+                             "apart for the hf backend, whose left-padded batches make a mixed batch slower on "
+                             "CPU; together for vllm)")
     parser.add_argument("--run", help="the training run folder evaluated (reads RUN/DONE.json: MLflow link, labels)")
     parser.add_argument("--k", type=int, help="samples per problem (default: eval.k of the config)")
     parser.add_argument("--backend", choices=None, help="generation backend: hf | vllm (default: eval.backend)")
@@ -83,6 +91,17 @@ def benchmark_names(values: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+PADDED_BACKENDS = {"hf"}
+"""Backends whose batches are padded to their longest context: benchmarks are batched apart by default."""
+
+
+def batch_together(backend: str, choice: str | None) -> bool:
+    """Whether all benchmarks go into one episode batch: ``--batch-benchmarks``, else by backend."""
+    if choice is not None:
+        return choice == "together"
+    return backend not in PADDED_BACKENDS
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -106,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     eval_cfg = dict(config.get("eval") or {})
     k = int(args.k or eval_cfg.get("k", 8))
     backend = args.backend or eval_cfg.get("backend", "hf")
+    together = batch_together(backend, args.batch_benchmarks)
     labels = _labels(args)
     names = benchmark_names(args.benchmark)
     benchmarks = {name: datasets.load_entry(config, name) for name in names}
@@ -130,15 +150,16 @@ def run(args: argparse.Namespace) -> int:
     run_name = f"{config.get('study', 'study')}__eval__{labels['model']}__{labels['method']}__s{labels['seed']}"
     tags = {"model": labels["model"], "method": labels["method"], "seed": labels["seed"],
             "benchmarks": ",".join(names), "backend": backend}
-    run_params = {"k": k, "benchmarks": ",".join(names),
+    run_params = {"k": k, "benchmarks": ",".join(names), "batch_benchmarks": "together" if together else "apart",
                   "n_problems": {name: len(records) for name, records in benchmarks.items()}}
     with tracking.start_run(config, run_name, tags=tags, params=run_params,
                             kind="eval", train_run_id=labels["train_run_id"]) as mlrun, \
             SandboxPool(workers=int(sandbox.get("workers", 2)),
                         allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False))) as pool, \
             Grader(workers=int(eval_cfg.get("grader_workers", 1))) as grader:
-        results = run_eval_many(generator, tokenizer, benchmarks, k, tir_cfg, pool, grader, params=params)
-        gen_stats = getattr(generator, "stats", None)  # of the shared call: the same in every summary
+        results = run_eval_many(generator, tokenizer, benchmarks, k, tir_cfg, pool, grader, params=params,
+                                batched=together)
+        gen_stats = getattr(generator, "stats", None)  # of the whole call: the same in every summary
         summaries = {}
         for name, (summary, samples) in results.items():
             summary = {"benchmark": name, "model": labels["model"], "method": labels["method"],
@@ -162,7 +183,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval {who} on {name}: avg@{k} = {summary['avg_at_k']:.3f} ± {summary['avg_at_k_se']:.3f} "
               f"(SE over {summary['n_problems']} problems), pass@{k} = {summary['pass_at_k'][str(k)]:.3f}, "
               f"mean length {summary['mean_length']:.0f} tokens -> {out_dirs[name]}")
-    eval_s = next(iter(summaries.values()))["eval_s"]
-    shared = f" ({len(names)} benchmarks in one batched run)" if len(names) > 1 else ""
-    print(f"eval {who}: {eval_s:.1f}s{shared}")
+    if len(names) == 1:
+        how = ""
+    elif together:
+        how = f" ({len(names)} benchmarks in one batched run)"
+    else:
+        how = f" ({len(names)} benchmarks, one batch each, one process)"
+    times = [summary["eval_s"] for summary in summaries.values()]
+    eval_s = times[0] if together else sum(times)  # one shared call, or one call per benchmark
+    print(f"eval {who}: {eval_s:.1f}s{how}")
     return 0

@@ -1,6 +1,6 @@
 # avg@k / pass@k of every trained run and of every Base checkpoint on every benchmark of the config.
-# One job per checkpoint: `ctpo eval` loads the model once and runs all benchmarks through one batched
-# episode loop (each turn is one generate call for every benchmark), then writes one summary per benchmark.
+# One job per checkpoint: `ctpo eval` loads the model once for all benchmarks (vLLM: one batched episode loop
+# whose turns serve every benchmark; hf: one batch per benchmark in turn) and writes one summary per benchmark.
 
 
 rule eval_run:
