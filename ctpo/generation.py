@@ -235,7 +235,10 @@ class HFGenerator:
         b = input_ids.shape[0]
         dev = input_ids.device
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+        # logits_to_keep=1: only the last position's logits are sampled from; the full [b, width, vocab]
+        # logits of the prompt would cost a vocab-sized matmul per context token (GBs at eval batch sizes)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=1)
         cache = out.past_key_values
         logits = out.logits[:, -1].float()
         next_pos = position_ids[:, -1:] + 1
