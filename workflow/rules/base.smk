@@ -15,6 +15,7 @@ rule base:
     log:
         f"{LOGS}/base/{{model}}.log",
     threads: threads_for("sft")
+    priority: 20  # the warm-ups head the longest chains of the DAG
     resources:
         **resources_for("sft"),
     shell:

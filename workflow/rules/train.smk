@@ -35,6 +35,9 @@ rule train:
     log:
         f"{LOGS}/train/{{model}}__{{method}}__s{{seed}}.log",
     threads: threads_for("train")
+    # Trainings before evaluations when both are ready: the longest chain is warm-up -> training -> eval of
+    # the bigger model, so its trainings should not wait behind evaluations of the smaller one.
+    priority: 10
     resources:
         **resources_for("train"),
     shell:
