@@ -86,14 +86,17 @@ def eval_dir(model, method, seed, benchmark):
 
 
 def eval_outputs(checkpoint_dir):
-    """The per-benchmark summaries one eval job writes under ``checkpoint_dir`` (wildcards kept)."""
-    return [f"{checkpoint_dir}/{benchmark}/summary.json" for benchmark in BENCHMARKS]
+    """The per-benchmark files one eval job writes under ``checkpoint_dir`` (wildcards kept): the summary
+    and the per-sample records the paired analysis reads."""
+    return [f"{checkpoint_dir}/{benchmark}/{name}" for benchmark in BENCHMARKS
+            for name in ("summary.json", "samples.jsonl")]
 
 
 def eval_summaries():
-    out = [f"{eval_dir(m, x, s, b)}/summary.json" for m, x, s in RUNS for b in BENCHMARKS]
-    out += [f"{eval_dir(m, 'base', BASE_SEED, b)}/summary.json" for m in MODELS for b in BENCHMARKS]
-    return out
+    """Every eval summary and its per-sample records (the paired differences of the analysis read them)."""
+    dirs = [eval_dir(m, x, s, b) for m, x, s in RUNS for b in BENCHMARKS]
+    dirs += [eval_dir(m, "base", BASE_SEED, b) for m in MODELS for b in BENCHMARKS]
+    return [f"{d}/{name}" for d in dirs for name in ("summary.json", "samples.jsonl")]
 
 
 def train_markers():
