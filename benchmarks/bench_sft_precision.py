@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"auto -> {resolve_precision('auto')}, {args.threads} thread(s)")
+          f"auto would pick {resolve_precision('auto')}, {args.threads} thread(s)")
     vocab, batch, length = 1800, 8, 260
     for preset in args.presets:
         fields = dict(PRESETS[preset])
