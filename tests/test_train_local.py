@@ -362,10 +362,10 @@ def parity_grader(monkeypatch):
     monkeypatch.setattr(ctpo.reward, "Grader", namespace["ParityGrader"])
 
 
-def _train_in_process(study, out, method="grpo", seed=0, **train_overrides):
+def _train_in_process(study, out, method="grpo", seed=0, config=None, **train_overrides):
     from ctpo.train.local import train
 
-    config = dict(study["dict"])
+    config = dict(config or study["dict"])
     config["train"] = {**config["train"], **train_overrides}
     threads = torch.get_num_threads()
     try:
@@ -481,10 +481,19 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
     # Kill the real CLI twice: once mid-step 3 (the newest checkpoint is step 2) and once right after
     # step 3 was logged (metrics.jsonl is then ahead of the checkpoint and must be rolled back on resume).
     # metrics.jsonl has a row for step 0 (the eval before training), so step s is row s + 1.
+    # the killed and resumed runs log to MLflow (SQLite), which must end with each step once
+    import json
+
+    import yaml
+
+    tracked = {**micro_study["dict"], "mlflow": {"enabled": True}, "results_dir": str(tmp_path / "results")}
+    tracked_path = tmp_path / "tracked.yaml"
+    tracked_path.write_text(yaml.safe_dump(tracked))
     cut = tmp_path / "cut"
     for kill_after_rows, delay in ((3, 0.3), (4, 0.0)):
         proc = subprocess.Popen(
-            _train_cmd(micro_study, cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            _train_cmd(micro_study, cut, config=tracked_path), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         metrics = cut / "metrics.jsonl"
         deadline = time.monotonic() + 120
@@ -498,7 +507,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
         assert metrics.read_text().count("\n") >= kill_after_rows - 1
         assert not (cut / "DONE.json").exists(), "the run finished before it could be killed; slow it down"
     # the restart (in-process: it knows only what the killed runs left on disk)
-    _train_in_process(micro_study, cut)
+    _train_in_process(micro_study, cut, config=tracked)
 
     expected, got = _metrics(full), _metrics(cut)
     assert len(got) == 5
@@ -511,6 +520,13 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
     a = torch.load(sorted((full / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     b = torch.load(sorted((cut / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # MLflow got every step exactly once although step 3 ran three times and step 4 twice
+    from mlflow.tracking import MlflowClient
+
+    store = json.loads((tmp_path / "results" / "mlflow.json").read_text())
+    run_id = (cut / "mlflow_run_id").read_text().strip()
+    history = MlflowClient(store["tracking_uri"]).get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
     # the diagnostics of step 4 pool steps 2-4; step 2's part came through the checkpoint
     for name in ("step_00002.csv", "step_00004.csv"):
         assert (cut / "diagnostics" / name).read_bytes() == (full / "diagnostics" / name).read_bytes(), name

@@ -614,12 +614,25 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _append_row(out: Path, history: list[dict[str, Any]], run: Any, row: dict[str, Any]) -> None:
-    """One step's metrics: kept for the next checkpoint, appended to metrics.jsonl, sent to MLflow."""
+def _append_row(out: Path, history: list[dict[str, Any]], pending: list[dict[str, Any]],
+                row: dict[str, Any]) -> None:
+    """One step's metrics: kept for the next checkpoint, appended to metrics.jsonl, queued for MLflow."""
     history.append(row)
+    pending.append(row)
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    run.log_metrics(row, step=int(row["train/step"]))
+
+
+def _flush_to_mlflow(run: Any, pending: list[dict[str, Any]]) -> None:
+    """Send the queued rows once a checkpoint holds them. MLflow cannot take a logged metric back, so rows
+    are sent only when a checkpoint covers them: a run killed between checkpoints re-runs those steps after
+    resuming and logs them once (metrics.jsonl, which can be rewritten, shows every step as it happens)."""
+    for row in pending:
+        run.log_metrics(row, step=int(row["train/step"]))
+    pending.clear()
+    flush = getattr(run, "flush", None)  # written now, not left in the tracking buffer for a kill to lose
+    if flush is not None:
+        flush()
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -749,6 +762,7 @@ def train(
     (out / "diagnostics").mkdir(parents=True, exist_ok=True)
     windows = DiagnosticWindows(cfg.diag_steps, cfg.diag_window, lambda: position_stats(cfg, config))
     history: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []  # rows not yet in MLflow (see _flush_to_mlflow)
     start_step = 0
     wall_before = 0.0
     _discard_stale_checkpoints(out, run_fingerprint(config, model_name, method, seed, base), log)
@@ -804,7 +818,7 @@ def train(
             row = {"train/step": 0}
             row.update(in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader))
             row["time/eval"] = time.perf_counter() - t0
-            _append_row(out, history, run, row)
+            _append_row(out, history, pending, row)
 
         for step in range(start_step, cfg.steps):
             step_no = step + 1
@@ -883,7 +897,7 @@ def train(
                 metrics["time/eval"] = time.perf_counter() - t0
             metrics["time/step"] = time.perf_counter() - t_step
 
-            _append_row(out, history, run, metrics)
+            _append_row(out, history, pending, metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['train/reward_mean']:.2f}", s=f"{metrics['time/step']:.1f}")
@@ -905,7 +919,9 @@ def train(
                     },
                     keep=cfg.keep_checkpoints,
                 )
+                _flush_to_mlflow(run, pending)
 
+        _flush_to_mlflow(run, pending)  # (the last step always checkpoints; kept for clarity)
         # Final outputs: the HF folder, then the marker (last, so its presence means "complete").
         final = out / "final"
         model.save_pretrained(final)
