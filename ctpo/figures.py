@@ -228,6 +228,8 @@ def figure1(
                 bottom.set_ylabel("tokens clipped (%)")
                 bottom.legend(loc="best")
         axes[1, 0].set_ylim(0, max(1.0, 1.08 * clip_top))  # the row shares its y axis
+        # headroom above the curves for the legends in the top row's upper-left corners
+        axes[0, 0].set_ylim(0, 1.3 * max(ax.get_ylim()[1] for ax in axes[0]))
         fig.suptitle(
             f"{model}: cumulative log-ratio spread and clip rate by position ({_label(method)} run)",
             fontsize=plt.rcParams["axes.titlesize"],
