@@ -732,9 +732,9 @@ def fig2_data(config: Mapping[str, Any], metrics: pd.DataFrame) -> pd.DataFrame:
 #: Figure 1 draws (and fits in its legend) only the positions reached by at least this fraction of the
 #: responses: a std from a handful of long responses is noise, not the curve. ``sqrt_fit_r2_populated`` is
 #: therefore the R² the study reports (Figure 1, its caption); ``sqrt_fit_r2`` (every position with ≥ 2
-#: tokens) stays in fig1_data.csv for comparison. Same rule as the trainer's ``diag/sqrt_fit_*_populated``
-#: metrics (ctpo.train.local.DIAG_FIT_MIN_FRACTION). On the tiny study's files (32 sequences per step) the
-#: two differ a lot (median R² 0.75 vs 0.42): the sparse tail beyond the populated positions is noise.
+#: tokens) stays in fig1_data.csv for comparison. The trainer's ``diag/sqrt_fit_*_populated`` metrics use
+#: this constant too (ctpo.train.local.diagnostic_summary). On the tiny study's files (32 sequences per step)
+#: the two differ a lot (median R² 0.75 vs 0.42): the sparse tail beyond the populated positions is noise.
 POPULATED_FRACTION = 0.25
 
 

@@ -120,11 +120,11 @@ def test_merge_equals_one_big_update():
     assert whole.fit_sqrt() == pytest.approx(a.fit_sqrt())
 
 
-def test_state_dict_round_trip_is_exact():
+def test_state_dict_round_trip_is_exact(torch_roundtrip):
     """A checkpoint keeps an open accumulator: restored, it continues bit for bit as if never saved."""
     old, new, mask = make_batch(b=8, seed=6)
     through = PositionStats(**CFG).update(old[:4], new[:4], mask[:4])
-    saved = torch.load(_saved(through.state_dict()), weights_only=False)  # as save_checkpoint does
+    saved = torch_roundtrip(through.state_dict())  # as save_checkpoint does
     restored = PositionStats.from_state_dict(saved)
     assert restored.config() == through.config() and restored.n_sequences == 4
     for s in (through, restored):
@@ -134,15 +134,6 @@ def test_state_dict_round_trip_is_exact():
     assert restored.n_sequences == 8
     with pytest.raises(ValueError, match="other bucket settings"):
         PositionStats.from_state_dict({**saved, "config": {**saved["config"], "max_position": 80}})
-
-
-def _saved(obj):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
 
 
 def test_streaming_is_stable_for_a_large_offset():

@@ -87,7 +87,7 @@ def _run_windows(windows, steps, stop_after=None):
     return files
 
 
-def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint():
+def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint(torch_roundtrip):
     from ctpo.diagnostics import PositionStats
     from ctpo.train.local import DiagnosticWindows
 
@@ -111,7 +111,7 @@ def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint():
     # a checkpoint after step 4 (windows 5 and 6 open), restored in a fresh process: the same files, bit for bit
     first = DiagnosticWindows([2, 5, 6], 3, make)
     _run_windows(first, range(1, 8), stop_after=4)
-    state = torch.load(_bytes(first.state_dict()), weights_only=False)
+    state = torch_roundtrip(first.state_dict())
     assert sorted(state) == [5, 6] and state[5]["steps"] == [3, 4] and state[6]["steps"] == [4]
     resumed = DiagnosticWindows([2, 5, 6], 3, make)
     resumed.load_state_dict(state)
@@ -119,15 +119,6 @@ def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint():
     for d in (5, 6):
         assert again[d][1:] == files[d][1:]
         pd.testing.assert_frame_equal(again[d][0], files[d][0], check_exact=True)
-
-
-def _bytes(obj):
-    import io
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return buf
 
 
 def test_diag_window_must_be_positive():

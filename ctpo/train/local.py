@@ -567,21 +567,17 @@ class DiagnosticWindows:
         }
 
 
-DIAG_FIT_MIN_FRACTION = 0.25
-"""The reported fit (``diag/sqrt_fit_*_populated``, Figure 1's legend) uses only the positions reached by at
-least this fraction of the sequences seen at t = 1: beyond them the std comes from a handful of long
-responses (noise, and not the same population). ``diag/sqrt_fit_*`` fit every position with >= 2 tokens
-(as `PositionStats.fit_sqrt` and the analysis do), kept for comparison. Same rule as
-``ctpo.analysis.POPULATED_FRACTION``."""
-
-
 def diagnostic_summary(diag: Any, steps: Sequence[int] | None = None) -> dict[str, float]:
     """``diag/`` scalars: the c·√t fit of std log ρ_{1:t}, clip rates early vs late in the response, and
     what the statistics pooled (sequences; the steps of the window, ``steps``)."""
+    from ctpo.analysis import POPULATED_FRACTION  # one rule for the logged and the reported fit
+
     frame = diag.to_frame()
     if frame.empty:
         return {}
-    populated = max(2, math.ceil(DIAG_FIT_MIN_FRACTION * frame["count"].iloc[0]))
+    # ``diag/sqrt_fit_*_populated`` (the reported fit) uses the positions reached by >= POPULATED_FRACTION
+    # of the sequences seen at t = 1; ``diag/sqrt_fit_*`` every position with >= 2 tokens, for comparison
+    populated = max(2, math.ceil(POPULATED_FRACTION * frame["count"].iloc[0]))
     c, r2 = diag.fit_sqrt()
     c_pop, r2_pop = diag.fit_sqrt(min_count=populated)
     reached = frame[frame["count"] >= populated]
@@ -921,7 +917,7 @@ def train(
                 )
                 _flush_to_mlflow(run, pending)
 
-        _flush_to_mlflow(run, pending)  # (the last step always checkpoints; kept for clarity)
+        _flush_to_mlflow(run, pending)  # a run with no steps still logs its step-0 evaluation
         # Final outputs: the HF folder, then the marker (last, so its presence means "complete").
         final = out / "final"
         model.save_pretrained(final)
