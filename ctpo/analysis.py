@@ -779,8 +779,8 @@ def fit_sqrt(
     t: np.ndarray, std: np.ndarray, count: np.ndarray | None = None, min_count: int = 2
 ) -> tuple[float, float]:
     """Least-squares c in std ≈ c·√t through the origin, one point per position bucket with at least
-    ``min_count`` tokens, and R² = 1 − SS_res / SS_tot (as ``PositionStats.fit_sqrt`` computes it, so the
-    figure's legend matches the ``diag/sqrt_fit_*`` metrics the trainer logs)."""
+    ``min_count`` tokens, and R² = 1 − SS_res / SS_tot. ``PositionStats.fit_sqrt`` calls it, so the
+    figure's legend and the ``diag/sqrt_fit_*`` metrics the trainer logs are one computation."""
     keep = np.isfinite(std) & np.isfinite(t) & (t > 0)
     if count is not None:
         keep &= count >= max(min_count, 1)

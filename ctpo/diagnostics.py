@@ -296,18 +296,16 @@ class PositionStats:
     def fit_sqrt(self, min_count: int = 2) -> tuple[float, float]:
         """Least-squares fit std_b ≈ c·√t_b over buckets with ≥ ``min_count`` tokens (t_b the bucket's
         mean position, one point per bucket, the overflow bucket left out); returns ``(c, r2)``, NaN
-        when fewer than two buckets qualify."""
+        when fewer than two buckets qualify. The fit itself is ``ctpo.analysis.fit_sqrt``, so the logged
+        ``diag/sqrt_fit_*`` and the figures' legends are one computation."""
+        from ctpo.analysis import fit_sqrt  # torch-free module; imported here, where it is used
+
         keep = self.count >= max(min_count, 1)
         keep[-1] = False
         if keep.sum() < 2:
             return math.nan, math.nan
-        x = np.sqrt(self.tsum[keep] / self.count[keep])
-        y = np.sqrt(self.m2[keep] / self.count[keep])
-        c = float((x * y).sum() / (x * x).sum())
-        ss_res = float(((y - c * x) ** 2).sum())
-        ss_tot = float(((y - y.mean()) ** 2).sum())
-        r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-        return c, r2
+        count = self.count[keep]
+        return fit_sqrt(self.tsum[keep] / count, np.sqrt(self.m2[keep] / count))
 
     def to_scalars(self, prefix: str = "diag/pos") -> dict[str, float]:
         """Flat additive sums per bucket (see the module docstring); every bucket, empty ones included."""
