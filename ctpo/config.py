@@ -56,6 +56,15 @@ def section(config: dict[str, Any], key: str, name: str) -> dict[str, Any]:
     return dict(table[name] or {})
 
 
+def train_section(config: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+    """The config's ``train:`` section with the model's own ``train:`` keys over it (for example a smaller
+    RL learning rate for a wider tiny model); just ``train:`` when ``model`` is None."""
+    out = dict(config.get("train") or {})
+    if model is not None:
+        out.update(section(config, "models", model).get("train") or {})
+    return out
+
+
 def results_dir(config: dict[str, Any]) -> Path:
     return Path(config.get("results_dir", f"results/{config.get('study', 'study')}"))
 

@@ -601,3 +601,32 @@ def test_dry_run_prints_the_verl_command_and_the_local_settings(capsys):
     settings = json.loads(capsys.readouterr().out)
     assert settings["loss"]["method"] == "ctpo" and settings["loss"]["clip_mode"] == "adaptive"
     assert not Path("o").exists()
+
+
+def test_a_models_train_keys_reach_the_local_trainer_and_its_fingerprint(tmp_path, capsys):
+    """`models.<name>.train.lr` is the lr that model trains with (dry run), and changing it starts the run
+    afresh (fingerprint), while the other model is untouched."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from ctpo.cli import main
+    from ctpo.train.local import run_fingerprint
+
+    root = Path(__file__).resolve().parent.parent
+    config = yaml.safe_load((root / "experiments/tiny.yaml").read_text())
+    study_lr = config["train"]["lr"]
+    fp = {m: run_fingerprint(config, m, "ctpo", 0, "base") for m in ("tiny-s", "tiny-m")}
+    config["models"]["tiny-m"]["train"] = {"lr": study_lr / 7}
+    assert run_fingerprint(config, "tiny-m", "ctpo", 0, "base") != fp["tiny-m"]
+    assert run_fingerprint(config, "tiny-s", "ctpo", 0, "base") == fp["tiny-s"]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = ["train", "--config", str(path), "--method", "ctpo", "--base", "b", "--out", str(tmp_path / "o"),
+            "--dry-run", "--backend", "local"]
+    assert main([*argv, "--model", "tiny-m"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["lr"] == study_lr / 7
+    assert main([*argv, "--model", "tiny-s"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["lr"] == study_lr
+    assert not (tmp_path / "o").exists()

@@ -206,3 +206,23 @@ def test_verl_loads_our_reward_function_from_the_overrides(tmp_path):
     assert fn(data_source="deepscaler", solution_str="thus \\boxed{\\frac{5}{6}}", ground_truth="\\frac{5}{6}",
               extra_info={}) == 1.0
     assert fn(data_source="brumo_2025", solution_str="\\boxed{7}", ground_truth="6", extra_info=None) == 0.0
+
+
+def test_a_models_train_keys_override_the_study_train_section(tmp_path):
+    """`models.<name>.train` overrides `train:` for that model only (the tiny study's per-width RL lr)."""
+    from ctpo.config import ConfigError, train_section
+
+    cfg = paper_config()
+    cfg["models"]["qwen3-14b"]["train"] = {"lr": 5e-7}
+    validate_config(cfg)
+    assert train_section(cfg, "qwen3-14b")["lr"] == 5e-7
+    assert train_section(cfg, "qwen3-4b")["lr"] == cfg["train"]["lr"]
+    assert train_section(cfg)["lr"] == cfg["train"]["lr"]
+    lr = {name: dict(o.split("=", 1) for o in tv.build_overrides(cfg, name, "ctpo", 0, tmp_path))
+          ["actor_rollout_ref.actor.optim.lr"] for name in ("qwen3-4b", "qwen3-14b")}
+    assert lr == {"qwen3-4b": repr(float(cfg["train"]["lr"])), "qwen3-14b": "5e-07"}
+    cfg["models"]["qwen3-14b"]["train"] = {"learning_rate": 5e-7}  # not a train key: named in the error
+    with pytest.raises(ConfigError, match="learning_rate"):
+        validate_config(cfg)
+    with pytest.raises(ConfigError, match="qwen3-8b"):
+        train_section(cfg, "qwen3-8b")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ctpo.config import ConfigError, load_config
+from ctpo.config import ConfigError, load_config, train_section
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             settings = {
-                "train": dataclasses.asdict(TrainConfig.from_section(dict(config.get("train") or {}))),
+                "train": dataclasses.asdict(TrainConfig.from_section(train_section(config, args.model))),
                 "loss": dataclasses.asdict(loss_config(config, args.method)),
             }
         except (ConfigError, ValueError) as exc:

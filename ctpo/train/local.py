@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctpo.config import ConfigError, section
+from ctpo.config import ConfigError, section, train_section
 from ctpo.train.advantages import group_advantages
 from ctpo.train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 
@@ -672,9 +672,10 @@ def in_training_eval(
 
 def run_fingerprint(config: dict[str, Any], model_name: str, method: str, seed: int, base: str | Path) -> str:
     """A digest of everything that defines a run's trajectory (not its length, threads or sandbox limits)."""
-    train = {k: v for k, v in (config.get("train") or {}).items() if k not in ("steps", "threads")}
+    train = {k: v for k, v in train_section(config, model_name).items() if k not in ("steps", "threads")}
+    model = {k: v for k, v in ((config.get("models") or {}).get(model_name) or {}).items() if k != "train"}
     spec = {
-        "model": (config.get("models") or {}).get(model_name),
+        "model": model,
         "method": (config.get("methods") or {}).get(method),
         "train": train,
         "tir": config.get("tir"),
@@ -729,7 +730,7 @@ def train(
         log(f"{done_path} exists: run already finished, nothing to do (delete the folder to retrain)")
         return json.loads(done_path.read_text())
 
-    cfg = TrainConfig.from_section(dict(config.get("train") or {}))
+    cfg = TrainConfig.from_section(train_section(config, model_name))
     if threads is not None:
         cfg.threads = threads
     if max_steps is not None:

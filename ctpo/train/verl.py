@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ctpo.config import ConfigError, results_dir, section
+from ctpo.config import ConfigError, results_dir, section, train_section
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "backends" / "verl"
 TOOL_CONFIG = PACKAGE_DIR / "tool_config.yaml"
@@ -210,7 +210,7 @@ def build_overrides(
         v["nnodes"] = int(nnodes)
     if n_gpus_per_node:
         v["n_gpus_per_node"] = int(n_gpus_per_node)
-    train = {**TRAIN_DEFAULTS, **(config.get("train") or {})}
+    train = {**TRAIN_DEFAULTS, **train_section(config, model)}
     tir = dict(config.get("tir") or {})
     max_turns = int(tir.get("max_turns", 5))
     response_len = int(tir.get("max_response_tokens", 8000))
