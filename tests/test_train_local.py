@@ -616,6 +616,8 @@ def test_a_models_train_keys_reach_the_local_trainer_and_its_fingerprint(tmp_pat
 
     root = Path(__file__).resolve().parent.parent
     config = yaml.safe_load((root / "experiments/tiny.yaml").read_text())
+    for spec in config["models"].values():
+        spec.pop("train", None)  # start from the study's train section for both models
     study_lr = config["train"]["lr"]
     fp = {m: run_fingerprint(config, m, "ctpo", 0, "base") for m in ("tiny-s", "tiny-m")}
     config["models"]["tiny-m"]["train"] = {"lr": study_lr / 7}
