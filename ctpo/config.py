@@ -61,7 +61,11 @@ def train_section(config: dict[str, Any], model: str | None = None) -> dict[str,
     RL learning rate for a wider tiny model); just ``train:`` when ``model`` is None."""
     out = dict(config.get("train") or {})
     if model is not None:
-        out.update(section(config, "models", model).get("train") or {})
+        own = section(config, "models", model).get("train") or {}
+        if "backend" in own:  # the workflow picks one backend for the whole study; never ignore it silently
+            raise ConfigError(f"models.{model}.train.backend: the trainer backend is chosen for the whole study; "
+                              "set train.backend instead and remove it here")
+        out.update(own)
     return out
 
 

@@ -226,3 +226,6 @@ def test_a_models_train_keys_override_the_study_train_section(tmp_path):
         validate_config(cfg)
     with pytest.raises(ConfigError, match="qwen3-8b"):
         train_section(cfg, "qwen3-8b")
+    cfg["models"]["qwen3-14b"]["train"] = {"backend": "local"}  # one backend per study: an error, not ignored
+    with pytest.raises(ConfigError, match=r"models\.qwen3-14b\.train\.backend"):
+        train_section(cfg, "qwen3-14b")
