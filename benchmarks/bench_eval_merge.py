@@ -42,14 +42,33 @@ CTPO = [sys.executable, "-P", "-m", "ctpo"]
 MODES = ("separate", "together", "apart")
 
 
-def timed_eval(config: Path, model_path: str, benchmarks: list[str], out: Path, threads: int,
-               extra: list[str]) -> dict:
+def timed_eval(
+    config: Path, model_path: str, benchmarks: list[str], out: Path, threads: int, extra: list[str]
+) -> dict:
     """Run one ``ctpo eval`` under /usr/bin/time; returns wall and CPU seconds, max RSS and the summaries."""
     out.mkdir(parents=True, exist_ok=True)
     time_file = out / "time.txt"
-    cmd = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", str(time_file), *CTPO, "eval",
-           "--config", str(config), "--model-path", model_path, "--benchmark", ",".join(benchmarks),
-           "--out", str(out), "--out-per-benchmark", "--threads", str(threads), *extra]
+    cmd = [
+        "/usr/bin/time",
+        "-f",
+        "%e %U %S %M",
+        "-o",
+        str(time_file),
+        *CTPO,
+        "eval",
+        "--config",
+        str(config),
+        "--model-path",
+        model_path,
+        "--benchmark",
+        ",".join(benchmarks),
+        "--out",
+        str(out),
+        "--out-per-benchmark",
+        "--threads",
+        str(threads),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -58,12 +77,18 @@ def timed_eval(config: Path, model_path: str, benchmarks: list[str], out: Path, 
     # eval_s: one shared call (together) or one call per benchmark (apart, separate)
     times = [s["eval_s"] for s in summaries.values()]
     shared = all(s["batched_with"] for s in summaries.values())
-    return {"wall_s": float(wall), "cpu_s": float(user) + float(system), "max_rss_mb": int(rss_kb) / 1024,
-            "eval_s": times[0] if shared else sum(times), "summaries": summaries}
+    return {
+        "wall_s": float(wall),
+        "cpu_s": float(user) + float(system),
+        "max_rss_mb": int(rss_kb) / 1024,
+        "eval_s": times[0] if shared else sum(times),
+        "summaries": summaries,
+    }
 
 
-def turn1(config_path: str, model_path: str, benchmarks: list[str], threads: int, k: int | None,
-          n: int | None) -> None:
+def turn1(
+    config_path: str, model_path: str, benchmarks: list[str], threads: int, k: int | None, n: int | None
+) -> None:
     """CPU seconds of the first turn's generate call: one per benchmark vs one for all."""
     import time
     from dataclasses import replace
@@ -82,9 +107,17 @@ def turn1(config_path: str, model_path: str, benchmarks: list[str], threads: int
     gen = HFGenerator.from_pretrained(model_path)
     tir = TIRConfig.from_dict(config.get("tir"))
     params = sampling_from_config(config["eval"])
-    params = replace(params, stop=list(tir.stop), max_new_tokens=min(params.max_new_tokens, tir.max_response_tokens))
-    prompts = {b: [encode_prompt(r["problem"], gen.tokenizer, tir)
-                   for r in datasets.load_entry(config, b)[:n] for _ in range(k)] for b in benchmarks}
+    params = replace(
+        params, stop=list(tir.stop), max_new_tokens=min(params.max_new_tokens, tir.max_response_tokens)
+    )
+    prompts = {
+        b: [
+            encode_prompt(r["problem"], gen.tokenizer, tir)
+            for r in datasets.load_entry(config, b)[:n]
+            for _ in range(k)
+        ]
+        for b in benchmarks
+    }
 
     def one_call(batch):
         tokens, cpu, wall = gen.stats["new_tokens"], time.process_time(), time.perf_counter()
@@ -106,9 +139,15 @@ def turn1(config_path: str, model_path: str, benchmarks: list[str], threads: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="the study config (e.g. results/tiny/config.resolved.yaml)")
-    ap.add_argument("--model-path", required=True, help="the checkpoint to evaluate (e.g. results/tiny/base/tiny-s)")
-    ap.add_argument("--benchmarks", help="comma-separated (default: every data.benchmarks entry of the config)")
+    ap.add_argument(
+        "--config", required=True, help="the study config (e.g. results/tiny/config.resolved.yaml)"
+    )
+    ap.add_argument(
+        "--model-path", required=True, help="the checkpoint to evaluate (e.g. results/tiny/base/tiny-s)"
+    )
+    ap.add_argument(
+        "--benchmarks", help="comma-separated (default: every data.benchmarks entry of the config)"
+    )
     ap.add_argument("--scratch", help="folder for outputs and the MLflow store (default: a new temp folder)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per call, as the workflow's jobs")
     ap.add_argument("--k", type=int, help="samples per problem (default: eval.k of the config)")
@@ -130,8 +169,9 @@ def main() -> None:
     bench_config = scratch / "config.yaml"
     scratch.mkdir(parents=True, exist_ok=True)
     bench_config.write_text(yaml.safe_dump(config, sort_keys=False))
-    init = subprocess.run([*CTPO, "mlflow-init", "--config", str(bench_config)],
-                          capture_output=True, text=True)
+    init = subprocess.run(
+        [*CTPO, "mlflow-init", "--config", str(bench_config)], capture_output=True, text=True
+    )
     if init.returncode != 0:
         raise SystemExit(f"ctpo mlflow-init failed:\n{init.stderr[-3000:]}")
     extra = [*(["--k", str(args.k)] if args.k else []), *(["--n", str(args.n)] if args.n else [])]
@@ -139,22 +179,33 @@ def main() -> None:
     calls = {}  # label -> timed call
     if "separate" in modes:
         for b in benchmarks:
-            calls[f"separate {b}"] = timed_eval(bench_config, args.model_path, [b], scratch / "separate" / b,
-                                                args.threads, extra)
+            calls[f"separate {b}"] = timed_eval(
+                bench_config, args.model_path, [b], scratch / "separate" / b, args.threads, extra
+            )
     for mode in ("together", "apart"):
         if mode in modes:
-            calls[mode] = timed_eval(bench_config, args.model_path, benchmarks, scratch / mode, args.threads,
-                                     [*extra, "--batch-benchmarks", mode])
+            calls[mode] = timed_eval(
+                bench_config,
+                args.model_path,
+                benchmarks,
+                scratch / mode,
+                args.threads,
+                [*extra, "--batch-benchmarks", mode],
+            )
 
     k = next(iter(calls.values()))["summaries"][benchmarks[0]]["k"]
     print(f"checkpoint {args.model_path}, k={k}, {args.threads} thread(s), outputs in {scratch}")
     print(f"{'call':<28}{'wall s':>8}{'CPU s':>8}{'eval_s':>8}{'RSS MB':>8}   avg@k ± SE")
     rows = {label: r for label, r in calls.items() if label.startswith("separate")}
     if rows:
-        rows["separate, total"] = {key: sum(r[key] for r in rows.values()) for key in ("wall_s", "cpu_s", "eval_s")}
+        rows["separate, total"] = {
+            key: sum(r[key] for r in rows.values()) for key in ("wall_s", "cpu_s", "eval_s")
+        }
     rows.update({label: r for label, r in calls.items() if label in ("together", "apart")})
     for label, r in rows.items():
-        avgs = ", ".join(f"{s['avg_at_k']:.3f} ± {s['avg_at_k_se']:.3f}" for s in r.get("summaries", {}).values())
+        avgs = ", ".join(
+            f"{s['avg_at_k']:.3f} ± {s['avg_at_k_se']:.3f}" for s in r.get("summaries", {}).values()
+        )
         rss = f"{r['max_rss_mb']:>8.0f}" if "max_rss_mb" in r else " " * 8
         print(f"{label:<28}{r['wall_s']:>8.1f}{r['cpu_s']:>8.1f}{r['eval_s']:>8.1f}{rss}   {avgs}")
     if "separate" in modes:
@@ -162,8 +213,10 @@ def main() -> None:
         for mode in ("together", "apart"):
             if mode in calls:
                 r = calls[mode]
-                print(f"separate / {mode}: wall {base['wall_s'] / r['wall_s']:.2f}x, CPU "
-                      f"{base['cpu_s'] / r['cpu_s']:.2f}x, eval_s {base['eval_s'] / r['eval_s']:.2f}x")
+                print(
+                    f"separate / {mode}: wall {base['wall_s'] / r['wall_s']:.2f}x, CPU "
+                    f"{base['cpu_s'] / r['cpu_s']:.2f}x, eval_s {base['eval_s'] / r['eval_s']:.2f}x"
+                )
 
 
 if __name__ == "__main__":

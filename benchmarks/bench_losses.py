@@ -80,7 +80,9 @@ def run_case(name: str, inputs, with_metrics: bool = True) -> None:
     else:
         from ctpo.losses import _current_token_loss
 
-        loss, _ = _current_token_loss(old, log_prob, adv, mask, CASES[name].resolved(), {}, with_metrics=False)
+        loss, _ = _current_token_loss(
+            old, log_prob, adv, mask, CASES[name].resolved(), {}, with_metrics=False
+        )
     loss.backward()
 
 
@@ -149,8 +151,22 @@ def child_peak(name: str, batch: int, length: int, dtype: str) -> None:
 def measure_peak(name: str, batch: int, length: int, dtype: str) -> float:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     out = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--batch", str(batch), "--length", str(length), "--dtype", dtype],
-        env=env, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--batch",
+            str(batch),
+            "--length",
+            str(length),
+            "--dtype",
+            dtype,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
@@ -172,11 +188,15 @@ def main() -> None:
         child_peak(args.child, args.batch, args.length, args.dtype)
         return
     torch.set_num_threads(args.threads)
-    inputs = tuple(x.to(args.device) for x in make_inputs(args.batch, args.length, getattr(torch, args.dtype)))
+    inputs = tuple(
+        x.to(args.device) for x in make_inputs(args.batch, args.length, getattr(torch, args.dtype))
+    )
     n_tok = int(inputs[3].sum())
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-    print(f"batch {args.batch} x {args.length} ({n_tok:,} policy tokens), {args.dtype}, {where}, "
-          f"{args.rounds} rounds, torch {torch.__version__}")
+    print(
+        f"batch {args.batch} x {args.length} ({n_tok:,} policy tokens), {args.dtype}, {where}, "
+        f"{args.rounds} rounds, torch {torch.__version__}"
+    )
 
     names = ["grpo", "ctpo", "diagnostics"]
     full = time_cases(inputs, args.rounds, True, names)

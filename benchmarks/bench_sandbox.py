@@ -84,17 +84,26 @@ def main() -> None:
             p = _timed(sandboxed, args.n, args.workers, lat)
             base_s, pool_s = base_s + b, pool_s + p
             ratios.append((args.n / p) / (args.baseline_n / b))
-            print(f"round {i + 1}: baseline {args.baseline_n / b:6.2f}/s  pool {args.n / p:6.2f}/s  "
-                  f"ratio {ratios[-1]:5.1f}x", flush=True)
+            print(
+                f"round {i + 1}: baseline {args.baseline_n / b:6.2f}/s  pool {args.n / p:6.2f}/s  "
+                f"ratio {ratios[-1]:5.1f}x",
+                flush=True,
+            )
 
     base_rate = args.rounds * args.baseline_n / base_s
     rate = args.rounds * args.n / pool_s
     print(f"\n{'':28s} {'exec/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
-    print(f"{'subprocess baseline':28s} {base_rate:8.2f} {1e3 * _pct(base_lat, .5):8.1f} "
-          f"{1e3 * _pct(base_lat, .99):8.1f}")
-    print(f"{'SandboxPool (full isolation)':28s} {rate:8.2f} {1e3 * _pct(lat, .5):8.1f} {1e3 * _pct(lat, .99):8.1f}")
-    print(f"throughput ratio: {rate / base_rate:.1f}x overall, median of rounds {statistics.median(ratios):.1f}x "
-          f"(workers={args.workers}, pool start-up {startup:.2f}s)")
+    print(
+        f"{'subprocess baseline':28s} {base_rate:8.2f} {1e3 * _pct(base_lat, 0.5):8.1f} "
+        f"{1e3 * _pct(base_lat, 0.99):8.1f}"
+    )
+    print(
+        f"{'SandboxPool (full isolation)':28s} {rate:8.2f} {1e3 * _pct(lat, 0.5):8.1f} {1e3 * _pct(lat, 0.99):8.1f}"
+    )
+    print(
+        f"throughput ratio: {rate / base_rate:.1f}x overall, median of rounds {statistics.median(ratios):.1f}x "
+        f"(workers={args.workers}, pool start-up {startup:.2f}s)"
+    )
 
     if args.scaling:
         for w in (1, 2, 4):
@@ -102,7 +111,7 @@ def main() -> None:
                 pool.run(SNIPPET)
                 lat = []
                 el = _timed(lambda: pool.run(SNIPPET, timeout_s=30), args.n, w, lat)
-                print(f"scaling: workers={w}  {args.n / el:6.2f} exec/s  p50 {1e3 * _pct(lat, .5):6.1f} ms")
+                print(f"scaling: workers={w}  {args.n / el:6.2f} exec/s  p50 {1e3 * _pct(lat, 0.5):6.1f} ms")
 
 
 if __name__ == "__main__":

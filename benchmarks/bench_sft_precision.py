@@ -44,13 +44,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"auto would pick {resolve_precision('auto')}, {args.threads} thread(s)")
+    print(
+        f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"auto would pick {resolve_precision('auto')}, {args.threads} thread(s)"
+    )
     vocab, batch, length = 1800, 8, 260
     for preset in args.presets:
         fields = dict(PRESETS[preset])
-        cfg = Qwen3Config(vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=True,
-                          head_dim=fields["hidden_size"] // fields["num_attention_heads"], **fields)
+        cfg = Qwen3Config(
+            vocab_size=vocab,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            head_dim=fields["hidden_size"] // fields["num_attention_heads"],
+            **fields,
+        )
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -60,8 +67,10 @@ def main() -> None:
             for precision in ("fp32", "bf16"):
                 best[precision].append(step_time(model, opt, x, precision, args.steps))
         t32, t16 = min(best["fp32"]), min(best["bf16"])
-        print(f"preset {preset}: fp32 {batch * length / t32:,.0f} tok/s ({1000 * t32:.0f} ms/step), "
-              f"bf16 {batch * length / t16:,.0f} tok/s ({1000 * t16:.0f} ms/step), bf16/fp32 speed {t32 / t16:.2f}x")
+        print(
+            f"preset {preset}: fp32 {batch * length / t32:,.0f} tok/s ({1000 * t32:.0f} ms/step), "
+            f"bf16 {batch * length / t16:,.0f} tok/s ({1000 * t16:.0f} ms/step), bf16/fp32 speed {t32 / t16:.2f}x"
+        )
 
 
 if __name__ == "__main__":

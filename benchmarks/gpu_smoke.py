@@ -70,15 +70,57 @@ def rl_via_cli(args, device: torch.device) -> dict[str, float]:
     cfg_path.write_text(yaml.safe_dump(cfg))
     base, run = work / "base", work / "run"
     dev = ["--device", str(device)]
-    sft_dev = dev if "--device" in subprocess.run([sys.executable, "-m", "ctpo", "sft", "--help"],
-                                                  capture_output=True, text=True).stdout else []
+    sft_dev = (
+        dev
+        if "--device"
+        in subprocess.run(
+            [sys.executable, "-m", "ctpo", "sft", "--help"], capture_output=True, text=True
+        ).stdout
+        else []
+    )
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ctpo", "sft", "--config", str(cfg_path), "--model", "tiny-xs",
-                    "--out", str(base), *sft_dev], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctpo",
+            "sft",
+            "--config",
+            str(cfg_path),
+            "--model",
+            "tiny-xs",
+            "--out",
+            str(base),
+            *sft_dev,
+        ],
+        check=True,
+    )
     t1 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "ctpo", "train", "--config", str(cfg_path), "--model", "tiny-xs",
-                    "--method", "ctpo", "--seed", "0", "--base", str(base), "--out", str(run),
-                    "--max-steps", str(args.steps), "--no-progress", *dev], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ctpo",
+            "train",
+            "--config",
+            str(cfg_path),
+            "--model",
+            "tiny-xs",
+            "--method",
+            "ctpo",
+            "--seed",
+            "0",
+            "--base",
+            str(base),
+            "--out",
+            str(run),
+            "--max-steps",
+            str(args.steps),
+            "--no-progress",
+            *dev,
+        ],
+        check=True,
+    )
     t2 = time.perf_counter()
     shutil.rmtree(work, ignore_errors=True)
     return {"sft_s": t1 - t0, "train_s": t2 - t1, "train_s_per_step": (t2 - t1) / args.steps}
@@ -109,11 +151,19 @@ def rl_in_process(args, device: torch.device) -> dict[str, float]:
         for step in range(args.steps):
             t0 = time.perf_counter()
             model.eval()
-            eps = run_episodes(gen, tok, texts, tir, pool, SamplingParams(temperature=1.0, seed=step,
-                                                                          max_new_tokens=args.response_tokens // 2))
+            eps = run_episodes(
+                gen,
+                tok,
+                texts,
+                tir,
+                pool,
+                SamplingParams(temperature=1.0, seed=step, max_new_tokens=args.response_tokens // 2),
+            )
             sync(device)
             t1 = time.perf_counter()
-            rewards = torch.tensor([float(r.correct) for r in grader.grade_batch([e.final_text for e in eps], golds)])
+            rewards = torch.tensor(
+                [float(r.correct) for r in grader.grade_batch([e.final_text for e in eps], golds)]
+            )
             g = rewards.view(-1, args.group)
             adv = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).view(-1)
             t2 = time.perf_counter()
@@ -127,19 +177,21 @@ def rl_in_process(args, device: torch.device) -> dict[str, float]:
             starts = []
             for i, e in enumerate(eps):
                 seq = e.prompt_ids + e.response_ids
-                ids[i, :len(seq)] = torch.tensor(seq)
-                attn[i, :len(seq)] = 1
+                ids[i, : len(seq)] = torch.tensor(seq)
+                attn[i, : len(seq)] = 1
                 starts.append(len(e.prompt_ids))
-                mask[i, :len(e.response_mask)] = torch.tensor(e.response_mask, dtype=torch.float32)
+                mask[i, : len(e.response_mask)] = torch.tensor(e.response_mask, dtype=torch.float32)
                 if e.behaviour_logprobs:
-                    old[i, :len(e.behaviour_logprobs)] = torch.tensor(e.behaviour_logprobs)
+                    old[i, : len(e.behaviour_logprobs)] = torch.tensor(e.behaviour_logprobs)
             ids, attn = ids.to(device), attn.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(input_ids=ids, attention_mask=attn).logits.float()
             logp_all = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            rows = [logp_all[i, s - 1:s - 1 + resp_len] for i, s in enumerate(starts)]
+            rows = [logp_all[i, s - 1 : s - 1 + resp_len] for i, s in enumerate(starts)]
             new = torch.stack([torch.nn.functional.pad(r, (0, resp_len - r.numel())) for r in rows])
-            loss, metrics = losses.compute_policy_loss(old.to(device), new, adv.to(device), mask.to(device), loss_cfg)
+            loss, metrics = losses.compute_policy_loss(
+                old.to(device), new, adv.to(device), mask.to(device), loss_cfg
+            )
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -148,8 +200,10 @@ def rl_in_process(args, device: torch.device) -> dict[str, float]:
             phases["rollout_s"].append(t1 - t0)
             phases["grade_s"].append(t2 - t1)
             phases["update_s"].append(t3 - t2)
-            print(f"  step {step}: reward {rewards.mean():.3f}  loss {loss.item():+.4f}  "
-                  f"clip {metrics['clip/frac']:.3f}  rollout {t1 - t0:.2f}s  grade {t2 - t1:.2f}s  update {t3 - t2:.2f}s")
+            print(
+                f"  step {step}: reward {rewards.mean():.3f}  loss {loss.item():+.4f}  "
+                f"clip {metrics['clip/frac']:.3f}  rollout {t1 - t0:.2f}s  grade {t2 - t1:.2f}s  update {t3 - t2:.2f}s"
+            )
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
@@ -168,8 +222,8 @@ def loss_bench(args, device: torch.device) -> dict[str, float]:
     noise = (0.05 * torch.randn(b, t, generator=g)).to(device=device, dtype=torch.bfloat16)
     adv = torch.randn(b, generator=g).to(device)
     mask = torch.ones(b, t, device=device)
-    mask[:, t - t // 8:] = 0  # padding
-    mask[:, 1000:1200] = 0    # a tool observation
+    mask[:, t - t // 8 :] = 0  # padding
+    mask[:, 1000:1200] = 0  # a tool observation
     out: dict[str, float] = {}
     for method in ("grpo", "gspo", "seq", "ctpo", "ctpo_fixed"):
         cfg = losses.PolicyLossConfig(method=method)
@@ -181,7 +235,9 @@ def loss_bench(args, device: torch.device) -> dict[str, float]:
 
         times = timed(step, device, args.reps)
         out[f"loss_{method}_ms"] = 1e3 * statistics.median(times)
-        print(f"  {method:<11} fwd+bwd {b}x{t} bf16: {out[f'loss_{method}_ms']:8.2f} ms (median of {args.reps})")
+        print(
+            f"  {method:<11} fwd+bwd {b}x{t} bf16: {out[f'loss_{method}_ms']:8.2f} ms (median of {args.reps})"
+        )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         new = (old + noise).detach().requires_grad_(True)
@@ -190,7 +246,9 @@ def loss_bench(args, device: torch.device) -> dict[str, float]:
         sync(device)
         out["loss_ctpo_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         print(f"  ctpo peak memory: {out['loss_ctpo_peak_mib']:.0f} MiB")
-    stats_times = timed(lambda: PositionStats(max_tokens=None).update(old, old + noise, mask), device, args.reps, 1)
+    stats_times = timed(
+        lambda: PositionStats(max_tokens=None).update(old, old + noise, mask), device, args.reps, 1
+    )
     out["position_stats_update_ms"] = 1e3 * statistics.median(stats_times)
     print(f"  PositionStats.update (all rows): {out['position_stats_update_ms']:.2f} ms")
     out["ctpo_over_grpo"] = out["loss_ctpo_ms"] / out["loss_grpo_ms"]
@@ -213,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_smoke: no CUDA device (torch.cuda.is_available() is False); use --device cpu for a dry run")
+        print(
+            "gpu_smoke: no CUDA device (torch.cuda.is_available() is False); use --device cpu for a dry run"
+        )
         return 2
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"gpu_smoke: device {name}, torch {torch.__version__}")
@@ -221,14 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not args.skip_rl:
         via_cli = cli_has_device_flag()
-        print(f"part 1: RL steps on {device} ({'ctpo CLI' if via_cli else 'in-process: ctpo train has no --device flag'})")
+        print(
+            f"part 1: RL steps on {device} ({'ctpo CLI' if via_cli else 'in-process: ctpo train has no --device flag'})"
+        )
         try:
             results.update(rl_via_cli(args, device) if via_cli else rl_in_process(args, device))
         except Exception as exc:
             failed.append("rl")
             print(f"  FAILED: {type(exc).__name__}: {exc}")
     if not args.skip_loss:
-        print(f"part 2: policy losses at {args.loss_batch} x {args.loss_tokens} tokens, bf16, forward+backward")
+        print(
+            f"part 2: policy losses at {args.loss_batch} x {args.loss_tokens} tokens, bf16, forward+backward"
+        )
         try:
             results.update(loss_bench(args, device))
         except Exception as exc:

@@ -201,7 +201,9 @@ def read_problem_scores(path: str | Path) -> pd.Series:
                 rec = json.loads(line)
                 pid, correct = str(rec["problem_id"]), float(bool(rec["correct"]))
             except (json.JSONDecodeError, KeyError) as exc:
-                raise AnalysisError(f"{path}:{n}: not a sample record with problem_id and correct ({exc})") from None
+                raise AnalysisError(
+                    f"{path}:{n}: not a sample record with problem_id and correct ({exc})"
+                ) from None
             total[pid] = total.get(pid, 0.0) + correct
             count[pid] = count.get(pid, 0) + 1
     if not total:
@@ -246,10 +248,13 @@ def paired_difference(a: ProblemScores, b: ProblemScores) -> dict[str, float]:
     d = (a.scores - b.scores).to_numpy(float)
     n = len(d)
     se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-    unpaired = (
-        math.sqrt((a.scores.var(ddof=1) + b.scores.var(ddof=1)) / n) if n > 1 else math.nan
-    )
-    return {"delta": 100.0 * float(d.mean()), "se": 100.0 * se, "se_unpaired": 100.0 * unpaired, "n_problems": n}
+    unpaired = math.sqrt((a.scores.var(ddof=1) + b.scores.var(ddof=1)) / n) if n > 1 else math.nan
+    return {
+        "delta": 100.0 * float(d.mean()),
+        "se": 100.0 * se,
+        "se_unpaired": 100.0 * unpaired,
+        "n_problems": n,
+    }
 
 
 # ---- the columns of ctpo.diagnostics.PositionStats.to_frame() -------------------------------------------
@@ -443,7 +448,11 @@ def ctpo_pair(config: Mapping[str, Any]) -> tuple[str | None, str | None]:
 
 
 def paired_cells(
-    scores: Mapping[tuple[str, str, str], ProblemScores], model: str, a: str, b: str, benchmarks: Sequence[str]
+    scores: Mapping[tuple[str, str, str], ProblemScores],
+    model: str,
+    a: str,
+    b: str,
+    benchmarks: Sequence[str],
 ) -> tuple[dict[str, float], list[str]]:
     """``{col}``, ``{col}_se``, ``{col}_se_unpaired`` of A − B per benchmark and for their average (NaN where
     a side has no ``samples.jsonl``), and the missing cells as ``eval/{model}/{method}/<seeds>/{benchmark}``."""
@@ -452,7 +461,9 @@ def paired_cells(
     for bench in benchmarks:
         sa, sb = scores.get((model, a, bench)), scores.get((model, b, bench))
         if sa is None or sb is None:
-            missing += [f"eval/{model}/{x}/s*/{bench}/samples.jsonl" for x, s in ((a, sa), (b, sb)) if s is None]
+            missing += [
+                f"eval/{model}/{x}/s*/{bench}/samples.jsonl" for x, s in ((a, sa), (b, sb)) if s is None
+            ]
             row[bench] = row[f"{bench}_se"] = row[f"{bench}_se_unpaired"] = math.nan
             continue
         d = paired_difference(sa, sb)
@@ -461,7 +472,9 @@ def paired_cells(
         deltas = [row[bench] for bench in benchmarks]
         row[AVG] = float(np.mean(deltas))  # NaN when a benchmark is missing
         for se in ("_se", "_se_unpaired"):
-            row[f"{AVG}{se}"] = math.sqrt(sum(row[f"{bench}{se}"] ** 2 for bench in benchmarks)) / len(benchmarks)
+            row[f"{AVG}{se}"] = math.sqrt(sum(row[f"{bench}{se}"] ** 2 for bench in benchmarks)) / len(
+                benchmarks
+            )
     return row, missing
 
 
@@ -524,7 +537,9 @@ def table3(
 
 
 def _methods_of_kind(config: Mapping[str, Any], kind: str) -> list[str]:
-    return [name for name, spec in (config.get("methods") or {}).items() if (spec or {}).get("method") == kind]
+    return [
+        name for name, spec in (config.get("methods") or {}).items() if (spec or {}).get("method") == kind
+    ]
 
 
 def paired_comparisons(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
@@ -559,7 +574,11 @@ def table2_paired(config: Mapping[str, Any], scores: Mapping[tuple[str, str, str
     for model, a, b in paired_comparisons(config):
         cells, lacking = paired_cells(scores, model, a, b, benchmarks)
         missing += lacking
-        n_seeds = [scores[key].n_seeds for key in ((model, x, bench) for x in (a, b) for bench in benchmarks) if key in scores]
+        n_seeds = [
+            scores[key].n_seeds
+            for key in ((model, x, bench) for x in (a, b) for bench in benchmarks)
+            if key in scores
+        ]
         rows.append(
             {
                 "model": model,

@@ -15,11 +15,23 @@ from ctpo import __version__
 
 # name -> (module, one-line help). Order is the order of a study.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("ctpo.commands.data", "build or fetch a dataset split into the normalised schema (JSONL / VERL parquet)"),
-    "sft": ("ctpo.commands.sft", "supervised warm-up of a tiny model on TIR demonstrations (the 'Base' checkpoint)"),
+    "data": (
+        "ctpo.commands.data",
+        "build or fetch a dataset split into the normalised schema (JSONL / VERL parquet)",
+    ),
+    "sft": (
+        "ctpo.commands.sft",
+        "supervised warm-up of a tiny model on TIR demonstrations (the 'Base' checkpoint)",
+    ),
     "train": ("ctpo.commands.train", "RL training with any ratio design (--backend local | verl)"),
-    "eval": ("ctpo.commands.eval", "avg@k / pass@k of one or more benchmarks in one batched TIR loop (--backend hf | vllm)"),
-    "lab": ("ctpo.commands.lab", "the estimator lab: bias and variance of every ratio design on an enumerable MDP"),
+    "eval": (
+        "ctpo.commands.eval",
+        "avg@k / pass@k of one or more benchmarks in one batched TIR loop (--backend hf | vllm)",
+    ),
+    "lab": (
+        "ctpo.commands.lab",
+        "the estimator lab: bias and variance of every ratio design on an enumerable MDP",
+    ),
     "analyze": ("ctpo.commands.analyze", "build the paper's tables and figure data from run outputs"),
     "figures": ("ctpo.commands.figures", "draw the paper's figures from analysis outputs"),
     "mlflow-init": ("ctpo.commands.mlflow_init", "create the MLflow store and the study's experiment once"),

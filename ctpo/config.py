@@ -22,7 +22,9 @@ class ConfigError(ValueError):
 def load_config(path: str | Path, validate: bool = True) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config experiments/tiny.yaml or a copy")
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass --config experiments/tiny.yaml or a copy"
+        )
     with path.open() as f:
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):
@@ -63,8 +65,10 @@ def train_section(config: dict[str, Any], model: str | None = None) -> dict[str,
     if model is not None:
         own = section(config, "models", model).get("train") or {}
         if "backend" in own:  # the workflow picks one backend for the whole study; never ignore it silently
-            raise ConfigError(f"models.{model}.train.backend: the trainer backend is chosen for the whole study; "
-                              "set train.backend instead and remove it here")
+            raise ConfigError(
+                f"models.{model}.train.backend: the trainer backend is chosen for the whole study; "
+                "set train.backend instead and remove it here"
+            )
         out.update(own)
     return out
 

@@ -91,7 +91,9 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-def _record(spec: DatasetSpec, split: str, id_: str, problem: Any, answer: Any, **extra: Any) -> dict[str, Any]:
+def _record(
+    spec: DatasetSpec, split: str, id_: str, problem: Any, answer: Any, **extra: Any
+) -> dict[str, Any]:
     extra = {k: v for k, v in extra.items() if v is not None}
     if spec.hub_id:
         extra.setdefault("hub_id", spec.hub_id)
@@ -114,8 +116,13 @@ def _normalise_deepscaler(rows: list[dict[str, Any]], spec: DatasetSpec, split: 
         out.append(_record(spec, split, f"{spec.name}-{i:05d}", row["problem"], row["answer"], index=i))
     if dropped:
         shown = ", ".join(str(i) for i in dropped[:10]) + (" ..." if len(dropped) > 10 else "")
-        log.warning("%s: dropped %d of %d rows without a problem or an answer (rows %s)",
-                    spec.name, len(dropped), len(rows), shown)
+        log.warning(
+            "%s: dropped %d of %d rows without a problem or an answer (rows %s)",
+            spec.name,
+            len(dropped),
+            len(rows),
+            shown,
+        )
     return out
 
 
@@ -134,29 +141,84 @@ def _normalise_matharena(rows: list[dict[str, Any]], spec: DatasetSpec, split: s
     for i, row in enumerate(rows):
         idx = row.get("problem_idx", i + 1)
         types = row.get("problem_type")
-        out.append(_record(spec, split, f"{spec.name}-{_text(idx)}", row["problem"], row["answer"],
-                           problem_idx=int(idx), problem_type=list(types) if types is not None else None))
+        out.append(
+            _record(
+                spec,
+                split,
+                f"{spec.name}-{_text(idx)}",
+                row["problem"],
+                row["answer"],
+                problem_idx=int(idx),
+                problem_type=list(types) if types is not None else None,
+            )
+        )
     return out
 
 
-register(DatasetSpec("arith", None, "train", aliases=("ctpo-arith",),
-                     description="synthetic tool-integrated arithmetic task (ctpo.tasks.arith), built in code"))
-register(DatasetSpec("deepscaler", "agentica-org/DeepScaleR-Preview-Dataset", "train", _normalise_deepscaler,
-                     files=("deepscaler.json", "**/{split}-*.parquet", "**/*.json"),
-                     aliases=("deepscaler-preview",),
-                     description="~40K competition problems; the paper's RL training set"))
-register(DatasetSpec("aime25", "math-ai/aime25", "test", _normalise_math_ai,
-                     files=("{split}.jsonl", "**/{split}-*.parquet", "**/{split}.jsonl"),
-                     aliases=("aime2025", "aime_2025"), description="AIME 2025 I+II, 30 problems"))
-register(DatasetSpec("aime26", "math-ai/aime26", "test", _normalise_math_ai,
-                     files=("{split}.jsonl", "**/{split}-*.parquet", "**/{split}.jsonl"),
-                     aliases=("aime2026", "aime_2026"), description="AIME 2026 I+II, 30 problems"))
-register(DatasetSpec("hmmt_nov_2025", "MathArena/hmmt_nov_2025", "train", _normalise_matharena,
-                     files=("data/{split}-*.parquet", "**/{split}-*.parquet"),
-                     aliases=("hmmt25", "hmmt-nov-2025", "hmmt_nov25"), description="HMMT November 2025"))
-register(DatasetSpec("brumo_2025", "MathArena/brumo_2025", "train", _normalise_matharena,
-                     files=("data/{split}-*.parquet", "**/{split}-*.parquet"),
-                     aliases=("brumo25", "brumo-2025"), description="BRUMO 2025, 30 problems"))
+register(
+    DatasetSpec(
+        "arith",
+        None,
+        "train",
+        aliases=("ctpo-arith",),
+        description="synthetic tool-integrated arithmetic task (ctpo.tasks.arith), built in code",
+    )
+)
+register(
+    DatasetSpec(
+        "deepscaler",
+        "agentica-org/DeepScaleR-Preview-Dataset",
+        "train",
+        _normalise_deepscaler,
+        files=("deepscaler.json", "**/{split}-*.parquet", "**/*.json"),
+        aliases=("deepscaler-preview",),
+        description="~40K competition problems; the paper's RL training set",
+    )
+)
+register(
+    DatasetSpec(
+        "aime25",
+        "math-ai/aime25",
+        "test",
+        _normalise_math_ai,
+        files=("{split}.jsonl", "**/{split}-*.parquet", "**/{split}.jsonl"),
+        aliases=("aime2025", "aime_2025"),
+        description="AIME 2025 I+II, 30 problems",
+    )
+)
+register(
+    DatasetSpec(
+        "aime26",
+        "math-ai/aime26",
+        "test",
+        _normalise_math_ai,
+        files=("{split}.jsonl", "**/{split}-*.parquet", "**/{split}.jsonl"),
+        aliases=("aime2026", "aime_2026"),
+        description="AIME 2026 I+II, 30 problems",
+    )
+)
+register(
+    DatasetSpec(
+        "hmmt_nov_2025",
+        "MathArena/hmmt_nov_2025",
+        "train",
+        _normalise_matharena,
+        files=("data/{split}-*.parquet", "**/{split}-*.parquet"),
+        aliases=("hmmt25", "hmmt-nov-2025", "hmmt_nov25"),
+        description="HMMT November 2025",
+    )
+)
+register(
+    DatasetSpec(
+        "brumo_2025",
+        "MathArena/brumo_2025",
+        "train",
+        _normalise_matharena,
+        files=("data/{split}-*.parquet", "**/{split}-*.parquet"),
+        aliases=("brumo25", "brumo-2025"),
+        description="BRUMO 2025, 30 problems",
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,8 +226,14 @@ register(DatasetSpec("brumo_2025", "MathArena/brumo_2025", "train", _normalise_m
 # --------------------------------------------------------------------------------------------------
 
 
-def load(name: str, split: str | None = None, n: int | None = None, seed: int = 0,
-         path: str | Path | None = None, **kw: Any) -> list[dict[str, Any]]:
+def load(
+    name: str,
+    split: str | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    path: str | Path | None = None,
+    **kw: Any,
+) -> list[dict[str, Any]]:
     """Normalised records of dataset ``name`` (registry name, alias or hub id).
 
     ``n`` keeps a seeded random subset of that size (all rows when None); ``path`` points at a local
@@ -177,8 +245,10 @@ def load(name: str, split: str | None = None, n: int | None = None, seed: int = 
     if spec.name == "arith":
         return _load_arith(split, n=n, seed=seed, **kw)
     if kw:
-        raise DataError(f"dataset {spec.name!r} takes no options {sorted(kw)}; "
-                        "only split, n, seed and path apply to hub datasets")
+        raise DataError(
+            f"dataset {spec.name!r} takes no options {sorted(kw)}; "
+            "only split, n, seed and path apply to hub datasets"
+        )
     rows = read_rows(_locate(spec, split, path), spec, split)
     assert spec.normalise is not None
     records = spec.normalise(rows, spec, split)
@@ -204,16 +274,25 @@ def _load_arith(split: str, n: int | None, seed: int, **kw: Any) -> list[dict[st
             continue
         extra = dict(row.get("extra") or {})
         extra.update({k: v for k, v in row.items() if k not in {*RECORD_KEYS, "extra"}})
-        out.append({"id": str(row.get("id", f"arith-{split}-{i:05d}")), "data_source": spec.name,
-                    "problem": str(row["problem"]), "answer": str(row["answer"]), "split": split,
-                    "extra": extra})
+        out.append(
+            {
+                "id": str(row.get("id", f"arith-{split}-{i:05d}")),
+                "data_source": spec.name,
+                "problem": str(row["problem"]),
+                "answer": str(row["answer"]),
+                "split": split,
+                "extra": extra,
+            }
+        )
     return out
 
 
 def hf_offline() -> bool:
     """True when the user asked Hugging Face libraries not to touch the network."""
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def prefetch_command(spec: DatasetSpec, local_dir: str | None = None) -> str:
@@ -226,8 +305,10 @@ def _locate(spec: DatasetSpec, split: str, path: str | Path | None) -> list[Path
     if path is not None:
         p = Path(path).expanduser()
         if not p.exists():
-            raise DataError(f"{spec.name}: local path {str(p)!r} does not exist; point `path:` at a parquet/JSON/JSONL "
-                            f"file or at a folder made by `{prefetch_command(spec, str(p))}`")
+            raise DataError(
+                f"{spec.name}: local path {str(p)!r} does not exist; point `path:` at a parquet/JSON/JSONL "
+                f"file or at a folder made by `{prefetch_command(spec, str(p))}`"
+            )
         return [p] if p.is_file() else _files_in(p, spec, split)
     data_dir = os.environ.get(DATA_DIR_ENV)
     if data_dir and spec.hub_id and (Path(data_dir) / spec.hub_id).is_dir():
@@ -259,16 +340,24 @@ def _files_in(folder: Path, spec: DatasetSpec, split: str) -> list[Path]:
         if files:
             return files
     patterns = [p.format(split=split) for p in spec.files] + [
-        f"**/{split}-*.parquet", f"**/{split}.parquet", f"**/{split}.jsonl", f"**/{split}.json"]
+        f"**/{split}-*.parquet",
+        f"**/{split}.parquet",
+        f"**/{split}.jsonl",
+        f"**/{split}.json",
+    ]
     for pattern in patterns:
         files = sorted(f for f in folder.glob(pattern) if f.is_file())
         if files:
             return files
-    raise DataError(f"{spec.name}: no files for split {split!r} in {str(folder)!r} (looked for {patterns}); "
-                    f"re-fetch with `{prefetch_command(spec, str(folder))}` or pass a file as `path:`")
+    raise DataError(
+        f"{spec.name}: no files for split {split!r} in {str(folder)!r} (looked for {patterns}); "
+        f"re-fetch with `{prefetch_command(spec, str(folder))}` or pass a file as `path:`"
+    )
 
 
-def read_rows(files: Iterable[Path], spec: DatasetSpec | None = None, split: str | None = None) -> list[dict[str, Any]]:
+def read_rows(
+    files: Iterable[Path], spec: DatasetSpec | None = None, split: str | None = None
+) -> list[dict[str, Any]]:
     """Rows of parquet / JSON (a list of objects) / JSONL / Arrow files, as plain Python dicts."""
     import pandas as pd
 
@@ -337,8 +426,12 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def to_verl_rows(records: list[dict[str, Any]], system_prompt: str, agent_name: str | None = "ctpo_tir_agent",
-                 ability: str = "math") -> list[dict[str, Any]]:
+def to_verl_rows(
+    records: list[dict[str, Any]],
+    system_prompt: str,
+    agent_name: str | None = "ctpo_tir_agent",
+    ability: str = "math",
+) -> list[dict[str, Any]]:
     """Records -> rows of VERL's RL dataset schema (``verl.utils.dataset.rl_dataset.RLHFDataset``).
 
     ``prompt`` is the chat (system = the TIR system prompt, omitted when empty; user = the problem); ``reward_model.ground_truth``
@@ -352,8 +445,13 @@ def to_verl_rows(records: list[dict[str, Any]], system_prompt: str, agent_name: 
             "prompt": [*system, {"role": "user", "content": r["problem"]}],
             "ability": ability,
             "reward_model": {"style": "rule", "ground_truth": r["answer"]},
-            "extra_info": {"id": r["id"], "split": r["split"], "index": i, "problem": r["problem"],
-                           "extra": json.dumps(r.get("extra") or {}, ensure_ascii=False)},
+            "extra_info": {
+                "id": r["id"],
+                "split": r["split"],
+                "index": i,
+                "problem": r["problem"],
+                "extra": json.dumps(r.get("extra") or {}, ensure_ascii=False),
+            },
         }
         if agent_name:
             row["agent_name"] = agent_name
@@ -361,8 +459,12 @@ def to_verl_rows(records: list[dict[str, Any]], system_prompt: str, agent_name: 
     return rows
 
 
-def to_verl_parquet(records: list[dict[str, Any]], path: str | Path, system_prompt: str,
-                    agent_name: str | None = "ctpo_tir_agent") -> Path:
+def to_verl_parquet(
+    records: list[dict[str, Any]],
+    path: str | Path,
+    system_prompt: str,
+    agent_name: str | None = "ctpo_tir_agent",
+) -> Path:
     """Write records as a VERL training / validation parquet file (atomically)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -408,8 +510,10 @@ def dataset_entry(config: dict[str, Any], name: str) -> dict[str, Any]:
             resolve_name(name)
         except DataError:
             known = ["train", *sorted(data.get("benchmarks") or {})]
-            raise DataError(f"dataset {name!r} is neither a data entry of the config ({', '.join(known)}) "
-                            f"nor a registered dataset ({', '.join(sorted(REGISTRY))})") from None
+            raise DataError(
+                f"dataset {name!r} is neither a data entry of the config ({', '.join(known)}) "
+                f"nor a registered dataset ({', '.join(sorted(REGISTRY))})"
+            ) from None
         entry = {"source": name}
     entry.setdefault("source", name)
     return entry

@@ -87,7 +87,9 @@ def _buckets(exact_limit: int, spacing: str, per_octave: int, width: int, max_po
     return t_lo, torch.from_numpy(np.concatenate([[nb], np.repeat(np.arange(nb), counts)]))
 
 
-def _bucket_edges(exact_limit: int, spacing: str, per_octave: int, width: int, max_position: int) -> np.ndarray:
+def _bucket_edges(
+    exact_limit: int, spacing: str, per_octave: int, width: int, max_position: int
+) -> np.ndarray:
     """Inclusive lower edges t_lo of every bucket (int64); bucket i covers [t_lo[i], t_lo[i+1] − 1]."""
     lows = list(range(1, min(exact_limit, max_position) + 1))
     t = exact_limit + 1
@@ -132,9 +134,18 @@ class PositionStats:
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None (every row), got {max_tokens}")
         self._config = dict(
-            exact_limit=exact_limit, spacing=spacing, per_octave=per_octave, width=width,
-            max_position=max_position, clip_low=clip_low, clip_high=clip_high, eps_low=eps_low,
-            eps_high=eps_high, gamma=gamma, position=position, max_tokens=max_tokens,
+            exact_limit=exact_limit,
+            spacing=spacing,
+            per_octave=per_octave,
+            width=width,
+            max_position=max_position,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            gamma=gamma,
+            position=position,
+            max_tokens=max_tokens,
         )
         self.t_lo, self._bucket_of = _buckets(exact_limit, spacing, per_octave, width, max_position)
         nb = len(self.t_lo)
@@ -171,7 +182,9 @@ class PositionStats:
 
     # -- accumulation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, old_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor) -> PositionStats:
+    def update(
+        self, old_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor
+    ) -> PositionStats:
         """Add one batch of (B, T) tensors (1 on policy tokens in ``response_mask``); returns self."""
         if not (old_log_prob.shape == log_prob.shape == response_mask.shape) or log_prob.dim() != 2:
             raise ValueError(
@@ -205,8 +218,9 @@ class PositionStats:
         # centre on the bucket's running mean before squaring, so Σx² − (Σx)²/n does not cancel
         shift = torch.from_numpy(np.append(self.mean, 0.0)).to(dev)
         x = log_rho.reshape(-1).to(f64).sub_(shift[bucket])
-        sums = torch.stack([torch.bincount(bucket, weights=w, minlength=nb + 1)[:nb]
-                            for w in (x, x * x, tpos.to(f64))], 1)
+        sums = torch.stack(
+            [torch.bincount(bucket, weights=w, minlength=nb + 1)[:nb] for w in (x, x * x, tpos.to(f64))], 1
+        )
         states = torch.bincount(code, minlength=(nb + 1) * 9)[: nb * 9].reshape(nb, 9).to(f64)
         host = torch.cat([sums, states], 1).cpu().numpy()  # the one device -> host transfer
         st = host[:, 3:].reshape(nb, 3, 3)  # [bucket, fixed state, adaptive state] counts
@@ -251,8 +265,14 @@ class PositionStats:
         """The configuration and the running state, as plain numpy arrays (copies): a checkpoint keeps an
         accumulator with it, and `from_state_dict` restores it bit for bit (``to_scalars`` does not: its
         Σx² form rounds M2)."""
-        return {"config": self.config(), "count": self.count.copy(), "mean": self.mean.copy(),
-                "m2": self.m2.copy(), "tsum": self.tsum.copy(), "clips": self.clips.copy()}
+        return {
+            "config": self.config(),
+            "count": self.count.copy(),
+            "mean": self.mean.copy(),
+            "m2": self.m2.copy(),
+            "tsum": self.tsum.copy(),
+            "clips": self.clips.copy(),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> PositionStats:
@@ -277,21 +297,23 @@ class PositionStats:
         keep = self.count > 0
         n = self.count[keep]
         rates = self.clips[keep] / n[:, None]
-        return pd.DataFrame({
-            "bucket": np.nonzero(keep)[0],
-            "t_lo": self.t_lo[keep],
-            "t_hi": self._t_hi()[keep],
-            "t_mean": self.tsum[keep] / n,
-            "count": n.astype(np.int64),
-            "mean": self.mean[keep],
-            "std": np.sqrt(self.m2[keep] / n),
-            "clip_fixed": rates[:, 0] + rates[:, 1],
-            "clip_fixed_low": rates[:, 0],
-            "clip_fixed_high": rates[:, 1],
-            "clip_adaptive": rates[:, 2] + rates[:, 3],
-            "clip_adaptive_low": rates[:, 2],
-            "clip_adaptive_high": rates[:, 3],
-        })
+        return pd.DataFrame(
+            {
+                "bucket": np.nonzero(keep)[0],
+                "t_lo": self.t_lo[keep],
+                "t_hi": self._t_hi()[keep],
+                "t_mean": self.tsum[keep] / n,
+                "count": n.astype(np.int64),
+                "mean": self.mean[keep],
+                "std": np.sqrt(self.m2[keep] / n),
+                "clip_fixed": rates[:, 0] + rates[:, 1],
+                "clip_fixed_low": rates[:, 0],
+                "clip_fixed_high": rates[:, 1],
+                "clip_adaptive": rates[:, 2] + rates[:, 3],
+                "clip_adaptive_low": rates[:, 2],
+                "clip_adaptive_high": rates[:, 3],
+            }
+        )
 
     def fit_sqrt(self, min_count: int = 2) -> tuple[float, float]:
         """Least-squares fit std_b ≈ c·√t_b over buckets with ≥ ``min_count`` tokens (t_b the bucket's
@@ -330,8 +352,16 @@ class PositionStats:
         stats = cls(**config)
         nb = stats.n_buckets
         try:
-            cols = np.array([[float(scalars[f"{prefix}/b{i:03d}/{name}"]) for name in _SCALAR_FIELDS]
-                             for i in range(nb)], dtype=np.float64) * count_scale
+            cols = (
+                np.array(
+                    [
+                        [float(scalars[f"{prefix}/b{i:03d}/{name}"]) for name in _SCALAR_FIELDS]
+                        for i in range(nb)
+                    ],
+                    dtype=np.float64,
+                )
+                * count_scale
+            )
         except KeyError as e:
             raise KeyError(
                 f"scalar {e.args[0]!r} missing: from_scalars needs every bucket's keys under prefix "

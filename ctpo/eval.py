@@ -63,9 +63,18 @@ def summarize(correct: list[list[bool]]) -> dict[str, Any]:
     }
 
 
-def run_eval_many(generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any]]], k: int, cfg, pool,
-                  grader, params=None, seed: int = DEFAULT_EVAL_SEED, batched: bool = True
-                  ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+def run_eval_many(
+    generator,
+    tokenizer,
+    benchmarks: Mapping[str, list[dict[str, Any]]],
+    k: int,
+    cfg,
+    pool,
+    grader,
+    params=None,
+    seed: int = DEFAULT_EVAL_SEED,
+    batched: bool = True,
+) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Evaluate several benchmarks with one generator, pool and grader; returns ``{name: (summary,
     per-sample records)}`` in the order of ``benchmarks``, each exactly as `run_eval` would report it.
 
@@ -107,8 +116,9 @@ def run_eval_many(generator, tokenizer, benchmarks: Mapping[str, list[dict[str, 
     return out
 
 
-def _run_batch(generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any]]], k: int, cfg, pool, grader,
-               params) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+def _run_batch(
+    generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any]]], k: int, cfg, pool, grader, params
+) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """One `run_episodes` call over all ``benchmarks`` (benchmark after benchmark, problem after problem, k
     copies each), one grading call, then samples and a summary per benchmark."""
     from ctpo.tir.episode import run_episodes
@@ -132,10 +142,15 @@ def _run_batch(generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any
         lo, hi = spans[name]
         samples = _sample_records(records, k, episodes[lo:hi], grades[lo:hi])
         summary = _summarize_samples(samples, len(records), k)
-        summary.update({
-            "eval_seed": params.seed, "temperature": params.temperature,
-            "rollout_s": rollout_s, "eval_s": eval_s, "batched_with": [b for b in benchmarks if b != name],
-        })
+        summary.update(
+            {
+                "eval_seed": params.seed,
+                "temperature": params.temperature,
+                "rollout_s": rollout_s,
+                "eval_s": eval_s,
+                "batched_with": [b for b in benchmarks if b != name],
+            }
+        )
         out[name] = (summary, samples)
     return out
 
@@ -145,44 +160,77 @@ def _sample_records(records: list[dict[str, Any]], k: int, episodes, grades) -> 
     samples = []
     for i, (ep, g) in enumerate(zip(episodes, grades, strict=True)):
         r = records[i // k]
-        samples.append({
-            "problem_id": r["id"], "sample": i % k, "correct": bool(g.correct), "extracted": g.extracted,
-            "answer": r["answer"], "grade_status": g.status, "turns": ep.num_turns,
-            "tool_calls": ep.num_tool_calls, "tool_errors": ep.num_tool_errors, "void_turns": ep.num_void_turns,
-            "finish": ep.finish, "length": len(ep.response_ids), "policy_tokens": sum(ep.response_mask),
-            "response": ep.response_text,
-        })
+        samples.append(
+            {
+                "problem_id": r["id"],
+                "sample": i % k,
+                "correct": bool(g.correct),
+                "extracted": g.extracted,
+                "answer": r["answer"],
+                "grade_status": g.status,
+                "turns": ep.num_turns,
+                "tool_calls": ep.num_tool_calls,
+                "tool_errors": ep.num_tool_errors,
+                "void_turns": ep.num_void_turns,
+                "finish": ep.finish,
+                "length": len(ep.response_ids),
+                "policy_tokens": sum(ep.response_mask),
+                "response": ep.response_text,
+            }
+        )
     return samples
 
 
 def _summarize_samples(samples: list[dict[str, Any]], n_records: int, k: int) -> dict[str, Any]:
     """`summarize` of the samples' correctness plus their mean lengths, tool use and finish reasons."""
-    correct = [[s["correct"] for s in samples[i * k:(i + 1) * k]] for i in range(n_records)]
+    correct = [[s["correct"] for s in samples[i * k : (i + 1) * k]] for i in range(n_records)]
     n_s = len(samples)
     summary = summarize(correct)
-    summary.update({
-        "mean_length": sum(s["length"] for s in samples) / n_s,
-        "mean_policy_tokens": sum(s["policy_tokens"] for s in samples) / n_s,
-        "mean_turns": sum(s["turns"] for s in samples) / n_s,
-        "mean_tool_calls": sum(s["tool_calls"] for s in samples) / n_s,
-        "tool_error_rate": sum(s["tool_errors"] for s in samples) / max(1, sum(s["tool_calls"] for s in samples)),
-        "no_answer_rate": sum(s["extracted"] is None for s in samples) / n_s,
-        "finish": dict(Counter(s["finish"] for s in samples)),
-    })
+    summary.update(
+        {
+            "mean_length": sum(s["length"] for s in samples) / n_s,
+            "mean_policy_tokens": sum(s["policy_tokens"] for s in samples) / n_s,
+            "mean_turns": sum(s["turns"] for s in samples) / n_s,
+            "mean_tool_calls": sum(s["tool_calls"] for s in samples) / n_s,
+            "tool_error_rate": sum(s["tool_errors"] for s in samples)
+            / max(1, sum(s["tool_calls"] for s in samples)),
+            "no_answer_rate": sum(s["extracted"] is None for s in samples) / n_s,
+            "finish": dict(Counter(s["finish"] for s in samples)),
+        }
+    )
     return summary
 
 
-def run_eval(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, pool, grader,
-             params=None, seed: int = DEFAULT_EVAL_SEED) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_eval(
+    generator,
+    tokenizer,
+    records: list[dict[str, Any]],
+    k: int,
+    cfg,
+    pool,
+    grader,
+    params=None,
+    seed: int = DEFAULT_EVAL_SEED,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Sample k episodes per record through `ctpo.tir.episode.run_episodes`, grade them; returns
     (summary, per-sample records): `run_eval_many` with one benchmark. ``params`` (SamplingParams)
     defaults to T=1, no truncation."""
-    return run_eval_many(generator, tokenizer, {"records": records}, k, cfg, pool, grader,
-                         params=params, seed=seed)["records"]
+    return run_eval_many(
+        generator, tokenizer, {"records": records}, k, cfg, pool, grader, params=params, seed=seed
+    )["records"]
 
 
-def evaluate(generator, tokenizer, records: list[dict[str, Any]], k: int, cfg, pool, grader,
-             params=None, seed: int = DEFAULT_EVAL_SEED) -> dict[str, Any]:
+def evaluate(
+    generator,
+    tokenizer,
+    records: list[dict[str, Any]],
+    k: int,
+    cfg,
+    pool,
+    grader,
+    params=None,
+    seed: int = DEFAULT_EVAL_SEED,
+) -> dict[str, Any]:
     """Summary dict of `run_eval` (avg_at_k, avg_at_k_se, pass_at_k, mean_length, ...): the periodic
     in-training evaluation. Same seed, same problems -> same samples for the same weights."""
     return run_eval(generator, tokenizer, records, k, cfg, pool, grader, params=params, seed=seed)[0]
@@ -193,7 +241,9 @@ def sampling_from_config(eval_cfg: dict[str, Any]):
     from ctpo.tir.episode import SamplingParams
 
     return SamplingParams(
-        temperature=float(eval_cfg.get("temperature", 1.0)), top_p=float(eval_cfg.get("top_p", 1.0)),
-        top_k=int(eval_cfg.get("top_k", -1)), max_new_tokens=int(eval_cfg.get("max_new_tokens", 256)),
+        temperature=float(eval_cfg.get("temperature", 1.0)),
+        top_p=float(eval_cfg.get("top_p", 1.0)),
+        top_k=int(eval_cfg.get("top_k", -1)),
+        max_new_tokens=int(eval_cfg.get("max_new_tokens", 256)),
         seed=int(eval_cfg.get("seed", DEFAULT_EVAL_SEED)),
     )

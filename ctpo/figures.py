@@ -101,7 +101,7 @@ def _drawn(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _step_title(frame: pd.DataFrame, step: int) -> str:
-    """"step 15", or "steps 11–15" when the diagnostics pooled a window of steps (train.diag_window), with
+    """ "step 15", or "steps 11–15" when the diagnostics pooled a window of steps (train.diag_window), with
     the number of sequences behind the panel when the file records it."""
     title = f"step {step}"
     if "window_first_step" in frame.columns and len(frame) and frame["window_first_step"].notna().any():

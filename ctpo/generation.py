@@ -123,8 +123,14 @@ class HFGenerator:
     ``stats`` accumulates per-call timings and token counts for profiling.
     """
 
-    def __init__(self, model, tokenizer, device: str | torch.device | None = None,
-                 max_batch_size: int | None = None, engine: str = "loop"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: str | torch.device | None = None,
+        max_batch_size: int | None = None,
+        engine: str = "loop",
+    ):
         if engine not in ("loop", "generate"):
             raise ValueError(f"HFGenerator engine must be 'loop' or 'generate', got {engine!r}")
         self.engine = engine
@@ -133,8 +139,11 @@ class HFGenerator:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        eos = (
+            model.generation_config.eos_token_id
+            if model.generation_config.eos_token_id is not None
             else tokenizer.eos_token_id
+        )
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.stats = {"calls": 0, "rows": 0, "new_tokens": 0, "steps": 0, "gen_s": 0.0}
 
@@ -160,7 +169,7 @@ class HFGenerator:
             if seed is not None:
                 torch.manual_seed(_call_seed(seed, prompts))
             for i in range(0, len(prompts), chunk):
-                out.extend(self._generate_batch(prompts[i:i + chunk], params))
+                out.extend(self._generate_batch(prompts[i : i + chunk], params))
         return out
 
     def _generate_batch(self, prompts: list[list[int]], params: Any) -> list[Any]:
@@ -172,8 +181,8 @@ class HFGenerator:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError("HFGenerator.generate got an empty prompt; every prompt needs >= 1 token")
-            input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attention_mask[i, width - len(p):] = 1
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, width - len(p) :] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
 
         temperature = float(getattr(params, "temperature", 1.0))
@@ -198,10 +207,18 @@ class HFGenerator:
         else:
             sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
         out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
-            stopping_criteria=StoppingCriteriaList([recorder]), pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids or None, use_cache=True, return_dict_in_generate=True,
-            output_scores=True, min_new_tokens=0, repetition_penalty=None, num_beams=1,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new,
+            stopping_criteria=StoppingCriteriaList([recorder]),
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids or None,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_scores=True,
+            min_new_tokens=0,
+            repetition_penalty=None,
+            num_beams=1,
             **sampling,
         )
         new_tokens = out.sequences[:, width:].cpu()
@@ -216,8 +233,13 @@ class HFGenerator:
         results = []
         for i in range(b):
             end = int(recorder.done_len[i]) - width if recorder.done_len[i] >= 0 else steps
-            results.append(cls(token_ids=new_tokens[i, :end].tolist(), logprobs=logp[i, :end].tolist(),
-                               finish_reason=recorder.reason[i] if recorder.done_len[i] >= 0 else "length"))
+            results.append(
+                cls(
+                    token_ids=new_tokens[i, :end].tolist(),
+                    logprobs=logp[i, :end].tolist(),
+                    finish_reason=recorder.reason[i] if recorder.done_len[i] >= 0 else "length",
+                )
+            )
         self.stats["steps"] += steps
         self._account(results, t0)
         return results
@@ -228,8 +250,16 @@ class HFGenerator:
         self.stats["new_tokens"] += sum(len(r.token_ids) for r in results)
         self.stats["gen_s"] += time.perf_counter() - t0
 
-    def _loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float, top_k: int,
-              top_p: float, max_new: int, stop: tuple[str, ...]) -> list[Any]:
+    def _loop(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        max_new: int,
+        stop: tuple[str, ...],
+    ) -> list[Any]:
         """Sample with the KV cache, removing each row from the batch (and the cache) once it stops."""
         model = self.model
         b = input_ids.shape[0]
@@ -237,12 +267,17 @@ class HFGenerator:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         # logits_to_keep=1: only the last position's logits are sampled from; the full [b, width, vocab]
         # logits of the prompt would cost a vocab-sized matmul per context token (GBs at eval batch sizes)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                    logits_to_keep=1)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache = out.past_key_values
         logits = out.logits[:, -1].float()
         next_pos = position_ids[:, -1:] + 1
-        alive = torch.arange(b, device=dev)             # original row of each batch row
+        alive = torch.arange(b, device=dev)  # original row of each batch row
         mask = attention_mask
         gen = torch.empty((b, 0), dtype=torch.long, device=dev)  # this call's tokens of the live rows
         stop_crit = None
@@ -285,10 +320,21 @@ class HFGenerator:
                 if keep.numel() == 0:
                     break
                 cache.batch_select_indices(keep)
-                alive, mask, gen, next_pos, tok = alive[keep], mask[keep], gen[keep], next_pos[keep], tok[keep]
+                alive, mask, gen, next_pos, tok = (
+                    alive[keep],
+                    mask[keep],
+                    gen[keep],
+                    next_pos[keep],
+                    tok[keep],
+                )
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=dev)], dim=-1)
-            out = model(input_ids=tok, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                        use_cache=True)
+            out = model(
+                input_ids=tok,
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache = out.past_key_values
             logits = out.logits[:, -1].float()
             next_pos = next_pos + 1
@@ -303,8 +349,9 @@ class HFGenerator:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, sequences: list[list[int]], starts: list[int], temperature: float = 1.0,
-                      pad_id: int = 0) -> list[list[float]]:
+def sequence_logprobs(
+    model, sequences: list[list[int]], starts: list[int], temperature: float = 1.0, pad_id: int = 0
+) -> list[list[float]]:
     """Log-probs of ``sequences[i][starts[i]:]`` under ``model`` at ``temperature``, by one right-padded
     forward pass (positions start at 0 for every row, as in generation). Reference for tests and tools."""
     device = next(model.parameters()).device
@@ -312,17 +359,20 @@ def sequence_logprobs(model, sequences: list[list[int]], starts: list[int], temp
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
     if temperature > 0:
         logits = logits / temperature
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-    return [logp[i, starts[i] - 1:len(s) - 1].cpu().tolist() for i, s in enumerate(sequences)]
+    logp = (
+        torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+    )
+    return [logp[i, starts[i] - 1 : len(s) - 1].cpu().tolist() for i, s in enumerate(sequences)]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Backend registry: name -> factory(model_path, tokenizer-less kwargs) -> Generator
+
 
 def _hf_factory(model_path, **kw) -> HFGenerator:
     kw.pop("sampling", None)
@@ -333,8 +383,10 @@ def _vllm_factory(model_path, **kw):
     try:
         mod = importlib.import_module("ctpo.backends.vllm")
     except ImportError as exc:
-        raise RuntimeError(f"the vllm backend needs vLLM and ctpo.backends.vllm ({exc}); "
-                           "install the gpu extra or use --backend hf") from exc
+        raise RuntimeError(
+            f"the vllm backend needs vLLM and ctpo.backends.vllm ({exc}); "
+            "install the gpu extra or use --backend hf"
+        ) from exc
     sampling = kw.pop("sampling", {}) or {}
     return mod.VLLMGenerator(str(model_path), **sampling, **kw)
 

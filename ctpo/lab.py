@@ -103,7 +103,9 @@ class TreeMDP:
         for name in ("target_logits", "behaviour_logits", "advantage"):
             shape = getattr(self, name).shape
             if shape != (S, self.V):
-                raise ValueError(f"{name} has shape {shape}; a V={self.V}, T={self.T} tree needs ({S}, {self.V})")
+                raise ValueError(
+                    f"{name} has shape {shape}; a V={self.V}, T={self.T} tree needs ({S}, {self.V})"
+                )
 
     @property
     def n_states(self) -> int:
@@ -287,7 +289,11 @@ def divergence(mdp: TreeMDP) -> dict[str, float]:
     chi2_s = (pi**2 / mu).sum(1) - 1.0
     kl = [float(d_mu[t] @ kl_s[mdp.depth_rows(t)]) for t in range(mdp.T)]
     chi2 = [float(d_mu[t] @ chi2_s[mdp.depth_rows(t)]) for t in range(mdp.T)]
-    return {"kl_per_token": float(np.mean(kl)), "chi2_per_token": float(np.mean(chi2)), "chi2_by_position": chi2}
+    return {
+        "kl_per_token": float(np.mean(kl)),
+        "chi2_per_token": float(np.mean(chi2)),
+        "chi2_by_position": chi2,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +351,9 @@ def loss_config(method: str, clip_mode: str = "none", **overrides: Any):
     if clip_mode == "none":
         overrides = {"dual_clip_c": 0.0, "dual_clip_eps": 0.0, **overrides}
     overrides.setdefault("ratio_quantiles", ())  # not used here, and the quantiles cost more than the loss
-    return losses.PolicyLossConfig(method=method, clip_mode=clip_mode, loss_agg_mode=LOSS_AGG_MODE, **overrides)
+    return losses.PolicyLossConfig(
+        method=method, clip_mode=clip_mode, loss_agg_mode=LOSS_AGG_MODE, **overrides
+    )
 
 
 def token_coefficients(
@@ -562,8 +570,16 @@ class LabSettings:
     @classmethod
     def quick(cls, **kw: Any) -> LabSettings:
         """A smoke-test-sized lab (seconds)."""
-        base = dict(vocab=2, horizon=4, horizons=(2, 4), off_policy=(0.0, 0.4), clip_off_policy=0.4, n_samples=2**11, n_batches=32,
-                    n_boot=100)
+        base = dict(
+            vocab=2,
+            horizon=4,
+            horizons=(2, 4),
+            off_policy=(0.0, 0.4),
+            clip_off_policy=0.4,
+            n_samples=2**11,
+            n_batches=32,
+            n_boot=100,
+        )
         base.update(kw)
         return cls(**base)
 
@@ -625,14 +641,26 @@ def _estimator_rows(
         boot_rng = _setting_rng(settings, *key, method, clip_mode, "boot")
         for target_name, target in targets.items():
             base = {"method": method, "clip_mode": clip_mode, "target": target_name}
-            rows.append({**base, **exact_bias_variance(mdp, exact, target),
-                         **mc_bias_variance(mdp, mc, target, boot_rng, n_boot=settings.n_boot),
-                         "clip_frac": float(exact.clip_by_pos.mean()), "mc_clip_frac": clip_frac})
+            rows.append(
+                {
+                    **base,
+                    **exact_bias_variance(mdp, exact, target),
+                    **mc_bias_variance(mdp, mc, target, boot_rng, n_boot=settings.n_boot),
+                    "clip_frac": float(exact.clip_by_pos.mean()),
+                    "mc_clip_frac": clip_frac,
+                }
+            )
             if positions:
                 for t in range(1, mdp.T + 1):
-                    pos_rows.append({**base, "position": t, **exact_bias_variance(mdp, exact, target, t),
-                                     **mc_bias_variance(mdp, mc, target, boot_rng, t, n_boot=settings.n_boot),
-                                     "clip_frac": float(exact.clip_by_pos[t - 1])})
+                    pos_rows.append(
+                        {
+                            **base,
+                            "position": t,
+                            **exact_bias_variance(mdp, exact, target, t),
+                            **mc_bias_variance(mdp, mc, target, boot_rng, t, n_boot=settings.n_boot),
+                            "clip_frac": float(exact.clip_by_pos[t - 1]),
+                        }
+                    )
     return rows, pos_rows
 
 
@@ -646,11 +674,19 @@ def _clip_fraction(metrics: dict[str, float]) -> float:
 
 def _mdp_columns(mdp: TreeMDP, kappa: float, experiment: str) -> dict:
     div = divergence(mdp)
-    return {"experiment": experiment, "V": mdp.V, "T": mdp.T, "off_policy": kappa,
-            "kl_per_token": div["kl_per_token"], "chi2_per_token": div["chi2_per_token"]}
+    return {
+        "experiment": experiment,
+        "V": mdp.V,
+        "T": mdp.T,
+        "off_policy": kappa,
+        "kl_per_token": div["kl_per_token"],
+        "chi2_per_token": div["chi2_per_token"],
+    }
 
 
-def run_lab(out_dir: str | Path, settings: LabSettings | None = None, methods: Iterable[str] | None = None) -> dict:
+def run_lab(
+    out_dir: str | Path, settings: LabSettings | None = None, methods: Iterable[str] | None = None
+) -> dict:
     """Run every experiment, write the tables and the figure to ``out_dir``; return the summary dict."""
     settings = settings or LabSettings()
     out = Path(out_dir)
@@ -679,8 +715,10 @@ def _run_experiments(out: Path, settings: LabSettings, methods: list[str], start
     summary = write_outputs(out, settings, methods, bias, positions, ratio, outcome, compute_s)
     summary["skipped"] = skipped
     if skipped:
-        log.warning("lab: %d (method, clip mode, setting) combinations were skipped; see lab_summary.json",
-                    len(skipped))
+        log.warning(
+            "lab: %d (method, clip mode, setting) combinations were skipped; see lab_summary.json",
+            len(skipped),
+        )
     return summary
 
 
@@ -689,14 +727,24 @@ def token_level_study(settings: LabSettings, methods: Sequence[str], skipped: li
     V, T, kf = settings.vocab, settings.horizon, settings.focus_off_policy
     rows_all, pos_all = [], []
     log.info("lab: token-level advantage, off-policyness sweep (V=%d, T=%d, κ=%s)", V, T, settings.off_policy)
-    settings_list = [("offpolicy", T, k) for k in settings.off_policy] + [("horizon", h, kf) for h in settings.horizons]
+    settings_list = [("offpolicy", T, k) for k in settings.off_policy] + [
+        ("horizon", h, kf) for h in settings.horizons
+    ]
     for experiment, horizon, kappa in settings_list:
         if experiment == "horizon" and horizon == settings.horizons[0]:
             log.info("lab: horizon sweep (T=%s, κ=%g)", settings.horizons, kf)
         mdp = make_mdp(V, horizon, kappa, settings.seed, logit_scale=settings.logit_scale)
-        rows, prow = _estimator_rows(mdp, settings, methods, settings.clip_modes, _token_advantages(mdp),
-                                     {"token": exact_token_gradient(mdp)}, (experiment, horizon, kappa),
-                                     positions=experiment == "offpolicy" and kappa == kf, skipped=skipped)
+        rows, prow = _estimator_rows(
+            mdp,
+            settings,
+            methods,
+            settings.clip_modes,
+            _token_advantages(mdp),
+            {"token": exact_token_gradient(mdp)},
+            (experiment, horizon, kappa),
+            positions=experiment == "offpolicy" and kappa == kf,
+            skipped=skipped,
+        )
         cols = _mdp_columns(mdp, kappa, experiment)
         rows_all += [{**cols, **r} for r in rows]
         pos_all += [{**cols, **r} for r in prow]
@@ -710,16 +758,28 @@ def ratio_variance_study(settings: LabSettings) -> pd.DataFrame:
     rows = []
     for iid, kappa in itertools.product((True, False), [k for k in settings.off_policy if k > 0]):
         mdp = make_mdp(V, T, kappa, settings.seed, iid=iid, logit_scale=settings.logit_scale)
-        tokens, states = sample_sequences(mdp, settings.n_samples, _setting_rng(settings, "ratio", iid, kappa))
+        tokens, states = sample_sequences(
+            mdp, settings.n_samples, _setting_rng(settings, "ratio", iid, kappa)
+        )
         exact, closed = ratio_variance_exact(mdp), ratio_variance_independent(mdp)
         mc = ratio_variance_mc(mdp, tokens, states)
         chi2 = divergence(mdp)["chi2_per_token"]
         for t in range(1, T + 1):
-            rows.append({"mdp": "iid" if iid else "state-dependent", "V": V, "T": T, "off_policy": kappa,
-                         "chi2_per_token": chi2, "position": t,
-                         "var_rho_prefix_exact": exact[t - 1], "var_rho_prefix_closed_form": closed[t - 1],
-                         "var_rho_prefix_mc": mc[t - 1], "var_rho_seq_exact": exact[-1],
-                         "var_rho_seq_closed_form": closed[-1]})
+            rows.append(
+                {
+                    "mdp": "iid" if iid else "state-dependent",
+                    "V": V,
+                    "T": T,
+                    "off_policy": kappa,
+                    "chi2_per_token": chi2,
+                    "position": t,
+                    "var_rho_prefix_exact": exact[t - 1],
+                    "var_rho_prefix_closed_form": closed[t - 1],
+                    "var_rho_prefix_mc": mc[t - 1],
+                    "var_rho_seq_exact": exact[-1],
+                    "var_rho_seq_closed_form": closed[-1],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -729,11 +789,20 @@ def outcome_study(settings: LabSettings, methods: Sequence[str], skipped: list[s
     V, T, kf = settings.vocab, settings.horizon, settings.focus_off_policy
     rows_all, pos_all = [], []
     for kappa in settings.off_policy:
-        mdp = make_mdp(V, T, kappa, settings.seed, logit_scale=settings.logit_scale,
-                       reward_rate=settings.reward_rate)
-        rows, prow = _estimator_rows(mdp, settings, methods, ("none",), _outcome_advantages(mdp),
-                                     outcome_targets(mdp), ("outcome", T, kappa), positions=kappa == kf,
-                                     skipped=skipped)
+        mdp = make_mdp(
+            V, T, kappa, settings.seed, logit_scale=settings.logit_scale, reward_rate=settings.reward_rate
+        )
+        rows, prow = _estimator_rows(
+            mdp,
+            settings,
+            methods,
+            ("none",),
+            _outcome_advantages(mdp),
+            outcome_targets(mdp),
+            ("outcome", T, kappa),
+            positions=kappa == kf,
+            skipped=skipped,
+        )
         cols = _mdp_columns(mdp, kappa, "outcome")
         rows_all += [{**cols, **r} for r in rows]
         pos_all += [{**cols, **r} for r in prow]
@@ -750,7 +819,13 @@ def _write_json(path: Path, data: Any) -> None:
 # Tables, report and figure
 # ----------------------------------------------------------------------------------------------------------
 
-_BASE_COLOURS = {"grpo": "#1f77b4", "seq": "#d62728", "gspo": "#2ca02c", "ctpo": "#ff7f0e", "ctpo_fixed": "#9467bd"}
+_BASE_COLOURS = {
+    "grpo": "#1f77b4",
+    "seq": "#d62728",
+    "gspo": "#2ca02c",
+    "ctpo": "#ff7f0e",
+    "ctpo_fixed": "#9467bd",
+}
 _TARGET_LABELS = {
     "token": "E_π[Σ_t A(s_t,a_t) ∇log π(a_t|s_t)]",
     "reinforce": "∇J = E_π[R Σ_t ∇log π] (REINFORCE)",
@@ -838,27 +913,34 @@ def _bias_variance_md(bias: pd.DataFrame, settings: LabSettings, methods: Sequen
                     row[f"{mode}: clipped"] = f"{r.clip_frac:.3f}"
         clip_rows.append(row)
     V, T = settings.vocab, settings.horizon
-    return "\n".join([
-        "Cells: exact value by enumeration (Monte Carlo estimate [95% bootstrap CI] from "
-        f"{settings.n_samples} sequences sampled from μ). Bias = ‖E[ĝ] − g‖/‖g‖; variance = tr Cov(ĝ_i)/‖g‖² "
-        "of the single-sequence estimator. Estimator: −∇ of `compute_policy_loss` with "
-        f"`loss_agg_mode=\"{LOSS_AGG_MODE}\"` (Σ over tokens, ÷ number of sequences).",
-        "",
-        f"### Relative bias vs off-policyness (token-level advantage, V={V}, T={T}, clip_mode=none)",
-        "", _md(_pivot(off, "off_policy", methods, _bias_cell)),
-        f"### Relative total variance vs off-policyness (V={V}, T={T}, clip_mode=none)",
-        "", _md(_pivot(off, "off_policy", methods, _var_cell)),
-        f"### Relative bias vs horizon T (V={V}, κ={kf}, clip_mode=none)",
-        "", _md(_pivot(hor, "T", methods, _bias_cell)),
-        f"### Relative total variance vs horizon T (V={V}, κ={kf}, clip_mode=none)",
-        "", _md(_pivot(hor, "T", methods, _var_cell)),
-        f"### Clipping (V={V}, T={T}; exact values)",
-        "",
-        "`none` = pure IS (dual clip off too); `fixed` / `adaptive` keep each method's registered clip "
-        "ranges and dual clip, so they are the estimators as trained. `clipped` = fraction of tokens (A ≠ 0) "
-        "whose gradient the clip removes, under μ.",
-        "", _md(pd.DataFrame(clip_rows)),
-    ])
+    return "\n".join(
+        [
+            "Cells: exact value by enumeration (Monte Carlo estimate [95% bootstrap CI] from "
+            f"{settings.n_samples} sequences sampled from μ). Bias = ‖E[ĝ] − g‖/‖g‖; variance = tr Cov(ĝ_i)/‖g‖² "
+            "of the single-sequence estimator. Estimator: −∇ of `compute_policy_loss` with "
+            f'`loss_agg_mode="{LOSS_AGG_MODE}"` (Σ over tokens, ÷ number of sequences).',
+            "",
+            f"### Relative bias vs off-policyness (token-level advantage, V={V}, T={T}, clip_mode=none)",
+            "",
+            _md(_pivot(off, "off_policy", methods, _bias_cell)),
+            f"### Relative total variance vs off-policyness (V={V}, T={T}, clip_mode=none)",
+            "",
+            _md(_pivot(off, "off_policy", methods, _var_cell)),
+            f"### Relative bias vs horizon T (V={V}, κ={kf}, clip_mode=none)",
+            "",
+            _md(_pivot(hor, "T", methods, _bias_cell)),
+            f"### Relative total variance vs horizon T (V={V}, κ={kf}, clip_mode=none)",
+            "",
+            _md(_pivot(hor, "T", methods, _var_cell)),
+            f"### Clipping (V={V}, T={T}; exact values)",
+            "",
+            "`none` = pure IS (dual clip off too); `fixed` / `adaptive` keep each method's registered clip "
+            "ranges and dual clip, so they are the estimators as trained. `clipped` = fraction of tokens (A ≠ 0) "
+            "whose gradient the clip removes, under μ.",
+            "",
+            _md(pd.DataFrame(clip_rows)),
+        ]
+    )
 
 
 def _ratio_md(ratio: pd.DataFrame, settings: LabSettings) -> str:
@@ -875,21 +957,29 @@ def _ratio_md(ratio: pd.DataFrame, settings: LabSettings) -> str:
         sub = ratio[(ratio.mdp == mdp_kind) & (ratio.off_policy == kf)]
         if not len(sub):
             continue
-        tab = pd.DataFrame({
-            "t": sub.position,
-            "exact": sub.var_rho_prefix_exact.map(lambda v: f"{v:.4g}"),
-            "closed form": sub.var_rho_prefix_closed_form.map(lambda v: f"{v:.4g}"),
-            "MC": sub.var_rho_prefix_mc.map(lambda v: f"{v:.4g}"),
-            "Var ρ_{1:T} / Var ρ_{1:t}": (sub.var_rho_seq_exact / sub.var_rho_prefix_exact).map(lambda v: f"{v:.3g}"),
-        })
+        tab = pd.DataFrame(
+            {
+                "t": sub.position,
+                "exact": sub.var_rho_prefix_exact.map(lambda v: f"{v:.4g}"),
+                "closed form": sub.var_rho_prefix_closed_form.map(lambda v: f"{v:.4g}"),
+                "MC": sub.var_rho_prefix_mc.map(lambda v: f"{v:.4g}"),
+                "Var ρ_{1:T} / Var ρ_{1:t}": (sub.var_rho_seq_exact / sub.var_rho_prefix_exact).map(
+                    lambda v: f"{v:.3g}"
+                ),
+            }
+        )
         chi2 = sub.chi2_per_token.iloc[0]
-        parts += [f"### {mdp_kind} MDP (V={settings.vocab}, T={settings.horizon}, κ={kf}, χ²/token {chi2:.4f})",
-                  "", _md(tab)]
+        parts += [
+            f"### {mdp_kind} MDP (V={settings.vocab}, T={settings.horizon}, κ={kf}, χ²/token {chi2:.4f})",
+            "",
+            _md(tab),
+        ]
     return "\n".join(parts)
 
 
-def _outcome_md(outcome: pd.DataFrame, positions: pd.DataFrame, settings: LabSettings,
-                methods: Sequence[str]) -> str:
+def _outcome_md(
+    outcome: pd.DataFrame, positions: pd.DataFrame, settings: LabSettings, methods: Sequence[str]
+) -> str:
     kf = settings.focus_off_policy
     sub = outcome[outcome.off_policy == kf]
     rows = []
@@ -910,22 +1000,37 @@ def _outcome_md(outcome: pd.DataFrame, positions: pd.DataFrame, settings: LabSet
     pos_rows = []
     for t, grp in pos.groupby("position"):
         row = {"t": t}
-        for m, target in (("ctpo", "reinforce"), ("ctpo", "pi_prefix_mu_suffix"), ("seq", "reinforce"),
-                          ("grpo", "reinforce"), ("grpo", "mu_state_surrogate")):
+        for m, target in (
+            ("ctpo", "reinforce"),
+            ("ctpo", "pi_prefix_mu_suffix"),
+            ("seq", "reinforce"),
+            ("grpo", "reinforce"),
+            ("grpo", "mu_state_surrogate"),
+        ):
             r = grp[(grp.method == m) & (grp.target == target)]
             if len(r):
                 row[f"{m} vs {target}"] = f"{r.exact_rel_bias.iloc[0]:.3f}"
         pos_rows.append(row)
     targets = "\n".join(f"- `{k}`: {v}" for k, v in _TARGET_LABELS.items() if k != "token")
-    return "\n".join([
-        "**Outcome reward** (one reward R per sequence, advantage R − E_μ[R] on every token; clip_mode=none). "
-        "Three targets:", "", targets, "",
-        f"### Relative bias against each target (V={settings.vocab}, T={settings.horizon}, κ={kf}; "
-        "exact (MC [95% CI]))", "", _md(pd.DataFrame(rows)),
-        "### Relative bias against the REINFORCE gradient vs off-policyness (exact)", "", _md(pd.DataFrame(sweep)),
-        f"### Per position t (κ={kf}, exact): the cumulative ratio fixes the prefix, not the suffix",
-        "", _md(pd.DataFrame(pos_rows)),
-    ])
+    return "\n".join(
+        [
+            "**Outcome reward** (one reward R per sequence, advantage R − E_μ[R] on every token; clip_mode=none). "
+            "Three targets:",
+            "",
+            targets,
+            "",
+            f"### Relative bias against each target (V={settings.vocab}, T={settings.horizon}, κ={kf}; "
+            "exact (MC [95% CI]))",
+            "",
+            _md(pd.DataFrame(rows)),
+            "### Relative bias against the REINFORCE gradient vs off-policyness (exact)",
+            "",
+            _md(pd.DataFrame(sweep)),
+            f"### Per position t (κ={kf}, exact): the cumulative ratio fixes the prefix, not the suffix",
+            "",
+            _md(pd.DataFrame(pos_rows)),
+        ]
+    )
 
 
 def write_outputs(
@@ -950,46 +1055,75 @@ def write_outputs(
     _write_text(out / "lab_outcome.md", "# Estimator lab: outcome reward\n\n" + out_md)
 
     all_rows = pd.concat([bias, outcome], ignore_index=True)
-    covered_b = ((all_rows.exact_rel_bias >= all_rows.mc_rel_bias_lo - 1e-9)
-                 & (all_rows.exact_rel_bias <= all_rows.mc_rel_bias_hi + 1e-9))
-    covered_v = ((all_rows.exact_total_var >= all_rows.mc_total_var_lo)
-                 & (all_rows.exact_total_var <= all_rows.mc_total_var_hi))
+    covered_b = (all_rows.exact_rel_bias >= all_rows.mc_rel_bias_lo - 1e-9) & (
+        all_rows.exact_rel_bias <= all_rows.mc_rel_bias_hi + 1e-9
+    )
+    covered_v = (all_rows.exact_total_var >= all_rows.mc_total_var_lo) & (
+        all_rows.exact_total_var <= all_rows.mc_total_var_hi
+    )
     kf = settings.focus_off_policy
     focus = bias[(bias.experiment == "offpolicy") & (bias.off_policy == kf) & (bias.clip_mode == "none")]
     summary = {
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()},
+        "settings": {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()
+        },
         "methods": list(methods),
         "loss_agg_mode": LOSS_AGG_MODE,
         "compute_s": compute_s,
         "ci_coverage_bias": [int(covered_b.sum()), len(all_rows)],
         "ci_coverage_variance": [int(covered_v.sum()), len(all_rows)],
-        "focus": {r.method: {"rel_bias": r.exact_rel_bias, "rel_var": r.exact_rel_var,
-                             "mc_rel_bias_ci": [r.mc_rel_bias_lo, r.mc_rel_bias_hi]}
-                  for r in focus.itertuples()},
+        "focus": {
+            r.method: {
+                "rel_bias": r.exact_rel_bias,
+                "rel_var": r.exact_rel_var,
+                "mc_rel_bias_ci": [r.mc_rel_bias_lo, r.mc_rel_bias_hi],
+            }
+            for r in focus.itertuples()
+        },
         "files": list(OUTPUT_FILES),
     }
-    report = "\n".join([
-        "# Estimator lab report", "",
-        "Propositions 1 and 2 of the CTPO paper on a token-level MDP small enough to enumerate: every "
-        "prefix is a state, π and μ are tabular softmax policies, gradients are w.r.t. π's logits. "
-        f"Methods (from the `ctpo.losses` registry): {', '.join(methods)}. "
-        f"Settings: {summary['settings']}.", "",
-        f"Monte-Carlo 95% CIs cover the exact value for bias in {covered_b.sum()}/{len(all_rows)} rows and "
-        f"for variance in {covered_v.sum()}/{len(all_rows)} rows (heavy-tailed ratios make the variance "
-        "intervals the less reliable ones).", "",
-        "![estimator lab](lab_figure.png)", "",
-        "## Token-level advantage (Propositions 1 and 2)", "", bv_md,
-        "## Proposition 2: variance of the cumulative ratio", "", ratio_md,
-        "## Outcome reward", "", out_md,
-        f"Compute time {compute_s:.1f} s.", "",
-    ])
+    report = "\n".join(
+        [
+            "# Estimator lab report",
+            "",
+            "Propositions 1 and 2 of the CTPO paper on a token-level MDP small enough to enumerate: every "
+            "prefix is a state, π and μ are tabular softmax policies, gradients are w.r.t. π's logits. "
+            f"Methods (from the `ctpo.losses` registry): {', '.join(methods)}. "
+            f"Settings: {summary['settings']}.",
+            "",
+            f"Monte-Carlo 95% CIs cover the exact value for bias in {covered_b.sum()}/{len(all_rows)} rows and "
+            f"for variance in {covered_v.sum()}/{len(all_rows)} rows (heavy-tailed ratios make the variance "
+            "intervals the less reliable ones).",
+            "",
+            "![estimator lab](lab_figure.png)",
+            "",
+            "## Token-level advantage (Propositions 1 and 2)",
+            "",
+            bv_md,
+            "## Proposition 2: variance of the cumulative ratio",
+            "",
+            ratio_md,
+            "## Outcome reward",
+            "",
+            out_md,
+            f"Compute time {compute_s:.1f} s.",
+            "",
+        ]
+    )
     _write_text(out / "lab_report.md", report)
     plot_lab(out, settings, methods, bias, positions, ratio, outcome)
     return summary
 
 
-def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.DataFrame,
-             positions: pd.DataFrame, ratio: pd.DataFrame, outcome: pd.DataFrame) -> None:
+def plot_lab(
+    out: Path,
+    settings: LabSettings,
+    methods: Sequence[str],
+    bias: pd.DataFrame,
+    positions: pd.DataFrame,
+    ratio: pd.DataFrame,
+    outcome: pd.DataFrame,
+) -> None:
     """The lab's figure: eight panels, written as ``lab_figure.png`` and ``lab_figure.pdf``."""
     import matplotlib
 
@@ -998,8 +1132,15 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
 
     colours = _colours(methods)
     kf, V, T = settings.focus_off_policy, settings.vocab, settings.horizon
-    plt.rcParams.update({"font.size": 10.5, "axes.titlesize": 11, "legend.fontsize": 8.5,
-                         "axes.spines.top": False, "axes.spines.right": False})
+    plt.rcParams.update(
+        {
+            "font.size": 10.5,
+            "axes.titlesize": 11,
+            "legend.fontsize": 8.5,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
     fig, axes = plt.subplots(2, 4, figsize=(17, 8.4), constrained_layout=True)
     none = bias[(bias.clip_mode == "none") & (bias.target == "token")]
     off, hor = none[none.experiment == "offpolicy"], none[none.experiment == "horizon"]
@@ -1009,8 +1150,14 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
     def style(m: str) -> dict:
         """Unclipped duplicates (ctpo_fixed = ctpo without clipping) dashed on top, so both stay visible."""
         if m in aliases:
-            return {"ls": "--", "marker": "x", "ms": 5, "lw": 1.2, "label": f"{m} (= {aliases[m]} unclipped)",
-                    "zorder": 3}
+            return {
+                "ls": "--",
+                "marker": "x",
+                "ms": 5,
+                "lw": 1.2,
+                "label": f"{m} (= {aliases[m]} unclipped)",
+                "zorder": 3,
+            }
         return {"ls": "-", "marker": "o", "ms": 4, "lw": 1.6, "label": m, "zorder": 2}
 
     def sweep(ax, df, x, y, lo=None, hi=None, log_x=False):
@@ -1025,27 +1172,46 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
                 mc = d[y.replace("exact", "mc")].to_numpy()
                 nudge = 0.06 * (i - (n_m - 1) / 2)
                 xj = xs * (1 + nudge) if log_x else xs + 0.2 * nudge * span
-                ax.errorbar(xj, mc,
-                            yerr=[np.maximum(mc - d[lo], 0), np.maximum(d[hi] - mc, 0)],
-                            fmt="none", ecolor=colours[m], alpha=0.7, capsize=2, lw=0.9)
+                ax.errorbar(
+                    xj,
+                    mc,
+                    yerr=[np.maximum(mc - d[lo], 0), np.maximum(d[hi] - mc, 0)],
+                    fmt="none",
+                    ecolor=colours[m],
+                    alpha=0.7,
+                    capsize=2,
+                    lw=0.9,
+                )
 
     ax = axes[0, 0]
     sweep(ax, off, "kl_per_token", "exact_rel_bias", "mc_rel_bias_lo", "mc_rel_bias_hi", log_x=True)
-    ax.set(xlabel="per-token KL(μ‖π)", ylabel="‖E ĝ − g‖ / ‖g‖",
-           title=f"(a) bias vs off-policyness (V={V}, T={T})")
+    ax.set(
+        xlabel="per-token KL(μ‖π)",
+        ylabel="‖E ĝ − g‖ / ‖g‖",
+        title=f"(a) bias vs off-policyness (V={V}, T={T})",
+    )
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.legend(frameon=False, loc="upper left")
     ax = axes[0, 1]
     sweep(ax, off, "kl_per_token", "exact_rel_var")
-    ax.set(xlabel="per-token KL(μ‖π)", ylabel="tr Cov(ĝ_i) / ‖g‖²", yscale="log",
-           title="(b) total variance vs off-policyness")
+    ax.set(
+        xlabel="per-token KL(μ‖π)",
+        ylabel="tr Cov(ĝ_i) / ‖g‖²",
+        yscale="log",
+        title="(b) total variance vs off-policyness",
+    )
     ax.set_xscale("symlog", linthresh=1e-3)
     ax = axes[0, 2]
     sweep(ax, hor, "T", "exact_rel_bias", "mc_rel_bias_lo", "mc_rel_bias_hi")
     ax.set(xlabel="horizon T", ylabel="‖E ĝ − g‖ / ‖g‖", title=f"(c) bias vs horizon (κ={kf})")
     ax = axes[0, 3]
     sweep(ax, hor, "T", "exact_rel_var")
-    ax.set(xlabel="horizon T", ylabel="tr Cov(ĝ_i) / ‖g‖²", yscale="log", title=f"(d) total variance vs horizon (κ={kf})")
+    ax.set(
+        xlabel="horizon T",
+        ylabel="tr Cov(ĝ_i) / ‖g‖²",
+        yscale="log",
+        title=f"(d) total variance vs horizon (κ={kf})",
+    )
 
     # (e) Prop. 2: Var(ρ_{1:t}) vs t, exact vs closed form
     ax = axes[1, 0]
@@ -1056,29 +1222,54 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
             d = ratio[(ratio.mdp == kind) & (ratio.off_policy == k)]
             if not len(d):
                 continue
-            ax.plot(d.position, d.var_rho_prefix_exact, marker, color=c, ms=4, mfc="none" if kind == "iid" else c)
+            ax.plot(
+                d.position, d.var_rho_prefix_exact, marker, color=c, ms=4, mfc="none" if kind == "iid" else c
+            )
             ax.plot(d.position, d.var_rho_prefix_closed_form, ls, color=c, lw=1.1)
-        ax.annotate(f"κ={k}", (T, ratio[(ratio.mdp == "state-dependent") & (ratio.off_policy == k)]
-                               .var_rho_prefix_exact.iloc[-1]), fontsize=9, xytext=(3, 0),
-                    textcoords="offset points", va="center")
+        ax.annotate(
+            f"κ={k}",
+            (
+                T,
+                ratio[(ratio.mdp == "state-dependent") & (ratio.off_policy == k)].var_rho_prefix_exact.iloc[
+                    -1
+                ],
+            ),
+            fontsize=9,
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+        )
     ax.plot([], [], "o", color="grey", label="exact, state-dependent MDP")
     ax.plot([], [], "s", color="grey", mfc="none", label="exact, i.i.d. ratios")
     ax.plot([], [], "-", color="grey", label="Π(1+χ²_k) − 1 (Prop. 2)")
-    ax.set(xlabel="position t", ylabel="Var_μ(ρ_{1:t})", yscale="log", xlim=(0.7, T + 1.2),
-           title="(e) Prop. 2: Var(ρ_{1:t}); ρ_{1:T} is the last point")
+    ax.set(
+        xlabel="position t",
+        ylabel="Var_μ(ρ_{1:t})",
+        yscale="log",
+        xlim=(0.7, T + 1.2),
+        title="(e) Prop. 2: Var(ρ_{1:t}); ρ_{1:T} is the last point",
+    )
     ax.set_ylim(top=ax.get_ylim()[1] * 300)
     ax.legend(frameon=False, loc="upper left")
 
     # (f) per-position variance of the gradient term, token-level advantage at κ_f
     ax = axes[1, 1]
-    pos = positions[(positions.experiment == "offpolicy") & (positions.off_policy == kf)
-                    & (positions.clip_mode == "none") & (positions.target == "token")]
+    pos = positions[
+        (positions.experiment == "offpolicy")
+        & (positions.off_policy == kf)
+        & (positions.clip_mode == "none")
+        & (positions.target == "token")
+    ]
     for m in methods:
         d = pos[pos.method == m].sort_values("position")
         if len(d):
             ax.plot(d.position, d.exact_total_var, color=colours[m], **style(m))
-    ax.set(xlabel="position t", ylabel="tr Cov of the position-t term", yscale="log",
-           title=f"(f) per-position gradient variance (κ={kf})")
+    ax.set(
+        xlabel="position t",
+        ylabel="tr Cov of the position-t term",
+        yscale="log",
+        title=f"(f) per-position gradient variance (κ={kf})",
+    )
     ax.legend(frameon=False)
 
     # (g) clipping: bias vs variance
@@ -1092,29 +1283,60 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
         for mode, mk in markers.items():
             r = d[d.clip_mode == mode]
             if len(r):
-                ax.plot(r.exact_rel_bias, r.exact_rel_var, mk, color=colours[m], ms=6,
-                        mfc=colours[m] if mode == "none" else "white", mew=1.4)
+                ax.plot(
+                    r.exact_rel_bias,
+                    r.exact_rel_var,
+                    mk,
+                    color=colours[m],
+                    ms=6,
+                    mfc=colours[m] if mode == "none" else "white",
+                    mew=1.4,
+                )
     for mode, mk in markers.items():
         ax.plot([], [], mk, color="grey", mfc="grey" if mode == "none" else "white", label=f"clip {mode}")
-    ax.set(xlabel="‖E ĝ − g‖ / ‖g‖", ylabel="tr Cov(ĝ_i) / ‖g‖²", yscale="log",
-           title=f"(g) clipping: bias vs variance (κ={kc}, T={T})")
+    ax.set(
+        xlabel="‖E ĝ − g‖ / ‖g‖",
+        ylabel="tr Cov(ĝ_i) / ‖g‖²",
+        yscale="log",
+        title=f"(g) clipping: bias vs variance (κ={kc}, T={T})",
+    )
     ax.legend(frameon=False)
 
     # (h) outcome reward: per-position bias of ctpo against two targets
     ax = axes[1, 3]
     opos = positions[(positions.experiment == "outcome") & (positions.off_policy == kf)]
-    for m, target, ls, mk in (("ctpo", "reinforce", "-", "o"), ("grpo", "reinforce", "-", "o"),
-                              ("gspo", "reinforce", "-", "o"), ("ctpo", "pi_prefix_mu_suffix", "--", "s"),
-                              ("seq", "reinforce", "--", "x"), ("grpo", "mu_state_surrogate", "--", "+")):
+    for m, target, ls, mk in (
+        ("ctpo", "reinforce", "-", "o"),
+        ("grpo", "reinforce", "-", "o"),
+        ("gspo", "reinforce", "-", "o"),
+        ("ctpo", "pi_prefix_mu_suffix", "--", "s"),
+        ("seq", "reinforce", "--", "x"),
+        ("grpo", "mu_state_surrogate", "--", "+"),
+    ):
         d = opos[(opos.method == m) & (opos.target == target)].sort_values("position")
         if not len(d) or m not in colours:
             continue
-        label = {"reinforce": "vs ∇J", "pi_prefix_mu_suffix": "vs π-prefix/μ-suffix target",
-                 "mu_state_surrogate": "vs PPO-surrogate target"}[target]
-        ax.plot(d.position, d.exact_rel_bias, ls, marker=mk, ms=5, mfc="none", color=colours[m], lw=1.3,
-                label=f"{m} {label}")
-    ax.set(xlabel="position t", ylabel="‖E ĝ_t − g_t‖ / ‖g_t‖ (position-t term)",
-           title=f"(h) outcome reward: bias per position (κ={kf})")
+        label = {
+            "reinforce": "vs ∇J",
+            "pi_prefix_mu_suffix": "vs π-prefix/μ-suffix target",
+            "mu_state_surrogate": "vs PPO-surrogate target",
+        }[target]
+        ax.plot(
+            d.position,
+            d.exact_rel_bias,
+            ls,
+            marker=mk,
+            ms=5,
+            mfc="none",
+            color=colours[m],
+            lw=1.3,
+            label=f"{m} {label}",
+        )
+    ax.set(
+        xlabel="position t",
+        ylabel="‖E ĝ_t − g_t‖ / ‖g_t‖ (position-t term)",
+        title=f"(h) outcome reward: bias per position (κ={kf})",
+    )
     ax.legend(frameon=False)
 
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -1129,8 +1351,11 @@ def plot_lab(out: Path, settings: LabSettings, methods: Sequence[str], bias: pd.
         if ax.get_xscale() == "symlog":
             ax.set_xlim(left=0)
             ax.xaxis.set_major_formatter(plain)
-    fig.suptitle("Estimator lab: exact values (lines) and Monte-Carlo 95% CIs (bars), gradients of "
-                 "ctpo.losses.compute_policy_loss", fontsize=10.5)
+    fig.suptitle(
+        "Estimator lab: exact values (lines) and Monte-Carlo 95% CIs (bars), gradients of "
+        "ctpo.losses.compute_policy_loss",
+        fontsize=10.5,
+    )
     for ext in ("png", "pdf"):
         path = out / f"lab_figure.{ext}"
         tmp = path.with_name(f".lab_figure.{os.getpid()}.{ext}")

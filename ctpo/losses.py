@@ -146,7 +146,13 @@ __all__ = [
 ]
 
 CLIP_MODES = ("fixed", "adaptive", "none")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+)
 GRAD_MODES = ("current", "prefix")
 POSITION_MODES = ("policy", "absolute")
 _GLOBAL_BATCH_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
@@ -234,8 +240,17 @@ def register_method(
     if clip_mode not in CLIP_MODES:
         raise ValueError(f"clip_mode={clip_mode!r} for {name!r}: choose one of {CLIP_MODES}")
     method = RatioMethod(
-        name, log_weight, clip_mode, clip_low, clip_high, eps_low, eps_high, gamma,
-        dual_clip_c, dual_clip_eps, description,
+        name,
+        log_weight,
+        clip_mode,
+        clip_low,
+        clip_high,
+        eps_low,
+        eps_high,
+        gamma,
+        dual_clip_c,
+        dual_clip_eps,
+        description,
     )
     METHODS[name] = method
     return method
@@ -244,16 +259,42 @@ def register_method(
 # The defaults mirror verl 0.9.1 (clip_ratio 0.2, dual clip_ratio_c 3.0 in its vanilla loss; no
 # dual clip in its GSPO loss; GSPO paper's 3e-4 / 4e-4) and the public CTPO release
 # (log-space 0.025 / 0.05, γ = 0.5, position-scaled dual clip 0.05).
-register_method("grpo", token_log_ratio, clip_mode="fixed", dual_clip_c=3.0,
-                description="token-level ratio r_t (GRPO / PPO)")
-register_method("seq", sequence_log_ratio, clip_mode="fixed", dual_clip_c=3.0,
-                description="full-sequence ratio ρ_{1:T} on every token")
-register_method("gspo", length_normalised_log_ratio, clip_mode="fixed", clip_low=3e-4, clip_high=4e-4,
-                description="GSPO length-normalised sequence ratio")
-register_method("ctpo", cumulative_log_ratio, clip_mode="adaptive", dual_clip_eps=0.05,
-                description="cumulative token ratio ρ_{1:t} with position-adaptive clipping")
-register_method("ctpo_fixed", cumulative_log_ratio, clip_mode="fixed", dual_clip_c=3.0,
-                description="cumulative token ratio ρ_{1:t} with GRPO's fixed clip (ablation)")
+register_method(
+    "grpo",
+    token_log_ratio,
+    clip_mode="fixed",
+    dual_clip_c=3.0,
+    description="token-level ratio r_t (GRPO / PPO)",
+)
+register_method(
+    "seq",
+    sequence_log_ratio,
+    clip_mode="fixed",
+    dual_clip_c=3.0,
+    description="full-sequence ratio ρ_{1:T} on every token",
+)
+register_method(
+    "gspo",
+    length_normalised_log_ratio,
+    clip_mode="fixed",
+    clip_low=3e-4,
+    clip_high=4e-4,
+    description="GSPO length-normalised sequence ratio",
+)
+register_method(
+    "ctpo",
+    cumulative_log_ratio,
+    clip_mode="adaptive",
+    dual_clip_eps=0.05,
+    description="cumulative token ratio ρ_{1:t} with position-adaptive clipping",
+)
+register_method(
+    "ctpo_fixed",
+    cumulative_log_ratio,
+    clip_mode="fixed",
+    dual_clip_c=3.0,
+    description="cumulative token ratio ρ_{1:t} with GRPO's fixed clip (ablation)",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +374,9 @@ class PolicyLossConfig:
             eps_high=m.eps_high if self.eps_high is None else self.eps_high,
             gamma=m.gamma if self.gamma is None else self.gamma,
             dual_clip_c=(self.dual_clip_c or 0.0) if explicit_dual else (m.dual_clip_c or 0.0) * method_dual,
-            dual_clip_eps=(self.dual_clip_eps or 0.0) if explicit_dual else (m.dual_clip_eps or 0.0) * method_dual,
+            dual_clip_eps=(self.dual_clip_eps or 0.0)
+            if explicit_dual
+            else (m.dual_clip_eps or 0.0) * method_dual,
         )
         out._validate()
         return out
@@ -371,7 +414,9 @@ class PolicyLossConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def position_index(mask: torch.Tensor, position: str = "policy", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def position_index(
+    mask: torch.Tensor, position: str = "policy", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Token position t ≥ 1: ``policy`` counts mask tokens up to and including the current one
     (clamped to ≥ 1 so mask-0 tokens before the first policy token get 1), shape (B, T);
     ``absolute`` is the column index + 1, shape (1, T)."""
@@ -449,7 +494,9 @@ def agg_loss(
     """
     dt = torch.promote_types(loss_mat.dtype, torch.float32)
     mask = loss_mask.to(dt)
-    coef = _row_coefficients(mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    coef = _row_coefficients(
+        mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
     return (loss_mat.to(dt) * mask * coef).sum()
 
 
@@ -480,8 +527,12 @@ class _LossWithPrecomputedGrad(torch.autograd.Function):
 
 
 def _check_inputs(old_log_prob, log_prob, advantages, response_mask) -> None:
-    for name, tensor in (("old_log_prob", old_log_prob), ("log_prob", log_prob),
-                         ("advantages", advantages), ("response_mask", response_mask)):
+    for name, tensor in (
+        ("old_log_prob", old_log_prob),
+        ("log_prob", log_prob),
+        ("advantages", advantages),
+        ("response_mask", response_mask),
+    ):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if log_prob.dim() != 2:
@@ -505,7 +556,9 @@ def _check_inputs(old_log_prob, log_prob, advantages, response_mask) -> None:
         raise TypeError("log_prob and old_log_prob must be floating point (float32, bfloat16, ...)")
 
 
-def _side_bounds(cfg: PolicyLossConfig) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+def _side_bounds(
+    cfg: PolicyLossConfig,
+) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
     """Each clip bound as (constant, coefficient of t^γ) in log space: (lower for A ≤ 0, upper for
     A > 0, dual upper for A < 0). ``(-inf, 0)`` / ``(inf, 0)`` mean no bound."""
     inf = math.inf
@@ -525,18 +578,24 @@ def _side_bounds(cfg: PolicyLossConfig) -> tuple[tuple[float, float], tuple[floa
     return lower, upper, dual
 
 
-def _row_bound(pos: torch.Tensor, if_pos: tuple[float, float], if_not: tuple[float, float], dtype: torch.dtype):
+def _row_bound(
+    pos: torch.Tensor, if_pos: tuple[float, float], if_not: tuple[float, float], dtype: torch.dtype
+):
     """A bound chosen by the advantage's sign, as (constant, t^γ-coefficient or None), shaped like ``pos``."""
 
     def pick(a: float, b: float) -> torch.Tensor:
-        return torch.where(pos, torch.tensor(a, dtype=dtype, device=pos.device),
-                           torch.tensor(b, dtype=dtype, device=pos.device))
+        return torch.where(
+            pos,
+            torch.tensor(a, dtype=dtype, device=pos.device),
+            torch.tensor(b, dtype=dtype, device=pos.device),
+        )
 
     return pick(if_pos[0], if_not[0]), (pick(if_pos[1], if_not[1]) if (if_pos[1] or if_not[1]) else None)
 
 
-def _scaled_bound(scale: torch.Tensor, const: torch.Tensor, coef: torch.Tensor, out: torch.Tensor,
-                  has_const: bool) -> torch.Tensor:
+def _scaled_bound(
+    scale: torch.Tensor, const: torch.Tensor, coef: torch.Tensor, out: torch.Tensor, has_const: bool
+) -> torch.Tensor:
     """out ← coef·t^γ + const (``out`` may be ``scale`` itself)."""
     torch.mul(scale, coef, out=out)
     if has_const:  # only with a constant dual clip in adaptive mode (or a scaled one in fixed mode)
@@ -546,7 +605,11 @@ def _scaled_bound(scale: torch.Tensor, const: torch.Tensor, coef: torch.Tensor, 
 
 def _position_scale(mask: torch.Tensor, position: str, gamma: float) -> torch.Tensor:
     """t^γ as a fresh (B, T) tensor of ``mask``'s dtype (0 on mask-0 tokens before the first policy token)."""
-    t = mask.cumsum(-1) if position == "policy" else position_index(mask, position, mask.dtype).expand_as(mask).clone()
+    t = (
+        mask.cumsum(-1)
+        if position == "policy"
+        else position_index(mask, position, mask.dtype).expand_as(mask).clone()
+    )
     return t.sqrt_() if gamma == 0.5 else t.pow_(gamma)
 
 
@@ -638,7 +701,11 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
         lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b, cdt)
         up_const, up_coef = _row_bound(pos, upper_b, dual_b, cdt)
         cap = cfg.max_log_weight
-        scale = _position_scale(mask, cfg.position, cfg.gamma) if (lo_coef is not None or up_coef is not None) else None
+        scale = (
+            _position_scale(mask, cfg.position, cfg.gamma)
+            if (lo_coef is not None or up_coef is not None)
+            else None
+        )
         if lo_coef is None:
             torch.maximum(x, lo_const, out=y)
         else:
@@ -727,13 +794,17 @@ def compute_policy_loss(
     elif isinstance(cfg, Mapping):
         cfg = PolicyLossConfig.from_dict(cfg)
     elif not isinstance(cfg, PolicyLossConfig):
-        raise TypeError(f"cfg must be a PolicyLossConfig or a mapping of its fields, got {type(cfg).__name__}")
+        raise TypeError(
+            f"cfg must be a PolicyLossConfig or a mapping of its fields, got {type(cfg).__name__}"
+        )
     cfg = cfg.resolved()
     _check_inputs(old_log_prob, log_prob, advantages, response_mask)
     gbi = dict(global_batch_info or {})
     unknown = sorted(set(gbi) - set(_GLOBAL_BATCH_KEYS))
     if unknown:
-        raise ValueError(f"unknown global_batch_info key(s) {unknown}; expected a subset of {list(_GLOBAL_BATCH_KEYS)}")
+        raise ValueError(
+            f"unknown global_batch_info key(s) {unknown}; expected a subset of {list(_GLOBAL_BATCH_KEYS)}"
+        )
     if cfg.grad == "current":
         loss, parts = _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
     else:
@@ -744,8 +815,16 @@ def compute_policy_loss(
             f"policy loss is {vals[-1]}: an input holds inf/nan (log_prob, old_log_prob or advantages, "
             "including at mask-0 positions, which must be finite); check the rollout log-probs and padding"
         )
-    keys = ["clip/frac_low", "clip/frac_high", "clip/frac_dual", "clip/frac", "ratio/mean", "ratio/max",
-            "ratio/log_mean", *(f"ratio/p{round(q * 100):02d}" for q in cfg.ratio_quantiles),
-            "ratio/approx_kl", "ratio/tokens"]
+    keys = [
+        "clip/frac_low",
+        "clip/frac_high",
+        "clip/frac_dual",
+        "clip/frac",
+        "ratio/mean",
+        "ratio/max",
+        "ratio/log_mean",
+        *(f"ratio/p{round(q * 100):02d}" for q in cfg.ratio_quantiles),
+        "ratio/approx_kl",
+        "ratio/tokens",
+    ]
     return loss, dict(zip(keys, vals[:-1]))
-

@@ -171,10 +171,14 @@ def _math_verify(pred: str, gold: str) -> tuple[bool, str, str]:
     from math_verify import parse, verify
 
     # Timeouts are ours (see the module docstring): math-verify's alarms would cancel our timer.
-    golds = [g for g in (parse("\\boxed{" + s + "}", parsing_timeout=None) for s in _percent_forms(gold)) if g]
+    golds = [
+        g for g in (parse("\\boxed{" + s + "}", parsing_timeout=None) for s in _percent_forms(gold)) if g
+    ]
     if not golds:
         return False, "error", f"gold answer could not be parsed: {gold[:80]!r}"
-    preds = [a for a in (parse("\\boxed{" + s + "}", parsing_timeout=None) for s in _percent_forms(pred)) if a]
+    preds = [
+        a for a in (parse("\\boxed{" + s + "}", parsing_timeout=None) for s in _percent_forms(pred)) if a
+    ]
     if not preds:
         return False, "ok", "answer could not be parsed"
     correct = any(verify(g, a, timeout_seconds=None) for g in golds for a in preds)

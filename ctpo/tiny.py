@@ -53,12 +53,27 @@ space shared by every number. Copying ``12 * 52 + 443`` from the problem into co
 one-token induction (after `` * `` comes ``52``), which tiny models learn quickly."""
 
 PRESETS: dict[str, dict[str, int]] = {
-    "xs": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "intermediate_size": 192},
-    "s": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-          "intermediate_size": 384},
-    "m": {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 3,
-          "intermediate_size": 512},
+    "xs": {
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 192,
+    },
+    "s": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 384,
+    },
+    "m": {
+        "hidden_size": 192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 3,
+        "intermediate_size": 512,
+    },
 }
 
 
@@ -81,25 +96,40 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
 
     groups = digit_groups()
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(rf"[0-9]{{1,{DIGIT_GROUP}}}"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(rf"[0-9]{{1,{DIGIT_GROUP}}}"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     special = [PAD_TOKEN, EOS_TOKEN, *EXTRA_SPECIAL_TOKENS]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     # every digit group 3x (above min_frequency), so each becomes a token whatever the corpus holds
     tok.train_from_iterator([*texts, *(" ".join(groups) for _ in range(3))], trainer=trainer)
     missing = [g for g in groups if len(tok.encode(g).ids) != 1]
     if missing:
-        raise ValueError(f"vocab_size={vocab_size} is too small: {len(missing)} digit groups (e.g. {missing[:3]}) "
-                         f"are not single tokens; use a vocab_size of at least {DEFAULT_VOCAB_SIZE}")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: {len(missing)} digit groups (e.g. {missing[:3]}) "
+            f"are not single tokens; use a vocab_size of at least {DEFAULT_VOCAB_SIZE}"
+        )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=None, unk_token=None,
-        additional_special_tokens=list(EXTRA_SPECIAL_TOKENS), padding_side="left",
-        model_max_length=model_max_length, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=list(EXTRA_SPECIAL_TOKENS),
+        padding_side="left",
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -136,8 +166,13 @@ def build_model(preset: str, tokenizer, seed: int = 0, **overrides: Any):
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).float()
     model.generation_config = GenerationConfig(
-        do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
     )
     return model
 

@@ -319,7 +319,10 @@ PAIRED_CONFIG = {
     "seeds": [0, 1],
     "data": {
         "train": {"source": "arith", "split": "train", "n": 8},
-        "benchmarks": {"b1": {"source": "arith", "split": "easy"}, "b2": {"source": "arith", "split": "hard"}},
+        "benchmarks": {
+            "b1": {"source": "arith", "split": "easy"},
+            "b2": {"source": "arith", "split": "hard"},
+        },
     },
     "models": {"m": {"preset": "xs"}},
     "methods": {
@@ -365,7 +368,9 @@ def paired_results(tmp_path):
     root = tmp_path / "results"
     for bench, table, prefix in (("b1", B1, "p"), ("b2", B2, "q")):
         for (method, seed), counts in table.items():
-            write_samples(root / "eval" / "m" / method / f"s{seed}" / bench / "samples.jsonl", counts, prefix=prefix)
+            write_samples(
+                root / "eval" / "m" / method / f"s{seed}" / bench / "samples.jsonl", counts, prefix=prefix
+            )
     return root
 
 
@@ -379,7 +384,9 @@ def test_paired_difference_hand_computed(paired_results):
     assert d["se"] == pytest.approx(100 * math.sqrt((5 * (1 / 12) ** 2 + (0.5 - 1 / 12) ** 2) / 5 / 6))
     assert d["se"] == pytest.approx(8.3333, abs=1e-4)
     # the unpaired SE of the same difference is large: problem difficulty, which pairing cancels
-    unpaired = 100 * math.sqrt((np.var([1, 1, 0, 0, 0.5, 0], ddof=1) + np.var([1, 1, 0, 0, 0, 0], ddof=1)) / 6)
+    unpaired = 100 * math.sqrt(
+        (np.var([1, 1, 0, 0, 0.5, 0], ddof=1) + np.var([1, 1, 0, 0, 0, 0], ddof=1)) / 6
+    )
     assert d["se_unpaired"] == pytest.approx(unpaired) and unpaired > 3 * d["se"]
 
 
@@ -418,7 +425,9 @@ def test_paired_problem_mismatch_names_both_files(paired_results):
         analysis.load_problem_scores(paired_results)  # against grpo's other seed
     msg = str(err.value)
     assert str(grpo) in msg and str(paired_results / "eval/m/grpo/s1/b2/samples.jsonl") in msg and "q3" in msg
-    write_samples(paired_results / "eval" / "m" / "grpo" / "s1" / "b2" / "samples.jsonl", [2, 1, 0], prefix="q")
+    write_samples(
+        paired_results / "eval" / "m" / "grpo" / "s1" / "b2" / "samples.jsonl", [2, 1, 0], prefix="q"
+    )
     scores = analysis.load_problem_scores(paired_results)  # both grpo seeds agree; base has q3
     with pytest.raises(analysis.AnalysisError, match="do not hold the same problems") as err:
         analysis.table2_paired(PAIRED_CONFIG, scores)
@@ -462,5 +471,8 @@ def test_figure2_error_bars_are_what_the_caption_says(results, tmp_path, monkeyp
 def test_figure1_panel_titles_name_the_pooled_steps():
     frame = pd.DataFrame({"window_first_step": [11, 11], "n_sequences": [160, 160]})
     assert figures._step_title(frame, 15) == "steps 11–15  (160 sequences)"
-    assert figures._step_title(frame.assign(window_first_step=15, n_sequences=32), 15) == "step 15  (32 sequences)"
+    assert (
+        figures._step_title(frame.assign(window_first_step=15, n_sequences=32), 15)
+        == "step 15  (32 sequences)"
+    )
     assert figures._step_title(pd.DataFrame({"t_mean": [1.0]}), 15) == "step 15"  # files before diag_window

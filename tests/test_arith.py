@@ -32,7 +32,9 @@ def solve_from_text(text: str) -> int:
             v = v - int(mm.group(1)) if v % 2 else v + int(mm.group(1))
         elif mm := re.fullmatch(rf"If {x} is greater than (\d+), subtract (\d+); otherwise add (\d+)\.", s):
             v = v - int(mm.group(2)) if v > int(mm.group(1)) else v + int(mm.group(3))
-        elif mm := re.fullmatch(rf"If the last digit of {x} is less than 5, multiply it by (\d+); otherwise subtract (\d+)\.", s):
+        elif mm := re.fullmatch(
+            rf"If the last digit of {x} is less than 5, multiply it by (\d+); otherwise subtract (\d+)\.", s
+        ):
             v = v * int(mm.group(1)) if str(v)[-1] in "01234" else v - int(mm.group(2))
         elif mm := re.fullmatch(rf"Multiply {x} by (\d+) and add (\d+)\.", s):
             v = v * int(mm.group(1)) + int(mm.group(2))
@@ -138,7 +140,9 @@ def test_demonstration_turns_reach_the_answer(style):
 
 def test_styles_respect_turn_budget():
     recs = arith.load_split("train", n=300, seed=0)
-    styles = arith.demonstration_styles(300, random.Random(0), {"tool": 0.0, "error": 1.0, "direct": 0.0}, 5, recs)
+    styles = arith.demonstration_styles(
+        300, random.Random(0), {"tool": 0.0, "error": 1.0, "direct": 0.0}, 5, recs
+    )
     for r, s in zip(recs, styles):
         assert s == ("error" if r["extra"]["n_tool_calls"] + 2 <= 5 else "tool")
 
@@ -172,8 +176,14 @@ def test_demonstrations_are_real_tir_episodes(pool):
     script = {d["problem"]: [s["text"] for s in d["segments"] if s["policy"]] for d in demos}
     for turns in script.values():
         turns[-1] += tokenizer.eos_token
-    episodes = run_episodes(ScriptedGenerator(tokenizer, script), tokenizer, [d["problem"] for d in demos], cfg,
-                            pool, SamplingParams())
+    episodes = run_episodes(
+        ScriptedGenerator(tokenizer, script),
+        tokenizer,
+        [d["problem"] for d in demos],
+        cfg,
+        pool,
+        SamplingParams(),
+    )
     for d, ep in zip(demos, episodes):
         ex = tokenize_demonstration(d, tokenizer, cfg)
         n = len(ep.prompt_ids)

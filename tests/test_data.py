@@ -33,9 +33,15 @@ def _check_schema(records, source, split):
     assert len({r["id"] for r in records}) == len(records)
 
 
-@pytest.mark.parametrize(("name", "split", "n_rows"), [
-    ("aime25", "test", 3), ("aime26", "test", 2), ("hmmt_nov_2025", "train", 3), ("brumo_2025", "train", 2),
-])
+@pytest.mark.parametrize(
+    ("name", "split", "n_rows"),
+    [
+        ("aime25", "test", 3),
+        ("aime26", "test", 2),
+        ("hmmt_nov_2025", "train", 3),
+        ("brumo_2025", "train", 2),
+    ],
+)
 def test_benchmarks_load_in_the_normalised_schema(data_dir, name, split, n_rows):
     records = data.load(name)
     _check_schema(records, name, split)
@@ -74,7 +80,9 @@ def test_local_file_and_subset_are_deterministic(tmp_path):
     assert a == b and len(a) == 2 and all(r in all_rows for r in a)
     # a pre-fetched folder (as `hf download ... --local-dir DIR` leaves it) works the same
     assert data.load("hmmt_nov_2025", path=FIXTURES / "MathArena" / "hmmt_nov_2025") == data.load(
-        "hmmt_nov_2025", path=FIXTURES / "MathArena" / "hmmt_nov_2025" / "data" / "train-00000-of-00001.parquet")
+        "hmmt_nov_2025",
+        path=FIXTURES / "MathArena" / "hmmt_nov_2025" / "data" / "train-00000-of-00001.parquet",
+    )
 
 
 def test_offline_miss_says_how_to_prefetch(monkeypatch, tmp_path):
@@ -98,7 +106,14 @@ def test_verl_parquet_has_verl_schema(data_dir, tmp_path):
     records = data.load("hmmt_nov_2025")
     out = data.to_verl_parquet(records, tmp_path / "hmmt.parquet", system_prompt="SYSTEM")
     frame = pd.read_parquet(out)
-    assert list(frame.columns) == ["data_source", "prompt", "ability", "reward_model", "extra_info", "agent_name"]
+    assert list(frame.columns) == [
+        "data_source",
+        "prompt",
+        "ability",
+        "reward_model",
+        "extra_info",
+        "agent_name",
+    ]
     row = frame.iloc[1]
     assert row["data_source"] == "hmmt_nov_2025"
     assert [m["role"] for m in row["prompt"]] == ["system", "user"]
@@ -163,7 +178,22 @@ def test_data_command_writes_verl_parquet_with_the_tir_system_prompt(tmp_path, d
 
     cfg = _config(tmp_path, {"aime26": {"source": "aime26"}})
     out, parquet = tmp_path / "aime26.jsonl", tmp_path / "aime26.parquet"
-    assert main(["data", "--config", str(cfg), "--dataset", "aime26", "--out", str(out), "--parquet", str(parquet)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "--config",
+                str(cfg),
+                "--dataset",
+                "aime26",
+                "--out",
+                str(out),
+                "--parquet",
+                str(parquet),
+            ]
+        )
+        == 0
+    )
     frame = pd.read_parquet(parquet)
     assert len(frame) == 2 and frame.iloc[0]["prompt"][0]["content"] == TIRConfig().system_prompt
     assert frame.iloc[0]["reward_model"]["ground_truth"] == "81"

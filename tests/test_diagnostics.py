@@ -11,8 +11,18 @@ import torch
 
 from ctpo.diagnostics import PositionStats
 
-CFG = dict(exact_limit=8, per_octave=4, width=5, max_position=40, clip_low=0.2, clip_high=0.25,
-           eps_low=0.1, eps_high=0.15, gamma=0.5, max_tokens=None)
+CFG = dict(
+    exact_limit=8,
+    per_octave=4,
+    width=5,
+    max_position=40,
+    clip_low=0.2,
+    clip_high=0.25,
+    eps_low=0.1,
+    eps_high=0.15,
+    gamma=0.5,
+    max_tokens=None,
+)
 
 
 def make_batch(b=6, t=60, seed=0, noise=0.25, dtype=torch.float32):
@@ -27,7 +37,9 @@ def make_batch(b=6, t=60, seed=0, noise=0.25, dtype=torch.float32):
     return old.to(dtype), new.to(dtype), mask
 
 
-def bucket_of(t: int, spacing: str, exact_limit: int, per_octave: int, width: int, max_position: int, **_) -> int:
+def bucket_of(
+    t: int, spacing: str, exact_limit: int, per_octave: int, width: int, max_position: int, **_
+) -> int:
     """Bucket index from the documented rule, independent of the implementation's edge table."""
     n_exact = exact_limit
     if spacing == "linear":
@@ -63,9 +75,16 @@ def brute_force(old, new, mask, spacing, position, **cfg):
     for k, v in rows.items():
         arr = np.array(v, dtype=np.float64)
         n = len(arr)
-        out[k] = dict(count=n, t_mean=arr[:, 0].mean(), mean=arr[:, 1].mean(), std=arr[:, 1].std(),
-                      clip_fixed_low=(arr[:, 2] == 1).mean(), clip_fixed_high=(arr[:, 2] == 2).mean(),
-                      clip_adaptive_low=(arr[:, 3] == 1).mean(), clip_adaptive_high=(arr[:, 3] == 2).mean())
+        out[k] = dict(
+            count=n,
+            t_mean=arr[:, 0].mean(),
+            mean=arr[:, 1].mean(),
+            std=arr[:, 1].std(),
+            clip_fixed_low=(arr[:, 2] == 1).mean(),
+            clip_fixed_high=(arr[:, 2] == 2).mean(),
+            clip_adaptive_low=(arr[:, 3] == 1).mean(),
+            clip_adaptive_high=(arr[:, 3] == 2).mean(),
+        )
     return out
 
 
@@ -90,8 +109,15 @@ def test_matches_brute_force(spacing, position):
     for k, r in ref.items():
         row = frame.loc[k]
         assert row["count"] == r["count"]
-        for col in ["t_mean", "mean", "std", "clip_fixed_low", "clip_fixed_high", "clip_adaptive_low",
-                    "clip_adaptive_high"]:
+        for col in [
+            "t_mean",
+            "mean",
+            "std",
+            "clip_fixed_low",
+            "clip_fixed_high",
+            "clip_adaptive_low",
+            "clip_adaptive_high",
+        ]:
             assert row[col] == pytest.approx(r[col], rel=1e-5, abs=1e-6), (k, col)
         assert row["clip_fixed"] == pytest.approx(r["clip_fixed_low"] + r["clip_fixed_high"])
         assert row["clip_adaptive"] == pytest.approx(r["clip_adaptive_low"] + r["clip_adaptive_high"])
@@ -106,7 +132,16 @@ def test_bucket_edges():
     log = PositionStats(exact_limit=256, per_octave=16, max_position=32768)
     assert log.n_buckets == 256 + 7 * 16 + 1
     assert np.all(np.diff(log.t_lo) >= 1) and log.t_lo[0] == 1
-    for t in [257, 300, 511, 512, 513, 8000, 32768, 40000]:  # every position lands in the bucket the rule says
+    for t in [
+        257,
+        300,
+        511,
+        512,
+        513,
+        8000,
+        32768,
+        40000,
+    ]:  # every position lands in the bucket the rule says
         k = int(np.searchsorted(log.t_lo, t, side="right") - 1)
         assert k == bucket_of(t, "log", 256, 16, 256, 32768)
 
@@ -189,8 +224,16 @@ def test_fit_sqrt_exact_synthetic():
     for i in range(stats.n_buckets):
         t = float(i + 1)
         n = 10.0 if i < 64 else 0.0
-        vals = dict(count=n, sum=0.0, sumsq=n * c * c * t, tsum=n * t, fixed_low=0.0, fixed_high=0.0,
-                    adaptive_low=0.0, adaptive_high=0.0)
+        vals = dict(
+            count=n,
+            sum=0.0,
+            sumsq=n * c * c * t,
+            tsum=n * t,
+            fixed_low=0.0,
+            fixed_high=0.0,
+            adaptive_low=0.0,
+            adaptive_high=0.0,
+        )
         scalars.update({f"p/b{i:03d}/{k}": v for k, v in vals.items()})
     rebuilt = PositionStats.from_scalars(scalars, "p", exact_limit=64, max_position=64)
     fit_c, r2 = rebuilt.fit_sqrt()
@@ -205,7 +248,9 @@ def test_fit_sqrt_on_a_random_walk():
     old = torch.zeros(3000, 200)
     new = sigma * torch.randn(3000, 200, generator=g)
     mask = torch.ones(3000, 200, dtype=torch.bool)
-    stats = PositionStats(exact_limit=16, per_octave=8, max_position=200, max_tokens=None).update(old, new, mask)
+    stats = PositionStats(exact_limit=16, per_octave=8, max_position=200, max_tokens=None).update(
+        old, new, mask
+    )
     c, r2 = stats.fit_sqrt()
     assert c == pytest.approx(sigma, rel=0.03)
     assert r2 > 0.98

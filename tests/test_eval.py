@@ -19,9 +19,9 @@ def test_pass_at_k_hand_values():
     assert pass_at_k(4, 0, 1) == 0.0
     assert pass_at_k(4, 4, 4) == 1.0
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)      # 1 - C(3,2)/C(4,2)
-    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)      # 1 - C(2,2)/C(4,2)
-    assert pass_at_k(4, 2, 3) == pytest.approx(1.0)            # n - c < k
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert pass_at_k(4, 2, 3) == pytest.approx(1.0)  # n - c < k
     assert pass_at_k(8, 3, 4) == pytest.approx(1 - math.comb(5, 4) / math.comb(8, 4))
     assert pass_at_k(32, 5, 7) == pytest.approx(1 - math.comb(27, 7) / math.comb(32, 7))
     with pytest.raises(ValueError):
@@ -67,8 +67,10 @@ def test_run_eval_with_scripted_generator(pool):
     from ctpo.tir.episode import ScriptedGenerator
     from ctpo.tir.protocol import TIRConfig
 
-    records = [{"id": "p0", "problem": "What is 12 * 34?", "answer": "408"},
-               {"id": "p1", "problem": "What is 7 * 6?", "answer": "42"}]
+    records = [
+        {"id": "p0", "problem": "What is 12 * 34?", "answer": "408"},
+        {"id": "p1", "problem": "What is 7 * 6?", "answer": "42"},
+    ]
     # p0: uses the tool and copies its output (right); p1: answers by hand (wrong)
     script = {
         "What is 12 * 34?": ["Compute.\n```python\nprint(12 * 34)\n```\n", "So \\boxed{408}.\x00"],
@@ -113,14 +115,22 @@ def _copies_script(answers: dict[str, list[str]], tool: dict[str, str]):
     return script
 
 
-EASY = [{"id": "e0", "problem": "What is 2 + 2?", "answer": "4"},
-        {"id": "e1", "problem": "What is 3 + 3?", "answer": "6"}]
-HARD = [{"id": "h0", "problem": "What is 12 * 34?", "answer": "408"},
-        {"id": "h1", "problem": "What is 7 * 6?", "answer": "42"},
-        {"id": "h2", "problem": "What is 9 * 9?", "answer": "81"}]
+EASY = [
+    {"id": "e0", "problem": "What is 2 + 2?", "answer": "4"},
+    {"id": "e1", "problem": "What is 3 + 3?", "answer": "6"},
+]
+HARD = [
+    {"id": "h0", "problem": "What is 12 * 34?", "answer": "408"},
+    {"id": "h1", "problem": "What is 7 * 6?", "answer": "42"},
+    {"id": "h2", "problem": "What is 9 * 9?", "answer": "81"},
+]
 # per copy: e0 2/3 right, e1 1/3, h0 3/3 (through the tool), h1 0/3, h2 2/3
-ANSWERS = {"What is 2 + 2?": ["4", "4", "5"], "What is 3 + 3?": ["6", "0", "0"],
-           "What is 7 * 6?": ["41"], "What is 9 * 9?": ["81", "80", "81"]}
+ANSWERS = {
+    "What is 2 + 2?": ["4", "4", "5"],
+    "What is 3 + 3?": ["6", "0", "0"],
+    "What is 7 * 6?": ["41"],
+    "What is 9 * 9?": ["81", "80", "81"],
+}
 TOOL = {"What is 12 * 34?": ("12 * 34", "408")}
 
 
@@ -133,10 +143,13 @@ def test_run_eval_many_batches_every_benchmark_and_splits_back(pool):
     gen = ScriptedGenerator(_Tok(), _copies_script(ANSWERS, TOOL))
     with Grader(workers=1) as grader:
         results = run_eval_many(gen, _Tok(), {"easy": EASY, "hard": HARD}, 3, cfg, pool, grader)
-        alone = run_eval(ScriptedGenerator(_Tok(), _copies_script(ANSWERS, TOOL)), _Tok(), HARD, 3, cfg, pool,
-                         grader)
+        alone = run_eval(
+            ScriptedGenerator(_Tok(), _copies_script(ANSWERS, TOOL)), _Tok(), HARD, 3, cfg, pool, grader
+        )
         gen_apart = ScriptedGenerator(_Tok(), _copies_script(ANSWERS, TOOL))
-        apart = run_eval_many(gen_apart, _Tok(), {"easy": EASY, "hard": HARD}, 3, cfg, pool, grader, batched=False)
+        apart = run_eval_many(
+            gen_apart, _Tok(), {"easy": EASY, "hard": HARD}, 3, cfg, pool, grader, batched=False
+        )
         with pytest.raises(ValueError, match="'hard'"):
             run_eval_many(gen, _Tok(), {"easy": EASY, "hard": []}, 3, cfg, pool, grader)
     # one generate call per turn for both benchmarks: 5 problems x 3 copies, then h0's 3 tool follow-ups
@@ -154,7 +167,9 @@ def test_run_eval_many_batches_every_benchmark_and_splits_back(pool):
         correct = [s["correct"] for s in samples]
         assert summary["n_problems"] == len(records) and summary["k"] == 3
         assert summary["avg_at_k"] == pytest.approx(sum(correct) / len(correct))
-        assert summary["mean_tool_calls"] == pytest.approx(sum(s["tool_calls"] for s in samples) / len(samples))
+        assert summary["mean_tool_calls"] == pytest.approx(
+            sum(s["tool_calls"] for s in samples) / len(samples)
+        )
         assert summary["mean_length"] == pytest.approx(sum(s["length"] for s in samples) / len(samples))
         assert summary["batched_with"] == [b for b in ("easy", "hard") if b != name]
 
@@ -170,8 +185,9 @@ def test_run_eval_many_batches_every_benchmark_and_splits_back(pool):
     assert easy["rollout_s"] == hard["rollout_s"] and easy["eval_s"] == hard["eval_s"]
     # evaluated alone, the same benchmark gives the same samples and statistics
     timing = {"rollout_s", "eval_s", "batched_with"}
-    assert {k: v for k, v in alone[0].items() if k not in timing} == \
-        {k: v for k, v in hard.items() if k not in timing}
+    assert {k: v for k, v in alone[0].items() if k not in timing} == {
+        k: v for k, v in hard.items() if k not in timing
+    }
     assert alone[1] == results["hard"][1] and alone[0]["batched_with"] == []
     # batched=False: one batch per benchmark, in order (easy's one turn, then hard's two)
     assert gen_apart.calls == [6, 9, 3]
@@ -190,7 +206,9 @@ def test_batch_benchmarks_default_follows_the_backend():
 
 
 def _ctpo(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "ctpo", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ctpo", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +219,9 @@ def micro_config(tmp_path_factory):
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "tiny.yaml").read_text())
     cfg["results_dir"] = str(root / "results")
     cfg["mlflow"] = {"enabled": False}
-    cfg["models"] = {"micro": {"preset": "xs", "sft": {"n_demos": 64, "steps": 4, "batch_size": 4, "copy_steps": 2}}}
+    cfg["models"] = {
+        "micro": {"preset": "xs", "sft": {"n_demos": 64, "steps": 4, "batch_size": 4, "copy_steps": 2}}
+    }
     cfg["eval"] = {**cfg.get("eval", {}), "max_new_tokens": 24}
     cfg["tir"] = {**cfg.get("tir", {}), "max_response_tokens": 96}
     path = root / "micro.yaml"
@@ -225,8 +245,21 @@ def test_sft_and_eval_cli_smoke(micro_config, micro_base, tmp_path):
     assert (base / "config.json").is_file() and (base / "tokenizer.json").is_file()
 
     out = tmp_path / "eval"
-    r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(base), "--benchmark", "arith-easy",
-              "--out", str(out), "--k", "2", "--n", "3")
+    r = _ctpo(
+        "eval",
+        "--config",
+        str(micro_config),
+        "--model-path",
+        str(base),
+        "--benchmark",
+        "arith-easy",
+        "--out",
+        str(out),
+        "--k",
+        "2",
+        "--n",
+        "3",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["k"] == 2 and s["n_problems"] == 3 and s["model"] == "micro" and s["method"] == "base"
@@ -251,9 +284,11 @@ def test_run_eval_many_with_a_model_is_deterministic(micro_config, micro_base, p
     tir, params = TIRConfig.from_dict(config["tir"]), sampling_from_config(config["eval"])
     benchmarks = {b: datasets.load_entry(config, b)[:3] for b in ("arith-easy", "arith-hard")}
     with Grader(workers=0) as grader:
+
         def many(batched):
-            return run_eval_many(gen, gen.tokenizer, benchmarks, 2, tir, pool, grader, params=params,
-                                 batched=batched)
+            return run_eval_many(
+                gen, gen.tokenizer, benchmarks, 2, tir, pool, grader, params=params, batched=batched
+            )
 
         first, second, apart = many(True), many(True), many(False)
         alone = run_eval(gen, gen.tokenizer, benchmarks["arith-hard"], 2, tir, pool, grader, params=params)
@@ -268,9 +303,25 @@ def test_eval_cli_several_benchmarks_in_one_call(micro_config, micro_base, tmp_p
 
     names = ["arith-easy", "arith-medium", "arith-hard"]
     out = tmp_path / "many"
-    r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(micro_base),
-              "--benchmark", "arith-easy,arith-medium", "--benchmark", "arith-hard", "--batch-benchmarks", "together",
-              "--out", str(out), "--k", "2", "--n", "3")
+    r = _ctpo(
+        "eval",
+        "--config",
+        str(micro_config),
+        "--model-path",
+        str(micro_base),
+        "--benchmark",
+        "arith-easy,arith-medium",
+        "--benchmark",
+        "arith-hard",
+        "--batch-benchmarks",
+        "together",
+        "--out",
+        str(out),
+        "--k",
+        "2",
+        "--n",
+        "3",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3 benchmarks in one batched run" in r.stdout
     assert not (out / "summary.json").exists()  # several benchmarks: one folder each
@@ -286,8 +337,21 @@ def test_eval_cli_several_benchmarks_in_one_call(micro_config, micro_base, tmp_p
 
     # the hf backend's default: one batch per benchmark, in one process
     out = tmp_path / "apart"
-    r = _ctpo("eval", "--config", str(micro_config), "--model-path", str(micro_base),
-              "--benchmark", "arith-easy,arith-hard", "--out", str(out), "--k", "1", "--n", "2")
+    r = _ctpo(
+        "eval",
+        "--config",
+        str(micro_config),
+        "--model-path",
+        str(micro_base),
+        "--benchmark",
+        "arith-easy,arith-hard",
+        "--out",
+        str(out),
+        "--k",
+        "1",
+        "--n",
+        "2",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 benchmarks, one batch each, one process" in r.stdout
     for name in ("arith-easy", "arith-hard"):
@@ -300,9 +364,16 @@ def test_sft_is_deterministic_and_masks_tool_output(pool, tmp_path):
 
     from ctpo.train.sft import run_sft
 
-    config = {"study": "t", "results_dir": str(tmp_path), "mlflow": {"enabled": False}, "tir": {"system_prompt": ""},
-              "data": {"train": {"source": "arith", "split": "train", "n": 16, "seed": 0}},
-              "models": {"x": {"preset": "xs", "sft": {"n_demos": 16, "steps": 3, "batch_size": 4, "copy_steps": 2}}}}
+    config = {
+        "study": "t",
+        "results_dir": str(tmp_path),
+        "mlflow": {"enabled": False},
+        "tir": {"system_prompt": ""},
+        "data": {"train": {"source": "arith", "split": "train", "n": 16, "seed": 0}},
+        "models": {
+            "x": {"preset": "xs", "sft": {"n_demos": 16, "steps": 3, "batch_size": 4, "copy_steps": 2}}
+        },
+    }
     a = run_sft(config, "x", tmp_path / "a", threads=1, progress=False, pool=pool)
     b = run_sft(config, "x", tmp_path / "b", threads=1, progress=False, pool=pool)
     assert a["final_loss"] == b["final_loss"] and a["policy_tokens"] == b["policy_tokens"]
@@ -327,9 +398,16 @@ def test_eval_labels_from_run_and_base(tmp_path):
     assert _labels(args) == {"model": "tiny-s", "method": "base", "seed": 3, "train_run_id": None}
     run = tmp_path / "run"
     run.mkdir()
-    (run / "DONE.json").write_text(json.dumps({"model": "tiny-m", "method": "ctpo", "seed": 1, "mlflow_run_id": "abc"}))
-    args = argparse.Namespace(model_path=str(run / "final"), run=str(run), model_name=None, method=None, seed=None)
+    (run / "DONE.json").write_text(
+        json.dumps({"model": "tiny-m", "method": "ctpo", "seed": 1, "mlflow_run_id": "abc"})
+    )
+    args = argparse.Namespace(
+        model_path=str(run / "final"), run=str(run), model_name=None, method=None, seed=None
+    )
     assert _labels(args) == {"model": "tiny-m", "method": "ctpo", "seed": 1, "train_run_id": "abc"}
     with pytest.raises(SystemExit, match="has not finished"):
-        _labels(argparse.Namespace(model_path=str(base), run=str(tmp_path / "nope"), model_name=None, method=None,
-                                   seed=None))
+        _labels(
+            argparse.Namespace(
+                model_path=str(base), run=str(tmp_path / "nope"), model_name=None, method=None, seed=None
+            )
+        )

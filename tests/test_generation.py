@@ -39,7 +39,11 @@ def peaked_model(tokenizer):
 
 
 def _prompts(tokenizer):
-    texts = ["Let n = 738 * 46 - 125.", "Hi", "Let x = 12 * 3 + 4. If x is even, halve it; otherwise add 9. What"]
+    texts = [
+        "Let n = 738 * 46 - 125.",
+        "Hi",
+        "Let x = 12 * 3 + 4. If x is even, halve it; otherwise add 9. What",
+    ]
     return [tokenizer.encode(t) for t in texts]
 
 
@@ -85,8 +89,12 @@ def test_n_repeats_prompts(tokenizer, peaked_model):
 
 def test_greedy_engines_agree(tokenizer, peaked_model):
     p = _prompts(tokenizer)
-    a = HFGenerator(peaked_model, tokenizer, engine="loop").generate(p, _Sampling(temperature=0.0, max_new_tokens=12))
-    b = HFGenerator(peaked_model, tokenizer, engine="generate").generate(p, _Sampling(temperature=0.0, max_new_tokens=12, seed=9))
+    a = HFGenerator(peaked_model, tokenizer, engine="loop").generate(
+        p, _Sampling(temperature=0.0, max_new_tokens=12)
+    )
+    b = HFGenerator(peaked_model, tokenizer, engine="generate").generate(
+        p, _Sampling(temperature=0.0, max_new_tokens=12, seed=9)
+    )
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     for x, y in zip(a, b):
         assert max(abs(u - v) for u, v in zip(x.logprobs, y.logprobs)) < 1e-4
@@ -105,7 +113,7 @@ def test_top_k_top_p_restrict_support(tokenizer, peaked_model):
     prompts = _prompts(tokenizer)
     outs = gen.generate(prompts, _Sampling(temperature=1.0, top_k=3, max_new_tokens=20, seed=0))
     for p, o in zip(prompts, outs):  # every sampled token is among the 3 most likely
-        logits = peaked_model(torch.tensor([p + o.token_ids])).logits[0, len(p) - 1:-1]
+        logits = peaked_model(torch.tensor([p + o.token_ids])).logits[0, len(p) - 1 : -1]
         top3 = torch.topk(logits, 3, dim=-1).indices
         assert all(t in row.tolist() for t, row in zip(o.token_ids, top3))
 
@@ -131,8 +139,11 @@ def parrot(tokenizer):
     torch.manual_seed(0)
     model = tiny.build_model("xs", tokenizer, seed=0)
     eos = tokenizer.eos_token_id
-    data = [tokenizer.encode("Q1: ") + tokenizer.encode("```python\nprint(1)" + STOP + "tail text that must not appear"),
-            tokenizer.encode("Q2: ") + tokenizer.encode("done.") + [eos]]
+    data = [
+        tokenizer.encode("Q1: ")
+        + tokenizer.encode("```python\nprint(1)" + STOP + "tail text that must not appear"),
+        tokenizer.encode("Q2: ") + tokenizer.encode("done.") + [eos],
+    ]
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(150):

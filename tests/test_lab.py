@@ -117,8 +117,9 @@ def test_outcome_reinforce_target_is_the_finite_difference_gradient_of_expected_
     mdp = _mdp(V, T, 0.6, seed=2)
 
     def J(theta):
-        p = lab.prefix_probs(lab.TreeMDP(V, T, theta, theta, mdp.advantage, mdp.outcome_reward),
-                             lab._softmax(theta))[T]
+        p = lab.prefix_probs(
+            lab.TreeMDP(V, T, theta, theta, mdp.advantage, mdp.outcome_reward), lab._softmax(theta)
+        )[T]
         return float(p @ mdp.outcome_reward)
 
     fd = np.zeros_like(mdp.target_logits)
@@ -143,8 +144,12 @@ def test_ratio_variance_enumeration_matches_loops():
         m1 = m2 = 0.0
         for prefix in itertools.product(range(V), repeat=t):
             p_mu = np.prod([mu[_state(prefix[:k], V), prefix[k]] for k in range(t)])
-            rho = np.prod([pi[_state(prefix[:k], V), prefix[k]] / mu[_state(prefix[:k], V), prefix[k]]
-                           for k in range(t)])
+            rho = np.prod(
+                [
+                    pi[_state(prefix[:k], V), prefix[k]] / mu[_state(prefix[:k], V), prefix[k]]
+                    for k in range(t)
+                ]
+            )
             m1 += p_mu * rho
             m2 += p_mu * rho**2
         assert abs(m1 - 1.0) < 1e-12  # E_μ[ρ_{1:t}] = 1
@@ -160,7 +165,9 @@ def test_prop2_closed_form_is_exact_for_iid_ratios_and_is_second_moment_based():
     np.testing.assert_allclose(lab.ratio_variance_independent(mdp), expected, rtol=1e-12)
     # Var(ρ_{1:T}) − Var(ρ_{1:t}) = (E r²)^t ((E r²)^{T−t} − 1) > 0: strictly lower for t < T
     gap = expected[-1] - expected
-    np.testing.assert_allclose(gap, second_moment ** np.arange(1, 6) * (second_moment ** (5 - np.arange(1, 6)) - 1))
+    np.testing.assert_allclose(
+        gap, second_moment ** np.arange(1, 6) * (second_moment ** (5 - np.arange(1, 6)) - 1)
+    )
     assert (gap[:-1] > 0).all()
 
 
@@ -214,7 +221,11 @@ def test_cumulative_and_sequence_ratios_unbiased_off_policy_token_and_gspo_ratio
         else:
             assert exact["exact_rel_bias"] > 0.05, (method, exact)
             assert mc["mc_rel_bias_lo"] > 0.0, (method, mc)
-            assert mc["mc_rel_bias_lo"] <= exact["exact_rel_bias"] <= mc["mc_rel_bias_hi"], (method, mc, exact)
+            assert mc["mc_rel_bias_lo"] <= exact["exact_rel_bias"] <= mc["mc_rel_bias_hi"], (
+                method,
+                mc,
+                exact,
+            )
 
 
 def test_token_ratio_is_unbiased_at_the_first_position_and_biased_after_it():
@@ -231,7 +242,9 @@ def test_cumulative_ratio_has_lower_variance_than_the_sequence_ratio_at_every_po
     mdp = _mdp(3, 4, 0.4)
     g = lab.exact_token_gradient(mdp)
     var = {m: lab.exact_moments(mdp, _token_adv(mdp), lab.loss_config(m)) for m in ("ctpo", "seq")}
-    per = {m: [lab.exact_bias_variance(mdp, var[m], g, t)["exact_total_var"] for t in range(1, 5)] for m in var}
+    per = {
+        m: [lab.exact_bias_variance(mdp, var[m], g, t)["exact_total_var"] for t in range(1, 5)] for m in var
+    }
     assert all(c < s for c, s in zip(per["ctpo"][:-1], per["seq"][:-1])), per
     assert per["ctpo"][-1] == pytest.approx(per["seq"][-1], rel=1e-5)  # t = T: ρ_{1:T} for both
 
@@ -257,7 +270,9 @@ def test_outcome_reward_each_estimator_is_unbiased_for_its_own_target():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_ctpo_lab_quick_writes_every_output_and_includes_user_registered_methods(tmp_path, monkeypatch, caplog):
+def test_ctpo_lab_quick_writes_every_output_and_includes_user_registered_methods(
+    tmp_path, monkeypatch, caplog
+):
     from ctpo.cli import main
 
     def half_prefix(log_ratio, mask):  # a user's own design: half the cumulative log-ratio

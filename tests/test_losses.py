@@ -28,7 +28,9 @@ METHOD_NAMES = ["grpo", "seq", "gspo", "ctpo", "ctpo_fixed"]
 # ---------------------------------------------------------------------------------------------
 
 
-def ref_agg(loss_mat, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None):
+def ref_agg(
+    loss_mat, mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None
+):
     """verl 0.9.1 ``agg_loss`` semantics, one sequence at a time (empty batches: 0, where verl gives NaN)."""
     b, t = mask.shape
     n = [sum(float(mask[i, j]) for j in range(t)) for i in range(b)]
@@ -51,9 +53,26 @@ def ref_agg(loss_mat, mask, mode, dp_size=1, batch_num_tokens=None, global_batch
     return out
 
 
-def ref_loss(old, new, adv, mask, *, method, clip_mode, clip_low=0.2, clip_high=0.2, eps_low=0.025,
-             eps_high=0.05, gamma=0.5, dual_c=0.0, dual_eps=0.0, agg="token-mean", grad="current",
-             position="policy", gbi=None):
+def ref_loss(
+    old,
+    new,
+    adv,
+    mask,
+    *,
+    method,
+    clip_mode,
+    clip_low=0.2,
+    clip_high=0.2,
+    eps_low=0.025,
+    eps_high=0.05,
+    gamma=0.5,
+    dual_c=0.0,
+    dual_eps=0.0,
+    agg="token-mean",
+    grad="current",
+    position="policy",
+    gbi=None,
+):
     """Per-token PPO surrogate with the method's weight; ``new`` is a float64 leaf (autograd)."""
     b, t_len = mask.shape
     per_token = adv.dim() == 2
@@ -69,8 +88,13 @@ def ref_loss(old, new, adv, mask, *, method, clip_mode, clip_low=0.2, clip_high=
                 continue
             pos += 1
             prefix = prefix + ells[j]
-            log_w = {"grpo": ells[j], "seq": total, "gspo": total / max(len(valid), 1),
-                     "ctpo": prefix, "ctpo_fixed": prefix}[method]
+            log_w = {
+                "grpo": ells[j],
+                "seq": total,
+                "gspo": total / max(len(valid), 1),
+                "ctpo": prefix,
+                "ctpo_fixed": prefix,
+            }[method]
             if grad == "current":  # w = sg(ρ) · π/sg(π)
                 w = torch.exp(log_w.detach()) * torch.exp(new[i, j] - new[i, j].detach())
             else:
@@ -134,9 +158,20 @@ def reference(old, new, adv, mask, **kw):
 
 def cfg_kwargs(cfg: PolicyLossConfig) -> dict:
     r = cfg.resolved()
-    return dict(method=r.method, clip_mode=r.clip_mode, clip_low=r.clip_low, clip_high=r.clip_high,
-                eps_low=r.eps_low, eps_high=r.eps_high, gamma=r.gamma, dual_c=r.dual_clip_c,
-                dual_eps=r.dual_clip_eps, agg=r.loss_agg_mode, grad=r.grad, position=r.position)
+    return dict(
+        method=r.method,
+        clip_mode=r.clip_mode,
+        clip_low=r.clip_low,
+        clip_high=r.clip_high,
+        eps_low=r.eps_low,
+        eps_high=r.eps_high,
+        gamma=r.gamma,
+        dual_c=r.dual_clip_c,
+        dual_eps=r.dual_clip_eps,
+        agg=r.loss_agg_mode,
+        grad=r.grad,
+        position=r.position,
+    )
 
 
 def assert_close(a, b, rtol=2e-5, atol=1e-6):
@@ -172,8 +207,9 @@ def test_matches_reference_dual_and_position(method, dual, position):
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
-@pytest.mark.parametrize("gbi", [None, {"dp_size": 4, "batch_num_tokens": 50, "global_batch_size": 7,
-                                        "loss_scale_factor": 3}])
+@pytest.mark.parametrize(
+    "gbi", [None, {"dp_size": 4, "batch_num_tokens": 50, "global_batch_size": 7, "loss_scale_factor": 3}]
+)
 def test_every_aggregation_mode(mode, gbi):
     old, new, adv, mask = make_batch(b=4, t=9, seed=3)
     mask[3] = False  # a fully masked sequence is excluded from the seq-mean modes
@@ -184,7 +220,10 @@ def test_every_aggregation_mode(mode, gbi):
     assert_close(grad, ref_g)
     # the standalone verl-compatible agg_loss
     lm = torch.randn(4, 9, dtype=F64)
-    assert_close(agg_loss(lm, mask, mode, **(gbi or {})), torch.as_tensor(ref_agg(lm, mask.to(F64), mode, **(gbi or {}))))
+    assert_close(
+        agg_loss(lm, mask, mode, **(gbi or {})),
+        torch.as_tensor(ref_agg(lm, mask.to(F64), mode, **(gbi or {}))),
+    )
 
 
 def test_per_token_advantages_match_reference():
@@ -239,10 +278,16 @@ def test_first_token_cumulative_ratio_equals_token_ratio():
 def test_adaptive_with_gamma_zero_is_a_fixed_log_space_clip():
     old, new, adv, mask = make_batch(seed=7, noise=0.5)
     el, eh, ed = 0.1, 0.2, 0.3
-    adaptive = PolicyLossConfig(method="ctpo", clip_mode="adaptive", gamma=0.0, eps_low=el, eps_high=eh,
-                                dual_clip_eps=ed)
-    fixed = PolicyLossConfig(method="ctpo", clip_mode="fixed", clip_low=1 - math.exp(-el),
-                             clip_high=math.exp(eh) - 1, dual_clip_c=math.exp(ed))
+    adaptive = PolicyLossConfig(
+        method="ctpo", clip_mode="adaptive", gamma=0.0, eps_low=el, eps_high=eh, dual_clip_eps=ed
+    )
+    fixed = PolicyLossConfig(
+        method="ctpo",
+        clip_mode="fixed",
+        clip_low=1 - math.exp(-el),
+        clip_high=math.exp(eh) - 1,
+        dual_clip_c=math.exp(ed),
+    )
     a, b = ours(old, new, adv, mask, adaptive), ours(old, new, adv, mask, fixed)
     assert_close(a[0], b[0])
     assert_close(a[1], b[1])
@@ -320,8 +365,9 @@ def test_prefix_gradient_matches_autograd_of_naive_prefix_product(method, clip_m
         running = torch.ones((), dtype=F64)
         for pos, j in enumerate(valid, start=1):
             running = running * ratio[i, j]
-            w = {"ctpo": running, "ctpo_fixed": running, "seq": full,
-                 "gspo": full ** (1.0 / len(valid))}[method]
+            w = {"ctpo": running, "ctpo_fixed": running, "seq": full, "gspo": full ** (1.0 / len(valid))}[
+                method
+            ]
             if clip_mode == "fixed":
                 w_clip = torch.clamp(w, 1 - r.clip_low, 1 + r.clip_high)
             else:
@@ -385,8 +431,9 @@ def test_position_scaled_dual_clip_by_hand():
     old = torch.full((1, 4), -2.0, dtype=F64)
     new = old + ell
     cfg = PolicyLossConfig(method="ctpo", loss_agg_mode="token-sum")  # release defaults: dual_clip_eps 0.05
-    loss, grad, m = ours(old, new, torch.tensor([-2.0], dtype=F64), torch.ones(1, 4, dtype=torch.bool), cfg,
-                         dtype=F64)
+    loss, grad, m = ours(
+        old, new, torch.tensor([-2.0], dtype=F64), torch.ones(1, 4, dtype=torch.bool), cfg, dtype=F64
+    )
     w = torch.exp(log_rho)
     expected_value = 2.0 * (w[0] + torch.exp(d[1]) + w[2] + torch.exp(d[3]))
     assert loss.item() == pytest.approx(expected_value.item())
@@ -397,7 +444,13 @@ def test_position_scaled_dual_clip_by_hand():
 
 def test_method_defaults_follow_verl_and_the_ctpo_release():
     r = PolicyLossConfig(method="ctpo").resolved()
-    assert (r.clip_mode, r.eps_low, r.eps_high, r.gamma, r.dual_clip_eps) == ("adaptive", 0.025, 0.05, 0.5, 0.05)
+    assert (r.clip_mode, r.eps_low, r.eps_high, r.gamma, r.dual_clip_eps) == (
+        "adaptive",
+        0.025,
+        0.05,
+        0.5,
+        0.05,
+    )
     g = PolicyLossConfig(method="grpo").resolved()
     assert (g.clip_mode, g.clip_low, g.clip_high, g.dual_clip_c) == ("fixed", 0.2, 0.2, 3.0)
     s = PolicyLossConfig(method="gspo").resolved()
@@ -504,21 +557,47 @@ def test_register_custom_method_works_through_compute_policy_loss():
 @pytest.mark.parametrize(
     ("change", "error", "pattern"),
     [
-        (lambda a: {**a, "old": a["old"][:, :-1]}, ValueError, r"old_log_prob has shape .* \(batch, response_len\)"),
+        (
+            lambda a: {**a, "old": a["old"][:, :-1]},
+            ValueError,
+            r"old_log_prob has shape .* \(batch, response_len\)",
+        ),
         (lambda a: {**a, "mask": a["mask"][:-1]}, ValueError, r"response_mask has shape .* aligned"),
         (lambda a: {**a, "adv": a["adv"][:-1]}, ValueError, r"advantages has shape .*expected \(batch,\)"),
         (lambda a: {**a, "adv": a["adv"][None]}, ValueError, r"advantages has shape"),
-        (lambda a: {**a, "new": a["new"][0], "old": a["old"][0], "mask": a["mask"][0]}, ValueError,
-         r"unsqueeze\(0\)"),
-        (lambda a: {**a, "cfg": PolicyLossConfig(method="nope")}, ValueError,
-         r"unknown method 'nope'.*register_method"),
-        (lambda a: {**a, "cfg": PolicyLossConfig(clip_mode="tight")}, ValueError, r"clip_mode='tight'.*one of"),
-        (lambda a: {**a, "cfg": PolicyLossConfig(loss_agg_mode="mean")}, ValueError, r"loss_agg_mode='mean'.*one of"),
+        (
+            lambda a: {**a, "new": a["new"][0], "old": a["old"][0], "mask": a["mask"][0]},
+            ValueError,
+            r"unsqueeze\(0\)",
+        ),
+        (
+            lambda a: {**a, "cfg": PolicyLossConfig(method="nope")},
+            ValueError,
+            r"unknown method 'nope'.*register_method",
+        ),
+        (
+            lambda a: {**a, "cfg": PolicyLossConfig(clip_mode="tight")},
+            ValueError,
+            r"clip_mode='tight'.*one of",
+        ),
+        (
+            lambda a: {**a, "cfg": PolicyLossConfig(loss_agg_mode="mean")},
+            ValueError,
+            r"loss_agg_mode='mean'.*one of",
+        ),
         (lambda a: {**a, "cfg": PolicyLossConfig(grad="all")}, ValueError, r"grad='all'"),
         (lambda a: {**a, "cfg": PolicyLossConfig(position="x")}, ValueError, r"position='x'"),
         (lambda a: {**a, "cfg": PolicyLossConfig(dual_clip_c=0.5)}, ValueError, r"dual_clip_c must be > 1"),
-        (lambda a: {**a, "cfg": PolicyLossConfig(dual_clip_c=2.0, dual_clip_eps=0.1)}, ValueError, "at most one"),
-        (lambda a: {**a, "cfg": {"method": "ctpo", "eps": 0.1}}, ValueError, r"unknown PolicyLossConfig field.*eps"),
+        (
+            lambda a: {**a, "cfg": PolicyLossConfig(dual_clip_c=2.0, dual_clip_eps=0.1)},
+            ValueError,
+            "at most one",
+        ),
+        (
+            lambda a: {**a, "cfg": {"method": "ctpo", "eps": 0.1}},
+            ValueError,
+            r"unknown PolicyLossConfig field.*eps",
+        ),
         (lambda a: {**a, "gbi": {"dp": 2}}, ValueError, r"unknown global_batch_info key.*dp_size"),
         (lambda a: {**a, "new": a["new"].long()}, TypeError, "floating point"),
     ],
@@ -527,8 +606,9 @@ def test_bad_input_is_a_clear_error(change, error, pattern):
     old, new, adv, mask = make_batch()
     args = change({"old": old, "new": new, "adv": adv, "mask": mask, "cfg": PolicyLossConfig(), "gbi": None})
     with pytest.raises(error, match=pattern):
-        compute_policy_loss(args["old"], args["new"], args["adv"], args["mask"], args["cfg"],
-                            global_batch_info=args["gbi"])
+        compute_policy_loss(
+            args["old"], args["new"], args["adv"], args["mask"], args["cfg"], global_batch_info=args["gbi"]
+        )
 
 
 def test_mask_and_advantage_layouts_agree():
@@ -549,7 +629,9 @@ def test_mask_and_advantage_layouts_agree():
 def test_empty_batches_give_zero_loss(shape, grad):
     lp = torch.zeros(shape, requires_grad=True)
     mask = torch.zeros(shape, dtype=torch.bool)  # (2, 4): no policy token at all
-    loss, m = compute_policy_loss(torch.zeros(shape), lp, torch.ones(shape[0]), mask, PolicyLossConfig(grad=grad))
+    loss, m = compute_policy_loss(
+        torch.zeros(shape), lp, torch.ones(shape[0]), mask, PolicyLossConfig(grad=grad)
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.all(lp.grad == 0)
     assert m["ratio/tokens"] == 0.0 and m["clip/frac"] == 0.0
@@ -580,8 +662,12 @@ def batches(draw):
 
 
 @settings(max_examples=30, deadline=None)
-@given(batch=batches(), method=st.sampled_from(METHOD_NAMES), clip_mode=st.sampled_from(["fixed", "adaptive", "none"]),
-       mode=st.sampled_from(LOSS_AGG_MODES))
+@given(
+    batch=batches(),
+    method=st.sampled_from(METHOD_NAMES),
+    clip_mode=st.sampled_from(["fixed", "adaptive", "none"]),
+    mode=st.sampled_from(LOSS_AGG_MODES),
+)
 def test_property_matches_reference(batch, method, clip_mode, mode):
     old, new, adv, mask = batch
     cfg = PolicyLossConfig(method=method, clip_mode=clip_mode, loss_agg_mode=mode)
@@ -630,8 +716,13 @@ def test_cuda_matches_cpu(method):
     t = 32768
     old = (-torch.rand(2, t, generator=g) * 3).bfloat16().cuda()
     new = (old.float() + torch.randn(2, t, generator=g).cuda()).bfloat16().requires_grad_(True)
-    loss, metrics = compute_policy_loss(old, new, torch.tensor([1.0, -1.0]).cuda(),
-                                        torch.ones(2, t, dtype=torch.bool).cuda(), PolicyLossConfig(method=method))
+    loss, metrics = compute_policy_loss(
+        old,
+        new,
+        torch.tensor([1.0, -1.0]).cuda(),
+        torch.ones(2, t, dtype=torch.bool).cuda(),
+        PolicyLossConfig(method=method),
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(new.grad.float()).all()
     assert all(math.isfinite(v) for v in metrics.values())

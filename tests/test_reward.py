@@ -290,8 +290,14 @@ def test_compute_score_off_the_main_thread():
 
 @pytest.mark.parametrize(
     ("gold", "answer", "correct"),
-    [("50\\%", "50", True), ("50\\%", "0.5", True), ("0.125", "12.5\\%", True), ("50\\%", "0.4", False),
-     ("50\\%", "40\\%", False), ("5", "5\\%", True)],
+    [
+        ("50\\%", "50", True),
+        ("50\\%", "0.5", True),
+        ("0.125", "12.5\\%", True),
+        ("50\\%", "0.4", False),
+        ("50\\%", "40\\%", False),
+        ("5", "5\\%", True),
+    ],
 )
 def test_percentages_grade_the_same_under_any_antlr_runtime(gold, answer, correct):
     """math-verify reads ``50\\%`` as 50 or 0.5 only with the antlr4 4.13 runtime; with the 4.9.3 one

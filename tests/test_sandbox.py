@@ -42,9 +42,14 @@ def _uid_procs(uid: int, count: int = 1) -> list[int]:
     for d in os.listdir("/proc"):
         if d.isdigit():
             with contextlib.suppress(OSError):
-                fields = dict(line.split(":", 1) for line in Path(f"/proc/{d}/status").read_text().splitlines()
-                              if ":" in line)
-                if uid <= int(fields["Uid"].split()[0]) < uid + count and not fields["State"].strip().startswith("Z"):
+                fields = dict(
+                    line.split(":", 1)
+                    for line in Path(f"/proc/{d}/status").read_text().splitlines()
+                    if ":" in line
+                )
+                if uid <= int(fields["Uid"].split()[0]) < uid + count and not fields[
+                    "State"
+                ].strip().startswith("Z"):
                     out.append(int(d))
     return out
 
@@ -84,7 +89,9 @@ def test_isolation_is_full_and_serialisable(pool):
     iso = pool.isolation
     assert iso.tier == "full", iso
     assert not iso.missing and iso.unique_uid == (os.getuid() == 0)
-    assert {"pid_ns", "net_ns", "mount_ns", "user_ns", "seccomp", "landlock", "no_new_privs"} <= set(iso.layers)
+    assert {"pid_ns", "net_ns", "mount_ns", "user_ns", "seccomp", "landlock", "no_new_privs"} <= set(
+        iso.layers
+    )
     d = iso.to_dict()
     assert json.loads(json.dumps(d)) == d and d["sandbox/tier"] == "full"
     assert not any(str(PROJECT) == p or p.startswith(str(PROJECT) + "/ctpo") for p in iso.ro_paths)
@@ -278,8 +285,15 @@ for name in ("example.com", "localhost"):
 
 def test_host_files_unreadable(pool):
     """/etc/passwd, the caller's cwd, the project's files and home directories are not visible."""
-    targets = ["/etc/passwd", "/etc/shadow", "/etc/hostname", str(PROJECT / "pyproject.toml"),
-               str(PROJECT / "ctpo" / "tir" / "sandbox.py"), os.path.join(os.getcwd(), "x"), "/root/.bashrc"]
+    targets = [
+        "/etc/passwd",
+        "/etc/shadow",
+        "/etc/hostname",
+        str(PROJECT / "pyproject.toml"),
+        str(PROJECT / "ctpo" / "tir" / "sandbox.py"),
+        os.path.join(os.getcwd(), "x"),
+        "/root/.bashrc",
+    ]
     code = f"""
 import os, json
 res = {{}}
@@ -492,8 +506,16 @@ res["uid_map"] = open("/proc/self/uid_map").read().split()
 print(json.dumps(res))
 """
     out = _json_out(run(pool, code))
-    for k in ("unshare_newuser", "unshare_newns", "unshare_newnet", "mount", "chroot", "setuid0",
-              "wrote /proc/sysrq-trigger", "wrote /proc/sys/kernel/hostname"):
+    for k in (
+        "unshare_newuser",
+        "unshare_newns",
+        "unshare_newnet",
+        "mount",
+        "chroot",
+        "setuid0",
+        "wrote /proc/sysrq-trigger",
+        "wrote /proc/sys/kernel/hostname",
+    ):
         assert out[k] == -1, (k, out)
     cap_eff, cap_bnd, nnp, seccomp = out["capeff"]
     assert int(cap_eff, 16) == 0 and int(cap_bnd, 16) == 0 and nnp == "1" and seccomp == "2"
@@ -539,15 +561,22 @@ print(json.dumps({"fds": fds, "data": data}))
 
 def test_huge_print_bounded_in_caller(pool):
     rss_before = _rss_mb()
-    r = run(pool, "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024): sys.stdout.write(chunk)", timeout_s=30)
+    r = run(
+        pool,
+        "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024): sys.stdout.write(chunk)",
+        timeout_s=30,
+    )
     assert r.status == "output_limit" and r.truncated
     assert len(r.stdout) <= pool.max_output_bytes + 100
     assert _rss_mb() - rss_before < 50  # the caller did not grow with a 1 GB print
 
 
 def test_memory_bomb_gives_memory_status(pool):
-    for code in ("x = bytearray(8 << 30)", "x = []\nwhile True: x.append(' ' * (1 << 20))",
-                 "import numpy as np\na = np.ones((1 << 16, 1 << 16))"):
+    for code in (
+        "x = bytearray(8 << 30)",
+        "x = []\nwhile True: x.append(' ' * (1 << 20))",
+        "import numpy as np\na = np.ones((1 << 16, 1 << 16))",
+    ):
         r = run(pool, code, memory_mb=256, timeout_s=20)
         assert r.status == "memory", (code, r)
 
@@ -587,7 +616,9 @@ def test_zygote_killed_pool_recovers():
         assert p.isolation.tier == "full"
         # Killed with an execution in flight: that execution dies with it and is run again.
         box: dict = {}
-        t = threading.Thread(target=lambda: box.update(r=p.run("import time, os\ntime.sleep(0.8)\nprint(os.getuid())")))
+        t = threading.Thread(
+            target=lambda: box.update(r=p.run("import time, os\ntime.sleep(0.8)\nprint(os.getuid())"))
+        )
         t.start()
         time.sleep(0.3)
         killed = p.zygote_pid
@@ -600,23 +631,31 @@ def test_zygote_killed_pool_recovers():
 
 
 def test_weaker_tier_refused_then_allowed_with_warning(pool):
-    with pytest.raises(SandboxIsolationError, match=r"missing a network namespace.*allow_weaker_isolation=True"):
+    with pytest.raises(
+        SandboxIsolationError, match=r"missing a network namespace.*allow_weaker_isolation=True"
+    ):
         SandboxPool(workers=1, preload=(), warmup=None, disable=["net_ns"])
-    with pytest.warns(RuntimeWarning, match="weaker"), SandboxPool(
-            workers=1, preload=(), warmup=None, disable=["net_ns"], allow_weaker_isolation=True) as p:
+    with (
+        pytest.warns(RuntimeWarning, match="weaker"),
+        SandboxPool(workers=1, preload=(), warmup=None, disable=["net_ns"], allow_weaker_isolation=True) as p,
+    ):
         assert p.isolation.tier == "weaker" and p.isolation.missing == ("net_ns",)
         assert p.isolation.weaker_allowed and p.isolation.to_dict()["sandbox/weaker_allowed"] is True
         # No network namespace, but seccomp and Landlock still refuse sockets.
-        r = p.run("import socket\ntry:\n socket.create_connection(('127.0.0.1', 22), 1)\n print('CONNECTED')\n"
-                  "except Exception as e: print(type(e).__name__)")
+        r = p.run(
+            "import socket\ntry:\n socket.create_connection(('127.0.0.1', 22), 1)\n print('CONNECTED')\n"
+            "except Exception as e: print(type(e).__name__)"
+        )
         assert r.status == "ok" and "CONNECTED" not in r.stdout
 
 
 def test_weakest_tier_without_namespaces_still_contains(pool):
     """Landlock + seccomp + rlimits + a distinct uid: what remains in a container without namespaces."""
     off = ["user_ns", "pid_ns", "mount_ns", "net_ns", "ipc_ns", "uts_ns"]
-    with pytest.warns(RuntimeWarning), SandboxPool(
-            workers=1, preload=(), warmup=None, disable=off, allow_weaker_isolation=True) as p:
+    with (
+        pytest.warns(RuntimeWarning),
+        SandboxPool(workers=1, preload=(), warmup=None, disable=off, allow_weaker_isolation=True) as p,
+    ):
         if not {"landlock", "seccomp"} <= set(p.isolation.layers):
             pytest.skip("needs Landlock and seccomp")
         code = """
@@ -635,7 +674,9 @@ open("scratch.txt", "w").write("x")
 print(json.dumps(res))
 """.replace("PROJECT_FILE", repr(str(PROJECT / "pyproject.toml"))).replace("CALLER", str(os.getpid()))
         out = _json_out(p.run(code))
-    assert out["/etc/passwd"] == "PermissionError" and out[str(PROJECT / "pyproject.toml")] == "PermissionError"
+    assert (
+        out["/etc/passwd"] == "PermissionError" and out[str(PROJECT / "pyproject.toml")] == "PermissionError"
+    )
     assert out["socket"] == "PermissionError" and out["kill_caller"] == "PermissionError"
     assert _uid_procs(out["uid"]) == [] and not os.path.exists(out["cwd"])  # orphan killed, scratch gone
 
@@ -646,11 +687,16 @@ def test_weaker_tier_cleanup_spares_the_next_execution(pool, off):
     to a second: that uid's slot must not go to the next execution meanwhile (it was, and the helper
     SIGKILLed it: most executions without a private root, some without a pid namespace). Nor may the
     helper wait for itself: in the server's pid namespace getpid() is not its pid in the host /proc."""
-    with pytest.warns(RuntimeWarning), SandboxPool(
-            workers=2, preload=(), warmup=None, disable=off, allow_weaker_isolation=True) as p:
+    with (
+        pytest.warns(RuntimeWarning),
+        SandboxPool(workers=2, preload=(), warmup=None, disable=off, allow_weaker_isolation=True) as p,
+    ):
         results = p.map([f"print({i})" if i % 2 else "pass" for i in range(100)])
-    wrong = [r for i, r in enumerate(results)
-             if (r.status, r.stdout, r.stderr, r.exit_code) != ("ok", f"{i}\n" if i % 2 else "", "", 0)]
+    wrong = [
+        r
+        for i, r in enumerate(results)
+        if (r.status, r.stdout, r.stderr, r.exit_code) != ("ok", f"{i}\n" if i % 2 else "", "", 0)
+    ]
     assert not wrong, f"{len(wrong)} of {len(results)} wrong, e.g. {wrong[:3]}"
     durations = sorted(r.duration_s for r in results)
     assert durations[len(durations) // 2] < 0.5, durations  # not a one-second wait per execution
@@ -660,15 +706,22 @@ def test_weaker_tier_cleanup_spares_the_next_execution(pool, off):
 
 
 def test_exit_codes_and_exceptions(pool):
-    codes = ["import sys; sys.exit(3)", "import sys; sys.exit(0)", "import sys; sys.exit('bye')",
-             "def f():\n    return 1 / 0\nf()", "print('x'", "import os; os._exit(7)", "print('fine')",
-             "import ctypes; ctypes.string_at(0)"]
+    codes = [
+        "import sys; sys.exit(3)",
+        "import sys; sys.exit(0)",
+        "import sys; sys.exit('bye')",
+        "def f():\n    return 1 / 0\nf()",
+        "print('x'",
+        "import os; os._exit(7)",
+        "print('fine')",
+        "import ctypes; ctypes.string_at(0)",
+    ]
     r = pool.map(codes)
     assert (r[0].status, r[0].exit_code) == ("error", 3)
     assert (r[1].status, r[1].exit_code) == ("ok", 0)
     assert r[2].status == "error" and r[2].stderr.strip() == "bye"
     assert r[3].status == "error" and r[3].stderr.rstrip().endswith("ZeroDivisionError: division by zero")
-    assert 'line 2, in f' in r[3].stderr and "return 1 / 0" in r[3].stderr and "_zygote" not in r[3].stderr
+    assert "line 2, in f" in r[3].stderr and "return 1 / 0" in r[3].stderr and "_zygote" not in r[3].stderr
     assert r[4].status == "error" and "SyntaxError" in r[4].stderr
     assert (r[5].status, r[5].exit_code) == ("error", 7)
     assert (r[6].status, r[6].stdout) == ("ok", "fine\n")
@@ -681,15 +734,24 @@ def test_fast_executions_are_never_reported_as_setup_failures(pool):
     # A snippet that exits within microseconds of its "R" (hardened, the wall clock starts) puts that
     # message and its exit into the same poll batch of the server; the server once judged the exit
     # first and reported ~1% of such executions as "sandbox child died during setup".
-    kinds = [("print({i})", "ok", "{i}\n", 0), ("pass", "ok", "", 0), ("import sys; sys.exit(0)", "ok", "", 0),
-             ("1/0", "error", "", 1)]
-    cases = [(code.format(i=i), status, out.format(i=i), rc) for i in range(500)
-             for code, status, out, rc in [kinds[i % len(kinds)]]]
+    kinds = [
+        ("print({i})", "ok", "{i}\n", 0),
+        ("pass", "ok", "", 0),
+        ("import sys; sys.exit(0)", "ok", "", 0),
+        ("1/0", "error", "", 1),
+    ]
+    cases = [
+        (code.format(i=i), status, out.format(i=i), rc)
+        for i in range(500)
+        for code, status, out, rc in [kinds[i % len(kinds)]]
+    ]
     results = pool.map([c[0] for c in cases])
 
     def exact(r: ExecResult, status: str, out: str, rc: int) -> bool:
         err_ok = r.stderr.endswith("ZeroDivisionError: division by zero\n") if rc else r.stderr == ""
-        return (r.status, r.stdout, r.exit_code) == (status, out, rc) and err_ok and "[sandbox]" not in r.stderr
+        return (
+            (r.status, r.stdout, r.exit_code) == (status, out, rc) and err_ok and "[sandbox]" not in r.stderr
+        )
 
     wrong = [(c[0], r) for c, r in zip(cases, results) if not exact(r, *c[1:])]
     assert not wrong, f"{len(wrong)} of {len(cases)} wrong, e.g. {wrong[:3]}"
@@ -705,8 +767,13 @@ def test_genuine_setup_failure_is_reported_with_its_reason():
         pytest.skip(str(e))
     with p:
         results = p.map(["print('ran')"] * 100)
-    wrong = [r for r in results if (r.status, r.exit_code, r.stdout) != ("error", 125, "")
-             or not r.stderr.startswith("[sandbox] setup failed: ") or "limit" not in r.stderr]
+    wrong = [
+        r
+        for r in results
+        if (r.status, r.exit_code, r.stdout) != ("error", 125, "")
+        or not r.stderr.startswith("[sandbox] setup failed: ")
+        or "limit" not in r.stderr
+    ]
     assert not wrong, f"{len(wrong)} of {len(results)} wrong, e.g. {wrong[:3]}"
 
 
@@ -734,7 +801,9 @@ open('/tmp/a.txt', 'w').write('hi'); print(open('/tmp/a.txt').read())
 
 
 def test_concurrency_across_workers(pool):
-    code = "import time, json\nt = time.monotonic()\ntime.sleep(0.4)\nprint(json.dumps([t, time.monotonic()]))"
+    code = (
+        "import time, json\nt = time.monotonic()\ntime.sleep(0.4)\nprint(json.dumps([t, time.monotonic()]))"
+    )
     results = pool.map([code] * 4)
     spans = [json.loads(r.stdout) for r in results]
     assert all(r.status == "ok" for r in results)

@@ -16,12 +16,15 @@ def tokenizer():
     return tiny.build_tokenizer(texts)
 
 
-@pytest.mark.parametrize("text", [
-    "Let n = 738 * 46 - 125. If n is even, halve it; otherwise add 4021.",
-    "```python\nfor i in range(3):\n    print(i ** 2)\n```\n```output\n0\n1\n4\n```\n",
-    "  leading spaces\ttabs\r\n and unicode: ∑ é 中文 \\boxed{\\frac{1}{2}}",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Let n = 738 * 46 - 125. If n is even, halve it; otherwise add 4021.",
+        "```python\nfor i in range(3):\n    print(i ** 2)\n```\n```output\n0\n1\n4\n```\n",
+        "  leading spaces\ttabs\r\n and unicode: ∑ é 中文 \\boxed{\\frac{1}{2}}",
+        "",
+    ],
+)
 def test_round_trip(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids) == text
@@ -30,6 +33,7 @@ def test_round_trip(tokenizer, text):
 def test_digit_groups_are_single_tokens(tokenizer):
     for g in tiny.digit_groups():
         assert len(tokenizer.encode(g, add_special_tokens=False)) == 1, g
+
     def toks(text):
         return tokenizer.convert_ids_to_tokens(tokenizer.encode(text, add_special_tokens=False))
 
@@ -53,7 +57,9 @@ def test_special_tokens(tokenizer):
     assert tokenizer.eos_token_id not in tokenizer.encode("endoftext <| |>", add_special_tokens=False)
 
 
-@pytest.mark.parametrize(("preset", "lo", "hi"), [("xs", 0.2e6, 0.5e6), ("s", 0.7e6, 1.5e6), ("m", 1.6e6, 2.5e6)])
+@pytest.mark.parametrize(
+    ("preset", "lo", "hi"), [("xs", 0.2e6, 0.5e6), ("s", 0.7e6, 1.5e6), ("m", 1.6e6, 2.5e6)]
+)
 def test_presets_sizes(tokenizer, preset, lo, hi):
     model = tiny.build_model(preset, tokenizer)
     assert lo <= tiny.count_parameters(model) <= hi

@@ -97,7 +97,9 @@ def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint(torch_ro
     # windows of 3 for diagnostic steps 2 (clipped at step 1), 5 and 6 (overlapping: 4 and 5 are in both)
     files = _run_windows(DiagnosticWindows([2, 5, 6], 3, make), range(1, 8))
     assert {d: (steps, n) for d, (_, steps, n) in files.items()} == {
-        2: ([1, 2], 6 + 5), 5: ([3, 4, 5], 6 + 5 + 6), 6: ([4, 5, 6], 5 + 6 + 5)
+        2: ([1, 2], 6 + 5),
+        5: ([3, 4, 5], 6 + 5 + 6),
+        6: ([4, 5, 6], 5 + 6 + 5),
     }
     for frame, steps, _ in files.values():
         ref = _float64_reference([_diag_step_batch(s) for s in steps])
@@ -483,7 +485,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
     cut = tmp_path / "cut"
     for kill_after_rows, delay in ((3, 0.3), (4, 0.0)):
         proc = subprocess.Popen(
-            _train_cmd(micro_study, cut, config=tracked_path), stdout=subprocess.DEVNULL,
+            _train_cmd(micro_study, cut, config=tracked_path),
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         metrics = cut / "metrics.jsonl"
@@ -561,8 +564,12 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     """A run rerun under a changed config starts fresh; the same config (or only more steps) resumes."""
     from ctpo.train.local import _discard_stale_checkpoints, run_fingerprint
 
-    config = {"models": {"m": {"preset": "xs"}}, "methods": {"ctpo": {"method": "ctpo"}},
-              "train": {"steps": 4, "lr": 1e-3}, "data": {"train": {"source": "arith"}}}
+    config = {
+        "models": {"m": {"preset": "xs"}},
+        "methods": {"ctpo": {"method": "ctpo"}},
+        "train": {"steps": 4, "lr": 1e-3},
+        "data": {"train": {"source": "arith"}},
+    }
     fp = run_fingerprint(config, "m", "ctpo", 0, "base")
     longer = {**config, "train": {"steps": 8, "lr": 1e-3}}
     assert run_fingerprint(longer, "m", "ctpo", 0, "base") == fp
@@ -597,7 +604,20 @@ def test_dry_run_prints_the_verl_command_and_the_local_settings(capsys):
     cmd = capsys.readouterr().out
     assert "-m verl.trainer.main_ppo" in cmd and "actor_rollout_ref.actor.policy_loss.loss_mode=ctpo" in cmd
     assert "data.train_batch_size=512" in cmd and "+actor_rollout_ref.actor.policy_loss.gamma=0.5" in cmd
-    assert main([*argv, "--config", str(root / "experiments/tiny.yaml"), "--model", "tiny-s", "--backend", "local"]) == 0
+    assert (
+        main(
+            [
+                *argv,
+                "--config",
+                str(root / "experiments/tiny.yaml"),
+                "--model",
+                "tiny-s",
+                "--backend",
+                "local",
+            ]
+        )
+        == 0
+    )
     settings = json.loads(capsys.readouterr().out)
     assert settings["loss"]["method"] == "ctpo" and settings["loss"]["clip_mode"] == "adaptive"
     assert not Path("o").exists()
@@ -625,8 +645,20 @@ def test_a_models_train_keys_reach_the_local_trainer_and_its_fingerprint(tmp_pat
     assert run_fingerprint(config, "tiny-s", "ctpo", 0, "base") == fp["tiny-s"]
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config))
-    argv = ["train", "--config", str(path), "--method", "ctpo", "--base", "b", "--out", str(tmp_path / "o"),
-            "--dry-run", "--backend", "local"]
+    argv = [
+        "train",
+        "--config",
+        str(path),
+        "--method",
+        "ctpo",
+        "--base",
+        "b",
+        "--out",
+        str(tmp_path / "o"),
+        "--dry-run",
+        "--backend",
+        "local",
+    ]
     assert main([*argv, "--model", "tiny-m"]) == 0
     assert json.loads(capsys.readouterr().out)["train"]["lr"] == study_lr / 7
     assert main([*argv, "--model", "tiny-s"]) == 0

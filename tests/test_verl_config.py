@@ -66,7 +66,9 @@ def test_overrides_carry_the_paper_setup(tmp_path):
     assert d["trainer.logger"] == "[console,mlflow,file]"
     assert d["trainer.total_training_steps"] == "200" and d["trainer.test_freq"] == "10"
     assert d["ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID"] == "abc"
-    assert d["ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] == "ctpo.backends.verl.losses"
+    assert (
+        d["ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] == "ctpo.backends.verl.losses"
+    )
     assert d["ray_kwargs.ray_init.runtime_env.env_vars.CTPO_SANDBOX_WORKERS"] == "32"
     assert d["reward.custom_reward_function.path"] == "pkg://ctpo.backends.verl.reward"
     assert d["data.val_files"].endswith("aime25.parquet")
@@ -108,7 +110,9 @@ def test_unknown_settings_are_errors_naming_them(tmp_path):
     with pytest.raises(ConfigError, match="builtin_losses: false"):
         tv.build_overrides(cfg, "qwen3-4b", "gspo", 0, tmp_path)
     cfg["verl"] = {"builtin_losses": False}
-    assert "+actor_rollout_ref.actor.policy_loss.dual_clip_c=3.0" in tv.build_overrides(cfg, "qwen3-4b", "gspo", 0, tmp_path)
+    assert "+actor_rollout_ref.actor.policy_loss.dual_clip_c=3.0" in tv.build_overrides(
+        cfg, "qwen3-4b", "gspo", 0, tmp_path
+    )
     cfg = paper_config()
     cfg["verl"] = {"n_gpu": 4}
     with pytest.raises(ConfigError, match="n_gpu"):
@@ -117,8 +121,15 @@ def test_unknown_settings_are_errors_naming_them(tmp_path):
 
 def test_dry_run_prints_the_command(tmp_path, capsys):
     cfg = paper_config()
-    args = types.SimpleNamespace(model="qwen3-4b", method="ctpo", seed=0, base=None, out=str(tmp_path / "run"),
-                                 dry_run=True, max_steps=None)
+    args = types.SimpleNamespace(
+        model="qwen3-4b",
+        method="ctpo",
+        seed=0,
+        base=None,
+        out=str(tmp_path / "run"),
+        dry_run=True,
+        max_steps=None,
+    )
     assert tv.run_from_args(args, cfg) == 0
     printed = capsys.readouterr().out.strip()
     assert " -m verl.trainer.main_ppo " in printed and "policy_loss.loss_mode=ctpo" in printed
@@ -190,8 +201,9 @@ assert {{"ctpo", "ctpo_fixed", "seq"}} <= set(core_algos.POLICY_LOSS_REGISTRY), 
 print("registered")
 """
     env = {"VERL_USE_EXTERNAL_PLUGINS": "none", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "registered" in proc.stdout
 
@@ -203,8 +215,15 @@ def test_verl_loads_our_reward_function_from_the_overrides(tmp_path):
 
     cfg = compose(tv.build_overrides(paper_config(), "qwen3-4b", "grpo", 0, tmp_path))
     fn = get_custom_reward_fn(cfg)
-    assert fn(data_source="deepscaler", solution_str="thus \\boxed{\\frac{5}{6}}", ground_truth="\\frac{5}{6}",
-              extra_info={}) == 1.0
+    assert (
+        fn(
+            data_source="deepscaler",
+            solution_str="thus \\boxed{\\frac{5}{6}}",
+            ground_truth="\\frac{5}{6}",
+            extra_info={},
+        )
+        == 1.0
+    )
     assert fn(data_source="brumo_2025", solution_str="\\boxed{7}", ground_truth="6", extra_info=None) == 0.0
 
 
@@ -218,8 +237,12 @@ def test_a_models_train_keys_override_the_study_train_section(tmp_path):
     assert train_section(cfg, "qwen3-14b")["lr"] == 5e-7
     assert train_section(cfg, "qwen3-4b")["lr"] == cfg["train"]["lr"]
     assert train_section(cfg)["lr"] == cfg["train"]["lr"]
-    lr = {name: dict(o.split("=", 1) for o in tv.build_overrides(cfg, name, "ctpo", 0, tmp_path))
-          ["actor_rollout_ref.actor.optim.lr"] for name in ("qwen3-4b", "qwen3-14b")}
+    lr = {
+        name: dict(o.split("=", 1) for o in tv.build_overrides(cfg, name, "ctpo", 0, tmp_path))[
+            "actor_rollout_ref.actor.optim.lr"
+        ]
+        for name in ("qwen3-4b", "qwen3-14b")
+    }
     assert lr == {"qwen3-4b": repr(float(cfg["train"]["lr"])), "qwen3-14b": "5e-07"}
     cfg["models"]["qwen3-14b"]["train"] = {"learning_rate": 5e-7}  # not a train key: named in the error
     with pytest.raises(ConfigError, match="learning_rate"):

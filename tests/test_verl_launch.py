@@ -17,7 +17,7 @@ from ctpo.train import verl as tv
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 
-FAKE_MAIN_PPO = r'''
+FAKE_MAIN_PPO = r"""
 import json, os, sys
 from pathlib import Path
 import torch
@@ -41,7 +41,7 @@ with open(os.environ["VERL_FILE_LOGGER_PATH"], "w") as f:
                 **position_scalars(old, new, mask, None, losses.PolicyLossConfig(method="ctpo"))}
         f.write(json.dumps({"step": step, "data": data}) + "\n")
 (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
-'''
+"""
 
 
 def test_run_from_args_launches_and_collects(tmp_path, monkeypatch):
@@ -56,8 +56,9 @@ def test_run_from_args_launches_and_collects(tmp_path, monkeypatch):
     merged = []
     monkeypatch.setattr(tv, "merge_final", lambda out, step: merged.append((out, step)))
     out = tmp_path / "results" / "runs" / "qwen3-4b" / "ctpo" / "s0"
-    args = types.SimpleNamespace(model="qwen3-4b", method="ctpo", seed=0, base=None, out=str(out), max_steps=2,
-                                 dry_run=False)
+    args = types.SimpleNamespace(
+        model="qwen3-4b", method="ctpo", seed=0, base=None, out=str(out), max_steps=2, dry_run=False
+    )
 
     assert tv.run_from_args(args, cfg) == 0
 

@@ -28,16 +28,22 @@ def batch(seed: int = 0, b: int = 6, t: int = 40, noise: float = 0.3):
     adv = torch.randn(b, 1, generator=g).expand(b, t).contiguous()
     mask = torch.ones(b, t, dtype=torch.bool)
     for i in range(b):
-        mask[i, t - 3 * i:] = False          # padding
-        mask[i, 10 + i: 14 + i] = False      # a tool observation inside the response
+        mask[i, t - 3 * i :] = False  # padding
+        mask[i, 10 + i : 14 + i] = False  # a tool observation inside the response
     return old, new, adv, mask
 
 
 def actor_config(loss_mode: str, **policy_loss) -> ActorConfig:
     pl_cls = CTPOPolicyLossConfig if loss_mode in plugin.PLUGIN_LOSSES else PolicyLossConfig
     pl = pl_cls(loss_mode=loss_mode, **policy_loss)
-    return ActorConfig(strategy="fsdp", rollout_n=8, ppo_micro_batch_size_per_gpu=1, policy_loss=pl,
-                       clip_ratio_low=0.2, clip_ratio_high=0.2)
+    return ActorConfig(
+        strategy="fsdp",
+        rollout_n=8,
+        ppo_micro_batch_size_per_gpu=1,
+        policy_loss=pl,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.2,
+    )
 
 
 def loss_and_grad(fn, old, new, adv, mask, *args, **kwargs):
@@ -50,7 +56,9 @@ def loss_and_grad(fn, old, new, adv, mask, *args, **kwargs):
 def test_plugin_losses_are_registered():
     for name in plugin.PLUGIN_LOSSES:
         assert core_algos.get_policy_loss_fn(name) is core_algos.POLICY_LOSS_REGISTRY[name]
-    assert core_algos.POLICY_LOSS_REGISTRY["gspo"] is core_algos.compute_policy_loss_gspo  # VERL's own untouched
+    assert (
+        core_algos.POLICY_LOSS_REGISTRY["gspo"] is core_algos.compute_policy_loss_gspo
+    )  # VERL's own untouched
 
 
 @pytest.mark.parametrize("method", ["ctpo", "ctpo_fixed", "seq"])
@@ -73,10 +81,24 @@ def test_adapter_equals_core_loss_and_gradients(method, agg):
 def test_hyperparameters_reach_the_core():
     old, new, adv, mask = batch(2, noise=0.5)
     fn = core_algos.get_policy_loss_fn("ctpo")
-    wide, _, m_wide = loss_and_grad(fn, old, new, adv, mask, "token-mean", actor_config("ctpo", diagnostics=False,
-                                                                                         eps_low=10.0, eps_high=10.0))
-    tight, _, m_tight = loss_and_grad(fn, old, new, adv, mask, "token-mean", actor_config("ctpo", diagnostics=False,
-                                                                                          eps_low=0.01, eps_high=0.01))
+    wide, _, m_wide = loss_and_grad(
+        fn,
+        old,
+        new,
+        adv,
+        mask,
+        "token-mean",
+        actor_config("ctpo", diagnostics=False, eps_low=10.0, eps_high=10.0),
+    )
+    tight, _, m_tight = loss_and_grad(
+        fn,
+        old,
+        new,
+        adv,
+        mask,
+        "token-mean",
+        actor_config("ctpo", diagnostics=False, eps_low=0.01, eps_high=0.01),
+    )
     assert m_wide["actor/clip/frac"] < m_tight["actor/clip/frac"]
     assert not torch.equal(wide, tight)
 
@@ -87,11 +109,16 @@ def test_global_batch_info_makes_micro_batches_add_up_to_the_full_batch(method, 
     """VERL sums micro-batch gradients; with global_batch_info set, the sum equals the full-batch loss."""
     old, new, adv, mask = batch(3)
     fn = core_algos.get_policy_loss_fn(method)
-    full, g_full, _ = loss_and_grad(core.compute_policy_loss, old, new, adv, mask,
-                                    core.PolicyLossConfig(method=method, loss_agg_mode=agg))
+    full, g_full, _ = loss_and_grad(
+        core.compute_policy_loss, old, new, adv, mask, core.PolicyLossConfig(method=method, loss_agg_mode=agg)
+    )
     cfg = actor_config(method, diagnostics=False)
-    cfg.global_batch_info.update(dp_size=1, batch_num_tokens=int(mask.sum()),
-                                 global_batch_size=int((mask.sum(-1) > 0).sum()), loss_scale_factor=None)
+    cfg.global_batch_info.update(
+        dp_size=1,
+        batch_num_tokens=int(mask.sum()),
+        global_batch_size=int((mask.sum(-1) > 0).sum()),
+        loss_scale_factor=None,
+    )
     total, grads = 0.0, []
     for rows in (slice(0, 2), slice(2, 6)):
         l_mb, g_mb, _ = loss_and_grad(fn, old[rows], new[rows], adv[rows], mask[rows], agg, cfg)
@@ -101,8 +128,9 @@ def test_global_batch_info_makes_micro_batches_add_up_to_the_full_batch(method, 
     torch.testing.assert_close(torch.cat(grads), g_full, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize(("verl_name", "core_name", "clip"), [("vanilla", "grpo", (0.2, 0.28)),
-                                                               ("gspo", "gspo", (3e-4, 4e-4))])
+@pytest.mark.parametrize(
+    ("verl_name", "core_name", "clip"), [("vanilla", "grpo", (0.2, 0.28)), ("gspo", "gspo", (3e-4, 4e-4))]
+)
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_verl_builtin_losses_agree_with_ctpo_losses(verl_name, core_name, clip, agg):
     """Same tensors, same aggregation mode -> same loss and gradients.
@@ -112,11 +140,18 @@ def test_verl_builtin_losses_agree_with_ctpo_losses(verl_name, core_name, clip, 
     gspo) vs the core's max_log_weight = 20, which never bind at these ratios.
     """
     old, new, adv, mask = batch(4, noise=0.05 if core_name == "gspo" else 0.3)
-    cfg = ActorConfig(strategy="fsdp", rollout_n=8, ppo_micro_batch_size_per_gpu=1,
-                      policy_loss=PolicyLossConfig(loss_mode=verl_name), clip_ratio_low=clip[0],
-                      clip_ratio_high=clip[1], clip_ratio_c=3.0)
-    l_v, g_v, m_v = loss_and_grad(core_algos.get_policy_loss_fn(verl_name), old, new, adv, mask,
-                                  loss_agg_mode=agg, config=cfg)
+    cfg = ActorConfig(
+        strategy="fsdp",
+        rollout_n=8,
+        ppo_micro_batch_size_per_gpu=1,
+        policy_loss=PolicyLossConfig(loss_mode=verl_name),
+        clip_ratio_low=clip[0],
+        clip_ratio_high=clip[1],
+        clip_ratio_c=3.0,
+    )
+    l_v, g_v, m_v = loss_and_grad(
+        core_algos.get_policy_loss_fn(verl_name), old, new, adv, mask, loss_agg_mode=agg, config=cfg
+    )
     core_cfg = core.PolicyLossConfig(method=core_name, loss_agg_mode=agg, clip_low=clip[0], clip_high=clip[1])
     l_c, g_c, m_c = loss_and_grad(core.compute_policy_loss, old, new, adv, mask, core_cfg)
     torch.testing.assert_close(l_v, l_c, rtol=1e-5, atol=1e-7)
@@ -152,8 +187,9 @@ def test_position_diagnostics_survive_verl_metric_averaging():
 def test_rollout_correction_weights_are_refused_with_a_reason():
     old, new, adv, mask = batch(5)
     with pytest.raises(NotImplementedError, match="rollout_is"):
-        core_algos.get_policy_loss_fn("ctpo")(old, new, adv, mask, "token-mean", actor_config("ctpo"),
-                                             rollout_is_weights=torch.ones_like(old))
+        core_algos.get_policy_loss_fn("ctpo")(
+            old, new, adv, mask, "token-mean", actor_config("ctpo"), rollout_is_weights=torch.ones_like(old)
+        )
 
 
 def test_verl_ppo_loss_call_site_runs_the_adapter():
@@ -169,9 +205,9 @@ def test_verl_ppo_loss_call_site_runs_the_adapter():
     attn = torch.zeros(b, p + r, dtype=torch.long)
     mask = torch.zeros(b, r)
     for i in range(b):
-        attn[i, p - prompt_lens[i]:p] = 1
-        attn[i, p:p + resp_lens[i]] = 1
-        mask[i, :resp_lens[i]] = 1
+        attn[i, p - prompt_lens[i] : p] = 1
+        attn[i, p : p + resp_lens[i]] = 1
+        mask[i, : resp_lens[i]] = 1
     old = -torch.rand(b, r, generator=g)
     new = (old + 0.3 * torch.randn(b, r, generator=g)) * mask
     adv = (torch.randn(b, 1, generator=g).expand(b, r) * mask).contiguous()
@@ -179,13 +215,20 @@ def test_verl_ppo_loss_call_site_runs_the_adapter():
     flat = []
     for i in range(b):
         v = torch.zeros(prompt_lens[i] + resp_lens[i])
-        v[prompt_lens[i] - 1:prompt_lens[i] - 1 + resp_lens[i]] = new[i, :resp_lens[i]]
+        v[prompt_lens[i] - 1 : prompt_lens[i] - 1 + resp_lens[i]] = new[i, : resp_lens[i]]
         flat.append(v)
     values = torch.cat(flat).requires_grad_(True)
     data = tu.get_tensordict(
-        {"prompts": torch.zeros(b, p, dtype=torch.long), "responses": torch.zeros(b, r, dtype=torch.long),
-         "attention_mask": attn, "response_mask": mask, "old_log_probs": old, "advantages": adv},
-        {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": b})
+        {
+            "prompts": torch.zeros(b, p, dtype=torch.long),
+            "responses": torch.zeros(b, r, dtype=torch.long),
+            "attention_mask": attn,
+            "response_mask": mask,
+            "old_log_probs": old,
+            "advantages": adv,
+        },
+        {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": b},
+    )
     loss, metrics = ppo_loss(actor_config("ctpo"), {"log_probs": values}, data)
     loss.backward()
 
@@ -193,9 +236,15 @@ def test_verl_ppo_loss_call_site_runs_the_adapter():
     ref, _ = core.compute_policy_loss(old, new_leaf, adv, mask, core.PolicyLossConfig(method="ctpo"))
     ref.backward()
     torch.testing.assert_close(loss.detach(), ref.detach())
-    got = torch.stack([torch.nn.functional.pad(
-        values.grad[sum(prompt_lens[:i]) + sum(resp_lens[:i]) + prompt_lens[i] - 1:][:resp_lens[i]],
-        (0, r - resp_lens[i])) for i in range(b)])
+    got = torch.stack(
+        [
+            torch.nn.functional.pad(
+                values.grad[sum(prompt_lens[:i]) + sum(resp_lens[:i]) + prompt_lens[i] - 1 :][: resp_lens[i]],
+                (0, r - resp_lens[i]),
+            )
+            for i in range(b)
+        ]
+    )
     torch.testing.assert_close(got, new_leaf.grad * mask)
     assert metrics["actor/clip/frac"].aggregation == AggregationType.MEAN
     assert any(k.startswith("actor/diag/pos/") for k in metrics)

@@ -12,14 +12,14 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent.parent / "ctpo" / "backends" / "verl" / "ray_slurm.sh"
 
 FAKES = {
-    "scontrol": 'echo gpu-a; echo gpu-b; echo gpu-c\n',
+    "scontrol": "echo gpu-a; echo gpu-b; echo gpu-c\n",
     # srun --overlap --nodes=1 --ntasks=1 -w NODE CMD...: log the node and run CMD here
     "srun": 'while [[ "$1" == -* ]]; do [[ "$1" == -w ]] && { node=$2; shift; }; shift; done\n'
-            'echo "srun $node $*" >> "$FAKE_LOG"\nexec "$@"\n',
-    "hostname": 'echo 10.0.0.7\n',
+    'echo "srun $node $*" >> "$FAKE_LOG"\nexec "$@"\n',
+    "hostname": "echo 10.0.0.7\n",
     "ray": 'echo "ray $*" >> "$FAKE_LOG"\n[[ " $* " == *" --block "* ]] && exec sleep 30\nexit 0\n',
     # the node-count probe: report every node alive
-    "python": 'cat > /dev/null; echo 3\n',
+    "python": "cat > /dev/null; echo 3\n",
 }
 
 
@@ -35,10 +35,18 @@ def _fake_bin(tmp_path: Path) -> Path:
 
 def _run(tmp_path: Path, *command: str) -> tuple[subprocess.CompletedProcess, str]:
     log = tmp_path / "calls.log"
-    env = {"PATH": f"{_fake_bin(tmp_path)}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu-[a-c]",
-           "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "64", "FAKE_LOG": str(log),
-           "CTPO_RAY_START_TIMEOUT_S": "20"}
-    proc = subprocess.run(["bash", str(SCRIPT), *command], capture_output=True, text=True, env=env, timeout=120)
+    env = {
+        "PATH": f"{_fake_bin(tmp_path)}:/usr/bin:/bin",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "gpu-[a-c]",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_ON_NODE": "64",
+        "FAKE_LOG": str(log),
+        "CTPO_RAY_START_TIMEOUT_S": "20",
+    }
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), *command], capture_output=True, text=True, env=env, timeout=120
+    )
     return proc, log.read_text() if log.exists() else ""
 
 
@@ -49,10 +57,15 @@ def test_starts_head_and_workers_and_runs_the_command_against_them(tmp_path):
     env = dict(line.split("=", 1) for line in out.read_text().splitlines() if "=" in line)
     assert env["RAY_ADDRESS"] == "10.0.0.7:6379"
     assert env["CTPO_VERL_NNODES"] == "3" and env["CTPO_VERL_GPUS_PER_NODE"] == "8"
-    assert "srun gpu-a ray start --head --node-ip-address=10.0.0.7 --port=6379 --num-gpus=8 --num-cpus=64" in calls
+    assert (
+        "srun gpu-a ray start --head --node-ip-address=10.0.0.7 --port=6379 --num-gpus=8 --num-cpus=64"
+        in calls
+    )
     for worker in ("gpu-b", "gpu-c"):
         assert f"srun {worker} ray start --address=10.0.0.7:6379 --num-gpus=8" in calls
-    stops = [line for line in calls.splitlines() if line.startswith("srun ") and line.endswith("ray stop --force")]
+    stops = [
+        line for line in calls.splitlines() if line.startswith("srun ") and line.endswith("ray stop --force")
+    ]
     assert len(stops) == 3  # torn down on every node
 
 

@@ -47,7 +47,9 @@ class FakePool:
 
     def run(self, code, timeout_s=None):
         self.codes.append(code)
-        return ExecResult(status="ok", stdout="42\n", stderr="", exit_code=0, truncated=False, duration_s=0.01)
+        return ExecResult(
+            status="ok", stdout="42\n", stderr="", exit_code=0, truncated=False, duration_s=0.01
+        )
 
 
 def test_parser_turns_the_first_python_block_into_one_call():
@@ -88,8 +90,16 @@ def _loop(response_length=100):
 
 
 def _agent_data(prompt, response):
-    data = AgentData(messages=[], image_data=None, video_data=None, audio_data=None, mm_processor_kwargs=None,
-                     metrics={}, request_id="r", tools_kwargs={})
+    data = AgentData(
+        messages=[],
+        image_data=None,
+        video_data=None,
+        audio_data=None,
+        mm_processor_kwargs=None,
+        metrics={},
+        request_id="r",
+        tools_kwargs={},
+    )
     data.prompt_ids = CharTokenizer().encode(prompt + response)
     data.response_mask = [1] * len(response)
     data.response_logprobs = [-0.5] * len(response)
@@ -110,7 +120,9 @@ def test_observation_is_appended_in_turn_with_mask_zero():
     assert state == AgentState.GENERATING
     assert CharTokenizer().decode(data.prompt_ids).endswith("```\n" + obs)
     n = len(obs)
-    assert data.response_mask[-n:] == [0] * n and data.response_mask[:-n] == [1] * (len(data.response_mask) - n)
+    assert data.response_mask[-n:] == [0] * n and data.response_mask[:-n] == [1] * (
+        len(data.response_mask) - n
+    )
     assert data.response_logprobs[-n:] == [0.0] * n and len(data.response_logprobs) == len(data.response_mask)
     assert data.user_turns == 1
 
@@ -148,8 +160,10 @@ def test_reward_routes_every_data_source_to_the_grader():
     assert compute_score("hmmt_nov_2025", "\\boxed{\\frac{1}{2}}", "\\frac12", {}) == 1.0
 
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def test_full_agent_loop_run_with_the_sandbox(monkeypatch, tmp_path):
@@ -170,10 +184,14 @@ def test_full_agent_loop_run_with_the_sandbox(monkeypatch, tmp_path):
     study = yaml.safe_load((root / "experiments" / "paper.yaml").read_text())
     study["tir"]["max_response_tokens"] = 600
     overrides = tv.build_overrides(study, "qwen3-4b", "ctpo", 0, tmp_path / "run")
-    with initialize_config_dir(config_dir=str(Path(verl.trainer.__file__).parent / "config"), version_base=None):
+    with initialize_config_dir(
+        config_dir=str(Path(verl.trainer.__file__).parent / "config"), version_base=None
+    ):
         cfg = compose(config_name="ppo_trainer", overrides=overrides)
 
-    tok = tiny.build_tokenizer(["<|im_start|> system user assistant Compute it. print(6 * 7) the answer is 42"])
+    tok = tiny.build_tokenizer(
+        ["<|im_start|> system user assistant Compute it. print(6 * 7) the answer is 42"]
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = CHATML
     turns = ["Compute it.\n```python\nprint(6 * 7)\n```\n", "So the answer is \\boxed{42}.<|im_end|>"]
@@ -189,13 +207,22 @@ def test_full_agent_loop_run_with_the_sandbox(monkeypatch, tmp_path):
     with SandboxPool(workers=1, allow_weaker_isolation=True) as pool:
         monkeypatch.setattr(tool, "shared_pool", lambda workers, weaker: pool)
         tools = initialize_tools_from_config(str(TOOL_CONFIG))
-        loop = agent_loop.TIRAgentLoop(trainer_config=DictConfigWrap(cfg), server_manager=FakeServer(), tokenizer=tok,
-                                       processor=None, dataset_cls=None, data_config=DictConfigWrap(cfg.data),
-                                       tools=ToolListWrap(tools))
+        loop = agent_loop.TIRAgentLoop(
+            trainer_config=DictConfigWrap(cfg),
+            server_manager=FakeServer(),
+            tokenizer=tok,
+            processor=None,
+            dataset_cls=None,
+            data_config=DictConfigWrap(cfg.data),
+            tools=ToolListWrap(tools),
+        )
         messages = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": "What is 6*7?"}]
         # the agent loop binds the event loop it was built in (VERL runs it inside its worker's loop)
-        out = loop.loop.run_until_complete(loop.run({"temperature": 1.0, "logprobs": True}, raw_prompt=messages,
-                                                    extra_info={}, tools_kwargs={}))
+        out = loop.loop.run_until_complete(
+            loop.run(
+                {"temperature": 1.0, "logprobs": True}, raw_prompt=messages, extra_info={}, tools_kwargs={}
+            )
+        )
 
     assert len(seen_params) == 2 and all(p["include_stop_str_in_output"] for p in seen_params)
     assert "\n```\n" in seen_params[0]["stop"]
@@ -203,10 +230,13 @@ def test_full_agent_loop_run_with_the_sandbox(monkeypatch, tmp_path):
     obs = OBS_OPEN + "42" + OBS_CLOSE
     assert response == turns[0] + obs + turns[1]
     assert "SYSTEM" in tok.decode(out.prompt_ids) and "tool" not in tok.decode(out.prompt_ids)
-    n1, n_obs = len(tok.encode(turns[0], add_special_tokens=False)), len(tok.encode(obs, add_special_tokens=False))
-    assert out.response_mask[:n1] == [1] * n1 and out.response_mask[n1:n1 + n_obs] == [0] * n_obs
-    assert out.response_mask[n1 + n_obs:] == [1] * (len(out.response_mask) - n1 - n_obs)
-    assert out.response_logprobs[n1:n1 + n_obs] == [0.0] * n_obs and out.response_logprobs[0] == -0.5
+    n1, n_obs = (
+        len(tok.encode(turns[0], add_special_tokens=False)),
+        len(tok.encode(obs, add_special_tokens=False)),
+    )
+    assert out.response_mask[:n1] == [1] * n1 and out.response_mask[n1 : n1 + n_obs] == [0] * n_obs
+    assert out.response_mask[n1 + n_obs :] == [1] * (len(out.response_mask) - n1 - n_obs)
+    assert out.response_logprobs[n1 : n1 + n_obs] == [0.0] * n_obs and out.response_logprobs[0] == -0.5
     assert compute_score("aime25", response, "42") == 1.0
 
 
@@ -224,9 +254,15 @@ def test_verl_dataset_reads_our_parquet(tmp_path, monkeypatch):
     root = Path(__file__).resolve().parent.parent
     monkeypatch.setenv(data.DATA_DIR_ENV, str(root / "tests" / "fixtures" / "datasets"))
     study = load_config(root / "experiments" / "paper.yaml")
-    parquet = data.to_verl_parquet(data.load("hmmt_nov_2025"), tmp_path / "h.parquet", data.tir_system_prompt(study))
-    with initialize_config_dir(config_dir=str(Path(verl.trainer.__file__).parent / "config"), version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=tv.build_overrides(study, "qwen3-4b", "ctpo", 0, tmp_path))
+    parquet = data.to_verl_parquet(
+        data.load("hmmt_nov_2025"), tmp_path / "h.parquet", data.tir_system_prompt(study)
+    )
+    with initialize_config_dir(
+        config_dir=str(Path(verl.trainer.__file__).parent / "config"), version_base=None
+    ):
+        cfg = compose(
+            config_name="ppo_trainer", overrides=tv.build_overrides(study, "qwen3-4b", "ctpo", 0, tmp_path)
+        )
     tok = tiny.build_tokenizer(["hello world"])
     tok.chat_template = CHATML
     ds = RLHFDataset(data_files=[str(parquet)], tokenizer=tok, config=cfg.data)

@@ -15,10 +15,22 @@ from ctpo.tir.episode import Continuation, SamplingParams
 
 
 def test_sampling_params_translate_to_vllm_kwargs():
-    params = SamplingParams(temperature=0.7, top_p=0.95, top_k=-1, max_new_tokens=512, stop=["\n```\n"], seed=3)
+    params = SamplingParams(
+        temperature=0.7, top_p=0.95, top_k=-1, max_new_tokens=512, stop=["\n```\n"], seed=3
+    )
     kw = backend.vllm_sampling_kwargs(params, seed=11)
-    assert kw == {"n": 1, "temperature": 0.7, "top_p": 0.95, "top_k": 0, "max_tokens": 512, "stop": ["\n```\n"],
-                  "include_stop_str_in_output": True, "logprobs": 0, "skip_special_tokens": False, "seed": 11}
+    assert kw == {
+        "n": 1,
+        "temperature": 0.7,
+        "top_p": 0.95,
+        "top_k": 0,
+        "max_tokens": 512,
+        "stop": ["\n```\n"],
+        "include_stop_str_in_output": True,
+        "logprobs": 0,
+        "skip_special_tokens": False,
+        "seed": 11,
+    }
     assert backend.vllm_sampling_kwargs(SamplingParams(top_k=20))["top_k"] == 20
 
 
@@ -71,9 +83,12 @@ class _FakeLLM:
 
     def generate(self, requests, sampling, use_tqdm=False):
         self.calls.append((requests, sampling))
-        return [types.SimpleNamespace(outputs=[_Completion([7, 2], "stop", None, [{7: _Logprob(-1.0)},
-                                                                                  {2: _Logprob(-0.5)}])])
-                for _ in requests]
+        return [
+            types.SimpleNamespace(
+                outputs=[_Completion([7, 2], "stop", None, [{7: _Logprob(-1.0)}, {2: _Logprob(-0.5)}])]
+            )
+            for _ in requests
+        ]
 
 
 def test_generate_batches_one_turn_and_seeds_each_copy(monkeypatch):
@@ -84,7 +99,7 @@ def test_generate_batches_one_turn_and_seeds_each_copy(monkeypatch):
     gen = backend.VLLMGenerator("some/model", llm=llm, temperature=0.7, max_new_tokens=100)
     out = gen.generate([[1, 2], [1, 2], [3]], SamplingParams(temperature=0.7, max_new_tokens=None, seed=5))
     assert [c.finish_reason for c in out] == ["eos"] * 3 and out[0].logprobs == [-1.0, -0.5]
-    (requests, sampling), = llm.calls
+    ((requests, sampling),) = llm.calls
     assert [r["prompt_token_ids"] for r in requests] == [[1, 2], [1, 2], [3]]
     assert sampling[0]["seed"] != sampling[1]["seed"] and sampling[0]["max_tokens"] == 100
     assert gen.stats == {"calls": 1, "rows": 3, "new_tokens": 6}
@@ -144,13 +159,25 @@ def test_eval_runs_the_same_tir_loop_and_records_through_vllm(monkeypatch):
     fake_vllm = types.ModuleType("vllm")
     fake_vllm.SamplingParams = lambda **kw: kw
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
-    tok = tiny.build_tokenizer(["Compute it. print(6 * 7) So the answer is boxed 42 output What is six times seven"])
+    tok = tiny.build_tokenizer(
+        ["Compute it. print(6 * 7) So the answer is boxed 42 output What is six times seven"]
+    )
     gen = backend.VLLMGenerator("fake", llm=_ScriptedLLM(tok))
-    records = [{"id": "p0", "problem": "What is six times seven?", "answer": "42"},
-               {"id": "p1", "problem": "What is 6*7, really?", "answer": "41"}]
+    records = [
+        {"id": "p0", "problem": "What is six times seven?", "answer": "42"},
+        {"id": "p1", "problem": "What is 6*7, really?", "answer": "41"},
+    ]
     with SandboxPool(workers=1, allow_weaker_isolation=True) as pool, Grader(workers=0) as grader:
-        summary, samples = run_eval(gen, tok, records, 2, TIRConfig(max_turns=3, max_response_tokens=400), pool,
-                                    grader, params=SamplingParams(temperature=0.7, max_new_tokens=64, seed=1))
+        summary, samples = run_eval(
+            gen,
+            tok,
+            records,
+            2,
+            TIRConfig(max_turns=3, max_response_tokens=400),
+            pool,
+            grader,
+            params=SamplingParams(temperature=0.7, max_new_tokens=64, seed=1),
+        )
     assert [s["correct"] for s in samples] == [True, True, False, False]
     assert all(s["tool_calls"] == 1 and s["tool_errors"] == 0 and s["turns"] == 2 for s in samples)
     assert "```output\n42\n```" in samples[0]["response"]

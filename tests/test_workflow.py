@@ -179,12 +179,40 @@ def _expected_counts(config: dict) -> dict[str, int]:
 # ctpo_fixed = 7; one eval job per checkpoint: 7 runs + 2 Bases; + mlflow_init, lab, analyze, figures, all.
 # smoke: 1 benchmark, 1 model x 3 methods, no lab. paper: 4 benchmarks, hub models (no base), same 7 runs.
 HAND_COUNTS = {
-    "tiny": {"mlflow_init": 1, "data": 4, "base": 2, "train": 7, "eval_run": 7, "eval_base": 2, "lab": 1,
-             "analyze": 1, "figures": 1, "all": 1},  # 27 jobs (45 with one eval job per benchmark)
-    "smoke": {"mlflow_init": 1, "data": 2, "base": 1, "train": 3, "eval_run": 3, "eval_base": 1,
-              "analyze": 1, "figures": 1, "all": 1},
-    "paper": {"mlflow_init": 1, "data": 5, "train": 7, "eval_run": 7, "eval_base": 2, "lab": 1,
-              "analyze": 1, "figures": 1, "all": 1},
+    "tiny": {
+        "mlflow_init": 1,
+        "data": 4,
+        "base": 2,
+        "train": 7,
+        "eval_run": 7,
+        "eval_base": 2,
+        "lab": 1,
+        "analyze": 1,
+        "figures": 1,
+        "all": 1,
+    },  # 27 jobs (45 with one eval job per benchmark)
+    "smoke": {
+        "mlflow_init": 1,
+        "data": 2,
+        "base": 1,
+        "train": 3,
+        "eval_run": 3,
+        "eval_base": 1,
+        "analyze": 1,
+        "figures": 1,
+        "all": 1,
+    },
+    "paper": {
+        "mlflow_init": 1,
+        "data": 5,
+        "train": 7,
+        "eval_run": 7,
+        "eval_base": 2,
+        "lab": 1,
+        "analyze": 1,
+        "figures": 1,
+        "all": 1,
+    },
 }
 
 
@@ -293,7 +321,9 @@ def test_smoke_study_end_to_end(tmp_path):
     table2 = (analysis / "table2.md").read_text()
     assert "| tiny-xs | Base |" in table2 and "CTPO" in table2 and "±" in table2
     assert "CTPO (adaptive clip)" in (analysis / "table3.md").read_text()
-    assert "| tiny-xs | " in (paired := (analysis / "table2_paired.md").read_text()) and "CTPO − Base" in paired
+    assert (
+        "| tiny-xs | " in (paired := (analysis / "table2_paired.md").read_text()) and "CTPO − Base" in paired
+    )
     assert "Note" not in paired  # every evaluation left its samples.jsonl
     for fig in ("fig1", "fig2"):
         for ext in ("png", "pdf"):

@@ -33,7 +33,9 @@ def request_seed(seed: int, prompt: list[int], occurrence: int) -> int:
     return h & 0x7FFFFFFF
 
 
-def vllm_sampling_kwargs(params: Any, defaults: dict[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
+def vllm_sampling_kwargs(
+    params: Any, defaults: dict[str, Any] | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """``ctpo.tir.episode.SamplingParams`` (+ the generator's defaults) -> ``vllm.SamplingParams`` kwargs.
 
     ``top_k <= 0`` means "no cut-off" (vLLM's 0); the tokens completing a stop string stay in the output
@@ -104,19 +106,38 @@ class VLLMGenerator:
             max_new_tokens, repetition_penalty, stop) — the config's ``eval:`` sampling block.
     """
 
-    def __init__(self, model_path: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 max_model_len: int | None = None, dtype: str = "bfloat16", enforce_eager: bool = False,
-                 seed: int = 0, engine_kwargs: dict[str, Any] | None = None, llm: Any = None, **sampling: Any):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        dtype: str = "bfloat16",
+        enforce_eager: bool = False,
+        seed: int = 0,
+        engine_kwargs: dict[str, Any] | None = None,
+        llm: Any = None,
+        **sampling: Any,
+    ):
         self.model_path = str(model_path)
         unknown = sorted(set(sampling) - set(SAMPLING_DEFAULT_KEYS))
         if unknown:
-            raise TypeError(f"VLLMGenerator: unknown option(s) {unknown}; sampling defaults are "
-                            f"{list(SAMPLING_DEFAULT_KEYS)}, other vllm.LLM arguments go in engine_kwargs")
+            raise TypeError(
+                f"VLLMGenerator: unknown option(s) {unknown}; sampling defaults are "
+                f"{list(SAMPLING_DEFAULT_KEYS)}, other vllm.LLM arguments go in engine_kwargs"
+            )
         self.defaults = dict(sampling)
         if llm is None:
-            llm = self._engine(tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                               max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager, seed=seed,
-                               **(engine_kwargs or {}))
+            llm = self._engine(
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                dtype=dtype,
+                enforce_eager=enforce_eager,
+                seed=seed,
+                **(engine_kwargs or {}),
+            )
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
         eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -127,8 +148,10 @@ class VLLMGenerator:
         try:
             from vllm import LLM
         except ImportError as exc:
-            raise RuntimeError(f"the vllm backend needs vLLM ({exc}); install the gpu extra "
-                               "(pip install -e '.[gpu]') on a GPU node, or use --backend hf") from exc
+            raise RuntimeError(
+                f"the vllm backend needs vLLM ({exc}); install the gpu extra "
+                "(pip install -e '.[gpu]') on a GPU node, or use --backend hf"
+            ) from exc
         kw = {k: v for k, v in kw.items() if v is not None}
         try:
             return LLM(model=self.model_path, logprobs_mode="processed_logprobs", **kw)

@@ -8,15 +8,26 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="study config (experiments/*.yaml or the resolved copy)")
-    parser.add_argument("--dataset", required=True,
-                        help="`train`, a benchmark name of the config's `data.benchmarks`, or a registered "
-                             "dataset (arith, deepscaler, aime25, aime26, hmmt_nov_2025, brumo_2025)")
+    parser.add_argument(
+        "--config", required=True, help="study config (experiments/*.yaml or the resolved copy)"
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="`train`, a benchmark name of the config's `data.benchmarks`, or a registered "
+        "dataset (arith, deepscaler, aime25, aime26, hmmt_nov_2025, brumo_2025)",
+    )
     parser.add_argument("--out", required=True, help="normalised records, one JSON object per line")
-    parser.add_argument("--parquet", default=None,
-                        help="also write VERL's parquet schema (chat prompt with the TIR system prompt)")
-    parser.add_argument("--path", default=None,
-                        help="read a local parquet/JSON/JSONL file or a pre-fetched folder instead of the hub")
+    parser.add_argument(
+        "--parquet",
+        default=None,
+        help="also write VERL's parquet schema (chat prompt with the TIR system prompt)",
+    )
+    parser.add_argument(
+        "--path",
+        default=None,
+        help="read a local parquet/JSON/JSONL file or a pre-fetched folder instead of the hub",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

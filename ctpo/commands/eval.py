@@ -33,32 +33,60 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Several benchmarks share one model load, sandbox pool and grader (and with --batch-benchmarks "
-                     "together one episode batch: each turn is one generate call for all of them); each "
-                     "benchmark still gets its own samples.jsonl and summary.json, and the call logs one MLflow "
-                     "eval run.")
-    parser.add_argument("--config", required=True, help="study config (experiments/tiny.yaml or the resolved copy)")
-    parser.add_argument("--model-path", required=True, help="HF model folder (a Base from `ctpo sft` or RUN/final)")
-    parser.add_argument("--benchmark", required=True, action="append", metavar="NAME[,NAME...]",
-                        help="a name under data.benchmarks (e.g. arith-hard) or a dataset; repeat it or give a "
-                             "comma-separated list to evaluate several in one batched run")
-    parser.add_argument("--out", required=True,
-                        help="output folder: OUT/samples.jsonl and OUT/summary.json for one benchmark, "
-                             "OUT/<benchmark>/{samples.jsonl,summary.json} for several")
-    parser.add_argument("--out-per-benchmark", action="store_true",
-                        help="write OUT/<benchmark>/ even for a single benchmark (the workflow always does)")
-    parser.add_argument("--batch-benchmarks", choices=("together", "apart"),
-                        help="one episode batch for all benchmarks, or one per benchmark in turn (default: "
-                             "apart for the hf backend, whose left-padded batches make a mixed batch slower on "
-                             "CPU; together for vllm)")
-    parser.add_argument("--run", help="the training run folder evaluated (reads RUN/DONE.json: MLflow link, labels)")
+    parser.epilog = (
+        "Several benchmarks share one model load, sandbox pool and grader (and with --batch-benchmarks "
+        "together one episode batch: each turn is one generate call for all of them); each "
+        "benchmark still gets its own samples.jsonl and summary.json, and the call logs one MLflow "
+        "eval run."
+    )
+    parser.add_argument(
+        "--config", required=True, help="study config (experiments/tiny.yaml or the resolved copy)"
+    )
+    parser.add_argument(
+        "--model-path", required=True, help="HF model folder (a Base from `ctpo sft` or RUN/final)"
+    )
+    parser.add_argument(
+        "--benchmark",
+        required=True,
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="a name under data.benchmarks (e.g. arith-hard) or a dataset; repeat it or give a "
+        "comma-separated list to evaluate several in one batched run",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder: OUT/samples.jsonl and OUT/summary.json for one benchmark, "
+        "OUT/<benchmark>/{samples.jsonl,summary.json} for several",
+    )
+    parser.add_argument(
+        "--out-per-benchmark",
+        action="store_true",
+        help="write OUT/<benchmark>/ even for a single benchmark (the workflow always does)",
+    )
+    parser.add_argument(
+        "--batch-benchmarks",
+        choices=("together", "apart"),
+        help="one episode batch for all benchmarks, or one per benchmark in turn (default: "
+        "apart for the hf backend, whose left-padded batches make a mixed batch slower on "
+        "CPU; together for vllm)",
+    )
+    parser.add_argument(
+        "--run", help="the training run folder evaluated (reads RUN/DONE.json: MLflow link, labels)"
+    )
     parser.add_argument("--k", type=int, help="samples per problem (default: eval.k of the config)")
-    parser.add_argument("--backend", choices=None, help="generation backend: hf | vllm (default: eval.backend)")
+    parser.add_argument(
+        "--backend", choices=None, help="generation backend: hf | vllm (default: eval.backend)"
+    )
     parser.add_argument("--n", type=int, help="evaluate only the first N problems (smoke tests)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--model", dest="model_name", help="label for the summary (default: from RUN or the Base)")
+    parser.add_argument(
+        "--model", dest="model_name", help="label for the summary (default: from RUN or the Base)"
+    )
     parser.add_argument("--method", help="label for the summary (default: from RUN, else 'base')")
-    parser.add_argument("--seed", type=int, help="label for the summary (default: from RUN, else the SFT seed)")
+    parser.add_argument(
+        "--seed", type=int, help="label for the summary (default: from RUN, else the SFT seed)"
+    )
 
 
 def _labels(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,42 +175,77 @@ def run(args: argparse.Namespace) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model_path)
 
-    run_name = f"{config.get('study', 'study')}__eval__{labels['model']}__{labels['method']}__s{labels['seed']}"
-    tags = {"model": labels["model"], "method": labels["method"], "seed": labels["seed"],
-            "benchmarks": ",".join(names), "backend": backend}
-    run_params = {"k": k, "benchmarks": ",".join(names), "batch_benchmarks": "together" if together else "apart",
-                  "n_problems": {name: len(records) for name, records in benchmarks.items()}}
-    with tracking.start_run(config, run_name, tags=tags, params=run_params,
-                            kind="eval", train_run_id=labels["train_run_id"]) as mlrun, \
-            SandboxPool(workers=int(sandbox.get("workers", 2)),
-                        allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False))) as pool, \
-            Grader(workers=int(eval_cfg.get("grader_workers", 1))) as grader:
-        results = run_eval_many(generator, tokenizer, benchmarks, k, tir_cfg, pool, grader, params=params,
-                                batched=together)
+    run_name = (
+        f"{config.get('study', 'study')}__eval__{labels['model']}__{labels['method']}__s{labels['seed']}"
+    )
+    tags = {
+        "model": labels["model"],
+        "method": labels["method"],
+        "seed": labels["seed"],
+        "benchmarks": ",".join(names),
+        "backend": backend,
+    }
+    run_params = {
+        "k": k,
+        "benchmarks": ",".join(names),
+        "batch_benchmarks": "together" if together else "apart",
+        "n_problems": {name: len(records) for name, records in benchmarks.items()},
+    }
+    with (
+        tracking.start_run(
+            config, run_name, tags=tags, params=run_params, kind="eval", train_run_id=labels["train_run_id"]
+        ) as mlrun,
+        SandboxPool(
+            workers=int(sandbox.get("workers", 2)),
+            allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False)),
+        ) as pool,
+        Grader(workers=int(eval_cfg.get("grader_workers", 1))) as grader,
+    ):
+        results = run_eval_many(
+            generator, tokenizer, benchmarks, k, tir_cfg, pool, grader, params=params, batched=together
+        )
         gen_stats = getattr(generator, "stats", None)  # of the whole call: the same in every summary
         summaries = {}
         for name, (summary, samples) in results.items():
-            summary = {"benchmark": name, "model": labels["model"], "method": labels["method"],
-                       "seed": labels["seed"], "model_path": str(args.model_path), "backend": backend,
-                       "train_run_id": labels["train_run_id"], **summary,
-                       "mlflow_run_id": getattr(mlrun, "run_id", None)}
+            summary = {
+                "benchmark": name,
+                "model": labels["model"],
+                "method": labels["method"],
+                "seed": labels["seed"],
+                "model_path": str(args.model_path),
+                "backend": backend,
+                "train_run_id": labels["train_run_id"],
+                **summary,
+                "mlflow_run_id": getattr(mlrun, "run_id", None),
+            }
             if gen_stats:
                 summary["generator_stats"] = dict(gen_stats)
             folder = out_dirs[name]
             _write_atomic(folder / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
             _write_atomic(folder / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-            metrics = {f"eval/{name}/{key}": summary[key] for key in
-                       ("avg_at_k", "avg_at_k_se", "mean_length", "mean_policy_tokens", "mean_tool_calls",
-                        "tool_error_rate", "eval_s")}
+            metrics = {
+                f"eval/{name}/{key}": summary[key]
+                for key in (
+                    "avg_at_k",
+                    "avg_at_k_se",
+                    "mean_length",
+                    "mean_policy_tokens",
+                    "mean_tool_calls",
+                    "tool_error_rate",
+                    "eval_s",
+                )
+            }
             metrics.update({f"eval/{name}/pass_at_{j}": v for j, v in summary["pass_at_k"].items()})
             mlrun.log_metrics(metrics)
             mlrun.log_artifact(folder / "summary.json", name)
             summaries[name] = summary
     who = f"{labels['model']}/{labels['method']}/s{labels['seed']}"
     for name, summary in summaries.items():
-        print(f"eval {who} on {name}: avg@{k} = {summary['avg_at_k']:.3f} ± {summary['avg_at_k_se']:.3f} "
-              f"(SE over {summary['n_problems']} problems), pass@{k} = {summary['pass_at_k'][str(k)]:.3f}, "
-              f"mean length {summary['mean_length']:.0f} tokens -> {out_dirs[name]}")
+        print(
+            f"eval {who} on {name}: avg@{k} = {summary['avg_at_k']:.3f} ± {summary['avg_at_k_se']:.3f} "
+            f"(SE over {summary['n_problems']} problems), pass@{k} = {summary['pass_at_k'][str(k)]:.3f}, "
+            f"mean length {summary['mean_length']:.0f} tokens -> {out_dirs[name]}"
+        )
     if len(names) == 1:
         how = ""
     elif together:

@@ -18,7 +18,9 @@ log = logging.getLogger("ctpo.lab")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for the tables, report and figure")
-    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke version (V=2, T<=4, few samples)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a seconds-long smoke version (V=2, T<=4, few samples)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of the MDPs and the samples (default 0)")
     parser.add_argument(
         "--config",
@@ -26,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="study config: its MLflow store gets the run, its optional `lab:` section overrides LabSettings",
     )
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow even if a store is set")
+    parser.add_argument(
+        "--no-mlflow", action="store_true", help="do not log to MLflow even if a store is set"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     summary = lab.run_lab(args.out, settings)
     log.info(
         "lab: %d methods, wall %.1f s; MC 95%% CIs cover the exact bias in %d/%d rows -> %s",
-        len(summary["methods"]), summary["wall_s"], *summary["ci_coverage_bias"], args.out,
+        len(summary["methods"]),
+        summary["wall_s"],
+        *summary["ci_coverage_bias"],
+        args.out,
     )
     if not args.no_mlflow:
         log_to_mlflow(config, args.out, summary)
@@ -69,8 +76,9 @@ def log_to_mlflow(config: dict[str, Any] | None, out: Path, summary: dict[str, A
         metrics[f"lab/{method}/rel_bias"] = vals["rel_bias"]
         metrics[f"lab/{method}/rel_var"] = vals["rel_var"]
     params = {"lab." + k: v for k, v in summary["settings"].items()}
-    with tracking.start_run(config, f"{config.get('study', 'study')}__lab", tags={"kind": "lab"},
-                            params=params, kind="lab") as run:
+    with tracking.start_run(
+        config, f"{config.get('study', 'study')}__lab", tags={"kind": "lab"}, params=params, kind="lab"
+    ) as run:
         run.log_metrics(metrics)
         for name in summary["files"]:
             if (out / name).is_file():

@@ -11,13 +11,26 @@ import json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="study config (experiments/tiny.yaml or the resolved copy)")
-    parser.add_argument("--model", required=True, help="model name under `models:` in the config (e.g. tiny-s)")
+    parser.add_argument(
+        "--config", required=True, help="study config (experiments/tiny.yaml or the resolved copy)"
+    )
+    parser.add_argument(
+        "--model", required=True, help="model name under `models:` in the config (e.g. tiny-s)"
+    )
     parser.add_argument("--out", required=True, help="output folder: HF model + tokenizer + sft_summary.json")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1; keep threads x parallel jobs <= cores)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override an sft option, e.g. --set steps=20 (value parsed as JSON when possible)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1; keep threads x parallel jobs <= cores)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an sft option, e.g. --set steps=20 (value parsed as JSON when possible)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -42,6 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)
-    run_sft(config, args.model, args.out, threads=args.threads, progress=not args.no_progress,
-            overrides=_parse_overrides(args.set))
+    run_sft(
+        config,
+        args.model,
+        args.out,
+        threads=args.threads,
+        progress=not args.no_progress,
+        overrides=_parse_overrides(args.set),
+    )
     return 0

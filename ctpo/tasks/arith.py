@@ -69,8 +69,13 @@ class Step:
     branch: str  # which side of the condition applied ("even"/"odd", "greater"/"less", "low"/"high", "-")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "params": dict(self.params), "before": self.before, "after": self.after,
-                "branch": self.branch}
+        return {
+            "rule": self.rule,
+            "params": dict(self.params),
+            "before": self.before,
+            "after": self.after,
+            "branch": self.branch,
+        }
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Step:
@@ -140,8 +145,9 @@ def _draw_rule(rng: random.Random, v: int, last: bool, hard: bool) -> tuple[str,
     return rule, {"k": k}
 
 
-def make_problem(rng: random.Random, n_rules: int, a_digits: tuple[int, int], b_digits: tuple[int, int],
-                 hard: bool) -> dict[str, Any]:
+def make_problem(
+    rng: random.Random, n_rules: int, a_digits: tuple[int, int], b_digits: tuple[int, int], hard: bool
+) -> dict[str, Any]:
     """Draw one problem; returns the text, the exact answer and the solution steps."""
     x = rng.choice(VARIABLES)
     a, b = _digits(rng, a_digits), _digits(rng, b_digits)
@@ -159,12 +165,19 @@ def make_problem(rng: random.Random, n_rules: int, a_digits: tuple[int, int], b_
         sentences.append("Then " + text[0].lower() + text[1:] if j else text)
         v = after
     sentences.append(f"What is the final value of {x}?")
-    return {"variable": x, "start": start, "start_value": steps[0].before if steps else v,
-            "steps": [s.to_dict() for s in steps], "answer": v, "text": " ".join(sentences)}
+    return {
+        "variable": x,
+        "start": start,
+        "start_value": steps[0].before if steps else v,
+        "steps": [s.to_dict() for s in steps],
+        "answer": v,
+        "text": " ".join(sentences),
+    }
 
 
-def load_split(split: str, n: int | None = None, seed: int = 0,
-               rules: dict[int, float] | None = None) -> list[dict[str, Any]]:
+def load_split(
+    split: str, n: int | None = None, seed: int = 0, rules: dict[int, float] | None = None
+) -> list[dict[str, Any]]:
     """``n`` problems of ``split`` in the normalised record schema (docs/interfaces.md), deterministic in
     (split, n, seed); a smaller ``n`` gives a prefix of a larger one. ``rules`` overrides the split's
     weights over the number of rules (e.g. ``{2: 0.5, 3: 0.5}``), from a config's data entry."""
@@ -173,7 +186,11 @@ def load_split(split: str, n: int | None = None, seed: int = 0,
     spec = dict(SPLITS[split])
     if rules is not None:
         rules = {int(k): float(v) for k, v in dict(rules).items()}
-        if not rules or any(k not in (1, 2, 3) or v < 0 for k, v in rules.items()) or sum(rules.values()) <= 0:
+        if (
+            not rules
+            or any(k not in (1, 2, 3) or v < 0 for k, v in rules.items())
+            or sum(rules.values()) <= 0
+        ):
             raise ValueError(f"arith rules must map 1, 2 or 3 rules to non-negative weights, got {rules}")
         spec["rules"] = rules
     n = spec["n"] if n is None else int(n)
@@ -186,15 +203,23 @@ def load_split(split: str, n: int | None = None, seed: int = 0,
         n_rules = rng.choices(levels, weights)[0]
         hard = split == "hard" or (split == "train" and n_rules == 3)
         p = make_problem(rng, n_rules, spec["a"], spec["b"], hard=hard)
-        records.append({
-            "id": f"arith-{split}-{seed}-{i:05d}",
-            "data_source": DATA_SOURCE,
-            "problem": p["text"],
-            "answer": str(p["answer"]),
-            "split": split,
-            "extra": {"variable": p["variable"], "start": p["start"], "start_value": p["start_value"],
-                      "steps": p["steps"], "n_rules": n_rules, "n_tool_calls": n_rules + 1},
-        })
+        records.append(
+            {
+                "id": f"arith-{split}-{seed}-{i:05d}",
+                "data_source": DATA_SOURCE,
+                "problem": p["text"],
+                "answer": str(p["answer"]),
+                "split": split,
+                "extra": {
+                    "variable": p["variable"],
+                    "start": p["start"],
+                    "start_value": p["start_value"],
+                    "steps": p["steps"],
+                    "n_rules": n_rules,
+                    "n_tool_calls": n_rules + 1,
+                },
+            }
+        )
     return records
 
 
@@ -203,13 +228,24 @@ def load_split(split: str, n: int | None = None, seed: int = 0,
 # A turn is {"text": reasoning, "code": python source or None, "answer": final answer or None}; the
 # observation after a code turn comes from really running the code (never from this module).
 
-_FIRST = ("First compute {x}.", "Start by computing {x}.", "Let me compute {x} first.",
-          "We begin with {x} = {start}.", "Compute the start value of {x}.")
-_FINAL = ("The final value of {x} is \\boxed{{{ans}}}.", "So {x} = {ans}, and the answer is \\boxed{{{ans}}}.",
-          "Answer: \\boxed{{{ans}}}.", "The result is {ans}, so the answer is \\boxed{{{ans}}}.")
-_RECOVER_NAME = ("Variables do not persist between runs, so use the number itself.",
-                 "The earlier variable is gone; write the value out.",
-                 "Each run starts fresh, so I must write {val} explicitly.")
+_FIRST = (
+    "First compute {x}.",
+    "Start by computing {x}.",
+    "Let me compute {x} first.",
+    "We begin with {x} = {start}.",
+    "Compute the start value of {x}.",
+)
+_FINAL = (
+    "The final value of {x} is \\boxed{{{ans}}}.",
+    "So {x} = {ans}, and the answer is \\boxed{{{ans}}}.",
+    "Answer: \\boxed{{{ans}}}.",
+    "The result is {ans}, so the answer is \\boxed{{{ans}}}.",
+)
+_RECOVER_NAME = (
+    "Variables do not persist between runs, so use the number itself.",
+    "The earlier variable is gone; write the value out.",
+    "Each run starts fresh, so I must write {val} explicitly.",
+)
 _RECOVER_SYNTAX = ("A parenthesis is missing; fix it.", "That was a syntax error. Close the parenthesis.")
 _BY_HAND = ("I will do this by hand.", "This can be done mentally.", "No code needed here.")
 
@@ -224,36 +260,59 @@ def _decision_text(rng: random.Random, s: Step, x: str) -> tuple[str, str]:
             ("parity_sub", "odd"): (f"subtract {p.get('k')}", f"{v} - {p.get('k')}"),
             ("parity_sub", "even"): (f"add {p.get('k')}", f"{v} + {p.get('k')}"),
         }[(s.rule, s.branch)]
-        text = rng.choice([f"{x} = {v} is {s.branch}, so {op_text}.", f"Since {v} is {s.branch}, we {op_text}.",
-                           f"{v} is {s.branch}; {op_text}."])
+        text = rng.choice(
+            [
+                f"{x} = {v} is {s.branch}, so {op_text}.",
+                f"Since {v} is {s.branch}, we {op_text}.",
+                f"{v} is {s.branch}; {op_text}.",
+            ]
+        )
         return text, expr
     if s.rule == "threshold":
         if s.branch == "greater":
             expr = f"{v} - {p['k']}"
-            text = rng.choice([f"{v} is greater than {p['t']}, so subtract {p['k']}.",
-                               f"Since {v} > {p['t']}, we subtract {p['k']}."])
+            text = rng.choice(
+                [
+                    f"{v} is greater than {p['t']}, so subtract {p['k']}.",
+                    f"Since {v} > {p['t']}, we subtract {p['k']}.",
+                ]
+            )
         else:
             expr = f"{v} + {p['k']}"
-            text = rng.choice([f"{v} is not greater than {p['t']}, so add {p['k']}.",
-                               f"Since {v} <= {p['t']}, we add {p['k']}."])
+            text = rng.choice(
+                [
+                    f"{v} is not greater than {p['t']}, so add {p['k']}.",
+                    f"Since {v} <= {p['t']}, we add {p['k']}.",
+                ]
+            )
         return text, expr
     if s.rule == "last_digit":
         d = v % 10
         if s.branch == "low":
             expr = f"{v} * {p['m']}"
-            text = rng.choice([f"The last digit of {v} is {d}, less than 5, so multiply by {p['m']}.",
-                               f"{v} ends in {d}, which is below 5; multiply by {p['m']}."])
+            text = rng.choice(
+                [
+                    f"The last digit of {v} is {d}, less than 5, so multiply by {p['m']}.",
+                    f"{v} ends in {d}, which is below 5; multiply by {p['m']}.",
+                ]
+            )
         else:
             expr = f"{v} - {p['k']}"
-            text = rng.choice([f"The last digit of {v} is {d}, not less than 5, so subtract {p['k']}.",
-                               f"{v} ends in {d}, which is 5 or more; subtract {p['k']}."])
+            text = rng.choice(
+                [
+                    f"The last digit of {v} is {d}, not less than 5, so subtract {p['k']}.",
+                    f"{v} ends in {d}, which is 5 or more; subtract {p['k']}.",
+                ]
+            )
         return text, expr
     if s.rule == "mul_add":
-        return rng.choice([f"Now multiply {v} by {p['m']} and add {p['k']}.",
-                           f"Next, {x} = {v} * {p['m']} + {p['k']}."]), f"{v} * {p['m']} + {p['k']}"
+        return rng.choice(
+            [f"Now multiply {v} by {p['m']} and add {p['k']}.", f"Next, {x} = {v} * {p['m']} + {p['k']}."]
+        ), f"{v} * {p['m']} + {p['k']}"
     if s.rule == "mod":
-        return rng.choice([f"Now take {v} modulo {p['m']}.", f"Finally, the remainder of {v} divided by {p['m']}."]), \
-            f"{v} % {p['m']}"
+        return rng.choice(
+            [f"Now take {v} modulo {p['m']}.", f"Finally, the remainder of {v} divided by {p['m']}."]
+        ), f"{v} % {p['m']}"
     raise ValueError(f"unknown arith rule {s.rule!r}")
 
 
@@ -283,7 +342,9 @@ def demonstration_turns(record: dict[str, Any], style: str, rng: random.Random) 
     if style not in ("tool", "error"):
         raise ValueError(f"unknown demonstration style {style!r}; use tool, error or direct")
 
-    turns = [{"text": rng.choice(_FIRST).format(x=x, start=start), "code": _code(rng, x, start), "answer": None}]
+    turns = [
+        {"text": rng.choice(_FIRST).format(x=x, start=start), "code": _code(rng, x, start), "answer": None}
+    ]
     for s in steps:
         text, expr = _decision_text(rng, s, x)
         turns.append({"text": text, "code": _code(rng, x, expr), "answer": None})
@@ -299,14 +360,17 @@ def demonstration_turns(record: dict[str, Any], style: str, rng: random.Random) 
             expr = _decision_text(random.Random(0), s, x)[1]  # the expression does not depend on the rng
             bad_code = "print(" + expr.replace(str(s.before), x, 1) + ")"
             recover = rng.choice(_RECOVER_NAME).format(val=s.before)
-        turns[j:j + 1] = [{"text": good["text"], "code": bad_code, "answer": None},
-                          {"text": recover, "code": good["code"], "answer": None}]
+        turns[j : j + 1] = [
+            {"text": good["text"], "code": bad_code, "answer": None},
+            {"text": recover, "code": good["code"], "answer": None},
+        ]
     turns.append({"text": final, "code": None, "answer": ans})
     return turns
 
 
-def demonstration_styles(n: int, rng: random.Random, mix: dict[str, float], max_turns: int,
-                         records: list[dict[str, Any]]) -> list[str]:
+def demonstration_styles(
+    n: int, rng: random.Random, mix: dict[str, float], max_turns: int, records: list[dict[str, Any]]
+) -> list[str]:
     """Assign a style to each of ``n`` records following ``mix``; ``error`` only where the extra turn fits
     the turn budget (otherwise ``tool``)."""
     names, weights = zip(*sorted(mix.items()))
@@ -366,7 +430,7 @@ def execute_codes(pool: Any, codes: list[str], timeout_s: float = 10.0, batch: i
 
     results: list[Any] = [None] * len(codes)
     unique = list(dict.fromkeys(codes))
-    chunks = [unique[i:i + batch] for i in range(0, len(unique), batch)]
+    chunks = [unique[i : i + batch] for i in range(0, len(unique), batch)]
     harnesses = [_BATCH_HARNESS.format(payload=json.dumps(c)) for c in chunks]
     by_code: dict[str, Any] = {}
     for chunk, res in zip(chunks, pool.map(harnesses, timeout_s=timeout_s) if harnesses else []):
@@ -387,8 +451,9 @@ def execute_codes(pool: Any, codes: list[str], timeout_s: float = 10.0, batch: i
     return results
 
 
-def demonstrations(records: list[dict[str, Any]], cfg: Any, pool: Any, mix: dict[str, float] | None = None,
-                   seed: int = 0) -> list[dict[str, Any]]:
+def demonstrations(
+    records: list[dict[str, Any]], cfg: Any, pool: Any, mix: dict[str, float] | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
     """Render one demonstration per record in the exact TIR turn format of `ctpo.tir.protocol`.
 
     Returns dicts ``{"id", "style", "problem", "answer", "prompt", "segments"}`` where ``prompt`` is
@@ -425,6 +490,14 @@ def demonstrations(records: list[dict[str, Any]], cfg: Any, pool: Any, mix: dict
             segments.append({"text": text, "policy": True})
             if code is not None:
                 segments.append({"text": format_observation(next(results), cfg), "policy": False})
-        demos.append({"id": r["id"], "style": style, "problem": r["problem"], "answer": r["answer"],
-                      "prompt": build_prompt(r["problem"], None, cfg), "segments": segments})
+        demos.append(
+            {
+                "id": r["id"],
+                "style": style,
+                "problem": r["problem"],
+                "answer": r["answer"],
+                "prompt": build_prompt(r["problem"], None, cfg),
+                "segments": segments,
+            }
+        )
     return demos

@@ -44,15 +44,38 @@ from ctpo.tir import _isolation as iso
 UID_BASE = 1_000_000_000
 UID_SLOTS = 512
 SETUP_TIMEOUT_S = 30.0
-REQUEST_KEYS = ("timeout_s", "memory_mb", "max_procs", "max_file_mb", "max_open_files", "scratch_mb",
-                "scratch_inodes")
+REQUEST_KEYS = (
+    "timeout_s",
+    "memory_mb",
+    "max_procs",
+    "max_file_mb",
+    "max_open_files",
+    "scratch_mb",
+    "scratch_inodes",
+)
 EXIT_SETUP_FAILED = 125
-THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-              "VECLIB_MAXIMUM_THREADS")
+THREAD_ENV = (
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
 DEV_NODES = ("null", "zero", "full", "random", "urandom")
 # Order matters: each step may rely on the ones before it.
-CHILD_STEPS = ("mount_ns", "net_ns", "ipc_ns", "uts_ns", "unique_uid", "user_ns", "drop_caps",
-               "no_new_privs", "rlimits", "landlock", "seccomp")
+CHILD_STEPS = (
+    "mount_ns",
+    "net_ns",
+    "ipc_ns",
+    "uts_ns",
+    "unique_uid",
+    "user_ns",
+    "drop_caps",
+    "no_new_privs",
+    "rlimits",
+    "landlock",
+    "seccomp",
+)
 
 
 class Context:
@@ -154,7 +177,9 @@ def _build_root(ctx: Context) -> None:
         iso.write_id_maps(uid, gid)
     iso.mount(None, "/", None, iso.MS_REC | iso.MS_PRIVATE)
     sources = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in ctx.ro_paths}
-    devs = {d: os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC) for d in DEV_NODES if os.path.exists(f"/dev/{d}")}
+    devs = {
+        d: os.open(f"/dev/{d}", os.O_PATH | os.O_CLOEXEC) for d in DEV_NODES if os.path.exists(f"/dev/{d}")
+    }
     proc_fd = os.open("/proc", os.O_PATH | os.O_CLOEXEC)
     new = "/tmp"  # any existing folder: covered only inside our own mount namespace
     iso.mount("tmpfs", new, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, "size=1m,nr_inodes=4096,mode=0755")
@@ -173,8 +198,13 @@ def _build_root(ctx: Context) -> None:
     for name, fd in devs.items():
         open(f"{new}/dev/{name}", "w").close()
         iso.mount(f"/proc/self/fd/{fd}", f"{new}/dev/{name}", None, iso.MS_BIND)
-    for link, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                       ("stderr", "/proc/self/fd/2"), ("shm", "/tmp")):
+    for link, dest in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("shm", "/tmp"),
+    ):
         os.symlink(dest, f"{new}/dev/{link}")
     os.makedirs(new + "/proc")
     os.makedirs(new + "/tmp")
@@ -205,8 +235,15 @@ def _limits(ctx: Context, req: dict) -> dict[int, int]:
     }
 
 
-def _harden(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, strict: bool,
-            errors: dict[str, str] | None = None) -> set[str]:
+def _harden(
+    ctx: Context,
+    req: dict,
+    plan: set[str],
+    uid: int,
+    scratch: str,
+    strict: bool,
+    errors: dict[str, str] | None = None,
+) -> set[str]:
     """Apply the isolation steps in ``plan`` to this process; return the ones that took effect.
     ``strict``: any failure raises (a real execution); otherwise record it in ``errors`` and go on
     (the start-up probe)."""
@@ -239,7 +276,9 @@ def _harden(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, str
         for src, dst in ctx.tmp_binds:  # Python installed under /tmp (a CI checkout's venv, say)
             os.makedirs(dst, mode=0o755, exist_ok=True)
             iso.mount(src, dst, None, iso.MS_BIND | iso.MS_REC)
-            iso.mount(None, dst, None, iso.MS_BIND | iso.MS_REMOUNT | iso.MS_RDONLY | iso.MS_NOSUID | iso.MS_NODEV)
+            iso.mount(
+                None, dst, None, iso.MS_BIND | iso.MS_REMOUNT | iso.MS_RDONLY | iso.MS_NOSUID | iso.MS_NODEV
+            )
 
     step("mount_ns", mount_ns)
     step("net_ns", lambda: iso.unshare(iso.CLONE_NEWNET))
@@ -253,11 +292,18 @@ def _harden(ctx: Context, req: dict, plan: set[str], uid: int, scratch: str, str
 
     def landlock_prepare() -> None:  # paths are opened now, while they are still reachable
         if "mount_ns" in plan:
-            rules = [("/", iso.FS_READ_ONLY), ("/tmp", -1), ("/proc", iso.FS_READ_FILE | iso.FS_READ_DIR),
-                     *((f"/dev/{d}", iso.FS_READ_FILE | iso.FS_WRITE_FILE) for d in DEV_NODES)]
+            rules = [
+                ("/", iso.FS_READ_ONLY),
+                ("/tmp", -1),
+                ("/proc", iso.FS_READ_FILE | iso.FS_READ_DIR),
+                *((f"/dev/{d}", iso.FS_READ_FILE | iso.FS_WRITE_FILE) for d in DEV_NODES),
+            ]
         else:
-            rules = [*((p, iso.FS_READ_ONLY) for p in ctx.ro_paths), (scratch, -1),
-                     *((f"/dev/{d}", iso.FS_READ_FILE | iso.FS_WRITE_FILE) for d in DEV_NODES)]
+            rules = [
+                *((p, iso.FS_READ_ONLY) for p in ctx.ro_paths),
+                (scratch, -1),
+                *((f"/dev/{d}", iso.FS_READ_FILE | iso.FS_WRITE_FILE) for d in DEV_NODES),
+            ]
         ruleset.append(iso.landlock_ruleset(ctx.landlock_abi, rules))
 
     ruleset: list[int] = []
@@ -319,10 +365,12 @@ def _run_user_code(timeout_fd: int) -> None:
     os.write(timeout_fd, b"R")  # the wall clock starts now
     os.close(timeout_fd)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8", errors="replace")
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
-                                  errors="backslashreplace", write_through=True)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
-                                  errors="backslashreplace", write_through=True)
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True
+    )
     sys.argv = ["-c"]
     sys.path[:] = [p for p in sys.path if os.path.isdir(p)]  # what is visible in here
     os.environ.clear()
@@ -449,8 +497,15 @@ class _Exec:
         self.deadline = time.monotonic() + SETUP_TIMEOUT_S
         self.killed = False
         self.setup_msg = b""
-        self.report: dict = {"event": "done", "exit_code": None, "signal": None, "timed_out": False,
-                             "output_killed": False, "cancelled": False, "setup_error": None}
+        self.report: dict = {
+            "event": "done",
+            "exit_code": None,
+            "signal": None,
+            "timed_out": False,
+            "output_killed": False,
+            "cancelled": False,
+            "setup_error": None,
+        }
 
 
 class Server:
@@ -486,8 +541,15 @@ class Server:
     def probe(self, wanted: set[str]) -> set[str]:
         """Try every wanted step in a throwaway child; return those that worked (reasons in notes)."""
         ctx = self.ctx
-        req = {"timeout_s": 5, "memory_mb": 256, "max_procs": 16, "max_file_mb": 1, "max_open_files": 64,
-               "scratch_mb": 1, "scratch_inodes": 64}
+        req = {
+            "timeout_s": 5,
+            "memory_mb": 256,
+            "max_procs": 16,
+            "max_file_mb": 1,
+            "max_open_files": 64,
+            "scratch_mb": 1,
+            "scratch_inodes": 64,
+        }
         plan = set(wanted)
         scratch = "/tmp" if "mount_ns" in plan else tempfile.mkdtemp(prefix="ctpo-probe-")
         uid = self.uid_base if "unique_uid" in plan else os.getuid()
@@ -537,7 +599,9 @@ class Server:
                     self._event(kind, fd, e)
                 except Exception as exc:  # keep serving the others; this one reports what happened
                     print(f"sandbox server: {kind} event: {type(exc).__name__}: {exc}", file=sys.stderr)
-                    e.report["setup_error"] = e.report["setup_error"] or f"server: {type(exc).__name__}: {exc}"
+                    e.report["setup_error"] = (
+                        e.report["setup_error"] or f"server: {type(exc).__name__}: {exc}"
+                    )
                     self._kill(e)
                     if kind == "pid":  # the child is gone: report now, or the pool would wait on it
                         with contextlib.suppress(Exception):
@@ -632,7 +696,9 @@ class Server:
                 os.close(fd)
             return True
         if not self.free_slots:
-            os.write(fds[3], (json.dumps({"event": "done", "setup_error": "too many executions"}) + "\n").encode())
+            os.write(
+                fds[3], (json.dumps({"event": "done", "setup_error": "too many executions"}) + "\n").encode()
+            )
             for fd in fds:
                 os.close(fd)
             return True
@@ -799,17 +865,28 @@ def main() -> None:
         os.close(alive_r)
     ctx.plan = wanted
     ctx.seccomp_prog = iso.build_seccomp_filter(
-        allow_unix_sockets={"mount_ns", "net_ns"} <= wanted, deny_session_change="pid_ns" not in wanted)
+        allow_unix_sockets={"mount_ns", "net_ns"} <= wanted, deny_session_change="pid_ns" not in wanted
+    )
     srv = Server(ctx, sock, uid_base)
     ctx.plan = srv.probe(wanted)
     if ctx.plan != wanted:  # a step failed: the filter must match what really holds
         ctx.seccomp_prog = iso.build_seccomp_filter(
-            allow_unix_sockets={"mount_ns", "net_ns"} <= ctx.plan, deny_session_change="pid_ns" not in ctx.plan)
+            allow_unix_sockets={"mount_ns", "net_ns"} <= ctx.plan,
+            deny_session_change="pid_ns" not in ctx.plan,
+        )
         if "pid_ns" not in ctx.plan:
             srv.self_pidfd = -1
-    hello = {"event": "ready", "plan": sorted(ctx.plan), "root": ctx.root, "landlock_abi": ctx.landlock_abi,
-             "ro_paths": ctx.ro_paths, "preload_failed": failed, "base_vm_mb": ctx.base_vm_bytes >> 20,
-             "notes": ctx.notes, "uid_base": uid_base if "unique_uid" in ctx.plan else None}
+    hello = {
+        "event": "ready",
+        "plan": sorted(ctx.plan),
+        "root": ctx.root,
+        "landlock_abi": ctx.landlock_abi,
+        "ro_paths": ctx.ro_paths,
+        "preload_failed": failed,
+        "base_vm_mb": ctx.base_vm_bytes >> 20,
+        "notes": ctx.notes,
+        "uid_base": uid_base if "unique_uid" in ctx.plan else None,
+    }
     sock.sendall(json.dumps(hello).encode())
     srv.serve()
 

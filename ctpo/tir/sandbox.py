@@ -105,9 +105,25 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("ok", "error", "timeout", "memory", "killed", "output_limit")
 MAX_WORKERS = 512  # concurrent executions per pool (each gets its own uid slot)
-DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
-                   "random", "statistics", "re", "string", "json", "heapq", "bisect", "operator",
-                   "numpy", "sympy")
+DEFAULT_PRELOAD = (
+    "math",
+    "cmath",
+    "fractions",
+    "decimal",
+    "itertools",
+    "functools",
+    "collections",
+    "random",
+    "statistics",
+    "re",
+    "string",
+    "json",
+    "heapq",
+    "bisect",
+    "operator",
+    "numpy",
+    "sympy",
+)
 # Run once in the zygote (trusted code, never a request's): sympy imports some modules and fills
 # caches on first use, which every forked child would otherwise redo (~0.1 s for a first solve()).
 DEFAULT_WARMUP = """
@@ -122,13 +138,31 @@ import numpy as np
 np.linalg.solve(np.eye(2), np.ones(2)); np.arange(10).sum()
 """
 # Layers that make up "full" isolation, in the words ``pool.isolation.missing`` uses.
-FULL = ("user_ns", "pid_ns", "mount_ns", "net_ns", "ipc_ns", "uts_ns", "drop_caps", "no_new_privs",
-        "rlimits", "landlock", "seccomp")
+FULL = (
+    "user_ns",
+    "pid_ns",
+    "mount_ns",
+    "net_ns",
+    "ipc_ns",
+    "uts_ns",
+    "drop_caps",
+    "no_new_privs",
+    "rlimits",
+    "landlock",
+    "seccomp",
+)
 _DESCRIBE = {
-    "user_ns": "a user namespace", "pid_ns": "a pid namespace", "mount_ns": "a private mount namespace "
-    "(read-only root, size-capped /tmp)", "net_ns": "a network namespace", "ipc_ns": "an IPC namespace",
-    "uts_ns": "a UTS namespace", "drop_caps": "dropping capabilities", "no_new_privs": "PR_SET_NO_NEW_PRIVS",
-    "rlimits": "resource limits", "landlock": "Landlock", "seccomp": "a seccomp filter",
+    "user_ns": "a user namespace",
+    "pid_ns": "a pid namespace",
+    "mount_ns": "a private mount namespace (read-only root, size-capped /tmp)",
+    "net_ns": "a network namespace",
+    "ipc_ns": "an IPC namespace",
+    "uts_ns": "a UTS namespace",
+    "drop_caps": "dropping capabilities",
+    "no_new_privs": "PR_SET_NO_NEW_PRIVS",
+    "rlimits": "resource limits",
+    "landlock": "Landlock",
+    "seccomp": "a seccomp filter",
     "unique_uid": "a distinct unprivileged uid",
 }
 
@@ -185,9 +219,11 @@ class Isolation:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        d = {f"sandbox/{k}": v for k, v in dataclasses.asdict(self).items() if k not in ("layers", "missing",
-                                                                                      "ro_paths", "notes",
-                                                                                      "preload_failed")}
+        d = {
+            f"sandbox/{k}": v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in ("layers", "missing", "ro_paths", "notes", "preload_failed")
+        }
         d["sandbox/layers"] = ",".join(self.layers)
         d["sandbox/missing"] = ",".join(self.missing) or "none"
         d["sandbox/ro_paths"] = ",".join(self.ro_paths)
@@ -224,8 +260,13 @@ class _Zygote:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", _BOOT, str(child.fileno()), _PACKAGE_PARENT],
-                env={}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                pass_fds=(child.fileno(),), start_new_session=True,
+                env={},
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(child.fileno(),),
+                start_new_session=True,
             )
         finally:
             child.close()
@@ -306,12 +347,15 @@ class SandboxPool:
             raise ValueError(f"workers must be in 1..{MAX_WORKERS}, got {workers}")
         unknown = set(disable) - {*FULL, "unique_uid"}
         if unknown:
-            raise ValueError(f"unknown isolation layers in disable: {sorted(unknown)}; known: {[*FULL, 'unique_uid']}")
+            raise ValueError(
+                f"unknown isolation layers in disable: {sorted(unknown)}; known: {[*FULL, 'unique_uid']}"
+            )
         if sys.platform != "linux":
             raise SandboxIsolationError(f"the sandbox needs Linux, this is {sys.platform}")
         self.workers = workers
-        self.defaults = _Limits(timeout_s, memory_mb, max_procs, max_file_mb, max_open_files, scratch_mb,
-                                scratch_inodes)
+        self.defaults = _Limits(
+            timeout_s, memory_mb, max_procs, max_file_mb, max_open_files, scratch_mb, scratch_inodes
+        )
         self.max_output_bytes = max_output_bytes
         self.kill_output_bytes = kill_output_bytes
         self.allow_weaker_isolation = allow_weaker_isolation
@@ -334,19 +378,28 @@ class SandboxPool:
         layers = tuple(hello["plan"])
         missing = tuple(m for m in FULL if m not in layers)
         iso = Isolation(
-            tier="full" if not missing else "weaker", layers=layers, missing=missing,
-            unique_uid="unique_uid" in layers, landlock_abi=int(hello["landlock_abi"]),
-            weaker_allowed=bool(missing) and self.allow_weaker_isolation, kernel=platform.release(),
-            running_as_root=bool(hello["root"]), ro_paths=tuple(hello["ro_paths"]),
-            preload_failed=tuple(hello["preload_failed"]), notes=tuple(hello["notes"]),
+            tier="full" if not missing else "weaker",
+            layers=layers,
+            missing=missing,
+            unique_uid="unique_uid" in layers,
+            landlock_abi=int(hello["landlock_abi"]),
+            weaker_allowed=bool(missing) and self.allow_weaker_isolation,
+            kernel=platform.release(),
+            running_as_root=bool(hello["root"]),
+            ro_paths=tuple(hello["ro_paths"]),
+            preload_failed=tuple(hello["preload_failed"]),
+            notes=tuple(hello["notes"]),
         )
         if hello["root"] and not iso.unique_uid and "unique_uid" not in self._cfg["disable"]:
             missing = (*missing, "unique_uid")
-            iso = dataclasses.replace(iso, tier="weaker", missing=missing,
-                                      weaker_allowed=self.allow_weaker_isolation)
+            iso = dataclasses.replace(
+                iso, tier="weaker", missing=missing, weaker_allowed=self.allow_weaker_isolation
+            )
         if iso.missing:
-            msg = (f"sandbox isolation is weaker than full on this machine (kernel {iso.kernel}): missing "
-                   f"{iso.describe_missing()}")
+            msg = (
+                f"sandbox isolation is weaker than full on this machine (kernel {iso.kernel}): missing "
+                f"{iso.describe_missing()}"
+            )
             if iso.notes:
                 msg += f" ({'; '.join(iso.notes)})"
             if not self.allow_weaker_isolation:
@@ -354,9 +407,11 @@ class SandboxPool:
                 raise SandboxIsolationError(
                     f"{msg}. Refusing to run model-written code like this. Run on a host that allows "
                     "these (not inside an unprivileged container), or pass allow_weaker_isolation=True "
-                    "to SandboxPool to accept the weaker tier (it is then recorded in pool.isolation).")
-            warnings.warn(msg + "; running anyway because allow_weaker_isolation=True", RuntimeWarning,
-                          stacklevel=3)
+                    "to SandboxPool to accept the weaker tier (it is then recorded in pool.isolation)."
+                )
+            warnings.warn(
+                msg + "; running anyway because allow_weaker_isolation=True", RuntimeWarning, stacklevel=3
+            )
             log.warning("%s; running anyway because allow_weaker_isolation=True", msg)
         if iso.preload_failed:
             log.info("sandbox: modules not preloaded: %s", "; ".join(iso.preload_failed))
@@ -377,8 +432,10 @@ class SandboxPool:
         if limits.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {limits.timeout_s}")
         if limits.memory_mb < 16:
-            raise ValueError(f"memory_mb must be >= 16 (MB of address space beyond the preloaded interpreter), "
-                             f"got {limits.memory_mb}")
+            raise ValueError(
+                f"memory_mb must be >= 16 (MB of address space beyond the preloaded interpreter), "
+                f"got {limits.memory_mb}"
+            )
         with self._slots:
             for _ in range(3):
                 res, zygote = self._execute(code, limits)
@@ -387,8 +444,9 @@ class SandboxPool:
                 self._respawn(zygote)
         raise SandboxError("the sandbox server keeps dying; giving up")
 
-    def map(self, codes: Iterable[str], timeout_s: float | None = None, memory_mb: int | None = None) -> list[
-            ExecResult]:
+    def map(
+        self, codes: Iterable[str], timeout_s: float | None = None, memory_mb: int | None = None
+    ) -> list[ExecResult]:
         """Run many snippets, ``workers`` at a time; results in input order."""
         codes = list(codes)
         if not codes:
@@ -437,7 +495,9 @@ class SandboxPool:
             self.restarts += 1
             new = self._check_isolation(self._zygote.hello)
             if new.layers != self.isolation.layers:
-                log.warning("sandbox: the restarted zygote enforces %s (was %s)", new.layers, self.isolation.layers)
+                log.warning(
+                    "sandbox: the restarted zygote enforces %s (was %s)", new.layers, self.isolation.layers
+                )
                 self.isolation = new
 
     def _execute(self, code: str, lim: _Limits) -> tuple[ExecResult | None, _Zygote]:
@@ -455,7 +515,9 @@ class SandboxPool:
             try:
                 with self._lock:
                     zygote = self._zygote
-                    socket.send_fds(zygote.sock, [json.dumps(req).encode()], [code_r, out_w, err_w, st_w, ctl_r])
+                    socket.send_fds(
+                        zygote.sock, [json.dumps(req).encode()], [code_r, out_w, err_w, st_w, ctl_r]
+                    )
             except OSError:
                 return None, zygote
             finally:
@@ -467,7 +529,9 @@ class SandboxPool:
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _stream(self, code: str, fds: dict[str, int], lim: _Limits, t0: float, zygote: _Zygote) -> ExecResult | None:
+    def _stream(
+        self, code: str, fds: dict[str, int], lim: _Limits, t0: float, zygote: _Zygote
+    ) -> ExecResult | None:
         import selectors
 
         code_w, out_r, err_r, st_r = fds["code"], fds["out"], fds["err"], fds["status"]
@@ -493,7 +557,9 @@ class SandboxPool:
         while open_fds:
             left = backstop - time.monotonic()
             if left <= 0:
-                log.error("sandbox: no report from the sandbox server %.0fs past the deadline; cancelling", 30.0)
+                log.error(
+                    "sandbox: no report from the sandbox server %.0fs past the deadline; cancelling", 30.0
+                )
                 os.close(fds.pop("ctl"))
                 break
             for key, _ in sel.select(timeout=min(left, 1.0)):
@@ -514,7 +580,9 @@ class SandboxPool:
                     with contextlib.suppress(OSError):
                         os.write(fds["ctl"], b"O")
         sel.close()
-        reports = [json.loads(line) for line in status_buf.decode("utf-8", "replace").splitlines() if line.strip()]
+        reports = [
+            json.loads(line) for line in status_buf.decode("utf-8", "replace").splitlines() if line.strip()
+        ]
         report = reports[-1] if reports else None
         duration = time.monotonic() - t0
         if report is None:
@@ -524,7 +592,11 @@ class SandboxPool:
                 zygote.proc.wait(timeout=2)
             if not zygote.alive():
                 return None
-            report = {"exit_code": None, "signal": signal.SIGKILL, "setup_error": "no report from the sandbox server"}
+            report = {
+                "exit_code": None,
+                "signal": signal.SIGKILL,
+                "setup_error": "no report from the sandbox server",
+            }
         return _result(report, out, err, duration, output_killed)
 
 
@@ -556,8 +628,11 @@ class _Capture:
         if not self.truncated:
             return (self.head + self.tail).decode("utf-8", "replace")
         dropped = self.total - len(self.head) - len(self.tail)
-        return (self.head.decode("utf-8", "replace") + f"\n... [{dropped} bytes truncated] ...\n"
-                + self.tail.decode("utf-8", "replace"))
+        return (
+            self.head.decode("utf-8", "replace")
+            + f"\n... [{dropped} bytes truncated] ...\n"
+            + self.tail.decode("utf-8", "replace")
+        )
 
 
 def _result(report: dict, out: _Capture, err: _Capture, duration: float, output_killed: bool) -> ExecResult:
@@ -580,9 +655,15 @@ def _result(report: dict, out: _Capture, err: _Capture, duration: float, output_
     else:
         status = "ok"
     return ExecResult(
-        status=status, stdout=out.text(), stderr=stderr, exit_code=exit_code, duration_s=round(duration, 6),
-        truncated=out.truncated or err.truncated, cpu_s=float(report.get("cpu_s", 0.0)),
-        max_rss_mb=float(report.get("max_rss_mb", 0.0)), output_bytes=out.total + err.total,
+        status=status,
+        stdout=out.text(),
+        stderr=stderr,
+        exit_code=exit_code,
+        duration_s=round(duration, 6),
+        truncated=out.truncated or err.truncated,
+        cpu_s=float(report.get("cpu_s", 0.0)),
+        max_rss_mb=float(report.get("max_rss_mb", 0.0)),
+        output_bytes=out.total + err.total,
     )
 
 
@@ -591,14 +672,16 @@ _default_pools: dict[bool, SandboxPool] = {}
 _default_lock = threading.Lock()
 
 
-def run_code(code: str, timeout_s: float = 5.0, memory_mb: int = 1024, *,
-             allow_weaker_isolation: bool = False) -> ExecResult:
+def run_code(
+    code: str, timeout_s: float = 5.0, memory_mb: int = 1024, *, allow_weaker_isolation: bool = False
+) -> ExecResult:
     """Run one snippet in a process-wide shared pool (started on first use, closed at exit)."""
     with _default_lock:
         pool = _default_pools.get(allow_weaker_isolation)
         if pool is None or pool._closed or pool._pid != os.getpid():
-            pool = SandboxPool(workers=max(1, min(4, os.cpu_count() or 1)),
-                               allow_weaker_isolation=allow_weaker_isolation)
+            pool = SandboxPool(
+                workers=max(1, min(4, os.cpu_count() or 1)), allow_weaker_isolation=allow_weaker_isolation
+            )
             _default_pools[allow_weaker_isolation] = pool
     return pool.run(code, timeout_s=timeout_s, memory_mb=memory_mb)
 

@@ -550,14 +550,19 @@ class DiagnosticWindows:
                 self.open[d][0].merge(stats)
                 self.open[d][1].append(step)
             else:
-                self.open[d] = (stats if i == 0 else PositionStats.from_state_dict(stats.state_dict()), [step])
+                self.open[d] = (
+                    stats if i == 0 else PositionStats.from_state_dict(stats.state_dict()),
+                    [step],
+                )
 
     def pop(self, step: int) -> tuple[Any, list[int]] | None:
         """(pooled stats, steps pooled) of diagnostic step ``step``, closing its window; None if not one."""
         return self.open.pop(step, None)
 
     def state_dict(self) -> dict[int, dict[str, Any]]:
-        return {d: {"stats": stats.state_dict(), "steps": list(steps)} for d, (stats, steps) in self.open.items()}
+        return {
+            d: {"stats": stats.state_dict(), "steps": list(steps)} for d, (stats, steps) in self.open.items()
+        }
 
     def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
         from ctpo.diagnostics import PositionStats
@@ -610,8 +615,9 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def _append_row(out: Path, history: list[dict[str, Any]], pending: list[dict[str, Any]],
-                row: dict[str, Any]) -> None:
+def _append_row(
+    out: Path, history: list[dict[str, Any]], pending: list[dict[str, Any]], row: dict[str, Any]
+) -> None:
     """One step's metrics: kept for the next checkpoint, appended to metrics.jsonl, queued for MLflow."""
     history.append(row)
     pending.append(row)

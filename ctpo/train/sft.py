@@ -127,14 +127,16 @@ def _batches(examples: list[Example], batch_size: int, steps: int, seed: int) ->
         window = batch_size * 32
         epoch = []
         for w in range(0, len(order), window):
-            chunk = sorted(order[w:w + window], key=lambda i: len(examples[i].ids))
-            epoch += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            chunk = sorted(order[w : w + window], key=lambda i: len(examples[i].ids))
+            epoch += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         rng.shuffle(epoch)
         out += epoch
     return out[:steps]
 
 
-def _collate(examples: list[Example], idx: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(
+    examples: list[Example], idx: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(examples[i].ids) for i in idx)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(idx), width), dtype=torch.long)
@@ -159,8 +161,10 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     if dev.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if dev.type == "cpu":
-        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        native = (
+            getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+            or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        )
         return "bf16" if native else "fp32"
     return "fp32"
 
@@ -170,13 +174,16 @@ def _autocast(precision: str, device: torch.device | str = "cpu"):
     return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def policy_token_loss(model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def policy_token_loss(
+    model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over policy tokens (label != -100) of the batch."""
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
     target = labels[:, 1:]
     n = int((target != -100).sum())
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=-100, reduction="sum") / max(n, 1)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+    ) / max(n, 1)
     return loss, n
 
 
@@ -206,7 +213,7 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
         pre = pool[torch.randint(1, len(pool), (b, prefix), generator=g)]
         x = torch.cat([pre, seq, sep.repeat(b, 1), seq], 1)
         labels = x.clone()
-        labels[:, :prefix + span + 1] = -100
+        labels[:, : prefix + span + 1] = -100
         for group in opt.param_groups:
             group["lr"] = cfg.copy_lr * min(1.0, (step + 1) / 30)
         with _autocast(precision):
@@ -216,12 +223,18 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step + 1 == cfg.copy_steps:
-            acc = (out.logits[:, prefix + span:-1].argmax(-1) == x[:, prefix + span + 1:]).float().mean().item()
+            acc = (
+                (out.logits[:, prefix + span : -1].argmax(-1) == x[:, prefix + span + 1 :])
+                .float()
+                .mean()
+                .item()
+            )
     return {"copy_steps": cfg.copy_steps, "copy_accuracy": acc, "copy_s": time.perf_counter() - t0}
 
 
-def train(model, examples: list[Example], cfg: SFTConfig, pad_id: int, progress: bool = True,
-          log_fn=None) -> dict[str, Any]:
+def train(
+    model, examples: list[Example], cfg: SFTConfig, pad_id: int, progress: bool = True, log_fn=None
+) -> dict[str, Any]:
     """The warm-up loop; returns summary statistics. ``log_fn(metrics, step)`` receives metrics."""
     from tqdm.auto import tqdm
 
@@ -262,16 +275,33 @@ def train(model, examples: list[Example], cfg: SFTConfig, pad_id: int, progress:
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
             if log_fn is not None:
-                log_fn({"sft/loss": last_loss, "sft/lr": lr_at(step), "sft/grad_norm": float(gnorm),
-                        "time/sft_tokens_per_s": tokens / elapsed}, step + 1)
+                log_fn(
+                    {
+                        "sft/loss": last_loss,
+                        "sft/lr": lr_at(step),
+                        "sft/grad_norm": float(gnorm),
+                        "time/sft_tokens_per_s": tokens / elapsed,
+                    },
+                    step + 1,
+                )
             window = []
     model.eval()
     wall = time.perf_counter() - t0
-    return {"steps": len(batches), "precision": precision, "first_loss": first_loss, "final_loss": last_loss, "train_s": wall,
-            "tokens": tokens, "policy_tokens": policy_tokens, "tokens_per_s": tokens / max(wall, 1e-9)}
+    return {
+        "steps": len(batches),
+        "precision": precision,
+        "first_loss": first_loss,
+        "final_loss": last_loss,
+        "train_s": wall,
+        "tokens": tokens,
+        "policy_tokens": policy_tokens,
+        "tokens_per_s": tokens / max(wall, 1e-9),
+    }
 
 
-def build_examples(config: dict[str, Any], sft: SFTConfig, tir_cfg, pool) -> tuple[list[dict], Any, list[Example]]:
+def build_examples(
+    config: dict[str, Any], sft: SFTConfig, tir_cfg, pool
+) -> tuple[list[dict], Any, list[Example]]:
     """Demonstrations, the tokenizer trained on them, and the tokenised examples."""
     from ctpo import data as datasets
     from ctpo import tiny
@@ -280,10 +310,13 @@ def build_examples(config: dict[str, Any], sft: SFTConfig, tir_cfg, pool) -> tup
     train_spec = dict((config.get("data") or {}).get("train") or {})
     source = train_spec.pop("source", "arith")
     if datasets.resolve_name(source).name != "arith":
-        raise ValueError(f"ctpo sft builds demonstrations for the arith task only; data.train.source is {source!r}")
+        raise ValueError(
+            f"ctpo sft builds demonstrations for the arith task only; data.train.source is {source!r}"
+        )
     n = min(sft.n_demos, int(train_spec.get("n", sft.n_demos)))
-    records = datasets.load(source, split=train_spec.get("split", "train"), n=n,
-                            seed=int(train_spec.get("seed", 0)))
+    records = datasets.load(
+        source, split=train_spec.get("split", "train"), n=n, seed=int(train_spec.get("seed", 0))
+    )
     demos = arith.demonstrations(records, tir_cfg, pool, mix=sft.mix, seed=sft.seed)
     tokenizer = tiny.build_tokenizer(corpus(demos), vocab_size=sft.vocab_size)
     examples = [tokenize_demonstration(d, tokenizer, tir_cfg) for d in demos]
@@ -296,8 +329,15 @@ def _atomic_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_sft(config: dict[str, Any], model_name: str, out_dir: str | Path, threads: int | None = None,
-            progress: bool = True, overrides: dict[str, Any] | None = None, pool=None) -> dict[str, Any]:
+def run_sft(
+    config: dict[str, Any],
+    model_name: str,
+    out_dir: str | Path,
+    threads: int | None = None,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+    pool=None,
+) -> dict[str, Any]:
     """The whole ``ctpo sft`` step; returns the summary also written to ``out_dir/sft_summary.json``."""
     from ctpo import tiny, tracking
     from ctpo.config import section
@@ -308,8 +348,10 @@ def run_sft(config: dict[str, Any], model_name: str, out_dir: str | Path, thread
     t_start = time.perf_counter()
     spec = section(config, "models", model_name)
     if "preset" not in spec:
-        raise ValueError(f"models.{model_name} has no tiny `preset`; `ctpo sft` builds tiny models only "
-                         f"(presets: {', '.join(tiny.PRESETS)})")
+        raise ValueError(
+            f"models.{model_name} has no tiny `preset`; `ctpo sft` builds tiny models only "
+            f"(presets: {', '.join(tiny.PRESETS)})"
+        )
     sft = SFTConfig.from_dict({**(spec.get("sft") or {}), **(overrides or {})})
     tir_cfg = TIRConfig.from_dict(config.get("tir"))
     out = Path(out_dir)
@@ -320,55 +362,102 @@ def run_sft(config: dict[str, Any], model_name: str, out_dir: str | Path, thread
         from ctpo.tir.sandbox import SandboxPool
 
         sandbox = config.get("sandbox") or {}
-        with SandboxPool(workers=int(sandbox.get("workers", 2)),
-                         allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False))) as p:
+        with SandboxPool(
+            workers=int(sandbox.get("workers", 2)),
+            allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False)),
+        ) as p:
             demos, tokenizer, examples = build_examples(config, sft, tir_cfg, p)
     else:
         demos, tokenizer, examples = build_examples(config, sft, tir_cfg, pool)
     demo_s = time.perf_counter() - t0
 
-    model = tiny.build_model(spec["preset"], tokenizer, seed=sft.seed,
-                             **{k: v for k, v in spec.items() if k not in ("preset", "sft")})
+    model = tiny.build_model(
+        spec["preset"],
+        tokenizer,
+        seed=sft.seed,
+        **{k: v for k, v in spec.items() if k not in ("preset", "sft")},
+    )
     n_params = tiny.count_parameters(model)
     styles: dict[str, int] = {}
     for e in examples:
         styles[e.style] = styles.get(e.style, 0) + 1
     policy_lens = [sum(e.mask) for e in examples if e.style != "direct"]
-    log.info("sft %s: %d demonstrations %s, %d params, %.0f policy tokens per tool demo", model_name,
-             len(examples), styles, n_params, sum(policy_lens) / max(1, len(policy_lens)))
+    log.info(
+        "sft %s: %d demonstrations %s, %d params, %.0f policy tokens per tool demo",
+        model_name,
+        len(examples),
+        styles,
+        n_params,
+        sum(policy_lens) / max(1, len(policy_lens)),
+    )
 
-    params = {"model": model_name, "preset": spec["preset"], "n_params": n_params,
-              **{f"sft.{k}": v for k, v in asdict(sft).items()}}
-    with tracking.start_run(config, f"sft__{model_name}", tags={"model": model_name, "method": "sft"},
-                            params=params, kind="sft", id_file=out / ".mlflow_run_id") as run:
+    params = {
+        "model": model_name,
+        "preset": spec["preset"],
+        "n_params": n_params,
+        **{f"sft.{k}": v for k, v in asdict(sft).items()},
+    }
+    with tracking.start_run(
+        config,
+        f"sft__{model_name}",
+        tags={"model": model_name, "method": "sft"},
+        params=params,
+        kind="sft",
+        id_file=out / ".mlflow_run_id",
+    ) as run:
         copy_stats = {}
         if sft.copy_steps > 0:
-            vocab = sorted({t for e in examples for t, m in zip(e.ids, e.mask) if m} - {tokenizer.eos_token_id})
+            vocab = sorted(
+                {t for e in examples for t, m in zip(e.ids, e.mask) if m} - {tokenizer.eos_token_id}
+            )
             copy_stats = copy_warmup(model, vocab, sft, progress=progress)
             if copy_stats["copy_accuracy"] < 0.9:
-                log.warning("sft %s: the copy pre-phase ended at %.0f%% copy accuracy, so the model has not learned to "
-                            "copy and the warm-up will mostly fail to copy numbers; lower sft.copy_lr (wider models "
-                            "need less: m copies at 1e-3, not 3e-3) or raise sft.copy_steps",
-                            model_name, 100 * copy_stats["copy_accuracy"])
+                log.warning(
+                    "sft %s: the copy pre-phase ended at %.0f%% copy accuracy, so the model has not learned to "
+                    "copy and the warm-up will mostly fail to copy numbers; lower sft.copy_lr (wider models "
+                    "need less: m copies at 1e-3, not 3e-3) or raise sft.copy_steps",
+                    model_name,
+                    100 * copy_stats["copy_accuracy"],
+                )
             run.log_metrics({"sft/copy_accuracy": copy_stats["copy_accuracy"]}, step=0)
-        stats = train(model, examples, sft, tokenizer.pad_token_id, progress=progress,
-                      log_fn=lambda m, s: run.log_metrics(m, step=s))
+        stats = train(
+            model,
+            examples,
+            sft,
+            tokenizer.pad_token_id,
+            progress=progress,
+            log_fn=lambda m, s: run.log_metrics(m, step=s),
+        )
         stats.update(copy_stats)
         tiny.save_pretrained(model, tokenizer, out)
         summary = {
-            "model": model_name, "preset": spec["preset"], "n_params": n_params, "vocab_size": len(tokenizer),
-            "n_demos": len(examples), "styles": styles, "demo_build_s": demo_s,
+            "model": model_name,
+            "preset": spec["preset"],
+            "n_params": n_params,
+            "vocab_size": len(tokenizer),
+            "n_demos": len(examples),
+            "styles": styles,
+            "demo_build_s": demo_s,
             "mean_tokens": sum(len(e.ids) for e in examples) / len(examples),
             "mean_policy_tokens_tool_demos": sum(policy_lens) / max(1, len(policy_lens)),
-            "threads": torch.get_num_threads(), "sft": asdict(sft), **stats,
-            "wall_s": time.perf_counter() - t_start, "mlflow_run_id": run.run_id if hasattr(run, "run_id") else None,
+            "threads": torch.get_num_threads(),
+            "sft": asdict(sft),
+            **stats,
+            "wall_s": time.perf_counter() - t_start,
+            "mlflow_run_id": run.run_id if hasattr(run, "run_id") else None,
         }
-        run.log_metrics({"sft/final_loss": stats["final_loss"], "time/sft_s": stats["train_s"]}, step=stats["steps"])
+        run.log_metrics(
+            {"sft/final_loss": stats["final_loss"], "time/sft_s": stats["train_s"]}, step=stats["steps"]
+        )
         with (out / "sft_demos_sample.jsonl").open("w") as f:  # a look at what the model was taught
             for d in demos[:20]:
-                f.write(json.dumps({**d, "text": d["prompt"] + "".join(s["text"] for s in d["segments"])}) + "\n")
+                f.write(
+                    json.dumps({**d, "text": d["prompt"] + "".join(s["text"] for s in d["segments"])}) + "\n"
+                )
         _atomic_json(out / "sft_summary.json", summary)
         run.log_artifact(out / "sft_summary.json")
-    print(f"sft {model_name}: {stats['steps']} steps, loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, "
-          f"{summary['wall_s']:.1f}s ({stats['tokens_per_s']:.0f} tok/s, {torch.get_num_threads()} threads) -> {out}")
+    print(
+        f"sft {model_name}: {stats['steps']} steps, loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, "
+        f"{summary['wall_s']:.1f}s ({stats['tokens_per_s']:.0f} tok/s, {torch.get_num_threads()} threads) -> {out}"
+    )
     return summary

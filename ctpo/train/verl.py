@@ -61,7 +61,13 @@ POLICY_LOSS_TARGET = "ctpo.backends.verl.config.CTPOPolicyLossConfig"
 # ctpo method name -> VERL policy_loss.loss_mode (verl.builtin_losses: false swaps vanilla/gspo for the
 # plug-in's ctpo_grpo/ctpo_gspo: same numbers, plus the per-position diagnostics)
 VERL_LOSS = {"grpo": "vanilla", "gspo": "gspo", "ctpo": "ctpo", "ctpo_fixed": "ctpo_fixed", "seq": "seq"}
-PLUGIN_LOSS = {"grpo": "ctpo_grpo", "gspo": "ctpo_gspo", "ctpo": "ctpo", "ctpo_fixed": "ctpo_fixed", "seq": "seq"}
+PLUGIN_LOSS = {
+    "grpo": "ctpo_grpo",
+    "gspo": "ctpo_gspo",
+    "ctpo": "ctpo",
+    "ctpo_fixed": "ctpo_fixed",
+    "seq": "seq",
+}
 PLUGIN_METHODS = ("ctpo", "ctpo_fixed", "seq")
 
 VERL_DEFAULTS: dict[str, Any] = {
@@ -83,12 +89,28 @@ VERL_DEFAULTS: dict[str, Any] = {
     "env": {},
     "overrides": [],
 }
-TRAIN_DEFAULTS = {"prompts_per_step": 512, "group_size": 8, "lr": 1e-6, "temperature": 1.0, "steps": None,
-                  "checkpoint_every": None, "eval_every": None}
+TRAIN_DEFAULTS = {
+    "prompts_per_step": 512,
+    "group_size": 8,
+    "lr": 1e-6,
+    "temperature": 1.0,
+    "steps": None,
+    "checkpoint_every": None,
+    "eval_every": None,
+}
 
 # Environment every Ray worker needs: the plug-in import and the MLflow run, plus anything the user set.
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "HF_HOME", "HF_HUB_OFFLINE",
-                 "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "CTPO_DATA_DIR", "PYTHONPATH")
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_RUN_ID",
+    "MLFLOW_EXPERIMENT_ID",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "CTPO_DATA_DIR",
+    "PYTHONPATH",
+)
 
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:@+\-]*$")
 
@@ -113,7 +135,7 @@ def verl_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
     """The config's ``verl:`` section over the defaults (nodes and GPUs default to the config's
     ``resources.train``), then the model's own ``verl:`` keys."""
     out = dict(VERL_DEFAULTS)
-    res = ((config.get("resources") or {}).get("train") or {})
+    res = (config.get("resources") or {}).get("train") or {}
     if res.get("nodes"):
         out["nnodes"] = int(res["nodes"])
     if res.get("gpu"):
@@ -122,8 +144,10 @@ def verl_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
     out.update(section(config, "models", model).get("verl") or {})
     unknown = sorted(set(out) - set(VERL_DEFAULTS))
     if unknown:
-        raise ConfigError(f"unknown verl setting(s) {unknown}; known: {sorted(VERL_DEFAULTS)} "
-                          "(raw Hydra overrides go in verl.overrides)")
+        raise ConfigError(
+            f"unknown verl setting(s) {unknown}; known: {sorted(VERL_DEFAULTS)} "
+            "(raw Hydra overrides go in verl.overrides)"
+        )
     return out
 
 
@@ -136,8 +160,10 @@ def model_path(config: dict[str, Any], model: str, base: str | Path | None = Non
     spec = section(config, "models", model)
     if spec.get("path"):
         return str(spec["path"])
-    raise ConfigError(f"model {model!r} has no HF path (give it `path: Qwen/Qwen3-4B` or pass --base); "
-                      "tiny presets train with --backend local")
+    raise ConfigError(
+        f"model {model!r} has no HF path (give it `path: Qwen/Qwen3-4B` or pass --base); "
+        "tiny presets train with --backend local"
+    )
 
 
 def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: bool = True) -> list[str]:
@@ -145,12 +171,15 @@ def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: b
     spec = section(config, "methods", method)
     name = spec.get("method", method)
     if name not in VERL_LOSS:
-        raise ConfigError(f"method {method!r} (ratio design {name!r}) has no VERL loss; "
-                          f"VERL runs: {sorted(VERL_LOSS)}")
+        raise ConfigError(
+            f"method {method!r} (ratio design {name!r}) has no VERL loss; VERL runs: {sorted(VERL_LOSS)}"
+        )
     plugin = name in PLUGIN_METHODS or not builtin_losses
     a = "actor_rollout_ref.actor"
-    out = [f"{a}.policy_loss.loss_mode={(PLUGIN_LOSS if plugin else VERL_LOSS)[name]}",
-           f"{a}.loss_agg_mode={spec.get('loss_agg_mode', 'token-mean')}"]
+    out = [
+        f"{a}.policy_loss.loss_mode={(PLUGIN_LOSS if plugin else VERL_LOSS)[name]}",
+        f"{a}.loss_agg_mode={spec.get('loss_agg_mode', 'token-mean')}",
+    ]
     params = {k: v for k, v in spec.items() if k not in ("method", "loss_agg_mode")}
     if plugin:
         from ctpo import losses
@@ -169,18 +198,25 @@ def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: b
 
     resolved = losses.PolicyLossConfig.from_dict({"method": name, **params}).resolved()
     default = losses.PolicyLossConfig(method=name).resolved()
-    unsupported = [k for k in ("grad", "position", "max_log_weight", "dual_clip_eps") if getattr(resolved, k)
-                   != getattr(default, k)]
+    unsupported = [
+        k
+        for k in ("grad", "position", "max_log_weight", "dual_clip_eps")
+        if getattr(resolved, k) != getattr(default, k)
+    ]
     if resolved.clip_mode != "fixed":
         unsupported.append("clip_mode")
     if name == "gspo" and resolved.dual_clip_c:
         unsupported.append("dual_clip_c")
     if unsupported:
-        raise ConfigError(f"methods.{method}: VERL's built-in {VERL_LOSS[name]!r} loss cannot express "
-                          f"{sorted(unsupported)}; set `verl: {{builtin_losses: false}}` to run {name} through "
-                          f"the plug-in (loss_mode ctpo_{name}), which supports every ctpo.losses option")
-    out += [f"{a}.clip_ratio_low={hydra_value(resolved.clip_low)}",
-            f"{a}.clip_ratio_high={hydra_value(resolved.clip_high)}"]
+        raise ConfigError(
+            f"methods.{method}: VERL's built-in {VERL_LOSS[name]!r} loss cannot express "
+            f"{sorted(unsupported)}; set `verl: {{builtin_losses: false}}` to run {name} through "
+            f"the plug-in (loss_mode ctpo_{name}), which supports every ctpo.losses option"
+        )
+    out += [
+        f"{a}.clip_ratio_low={hydra_value(resolved.clip_low)}",
+        f"{a}.clip_ratio_high={hydra_value(resolved.clip_high)}",
+    ]
     if resolved.dual_clip_c:
         out.append(f"{a}.clip_ratio_c={hydra_value(resolved.dual_clip_c)}")
     return out
@@ -224,9 +260,12 @@ def build_overrides(
     out = Path(out)
     seed = int(seed)
 
-    workers_env = {"VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULE, "TOKENIZERS_PARALLELISM": "false",
-                   "CTPO_OBS_MAX_CHARS": str(obs_chars),
-                   "CTPO_TOOL_TIMEOUT_S": str(float(tir.get("tool_timeout_s", 5.0)))}
+    workers_env = {
+        "VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULE,
+        "TOKENIZERS_PARALLELISM": "false",
+        "CTPO_OBS_MAX_CHARS": str(obs_chars),
+        "CTPO_TOOL_TIMEOUT_S": str(float(tir.get("tool_timeout_s", 5.0))),
+    }
     if sandbox.get("workers"):
         workers_env["CTPO_SANDBOX_WORKERS"] = str(int(sandbox["workers"]))
     workers_env.update({k: str(x) for k, x in (v["env"] or {}).items()})
@@ -310,8 +349,13 @@ def build_overrides(
     template_kwargs = dict(tir.get("extra_template_kwargs") or {})
     if tir.get("enable_thinking") is not None:
         template_kwargs["enable_thinking"] = bool(tir["enable_thinking"])
-    ov += [f"+data.apply_chat_template_kwargs.{k}={hydra_value(x)}" for k, x in sorted(template_kwargs.items())]
-    ov += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(x)}" for k, x in sorted(workers_env.items())]
+    ov += [
+        f"+data.apply_chat_template_kwargs.{k}={hydra_value(x)}" for k, x in sorted(template_kwargs.items())
+    ]
+    ov += [
+        f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(x)}"
+        for k, x in sorted(workers_env.items())
+    ]
     ov += [str(x) for x in (v["overrides"] or [])]
     return ov
 
@@ -343,19 +387,25 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
     out = Path(args.out)
     seed = int(args.seed)
     # ctpo/backends/verl/ray_slurm.sh exports the allocation's shape; otherwise the config's verl section
-    shape = {"nnodes": os.environ.get("CTPO_VERL_NNODES"), "n_gpus_per_node": os.environ.get("CTPO_VERL_GPUS_PER_NODE")}
+    shape = {
+        "nnodes": os.environ.get("CTPO_VERL_NNODES"),
+        "n_gpus_per_node": os.environ.get("CTPO_VERL_GPUS_PER_NODE"),
+    }
     max_steps = getattr(args, "max_steps", None)
 
     def overrides_for(env: dict[str, str]) -> list[str]:
-        return build_overrides(config, args.model, args.method, seed, out, base=args.base, env=env,
-                               max_steps=max_steps, **shape)
+        return build_overrides(
+            config, args.model, args.method, seed, out, base=args.base, env=env, max_steps=max_steps, **shape
+        )
 
     if getattr(args, "dry_run", False):
         print(shlex.join(command(overrides_for({"MLFLOW_RUN_ID": "<created at launch>"}))))
         return 0
     if (out / "DONE.json").is_file():
-        print(f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished (delete the folder to retrain)",
-              file=sys.stderr)
+        print(
+            f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished (delete the folder to retrain)",
+            file=sys.stderr,
+        )
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
@@ -366,9 +416,18 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
 
     t0 = time.time()
     run_name = tracking.run_name(config, args.model, args.method, seed)
-    with tracking.start_run(config, run_name, kind="train", id_file=out / "mlflow_run_id",
-                            tags={"ctpo.backend": "verl", "ctpo.model": args.model,
-                                  "ctpo.method": args.method, "ctpo.seed": seed}) as run:
+    with tracking.start_run(
+        config,
+        run_name,
+        kind="train",
+        id_file=out / "mlflow_run_id",
+        tags={
+            "ctpo.backend": "verl",
+            "ctpo.model": args.model,
+            "ctpo.method": args.method,
+            "ctpo.seed": seed,
+        },
+    ) as run:
         run_id = getattr(run, "run_id", None)
         env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
         if run_id:
@@ -382,13 +441,20 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
         print(f"ctpo train (verl): {shlex.join(cmd)}", flush=True)
         rc = subprocess.call(cmd, env=proc_env)
         if rc != 0:
-            print(f"ctpo train (verl): VERL exited with status {rc}; rerun the same command to resume "
-                  f"from {out / 'checkpoints'}", file=sys.stderr)
+            print(
+                f"ctpo train (verl): VERL exited with status {rc}; rerun the same command to resume "
+                f"from {out / 'checkpoints'}",
+                file=sys.stderr,
+            )
             return rc
         final_step = collect_outputs(out)
         merge_final(out, final_step)
-    done = {"mlflow_run_id": run_id, "final_step": final_step, "wall_s": round(time.time() - t0, 1),
-            "backend": "verl"}
+    done = {
+        "mlflow_run_id": run_id,
+        "final_step": final_step,
+        "wall_s": round(time.time() - t0, 1),
+        "backend": "verl",
+    }
     tmp = out / "DONE.json.tmp"
     tmp.write_text(json.dumps(done, indent=2) + "\n")
     tmp.replace(out / "DONE.json")
@@ -404,25 +470,42 @@ def merge_final(out: Path, step: int) -> None:
     """Merge the FSDP actor shards of the last checkpoint into an HF folder ``RUN/final``."""
     step = latest_step(out) or step
     actor = out / "checkpoints" / f"global_step_{step}" / "actor"
-    cmd = [sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp",
-           "--local_dir", str(actor), "--target_dir", str(out / "final")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "verl.model_merger",
+        "merge",
+        "--backend",
+        "fsdp",
+        "--local_dir",
+        str(actor),
+        "--target_dir",
+        str(out / "final"),
+    ]
     subprocess.run(cmd, check=True)
 
 
 def ours_metric_key(key: str) -> str:
     """VERL metric names -> the study's namespaces (train/ ratio/ clip/ diag/ time/; the rest under verl/)."""
     if key.startswith("actor/diag/"):
-        return key[len("actor/"):]
+        return key[len("actor/") :]
     for ns in ("ratio/", "clip/"):
         if key.startswith("actor/" + ns):
-            return key[len("actor/"):]
+            return key[len("actor/") :]
     if key.startswith("timing_s/"):
-        return "time/" + key[len("timing_s/"):]
-    if key.startswith("val-core/") and "/mean@" in key:  # the in-training eval (Figure 2): mean reward = avg@n
+        return "time/" + key[len("timing_s/") :]
+    if (
+        key.startswith("val-core/") and "/mean@" in key
+    ):  # the in-training eval (Figure 2): mean reward = avg@n
         return "eval/avg_at_k"
-    named = {"critic/score/mean": "train/reward_mean", "critic/rewards/mean": "train/reward_mean",
-             "response_length/mean": "train/response_length", "actor/pg_loss": "train/loss",
-             "actor/grad_norm": "train/grad_norm", "actor/entropy": "train/entropy"}
+    named = {
+        "critic/score/mean": "train/reward_mean",
+        "critic/rewards/mean": "train/reward_mean",
+        "response_length/mean": "train/response_length",
+        "actor/pg_loss": "train/loss",
+        "actor/grad_norm": "train/grad_norm",
+        "actor/entropy": "train/entropy",
+    }
     return named.get(key, "verl/" + key)
 
 

@@ -30,7 +30,9 @@ TOOL_NAME = "python"
 class FencedCodeToolParser(ToolParser):
     """The first complete fenced python block of a turn -> one ``python(code=...)`` call."""
 
-    async def extract_tool_calls(self, responses_ids: list[int], tools=None) -> tuple[str, list[FunctionCall]]:
+    async def extract_tool_calls(
+        self, responses_ids: list[int], tools=None
+    ) -> tuple[str, list[FunctionCall]]:
         text = self.tokenizer.decode(responses_ids, skip_special_tokens=False)
         return parse_turn(text)
 
@@ -51,10 +53,13 @@ class TIRAgentLoop(ToolAgentLoop):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.tool_schemas = []  # the protocol is in the system prompt; no JSON tool list in the template
-        self.tir = TIRConfig(max_turns=self.max_assistant_turns or 5, max_response_tokens=self.response_length)
+        self.tir = TIRConfig(
+            max_turns=self.max_assistant_turns or 5, max_response_tokens=self.response_length
+        )
 
-    async def _handle_generating_state(self, agent_data: AgentData, sampling_params: dict[str, Any],
-                                       ignore_termination: bool = False) -> AgentState:
+    async def _handle_generating_state(
+        self, agent_data: AgentData, sampling_params: dict[str, Any], ignore_termination: bool = False
+    ) -> AgentState:
         params = dict(sampling_params)
         params["stop"] = sorted(set(params.get("stop") or []) | set(self.tir.stop))
         params["include_stop_str_in_output"] = True  # the closing fence is part of the policy's tokens

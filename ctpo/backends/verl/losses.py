@@ -33,10 +33,22 @@ from ctpo.backends.verl.metrics import (
     verl_metric_key,
 )
 
-__all__ = ["DIAG_BUCKETS", "DIAG_PREFIX", "PLUGIN_LOSSES", "figure1_data", "make_policy_loss", "position_stats"]
+__all__ = [
+    "DIAG_BUCKETS",
+    "DIAG_PREFIX",
+    "PLUGIN_LOSSES",
+    "figure1_data",
+    "make_policy_loss",
+    "position_stats",
+]
 
-PLUGIN_LOSSES = {"ctpo": "ctpo", "ctpo_fixed": "ctpo_fixed", "seq": "seq",
-                 "ctpo_grpo": "grpo", "ctpo_gspo": "gspo"}
+PLUGIN_LOSSES = {
+    "ctpo": "ctpo",
+    "ctpo_fixed": "ctpo_fixed",
+    "seq": "seq",
+    "ctpo_grpo": "grpo",
+    "ctpo_gspo": "gspo",
+}
 """VERL loss name -> ``ctpo.losses`` method. The ratio designs VERL lacks keep their names; GRPO and GSPO
 normally run on VERL's own ``vanilla`` / ``gspo`` (same numbers, tested), and are also available as
 ``ctpo_grpo`` / ``ctpo_gspo`` for runs that want the per-position diagnostics of this adapter."""
@@ -50,8 +62,11 @@ def _policy_loss_config(config: Any) -> Any:
 
 def _global_batch_info(config: Any) -> dict[str, Any]:
     info = config.get("global_batch_info", None) if hasattr(config, "get") else None
-    return {k: v for k, v in dict(info or {}).items() if k in ("dp_size", "batch_num_tokens",
-                                                                "global_batch_size", "loss_scale_factor")}
+    return {
+        k: v
+        for k, v in dict(info or {}).items()
+        if k in ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+    }
 
 
 def make_policy_loss(method: str):
@@ -75,7 +90,12 @@ def make_policy_loss(method: str):
         pl = _policy_loss_config(config)
         cfg = core_config(method, pl, loss_agg_mode)
         loss, core_metrics = core.compute_policy_loss(
-            old_log_prob, log_prob, advantages, response_mask, cfg, global_batch_info=_global_batch_info(config)
+            old_log_prob,
+            log_prob,
+            advantages,
+            response_mask,
+            cfg,
+            global_batch_info=_global_batch_info(config),
         )
         metrics: dict[str, Any] = {verl_metric_key(k): v for k, v in core_metrics.items()}
         # VERL's own names too, so dashboards compare built-in and plug-in losses directly.

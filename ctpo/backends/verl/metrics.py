@@ -33,11 +33,20 @@ def position_stats(cfg: core.PolicyLossConfig):
     from ctpo.diagnostics import PositionStats
 
     r = cfg.resolved()
-    return PositionStats(**DIAG_BUCKETS, clip_low=r.clip_low, clip_high=r.clip_high, eps_low=r.eps_low,
-                         eps_high=r.eps_high, gamma=r.gamma, position=r.position)
+    return PositionStats(
+        **DIAG_BUCKETS,
+        clip_low=r.clip_low,
+        clip_high=r.clip_high,
+        eps_low=r.eps_low,
+        eps_high=r.eps_high,
+        gamma=r.gamma,
+        position=r.position,
+    )
 
 
-def position_scalars(old_log_prob, log_prob, response_mask, advantages, cfg: core.PolicyLossConfig) -> dict[str, float]:
+def position_scalars(
+    old_log_prob, log_prob, response_mask, advantages, cfg: core.PolicyLossConfig
+) -> dict[str, float]:
     """Per-position statistics of log ρ_{1:t} for one micro-batch as additive scalars
     (``actor/diag/pos/bNNN/{count,sum,sumsq,tsum,fixed_low,...}``, see ``ctpo.diagnostics``)."""
     stats = position_stats(cfg)
@@ -53,5 +62,6 @@ def figure1_data(metrics: dict[str, Any], prefix: str = DIAG_PREFIX):
     """
     from ctpo.diagnostics import PositionStats
 
-    return PositionStats.from_scalars({k: float(v) for k, v in metrics.items() if k.startswith(prefix)},
-                                      prefix, **DIAG_BUCKETS)
+    return PositionStats.from_scalars(
+        {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}, prefix, **DIAG_BUCKETS
+    )

@@ -14,7 +14,12 @@ from typing import Any
 from ctpo import reward as _reward
 
 
-def compute_score(data_source: str | None = None, solution_str: str = "", ground_truth: str = "",
-                  extra_info: dict[str, Any] | None = None, **kwargs: Any) -> float:
+def compute_score(
+    data_source: str | None = None,
+    solution_str: str = "",
+    ground_truth: str = "",
+    extra_info: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> float:
     """1.0 if the response's final boxed answer equals ``ground_truth``, else 0.0 (any ``data_source``)."""
     return float(_reward.compute_score(data_source, solution_str, ground_truth, extra_info))

@@ -48,13 +48,17 @@ class SandboxPythonTool(BaseTool):
         self.allow_weaker_isolation = bool(config.get("allow_weaker_isolation", False))
         self.tir = TIRConfig(obs_max_chars=obs_max_chars, tool_timeout_s=self.timeout_s)
 
-    async def execute(self, instance_id: str, parameters: dict[str, Any], **kwargs) -> tuple[ToolResponse, float, dict]:
+    async def execute(
+        self, instance_id: str, parameters: dict[str, Any], **kwargs
+    ) -> tuple[ToolResponse, float, dict]:
         from ctpo.tir.protocol import format_observation, is_tool_error
 
         code = parameters.get("code", "") if isinstance(parameters, dict) else ""
         if not isinstance(code, str) or not code.strip():
             return ToolResponse(text="```output\nError: no code to run\n```\n"), 0.0, {"tool_error": 1.0}
         pool = shared_pool(self.workers, self.allow_weaker_isolation)
-        result = await asyncio.get_running_loop().run_in_executor(None, lambda: pool.run(code, timeout_s=self.timeout_s))
+        result = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: pool.run(code, timeout_s=self.timeout_s)
+        )
         text = format_observation(result, self.tir)
         return ToolResponse(text=text), 0.0, {"tool_error": float(is_tool_error(result))}
