@@ -175,7 +175,7 @@ class GenerationServer(abc.ABC):
     async def complete(self, request_id: str, request: GenerationRequest) -> Completion:
         """Generate one turn."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: a backend holding no engine has nothing to release)
         """Release the engine (idempotent)."""
 
     def __enter__(self) -> GenerationServer:
