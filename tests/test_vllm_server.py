@@ -202,3 +202,18 @@ def test_requests_beyond_the_contract_are_refused_with_their_name(server, prompt
         asyncio.run(
             server.generate(request_id="m", prompt_ids=prompts[0], sampling_params=_params(), image_data=[1])
         )
+
+
+def test_an_attention_head_size_the_cpu_kernels_lack_is_named_before_the_engine_starts(tmp_path):
+    """vLLM's CPU attention has no kernel for head size 16 (the xs preset); it would die at the first
+    forward pass inside the engine process. The server says so up front."""
+    from ctpo import tiny
+    from ctpo.backends.vllm import on_cpu_only
+    from ctpo.backends.vllm_server import VLLMGenerationServer
+
+    if not on_cpu_only():
+        pytest.skip("a GPU is visible: vLLM's CUDA attention has its own head sizes")
+    tok = tiny.build_tokenizer(["What is 1 + 2? The answer is 3."])
+    path = tiny.save_pretrained(tiny.build_model("xs", tok), tok, tmp_path / "xs")
+    with pytest.raises(ValueError, match=r"attention head size 16 is not supported .*supported: \[32, 64"):
+        VLLMGenerationServer(path, prompt_length=16, response_length=16)

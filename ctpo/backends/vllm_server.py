@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ctpo.backends.generation_server import Completion, GenerationRequest, GenerationServer
-from ctpo.backends.vllm import continuation_from_output, cpu_engine_setup
+from ctpo.backends.vllm import check_cpu_head_size, continuation_from_output, cpu_engine_setup, on_cpu_only
 
 
 class VLLMGenerationServer(GenerationServer):
@@ -76,6 +76,8 @@ class VLLMGenerationServer(GenerationServer):
                 f"VLLMGenerationServer needs vLLM ({exc}); build the CPU environment with "
                 "`bash scripts/vllm-cpu-env.sh`, install the gpu extra on a GPU node, or use server='hf'"
             ) from exc
+        if on_cpu_only():
+            check_cpu_head_size(str(model_path))
         engine_args = AsyncEngineArgs(
             model=str(model_path),
             seed=int(seed),
