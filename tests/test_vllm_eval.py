@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]  # skipped without vLLM (conftest.py)
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(5400)]  # skipped without vLLM (conftest.py)
 
 N_PROBLEMS, K = 32, 4
 LOGPROB_TOL = 1e-4
