@@ -7,7 +7,7 @@
 | ``versions`` | the installed packages meet VERL 0.9.1's own requirement metadata: ``verl[vllm,fsdp]`` for a config that trains with VERL or evaluates with vLLM (the ``gpu`` extra), else VERL's base requirements plus the ``verl`` extra |
 | ``transfer_queue`` / ``flash_attn`` / ``vllm`` | the module imports (flash-attn and vLLM only where the config uses them) |
 | ``gpus`` | at least ``resources.train.gpu`` (and ``resources.eval.gpu``) CUDA devices are visible |
-| ``data:<name>`` | each data entry loads with the Hugging Face hub offline (a ``path:``, ``$CTPO_DATA_DIR`` or the HF cache) |
+| ``data:<name>`` | each data entry was prepared by ``ctpo data`` (``results_dir/data/<name>.jsonl``) or loads with the Hugging Face hub offline (a ``path:``, ``$CTPO_DATA_DIR`` or the HF cache) |
 | ``model:<name>`` | each model is a tiny preset, a local HF folder, or a hub id whose config and weights are in the HF cache |
 | ``mlflow`` | the tracking store answers and takes a run: one is created, written (a metric, an artifact) and deleted |
 | ``sandbox`` | the sandbox starts at an isolation tier the config accepts and runs code |
@@ -234,6 +234,11 @@ def check_datasets(config: dict[str, Any]) -> list[Check]:
     for name in names:
         entry = data.dataset_entry(config, name)
         source = entry["source"]
+        prepared = results_dir(config) / "data" / f"{name}.jsonl"
+        if prepared.is_file():  # the workflow's `ctpo data` job ran: jobs read this copy
+            count = sum(1 for line in prepared.open() if line.strip())
+            out.append(Check(f"data:{name}", count > 0, f"{source}: {count:,} problems in {prepared}", ""))
+            continue
         try:
             with environ(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"):  # compute nodes have no network
                 records = data.load_entry(config, name)

@@ -147,6 +147,10 @@ def test_datasets_and_models_resolve_offline_from_local_copies(tmp_path, offline
     cfg = yaml.safe_load((ROOT / "experiments" / "paper.yaml").read_text())
     tok = tiny.build_tokenizer(["hello world"])
     tiny.save_pretrained(tiny.build_model("xs", tok), tok, tmp_path / "m")
+    cfg["results_dir"] = str(tmp_path / "results")
+    prepared = tmp_path / "results" / "data" / "hmmt25.jsonl"  # as the workflow's `ctpo data` job writes it
+    prepared.parent.mkdir(parents=True)
+    prepared.write_text('{"id": "a"}\n{"id": "b"}\n')
     cfg["models"]["qwen3-4b"]["path"] = str(tmp_path / "m")
     (tmp_path / "empty").mkdir()
     cfg["models"]["qwen3-14b"]["path"] = str(tmp_path / "empty")
@@ -155,6 +159,7 @@ def test_datasets_and_models_resolve_offline_from_local_copies(tmp_path, offline
     # the fixtures: DeepScaleR 6 rows of which 4 have an answer, AIME 2025 3 problems
     assert data["data:train"].detail == "deepscaler: 4 problems, read offline"
     assert data["data:aime25"].detail == "aime25: 3 problems, read offline"
+    assert data["data:hmmt25"].detail == f"hmmt_nov_2025: 2 problems in {prepared}"
     models = {c.name: c for c in preflight.check_models(cfg)}
     assert models["model:qwen3-4b"].ok and "local folder" in models["model:qwen3-4b"].detail
     assert not models["model:qwen3-14b"].ok
