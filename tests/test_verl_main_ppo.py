@@ -85,7 +85,12 @@ def launch(cfg, model, method, base, out: Path, env: dict[str, str]) -> tuple[in
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            tv.command(overrides), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            tv.command(overrides),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=out.parent,  # Hydra writes its outputs/ folder here
+            start_new_session=True,
         )
         seen: dict[int, psutil.Process] = {}
         rc = None
