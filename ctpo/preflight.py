@@ -2,17 +2,23 @@
 
 ``run_checks(config)`` returns :class:`Check` results, in this order:
 
-| check | passes when |
-|---|---|
-| ``versions`` | the installed packages meet VERL 0.9.1's own requirement metadata: ``verl[vllm,fsdp]`` for a config that trains with VERL or evaluates with vLLM (the ``gpu`` extra), else VERL's base requirements plus the ``verl`` extra |
-| ``transfer_queue`` / ``flash_attn`` / ``vllm`` | the module imports (flash-attn and vLLM only where the config uses them) |
-| ``gpus`` | at least ``resources.train.gpu`` (and ``resources.eval.gpu``) CUDA devices are visible |
-| ``data:<name>`` | each data entry was prepared by ``ctpo data`` (``results_dir/data/<name>.jsonl``) or loads with the Hugging Face hub offline (a ``path:``, ``$CTPO_DATA_DIR`` or the HF cache) |
-| ``model:<name>`` | each model is a tiny preset, a local HF folder, or a hub id whose config and weights are in the HF cache |
-| ``mlflow`` | the tracking store answers and takes a run: one is created, written (a metric, an artifact) and deleted |
-| ``sandbox`` | the sandbox starts at an isolation tier the config accepts and runs code |
-| ``disk`` | the results folder's file system holds every run's checkpoints (an estimate; see `checkpoint_bytes`) |
-| ``verl_step`` | one RL step through VERL's own code (``ctpo.backends.verl.step.run_one_step``) on this machine's device |
+* ``versions``: the installed packages meet VERL 0.9.1's own requirement metadata: ``verl[vllm,fsdp]``
+  for a config that trains with VERL or evaluates with vLLM (the ``gpu`` extra), else VERL's base
+  requirements plus the ``verl`` extra;
+* ``transfer_queue`` / ``flash_attn`` / ``vllm``: the module imports (flash-attn and vLLM only where the
+  config uses them);
+* ``gpus``: at least ``resources.train.gpu`` (and ``resources.eval.gpu``) CUDA devices are visible;
+* ``data:<name>``: each data entry was prepared by ``ctpo data`` (``results_dir/data/<name>.jsonl``) or
+  loads with the Hugging Face hub offline (a ``path:``, ``$CTPO_DATA_DIR`` or the HF cache);
+* ``model:<name>``: each model is a tiny preset, a local HF folder, or a hub id whose config and weights
+  are in the HF cache;
+* ``mlflow``: the tracking store answers and takes a run: one is created, written (a metric, an
+  artifact) and deleted;
+* ``sandbox``: the sandbox starts at an isolation tier the config accepts and runs code;
+* ``disk``: the results folder's file system holds every run's checkpoints (an estimate:
+  `checkpoint_bytes`);
+* ``verl_step``: one RL step through VERL's own code (``ctpo.backends.verl.step.run_one_step``) on this
+  machine's device.
 
 Every failing check names the command that fixes it. ``verl_requirements`` reads VERL's pins; the
 environment tests use it too.
@@ -478,7 +484,8 @@ CHECK_NAMES = (
 def run_checks(
     config: dict[str, Any], skip: Iterable[str] = (), report: Callable[[Check], None] | None = None
 ) -> list[Check]:
-    """Every check of the module docstring (``skip`` leaves some out by name); ``report`` sees each as it ends."""
+    """Every check of the module docstring (``skip`` leaves some out by name); ``report`` sees each one as
+    it ends."""
     skip = set(skip)
     unknown = skip - set(CHECK_NAMES)
     if unknown:

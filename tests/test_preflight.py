@@ -109,11 +109,13 @@ def test_paper_preflight_names_every_missing_piece_here(tmp_path, offline_env, c
     )
     assert lines["transfer_queue"].startswith("✓ transfer_queue: imports")
     assert lines["flash_attn"] == (
-        "✗ flash_attn: import flash_attn failed: ModuleNotFoundError: No module named 'flash_attn'  → fix: "
+        "✗ flash_attn: import flash_attn failed: ModuleNotFoundError: No module named 'flash_attn'"
+        "  → fix: "
         "pip install --no-build-isolation flash-attn==2.8.3"
     )
     assert lines["vllm"].startswith("✗ vllm: import vllm failed: ModuleNotFoundError")
-    assert lines["gpus"].startswith("✗ gpus: 0 visible, resources.train/eval.gpu need 8 per node  → fix: ")
+    gpus = "✗ gpus: 0 visible, resources.train/eval.gpu need 8 per node  → fix: "
+    assert lines["gpus"].startswith(gpus)
     hub = {
         "train": "agentica-org/DeepScaleR-Preview-Dataset",
         "aime25": "math-ai/aime25",

@@ -155,6 +155,7 @@ def test_main_ppo_reaches_the_gpu_boundary_for_a_paper_cell(tmp_path, tiny_base,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 7 cells of 30-100 s (the latter on a loaded 2-core machine)
 def test_main_ppo_reaches_the_gpu_boundary_for_every_paper_cell(tmp_path, tiny_base, monkeypatch):
     """Every cell of the paper's matrix, each a separate main_ppo job joining one Ray cluster started here
     (the path of ctpo/backends/verl/ray_slurm.sh, where RAY_ADDRESS points at a running cluster)."""

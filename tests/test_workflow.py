@@ -268,7 +268,8 @@ def test_paper_dag_runs_preflight_before_work_left_only(tmp_path):
     out = _dry_run(tmp_path, "paper")
     r = "results/paper"
     assert shell_commands(out, "preflight") == [
-        f"ctpo preflight --config {r}/config.resolved.yaml --out {r}/preflight.json > {r}/logs/preflight.log 2>&1"
+        f"ctpo preflight --config {r}/config.resolved.yaml --out {r}/preflight.json"
+        f" > {r}/logs/preflight.log 2>&1"
     ]
     (pre,) = [b for b in out.split("\n\n") if re.search(r"^rule preflight:", b, re.M)]
     assert re.search(r"resources: .*gpu=8, nodes=1", pre) and "data/train.jsonl" in pre  # after the data

@@ -1,5 +1,5 @@
-"""``ctpo preflight``: will this study run here? One ✓ / ✗ line per check, each ✗ with the command that fixes
-it; exits 1 on any ✗. The checks are listed in `ctpo.preflight`.
+"""``ctpo preflight``: will this study run here? One ✓ / ✗ line per check, each ✗ with the command that
+fixes it; exits 1 on any ✗. The checks are listed in `ctpo.preflight`.
 
     ctpo preflight --config experiments/paper.yaml                 # on a GPU node, before the study
     ctpo preflight --config experiments/tiny.yaml --out preflight.json
