@@ -2,8 +2,8 @@
 against the local trainer on the same batch.
 
 The model is a 2-layer tiny Qwen3 fitted in the fixture to two demonstrations per problem that differ
-only in the final answer (one right, one off by one), so sampling gives groups with mixed rewards and
-the step has a gradient. Expected values come from ctpo's own code: the grader re-scores the decoded
+in the final turn (the right answer, or a longer one off by one), so sampling gives groups with mixed
+rewards and the step has a gradient. Expected values come from ctpo's own code: the grader re-scores the decoded
 responses, ``group_advantages`` recomputes GRPO, ``ctpo.train.local.update_policy`` (the local
 trainer's update) runs the same mini-batches from the same weights, and its diagnostics collect
 Figure 1's statistics on the same tokens.
