@@ -62,12 +62,17 @@ class _FinishRecorder:
     """Stopping criterion that ends a row on EOS or a stop string and records *when* it ended.
 
     HF pads finished rows with ``pad_token_id`` without telling the caller where they stopped; this
-    records the sequence length at which each row first finished and why.
+    records the sequence length at which each row first finished and why. Stop strings are matched in
+    the tokens after ``prompt_width`` only (as vLLM does): a prompt ending in ``"\n"`` must not let a
+    generated ``"```\n"`` complete the stop string ``"\n```\n"``.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...], eos_ids: list[int], batch: int):
+    def __init__(
+        self, tokenizer, stop: tuple[str, ...], eos_ids: list[int], batch: int, prompt_width: int = 0
+    ):
         from transformers.generation.stopping_criteria import StopStringCriteria
 
+        self.prompt_width = prompt_width
         self.stop_criteria = StopStringCriteria(tokenizer, list(stop)) if stop else None
         self.eos = torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None
         self.done_len = torch.full((batch,), -1, dtype=torch.long)
@@ -79,8 +84,8 @@ class _FinishRecorder:
         if self.eos is not None:
             is_eos = torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))
         is_stop = torch.zeros_like(is_eos)
-        if self.stop_criteria is not None:
-            is_stop = self.stop_criteria(input_ids, scores)
+        if self.stop_criteria is not None and input_ids.shape[1] > self.prompt_width:
+            is_stop = self.stop_criteria(input_ids[:, self.prompt_width :], scores)
         done = (is_eos | is_stop).cpu()
         new = done & (self.done_len < 0)
         for i in torch.nonzero(new).flatten().tolist():
@@ -194,11 +199,13 @@ class HFGenerator:
         max_new = 256 if max_new is None else int(max_new)
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        # a call's stop token ids (VERL's tool parsers send them) end a row like EOS, and stay in it
+        eos_ids = [*self.eos_ids, *(int(t) for t in getattr(params, "stop_token_ids", ()) or ())]
         if self.engine == "loop":
-            results = self._loop(input_ids, attention_mask, temperature, top_k, top_p, max_new, stop)
+            results = self._loop(input_ids, attention_mask, temperature, top_k, top_p, max_new, stop, eos_ids)
             self._account(results, t0)
             return results
-        recorder = _FinishRecorder(self.tokenizer, stop, self.eos_ids, b)
+        recorder = _FinishRecorder(self.tokenizer, stop, eos_ids, b, prompt_width=width)
         from transformers import StoppingCriteriaList
 
         sampling: dict[str, Any]
@@ -212,7 +219,7 @@ class HFGenerator:
             max_new_tokens=max_new,
             stopping_criteria=StoppingCriteriaList([recorder]),
             pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids or None,
+            eos_token_id=eos_ids or None,
             use_cache=True,
             return_dict_in_generate=True,
             output_scores=True,
@@ -259,6 +266,7 @@ class HFGenerator:
         top_p: float,
         max_new: int,
         stop: tuple[str, ...],
+        eos_ids: list[int],
     ) -> list[Any]:
         """Sample with the KV cache, removing each row from the batch (and the cache) once it stops."""
         model = self.model
@@ -285,7 +293,7 @@ class HFGenerator:
             from transformers.generation.stopping_criteria import StopStringCriteria
 
             stop_crit = StopStringCriteria(self.tokenizer, list(stop))
-        eos = torch.tensor(self.eos_ids or [-1], device=dev)
+        eos = torch.tensor(eos_ids or [-1], device=dev)
         tokens: list[list[int]] = [[] for _ in range(b)]
         logps: list[list[float]] = [[] for _ in range(b)]
         reasons = ["length"] * b

@@ -533,11 +533,18 @@ def collect_outputs(out: Path) -> int:
             if line.strip():
                 rec = json.loads(line)
                 by_step[int(rec["step"])] = rec["data"]  # a later attempt wins for a re-run step
+    from ctpo.backends.verl.metrics import TOKEN_WEIGHTED_PREFIX, token_weighted_metrics
+
     lines = []
     diag_dir = out / "diagnostics"
     for step in sorted(by_step):
-        data = by_step[step]
-        row = {"step": step, **{ours_metric_key(k): v for k, v in data.items() if isinstance(v, int | float)}}
+        data = {**by_step[step], **token_weighted_metrics(by_step[step])}  # exact token means, not VERL's
+        nums = {
+            k: v
+            for k, v in data.items()
+            if isinstance(v, int | float) and not k.startswith(TOKEN_WEIGHTED_PREFIX)
+        }
+        row = {"step": step, **{ours_metric_key(k): v for k, v in nums.items()}}
         lines.append(json.dumps(row))
         if any(k.startswith("actor/diag/") for k in data):
             from ctpo.backends.verl.metrics import figure1_data

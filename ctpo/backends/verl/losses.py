@@ -11,8 +11,9 @@ normalisers (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor), w
 itself, so a mini-batch split into micro-batches and data-parallel ranks gives the same gradient.
 
 Metrics: the core's (``actor/clip/...``, ``actor/ratio/...``), VERL's usual three (``actor/pg_clipfrac``,
-``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) and the per-position diagnostics (``actor/diag/pos/...``);
-see ``ctpo.backends.verl.metrics`` for why they survive VERL's averaging.
+``actor/ppo_kl``, ``actor/pg_clipfrac_lower``), token-share-weighted copies of the token means
+(``actor/tokw/...``) and the per-position diagnostics (``actor/diag/pos/...``); see
+``ctpo.backends.verl.metrics`` for how the last two survive VERL's averaging.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ctpo.backends.verl.metrics import (
     figure1_data,
     position_scalars,
     position_stats,
+    token_weighted_scalars,
     verl_metric_key,
 )
 
@@ -102,6 +104,9 @@ def make_policy_loss(method: str):
         metrics["actor/pg_clipfrac"] = core_metrics["clip/frac"]
         metrics["actor/ppo_kl"] = core_metrics["ratio/approx_kl"]
         metrics["actor/pg_clipfrac_lower"] = core_metrics["clip/frac_dual"]
+        metrics.update(
+            token_weighted_scalars(core_metrics, _global_batch_info(config).get("batch_num_tokens"))
+        )
         if pl is None or pl.get("diagnostics", True):
             metrics.update(position_scalars(old_log_prob, log_prob, response_mask, advantages, cfg))
         return loss, metrics
