@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo.config import run_matrix
+from ctpo.stats import POPULATED_FRACTION, fit_sqrt, paired_se, populated_count
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def paired_difference(a: ProblemScores, b: ProblemScores) -> dict[str, float]:
     _check_same_problems(a.scores, a.paths[0], b.scores, b.paths[0])
     d = (a.scores - b.scores).to_numpy(float)
     n = len(d)
-    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    se = paired_se(d)
     unpaired = math.sqrt((a.scores.var(ddof=1) + b.scores.var(ddof=1)) / n) if n > 1 else math.nan
     return {
         "delta": 100.0 * float(d.mean()),
@@ -748,15 +749,6 @@ def fig2_data(config: Mapping[str, Any], metrics: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["model", "method", "seed", "step"]).reset_index(drop=True)
 
 
-#: Figure 1 draws (and fits in its legend) only the positions reached by at least this fraction of the
-#: responses: a std from a handful of long responses is noise, not the curve. ``sqrt_fit_r2_populated`` is
-#: therefore the R² the study reports (Figure 1, its caption); ``sqrt_fit_r2`` (every position with ≥ 2
-#: tokens) stays in fig1_data.csv for comparison. The trainer's ``diag/sqrt_fit_*_populated`` metrics use
-#: this constant too (ctpo.train.local.diagnostic_summary). On the tiny study's files (32 sequences per step)
-#: the two differ a lot (median R² 0.75 vs 0.42): the sparse tail beyond the populated positions is noise.
-POPULATED_FRACTION = 0.25
-
-
 def populated(frame: pd.DataFrame, cols: DiagColumns, fraction: float = POPULATED_FRACTION) -> np.ndarray:
     """Boolean mask of the position buckets reached by ≥ ``fraction`` of the responses seen at t = 1
     (tokens per position of the bucket, so wide buckets of coarse diagnostics compare fairly)."""
@@ -766,7 +758,7 @@ def populated(frame: pd.DataFrame, cols: DiagColumns, fraction: float = POPULATE
     if {"t_lo", "t_hi"} <= set(frame.columns):
         per_position = per_position / np.maximum(1, (frame["t_hi"] - frame["t_lo"] + 1).to_numpy(float))
     first = per_position[np.argmin(frame[cols.position].to_numpy(float))]
-    return per_position >= max(2.0, fraction * first)
+    return per_position >= populated_count(first, fraction)
 
 
 def fig1_data(config: Mapping[str, Any], diagnostics: pd.DataFrame) -> pd.DataFrame:
@@ -792,25 +784,6 @@ def fig1_data(config: Mapping[str, Any], diagnostics: pd.DataFrame) -> pd.DataFr
         g["sqrt_fit_c_populated"], g["sqrt_fit_r2_populated"] = fit_sqrt(t[mask], std[mask])
         out.append(g)
     return pd.concat(out, ignore_index=True)
-
-
-def fit_sqrt(
-    t: np.ndarray, std: np.ndarray, count: np.ndarray | None = None, min_count: int = 2
-) -> tuple[float, float]:
-    """Least-squares c in std ≈ c·√t through the origin, one point per position bucket with at least
-    ``min_count`` tokens, and R² = 1 − SS_res / SS_tot. ``PositionStats.fit_sqrt`` calls it, so the
-    figure's legend and the ``diag/sqrt_fit_*`` metrics the trainer logs are one computation."""
-    keep = np.isfinite(std) & np.isfinite(t) & (t > 0)
-    if count is not None:
-        keep &= count >= max(min_count, 1)
-    x, y = np.sqrt(t[keep]), std[keep]
-    if len(y) < 2:
-        return math.nan, math.nan
-    c = float((x * y).sum() / (x * x).sum())
-    ss_res = float(((y - c * x) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-    return c, r2
 
 
 # ----------------------------------------------------------------------------------------------------------

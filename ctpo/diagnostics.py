@@ -69,6 +69,7 @@ import pandas as pd
 import torch
 
 from ctpo.losses import fixed_clip_bounds, position_index
+from ctpo.stats import fit_sqrt
 
 __all__ = ["PositionStats"]
 
@@ -318,10 +319,8 @@ class PositionStats:
     def fit_sqrt(self, min_count: int = 2) -> tuple[float, float]:
         """Least-squares fit std_b ≈ c·√t_b over buckets with ≥ ``min_count`` tokens (t_b the bucket's
         mean position, one point per bucket, the overflow bucket left out); returns ``(c, r2)``, NaN
-        when fewer than two buckets qualify. The fit itself is ``ctpo.analysis.fit_sqrt``, so the logged
+        when fewer than two buckets qualify. The fit itself is ``ctpo.stats.fit_sqrt``, so the logged
         ``diag/sqrt_fit_*`` and the figures' legends are one computation."""
-        from ctpo.analysis import fit_sqrt  # torch-free module; imported here, where it is used
-
         keep = self.count >= max(min_count, 1)
         keep[-1] = False
         if keep.sum() < 2:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ctpo.config import ConfigError, section, train_section
+from ctpo.stats import populated_count
 from ctpo.train.advantages import group_advantages
 from ctpo.train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 
@@ -575,14 +576,12 @@ class DiagnosticWindows:
 def diagnostic_summary(diag: Any, steps: Sequence[int] | None = None) -> dict[str, float]:
     """``diag/`` scalars: the c·√t fit of std log ρ_{1:t}, clip rates early vs late in the response, and
     what the statistics pooled (sequences; the steps of the window, ``steps``)."""
-    from ctpo.analysis import POPULATED_FRACTION  # one rule for the logged and the reported fit
-
     frame = diag.to_frame()
     if frame.empty:
         return {}
-    # ``diag/sqrt_fit_*_populated`` (the reported fit) uses the positions reached by >= POPULATED_FRACTION
-    # of the sequences seen at t = 1; ``diag/sqrt_fit_*`` every position with >= 2 tokens, for comparison
-    populated = max(2, math.ceil(POPULATED_FRACTION * frame["count"].iloc[0]))
+    # ``diag/sqrt_fit_*_populated`` (the reported fit) uses the positions reached by enough of the
+    # sequences seen at t = 1 (ctpo.stats); ``diag/sqrt_fit_*`` every position with >= 2 tokens
+    populated = math.ceil(populated_count(frame["count"].iloc[0]))
     c, r2 = diag.fit_sqrt()
     c_pop, r2_pop = diag.fit_sqrt(min_count=populated)
     reached = frame[frame["count"] >= populated]
