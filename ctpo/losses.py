@@ -130,7 +130,9 @@ __all__ = [
     "GRAD_MODES",
     "LOSS_AGG_MODES",
     "METHODS",
+    "PAPER_RANGES",
     "POSITION_MODES",
+    "ClipRanges",
     "PolicyLossConfig",
     "RatioMethod",
     "adaptive_clip_bounds",
@@ -140,6 +142,7 @@ __all__ = [
     "fixed_clip_bounds",
     "length_normalised_log_ratio",
     "position_index",
+    "position_power",
     "register_method",
     "sequence_log_ratio",
     "token_log_ratio",
@@ -190,17 +193,53 @@ def cumulative_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 @dataclass(frozen=True)
+class ClipRanges:
+    """The two clip ranges the paper compares (§3.3): PPO/GRPO's fixed ratio-space range and CTPO's
+    position-adaptive log-space range. The defaults are the paper's (and the public CTPO release's), written
+    here once: every registered method's default clipping and Figure 1's reference ranges start from them."""
+
+    clip_low: float = 0.2
+    """Fixed range: ratio ≥ 1 − clip_low."""
+    clip_high: float = 0.2
+    """Fixed range: ratio ≤ 1 + clip_high."""
+    eps_low: float = 0.025
+    """Adaptive range: log-ratio ≥ −eps_low·t^γ."""
+    eps_high: float = 0.05
+    """Adaptive range: log-ratio ≤ eps_high·t^γ."""
+    gamma: float = 0.5
+    """Position exponent γ of the adaptive range (½ matches std log ρ_{1:t} ∝ √t)."""
+    position: str = "policy"
+    """How t counts: ``policy`` (response-mask tokens) or ``absolute`` (column index + 1)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
+            raise ValueError(
+                f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={self.clip_low}, "
+                f"clip_high={self.clip_high}"
+            )
+        if self.eps_low < 0.0 or self.eps_high < 0.0 or self.gamma < 0.0:
+            raise ValueError(
+                f"need eps_low, eps_high, gamma >= 0, got {self.eps_low}, {self.eps_high}, {self.gamma}"
+            )
+        if self.position not in POSITION_MODES:
+            raise ValueError(f"position={self.position!r} is not one of {POSITION_MODES}")
+
+
+PAPER_RANGES = ClipRanges()
+
+
+@dataclass(frozen=True)
 class RatioMethod:
     """A registered ratio design: its log-weight function and its default clipping."""
 
     name: str
     log_weight: LogWeightFn
     clip_mode: str = "fixed"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    eps_low: float = 0.025
-    eps_high: float = 0.05
-    gamma: float = 0.5
+    clip_low: float = PAPER_RANGES.clip_low
+    clip_high: float = PAPER_RANGES.clip_high
+    eps_low: float = PAPER_RANGES.eps_low
+    eps_high: float = PAPER_RANGES.eps_high
+    gamma: float = PAPER_RANGES.gamma
     dual_clip_c: float | None = None
     dual_clip_eps: float | None = None
     description: str = ""
@@ -214,11 +253,11 @@ def register_method(
     log_weight: LogWeightFn,
     *,
     clip_mode: str = "fixed",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    eps_low: float = 0.025,
-    eps_high: float = 0.05,
-    gamma: float = 0.5,
+    clip_low: float = PAPER_RANGES.clip_low,
+    clip_high: float = PAPER_RANGES.clip_high,
+    eps_low: float = PAPER_RANGES.eps_low,
+    eps_high: float = PAPER_RANGES.eps_high,
+    gamma: float = PAPER_RANGES.gamma,
     dual_clip_c: float | None = None,
     dual_clip_eps: float | None = None,
     description: str = "",
@@ -432,11 +471,18 @@ def fixed_clip_bounds(clip_low: float, clip_high: float) -> tuple[float, float]:
     return (math.log1p(-clip_low) if clip_low < 1.0 else -math.inf), math.log1p(clip_high)
 
 
+def position_power(t: torch.Tensor, gamma: float, *, inplace: bool = False) -> torch.Tensor:
+    """t^γ, the scale of the adaptive range (§3.3); every t^γ of the loss and the diagnostics is this one."""
+    if gamma == 0.5:  # the paper's γ, and sqrt is cheaper than pow
+        return t.sqrt_() if inplace else t.sqrt()
+    return t.pow_(gamma) if inplace else t.pow(gamma)
+
+
 def adaptive_clip_bounds(
     t: torch.Tensor, eps_low: float, eps_high: float, gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CTPO's position-adaptive log-space range (§3.3): [−eps_low·t^γ, eps_high·t^γ]."""
-    scale = t.pow(gamma)
+    scale = position_power(t, gamma)
     return scale * -eps_low, scale * eps_high
 
 
@@ -610,7 +656,7 @@ def _position_scale(mask: torch.Tensor, position: str, gamma: float) -> torch.Te
         if position == "policy"
         else position_index(mask, position, mask.dtype).expand_as(mask).clone()
     )
-    return t.sqrt_() if gamma == 0.5 else t.pow_(gamma)
+    return position_power(t, gamma, inplace=True)
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:

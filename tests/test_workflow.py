@@ -119,6 +119,7 @@ def _fields(cls) -> set[str]:
 
 def test_schema_sections_match_the_modules_config_fields():
     """Strict sections list exactly their module's fields: adding a field means adding it to the schema."""
+    from ctpo.diagnostics import ClipRanges
     from ctpo.lab import LabSettings
     from ctpo.losses import PolicyLossConfig
     from ctpo.tir.protocol import TIRConfig
@@ -132,6 +133,8 @@ def test_schema_sections_match_the_modules_config_fields():
     assert _schema_props("sft") == _fields(SFTConfig)
     assert _schema_props("verl") == set(VERL_DEFAULTS)
     assert _schema_props("lab") == _fields(LabSettings)
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert set(schema["properties"]["diagnostics"]["properties"]) == _fields(ClipRanges)
     from ctpo.tir.sandbox import SandboxPool
 
     sandbox = yaml.safe_load(SCHEMA.read_text())["properties"]["sandbox"]["properties"]
@@ -374,6 +377,13 @@ def test_smoke_study_end_to_end(tmp_path):
     counts = job_counts(out.stdout + out.stderr)
     assert "train" not in counts and "base" not in counts and "data" not in counts
     assert counts["eval_run"] == len(matrix) and counts["eval_base"] == 1 and counts["analyze"] == 1
+    # Figure 1's reference γ is every training's diagnostics, whatever the method: all of them rerun
+    changed = yaml.safe_load((tmp_path / "smoke.yaml").read_text())
+    changed["diagnostics"] = {"gamma": 0.6}
+    (tmp_path / "smoke_gamma.yaml").write_text(yaml.safe_dump(changed))
+    out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "smoke_gamma.yaml"))
+    counts = job_counts(out.stdout + out.stderr)
+    assert counts["train"] == len(matrix) and "base" not in counts and "data" not in counts
 
     # The HTML report with the figures and tables
     report = tmp_path / "report.html"

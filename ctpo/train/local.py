@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ctpo.config import ConfigError, section, train_section
+from ctpo.diagnostics import ClipRanges, PositionStats, reference_ranges
 from ctpo.stats import populated_count
 from ctpo.train.advantages import group_advantages
 from ctpo.train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
@@ -485,34 +486,14 @@ def tir_config(config: dict[str, Any]) -> Any:
         raise ConfigError(f"tir section: {exc}") from None
 
 
-def position_stats(cfg: TrainConfig, config: dict[str, Any]) -> Any:
-    """A `PositionStats` measuring log ρ_{1:t} against the study's cumulative-ratio clip ranges.
-
-    Figure 1 compares, on the same tokens, the fixed range of the ``ctpo_fixed`` ablation with the
-    adaptive range of ``ctpo``, whatever method is being trained, so every run's panels are comparable.
-    The ranges are those of the config's methods using ``ctpo_fixed`` / ``ctpo`` (registry defaults when
-    the config has none); GSPO's range is for a length-normalised ratio and would mean nothing here.
-    """
-    from ctpo.diagnostics import PositionStats
-    from ctpo.losses import PolicyLossConfig
-
-    def reference(method: str) -> Any:
-        for fields in (config.get("methods") or {}).values():
-            if (fields or {}).get("method") == method:
-                return PolicyLossConfig.from_dict(fields).resolved()
-        return PolicyLossConfig(method=method).resolved()
-
-    fixed, adaptive = reference("ctpo_fixed"), reference("ctpo")
+def position_stats(cfg: TrainConfig, reference: ClipRanges) -> PositionStats:
+    """An empty `PositionStats` over every position up to ``diag_max_position``, clip counts against the
+    study's reference ranges (`ctpo.diagnostics.reference_ranges`: the same for every trained method)."""
     return PositionStats(
+        reference,
         exact_limit=cfg.diag_max_position,
         spacing="linear",
         max_position=cfg.diag_max_position,
-        clip_low=fixed.clip_low,
-        clip_high=fixed.clip_high,
-        eps_low=adaptive.eps_low,
-        eps_high=adaptive.eps_high,
-        gamma=adaptive.gamma,
-        position=adaptive.position,
         max_tokens=None,
     )
 
@@ -544,8 +525,6 @@ class DiagnosticWindows:
 
     def add(self, step: int, stats: Any) -> None:
         """Pool one step's statistics into every window that contains it (the first one keeps the object)."""
-        from ctpo.diagnostics import PositionStats
-
         for i, d in enumerate(self.targets(step)):
             if d in self.open:
                 self.open[d][0].merge(stats)
@@ -566,8 +545,6 @@ class DiagnosticWindows:
         }
 
     def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
-        from ctpo.diagnostics import PositionStats
-
         self.open = {
             int(d): (PositionStats.from_state_dict(w["stats"]), list(w["steps"])) for d, w in state.items()
         }
@@ -684,6 +661,7 @@ def run_fingerprint(config: dict[str, Any], model_name: str, method: str, seed: 
         "method": (config.get("methods") or {}).get(method),
         "train": train,
         "tir": config.get("tir"),
+        "diagnostics": dataclasses.asdict(reference_ranges(config.get("diagnostics"))),
         "data": (config.get("data") or {}).get("train"),
         "seed": seed,
         "base": str(base),
@@ -762,7 +740,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
     ckpt_dir = out / "checkpoints"
     (out / "diagnostics").mkdir(parents=True, exist_ok=True)
-    windows = DiagnosticWindows(cfg.diag_steps, cfg.diag_window, lambda: position_stats(cfg, config))
+    reference = reference_ranges(config.get("diagnostics"))
+    windows = DiagnosticWindows(cfg.diag_steps, cfg.diag_window, lambda: position_stats(cfg, reference))
     history: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []  # rows not yet in MLflow (see _flush_to_mlflow)
     start_step = 0

@@ -40,6 +40,7 @@ The study config's ``verl:`` section (all optional; defaults are the paper's sin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from ctpo.config import ConfigError, results_dir, section, train_section
+from ctpo.diagnostics import reference_ranges
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "backends" / "verl"
 TOOL_CONFIG = PACKAGE_DIR / "tool_config.yaml"
@@ -125,6 +127,8 @@ def hydra_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
     text = str(value)
     if text and _SAFE_VALUE.match(text) and text.lower() not in {"null", "true", "false"}:
         return text
@@ -190,6 +194,9 @@ def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: b
             raise ConfigError(f"methods.{method}: unknown loss option(s) {unknown}; known: {sorted(known)}")
         out.append(f"{a}.policy_loss._target_={POLICY_LOSS_TARGET}")
         out += [f"+{a}.policy_loss.{k}={hydra_value(v)}" for k, v in sorted(params.items())]
+        # Figure 1's reference ranges: the study's, the same for every method (ctpo.diagnostics)
+        reference = dataclasses.asdict(reference_ranges(config.get("diagnostics")))
+        out.append(f"+{a}.policy_loss.diagnostics_reference={hydra_value(reference)}")
         return out
     # Built-in VERL losses: the core's registered defaults, expressed in VERL's actor fields. They
     # implement only a fixed ratio-space clip (and, for vanilla, a constant dual clip); anything else

@@ -150,7 +150,9 @@ def resources_for(step):
 # ---- rerun triggers ---------------------------------------------------------------------------------------
 # Steps read the whole resolved config, but it is deliberately *not* an input file: a changed eval setting
 # must not retrain. Instead each rule's params carry a digest of the config parts that step depends on, and
-# Snakemake's `params` rerun trigger reruns exactly the steps whose parts changed.
+# Snakemake's `params` rerun trigger reruns exactly the steps whose parts changed. Training also reads the
+# `diagnostics:` section (Figure 1's reference ranges, the same for every method), so editing it reruns every
+# training, not only the method whose loss shares those numbers.
 
 
 def digest(*parts):

@@ -30,7 +30,7 @@ rule train:
         out=f"{R}/runs/{{model}}/{{method}}/s{{seed}}",
         cfg=lambda w: digest(
             section("models", w.model), section("methods", w.method), section("train"),
-            section("tir"), section("sandbox"), section("verl"),
+            section("tir"), section("sandbox"), section("verl"), section("diagnostics"),
         ),
     log:
         f"{LOGS}/train/{{model}}__{{method}}__s{{seed}}.log",

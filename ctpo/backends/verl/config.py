@@ -34,15 +34,21 @@ def _core_fields() -> list[tuple[str, typing.Any, dataclasses.Field]]:
     return out
 
 
+# The plug-in's own fields: whether to log the per-position diagnostics, and the study's reference ranges
+# they count clips against (the config's `diagnostics:` section, as ctpo.diagnostics.reference_ranges reads it).
+PLUGIN_FIELDS = [
+    ("diagnostics", bool, dataclasses.field(default=True)),
+    ("diagnostics_reference", dict[str, typing.Any], dataclasses.field(default_factory=dict)),
+]
+
 CTPOPolicyLossConfig = dataclasses.make_dataclass(
-    "CTPOPolicyLossConfig",
-    [*_core_fields(), ("diagnostics", bool, dataclasses.field(default=True))],
-    bases=(PolicyLossConfig,),
+    "CTPOPolicyLossConfig", [*_core_fields(), *PLUGIN_FIELDS], bases=(PolicyLossConfig,)
 )
 CTPOPolicyLossConfig.__module__ = __name__  # picklable by reference across Ray workers
 CTPOPolicyLossConfig.__doc__ = (
     "VERL PolicyLossConfig extended with ctpo.losses.PolicyLossConfig's fields "
-    f"({', '.join(n for n, _, _ in _core_fields())}) and `diagnostics` (per-position scalars in the metrics)."
+    f"({', '.join(n for n, _, _ in _core_fields())}), `diagnostics` (per-position scalars in the metrics) "
+    "and `diagnostics_reference` (Figure 1's reference ranges, the study's `diagnostics:` section)."
 )
 
 CORE_FIELDS = tuple(n for n, _, _ in _core_fields())

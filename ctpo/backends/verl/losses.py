@@ -32,6 +32,7 @@ from ctpo.backends.verl.metrics import (
     position_stats,
     verl_metric_key,
 )
+from ctpo.diagnostics import reference_ranges
 
 __all__ = [
     "DIAG_BUCKETS",
@@ -103,7 +104,8 @@ def make_policy_loss(method: str):
         metrics["actor/ppo_kl"] = core_metrics["ratio/approx_kl"]
         metrics["actor/pg_clipfrac_lower"] = core_metrics["clip/frac_dual"]
         if pl is None or pl.get("diagnostics", True):
-            metrics.update(position_scalars(old_log_prob, log_prob, response_mask, advantages, cfg))
+            reference = reference_ranges(pl.get("diagnostics_reference") if pl is not None else None)
+            metrics.update(position_scalars(old_log_prob, log_prob, response_mask, reference))
         return loss, metrics
 
     policy_loss.__name__ = f"compute_policy_loss_{method}"
