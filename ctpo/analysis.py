@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctpo import atomic
+from ctpo.atomic import atomic_path
 from ctpo.config import run_matrix
 from ctpo.stats import POPULATED_FRACTION, fit_sqrt, paired_se, populated_count
 
@@ -705,24 +707,17 @@ def to_html(table: Table) -> str:
     )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_table(table: Table, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     csv = out / f"{table.name}.csv"
-    tmp = csv.with_name(f".{csv.name}.tmp")
-    table.frame.to_csv(tmp, index=False, float_format="%.4f")
-    tmp.replace(csv)
+    with atomic_path(csv) as tmp:
+        table.frame.to_csv(tmp, index=False, float_format="%.4f")
     paths.append(csv)
     for ext, render in (("md", to_markdown), ("tex", to_latex), ("html", to_html)):
         path = out / f"{table.name}.{ext}"
-        _atomic_write(path, render(table))
+        atomic.write_text(path, render(table))
         paths.append(path)
     return paths
 
@@ -823,9 +818,8 @@ def analyze(config: Mapping[str, Any], results: str | Path, out: str | Path) -> 
     f2 = fig2_data(config, load_metrics(results))
     for name, frame in (("fig1_data.csv", f1), ("fig2_data.csv", f2)):
         path = out / name
-        tmp = path.with_name(f".{name}.tmp")
-        frame.to_csv(tmp, index=False)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False)
         paths.append(path)
     return {
         "paths": paths,

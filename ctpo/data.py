@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctpo.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 RECORD_KEYS = ("id", "data_source", "problem", "answer", "split", "extra")
@@ -413,11 +415,9 @@ def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write records atomically (temp name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 
@@ -473,9 +473,8 @@ def to_verl_parquet(
         raise DataError(f"refusing to write an empty VERL parquet file to {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(to_verl_rows(records, system_prompt, agent_name)), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(to_verl_rows(records, system_prompt, agent_name)), tmp)
     return path
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo.analysis import METHOD_LABELS, DiagColumns, ctpo_pair, diag_columns
+from ctpo.atomic import atomic_path
 from ctpo.config import run_matrix
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,8 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = out / f"{name}.{ext}"
-        tmp = path.with_name(f".{name}.tmp.{ext}")
-        fig.savefig(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
         paths.append(path)
     return paths
 

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
-import os
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -49,6 +47,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
+from ctpo import atomic
 
 log = logging.getLogger(__name__)
 
@@ -810,9 +810,7 @@ def outcome_study(settings: LabSettings, methods: Sequence[str], skipped: list[s
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, data, default=float)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -854,15 +852,8 @@ def _colours(methods: Sequence[str]) -> dict[str, str]:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -1050,9 +1041,11 @@ def write_outputs(
     _write_csv(outcome, out / "lab_outcome.csv")
     bv_md, ratio_md = _bias_variance_md(bias, settings, methods), _ratio_md(ratio, settings)
     out_md = _outcome_md(outcome, positions, settings, methods)
-    _write_text(out / "lab_bias_variance.md", "# Estimator lab: bias and variance\n\n" + bv_md)
-    _write_text(out / "lab_ratio_variance.md", "# Estimator lab: Var(ρ_{1:t}) (Proposition 2)\n\n" + ratio_md)
-    _write_text(out / "lab_outcome.md", "# Estimator lab: outcome reward\n\n" + out_md)
+    atomic.write_text(out / "lab_bias_variance.md", "# Estimator lab: bias and variance\n\n" + bv_md)
+    atomic.write_text(
+        out / "lab_ratio_variance.md", "# Estimator lab: Var(ρ_{1:t}) (Proposition 2)\n\n" + ratio_md
+    )
+    atomic.write_text(out / "lab_outcome.md", "# Estimator lab: outcome reward\n\n" + out_md)
 
     all_rows = pd.concat([bias, outcome], ignore_index=True)
     covered_b = (all_rows.exact_rel_bias >= all_rows.mc_rel_bias_lo - 1e-9) & (
@@ -1110,7 +1103,7 @@ def write_outputs(
             "",
         ]
     )
-    _write_text(out / "lab_report.md", report)
+    atomic.write_text(out / "lab_report.md", report)
     plot_lab(out, settings, methods, bias, positions, ratio, outcome)
     return summary
 
@@ -1358,8 +1351,7 @@ def plot_lab(
     )
     for ext in ("png", "pdf"):
         path = out / f"lab_figure.{ext}"
-        tmp = path.with_name(f".lab_figure.{os.getpid()}.{ext}")
-        fig.savefig(tmp, dpi=160 if ext == "png" else None, format=ext)
-        os.replace(tmp, path)
+        with atomic.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=160 if ext == "png" else None, format=ext)
         fig.set_layout_engine("none")  # the layout is fixed now; do not solve it again for the PDF
     plt.close(fig)

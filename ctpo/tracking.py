@@ -39,6 +39,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ctpo import atomic
 from ctpo.config import results_dir
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,7 @@ def init_store(config: Mapping[str, Any]) -> dict[str, str]:
                 client.restore_experiment(exp_id)
         info = {"tracking_uri": uri, "experiment_id": str(exp_id), "experiment_name": name}
         path = store_file(config)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic.write_json(path, info)
     log.info("MLflow store %s, experiment %r (id %s) -> %s", uri, name, exp_id, path)
     return info
 
@@ -398,9 +397,7 @@ def start_run(
         run_id = created.info.run_id
         if id_path is not None:
             id_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = id_path.with_name(f".{id_path.name}.tmp")
-            tmp.write_text(run_id + "\n")
-            os.replace(tmp, id_path)
+            atomic.write_text(id_path, run_id + "\n")
 
     run = Run(client, run_id, flush_every=flush_every)
     run.set_tags(all_tags)

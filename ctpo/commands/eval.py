@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from ctpo import atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,9 +132,7 @@ def batch_together(backend: str, choice: str | None) -> bool:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,6 @@ killed write are ignored and cleaned up by the next save.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ctpo.atomic import atomic_path
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
 
@@ -37,32 +38,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary in the same folder and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Save ``state`` as ``folder/step_{step:05d}.pt`` atomically; keep only the newest ``keep`` files."""
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".step_*.pt.tmp*"):
+    for stale in folder.glob(".tmp*.step_*.pt"):  # left by a process killed while writing
         stale.unlink(missing_ok=True)
     path = folder / f"step_{step:05d}.pt"
-    tmp = folder / f".{path.name}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

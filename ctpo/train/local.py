@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -45,6 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctpo import atomic
+from ctpo.atomic import atomic_path
 from ctpo.config import ConfigError, section, train_section
 from ctpo.diagnostics import ClipRanges, PositionStats, reference_ranges
 from ctpo.stats import populated_count
@@ -582,13 +583,9 @@ def diagnostic_summary(diag: Any, steps: Sequence[int] | None = None) -> dict[st
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _append_row(
@@ -611,12 +608,6 @@ def _flush_to_mlflow(run: Any, pending: list[dict[str, Any]]) -> None:
     flush = getattr(run, "flush", None)  # written now, not left in the tracking buffer for a kill to lose
     if flush is not None:
         flush()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def in_training_eval(
@@ -863,8 +854,8 @@ def train(
                 frame["n_sequences"] = stats.n_sequences
                 frame["window_first_step"] = min(pooled_steps)
                 frame["window_steps"] = len(pooled_steps)
-                frame.to_csv(path.with_suffix(".tmp"), index=False)
-                os.replace(path.with_suffix(".tmp"), path)
+                with atomic_path(path) as tmp:
+                    frame.to_csv(tmp, index=False)
                 metrics.update(diagnostic_summary(stats, pooled_steps))
                 run.log_artifact(path, "diagnostics")
 
@@ -920,6 +911,6 @@ def train(
             "wall_s": wall,
             "final_metrics": final_metrics,
         }
-        _write_json(done_path, record)
+        atomic.write_json(done_path, record)
     log(f"done: {out} ({cfg.steps} steps, {wall:.1f}s)")
     return record

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctpo import atomic
 from ctpo.config import ConfigError, results_dir, section, train_section
 from ctpo.diagnostics import reference_ranges
 
@@ -462,9 +463,7 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
         "wall_s": round(time.time() - t0, 1),
         "backend": "verl",
     }
-    tmp = out / "DONE.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    tmp.replace(out / "DONE.json")
+    atomic.write_json(out / "DONE.json", done)
     return 0
 
 
@@ -535,7 +534,5 @@ def collect_outputs(out: Path) -> int:
 
             diag_dir.mkdir(exist_ok=True)
             figure1_data(data).to_frame().to_csv(diag_dir / f"step_{step:05d}.csv", index=False)
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
-    tmp.replace(out / "metrics.jsonl")
+    atomic.write_text(out / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     return max(by_step) if by_step else 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import update_config, validate
 
+from ctpo import atomic
 from ctpo.config import ConfigError, run_matrix, validate_config
 
 REPO = Path(workflow.basedir)
@@ -41,9 +42,7 @@ def _write_resolved():
     if path.is_file() and path.read_text() == text:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic.write_text(path, text)
 
 
 _write_resolved()
