@@ -23,7 +23,7 @@ from ctpo.config import ConfigError, load_config, run_matrix, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "Snakefile"
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = REPO / "ctpo" / "schemas" / "config.schema.yaml"
 HAS_SLURM_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
 
 
@@ -139,6 +139,21 @@ def test_schema_sections_match_the_modules_config_fields():
 
     sandbox = yaml.safe_load(SCHEMA.read_text())["properties"]["sandbox"]["properties"]
     assert set(sandbox) == set(inspect.signature(SandboxPool.__init__).parameters) - {"self"}
+
+
+def test_the_schema_ships_in_the_wheel(tmp_path):
+    """An installed ctpo validates configs too: the schema is package data, not a file of the checkout."""
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(REPO / "ctpo", src / "ctpo", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src)]
+    subprocess.run([*pip, "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("ctpo-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("ctpo/schemas/config.schema.yaml") == SCHEMA.read_bytes()
 
 
 def test_snakemake_stops_on_a_bad_key_naming_it(tmp_path):

@@ -8,10 +8,11 @@ import yaml
 from snakemake.utils import update_config, validate
 
 from ctpo import atomic
+from ctpo import config as ctpo_config
 from ctpo.config import ConfigError, run_matrix, validate_config
 
 REPO = Path(workflow.basedir)
-SCHEMA = "../schemas/config.schema.yaml"  # relative to this file; ctpo.config applies the same file
+SCHEMA = str(ctpo_config.SCHEMA)  # package data: `ctpo <step> --config` by hand applies the same file
 
 # No --configfile: the embedded default. (A `configfile:` directive would be *merged* with a
 # --configfile, so the paper study would inherit the tiny models and benchmarks.)
