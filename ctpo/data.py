@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ctpo.atomic import atomic_path
+from ctpo.tasks import arith
+from ctpo.tir import protocol
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +263,6 @@ def load(
 
 
 def _load_arith(split: str, n: int | None, seed: int, **kw: Any) -> list[dict[str, Any]]:
-    from ctpo.tasks import arith  # the task's own module builds the problems
 
     args = dict(kw)
     if n is not None:
@@ -480,7 +481,6 @@ def to_verl_parquet(
 
 def tir_system_prompt(config: dict[str, Any] | None = None) -> str:
     """The TIR system prompt of ``ctpo.tir.protocol`` for a study config's ``tir`` section."""
-    from ctpo.tir import protocol
 
     tir = dict((config or {}).get("tir") or {})
     cfg = protocol.TIRConfig(**{k: v for k, v in tir.items() if k in protocol.TIRConfig.__dataclass_fields__})

@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from ctpo.tir.episode import SamplingParams, run_episodes
+
 DEFAULT_EVAL_SEED = 1234
 """Sampling seed of evaluation when the config gives none: every eval of a model samples the same way."""
 
@@ -96,8 +98,6 @@ def run_eval_many(
     """
     from dataclasses import replace
 
-    from ctpo.tir.episode import SamplingParams
-
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not benchmarks:
@@ -121,7 +121,6 @@ def _run_batch(
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """One `run_episodes` call over all ``benchmarks`` (benchmark after benchmark, problem after problem, k
     copies each), one grading call, then samples and a summary per benchmark."""
-    from ctpo.tir.episode import run_episodes
 
     spans: dict[str, tuple[int, int]] = {}
     problems: list[str] = []
@@ -238,7 +237,6 @@ def evaluate(
 
 def sampling_from_config(eval_cfg: dict[str, Any]):
     """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens, seed)."""
-    from ctpo.tir.episode import SamplingParams
 
     return SamplingParams(
         temperature=float(eval_cfg.get("temperature", 1.0)),

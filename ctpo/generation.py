@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from ctpo.tiny import load_pretrained
+from ctpo.tir.episode import Continuation
+
 
 @dataclass
 class _Sampling:
@@ -41,21 +44,6 @@ class _Sampling:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
-
-
-def _continuation_cls():
-    try:
-        from ctpo.tir.episode import Continuation
-    except ImportError:  # the episode module is the contract's home; fall back to a plain record
-        return _Continuation
-    return Continuation
-
-
-@dataclass
-class _Continuation:
-    token_ids: list[int]
-    logprobs: list[float] | None
-    finish_reason: str
 
 
 class _FinishRecorder:
@@ -149,7 +137,6 @@ class HFGenerator:
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu", **kw) -> HFGenerator:
-        from ctpo.tiny import load_pretrained
 
         model, tokenizer = load_pretrained(path, device=device)
         model.eval()
@@ -229,12 +216,11 @@ class HFGenerator:
             logp = logp.squeeze(-1).cpu()
         else:
             logp = torch.zeros((b, 0))
-        cls = _continuation_cls()
         results = []
         for i in range(b):
             end = int(recorder.done_len[i]) - width if recorder.done_len[i] >= 0 else steps
             results.append(
-                cls(
+                Continuation(
                     token_ids=new_tokens[i, :end].tolist(),
                     logprobs=logp[i, :end].tolist(),
                     finish_reason=recorder.reason[i] if recorder.done_len[i] >= 0 else "length",
@@ -344,8 +330,9 @@ class HFGenerator:
                 tokens[r].append(ti)
                 logps[r].append(li)
         self.stats["steps"] += len(step_tok)
-        cls = _continuation_cls()
-        return [cls(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(b)]
+        return [
+            Continuation(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(b)
+        ]
 
 
 @torch.no_grad()

@@ -30,7 +30,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ctpo import atomic
+from ctpo import atomic, tracking
+from ctpo import data as datasets
+from ctpo.config import load_config
+from ctpo.eval import run_eval_many, sampling_from_config
+from ctpo.generation import make_generator
+from ctpo.reward import Grader
+from ctpo.tir.protocol import TIRConfig
+from ctpo.tir.sandbox import SandboxPool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,15 +144,6 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from ctpo import data as datasets
-    from ctpo import tracking
-    from ctpo.config import load_config
-    from ctpo.eval import run_eval_many, sampling_from_config
-    from ctpo.generation import make_generator
-    from ctpo.reward import Grader
-    from ctpo.tir.protocol import TIRConfig
-    from ctpo.tir.sandbox import SandboxPool
 
     torch.set_num_threads(max(1, args.threads))
     config = load_config(args.config)

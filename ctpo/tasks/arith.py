@@ -37,6 +37,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from ctpo.tir.protocol import build_prompt, find_code_block, format_observation
+
 DATA_SOURCE = "arith"
 
 # split -> (default size, generator settings). ``rules``: weights over the number of rules after the start
@@ -462,7 +464,6 @@ def demonstrations(
     whose EOS the tokenizer step appends) alternating with observations produced by
     `protocol.format_observation` from really running each code block in ``pool``.
     """
-    from ctpo.tir.protocol import build_prompt, find_code_block, format_observation
 
     rng = random.Random(f"ctpo.arith.demos/{seed}")
     styles = demonstration_styles(len(records), rng, mix or DEFAULT_MIX, cfg.max_turns, records)

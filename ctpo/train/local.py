@@ -38,19 +38,29 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ctpo import atomic
+from ctpo import atomic, data, tracking
 from ctpo.atomic import atomic_path
 from ctpo.config import ConfigError, section, train_section
 from ctpo.diagnostics import ClipRanges, PositionStats, reference_ranges
+from ctpo.eval import evaluate, sampling_from_config
+from ctpo.generation import HFGenerator
+from ctpo.losses import PolicyLossConfig, compute_policy_loss
+from ctpo.reward import Grader
 from ctpo.stats import populated_count
+from ctpo.tir.episode import Episode, SamplingParams, run_episodes
+from ctpo.tir.protocol import TIRConfig, exclude_from_loss
+from ctpo.tir.sandbox import SandboxPool
 from ctpo.train.advantages import group_advantages
 from ctpo.train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded
+    from transformers import PreTrainedTokenizerBase
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,25 +285,22 @@ class Rollout:
     batch: PolicyBatch
     rewards: torch.Tensor  # (N,)
     behaviour_logprobs: torch.Tensor | None  # (N, R), 0 where mask 0
-    episodes: list[Any]
+    episodes: list[Episode]
     metrics: dict[str, float]
 
 
 def rollout(
     model: torch.nn.Module,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     problems: Sequence[dict[str, Any]],
     group_size: int,
-    tir_cfg: Any,
-    pool: Any,
-    grader: Any,
+    tir_cfg: TIRConfig,
+    pool: SandboxPool,
+    grader: Grader,
     temperature: float,
     seed: int,
 ) -> Rollout:
     """Sample ``group_size`` TIR episodes per problem (contiguous per problem) and grade them."""
-    from ctpo.generation import HFGenerator
-    from ctpo.tir.episode import SamplingParams, run_episodes
-    from ctpo.tir.protocol import exclude_from_loss
 
     generator = _Timed(HFGenerator(model, tokenizer), ["generate"])
     timed_pool = _Timed(pool, ["map"])
@@ -384,11 +391,11 @@ def update_policy(
     batch: PolicyBatch,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
-    loss_cfg: Any,
+    loss_cfg: PolicyLossConfig,
     cfg: TrainConfig,
     shuffle: torch.Generator,
-    diagnostics: Any = None,
-    scheduler: Any = None,
+    diagnostics: PositionStats | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """``ppo_epochs`` x ``minibatches`` AdamW steps on the clipped surrogate of ``loss_cfg.method``.
 
@@ -398,7 +405,6 @@ def update_policy(
     Returns the mean over optimizer steps of the loss metrics (token-weighted over micro-batches;
     ``max`` keys take the max), entropy, grad norm and loss.
     """
-    from ctpo.losses import compute_policy_loss
 
     model.train()
     n = batch.input_ids.shape[0]
@@ -457,7 +463,6 @@ def update_policy(
 # ----------------------------------------------------------------------------------------------------------
 def load_eval_problems(config: dict[str, Any], cfg: TrainConfig) -> tuple[str, list[dict[str, Any]]]:
     """The in-training eval set: the first ``eval_problems`` of ``eval_benchmark`` (default: the first)."""
-    from ctpo import data
 
     benchmarks = (config.get("data") or {}).get("benchmarks") or {}
     if not benchmarks:
@@ -468,9 +473,8 @@ def load_eval_problems(config: dict[str, Any], cfg: TrainConfig) -> tuple[str, l
     return name, records[: cfg.eval_problems] if cfg.eval_problems else records
 
 
-def loss_config(config: dict[str, Any], method: str) -> Any:
+def loss_config(config: dict[str, Any], method: str) -> PolicyLossConfig:
     """``methods[method]`` as a resolved `ctpo.losses.PolicyLossConfig` (unknown keys are an error)."""
-    from ctpo.losses import PolicyLossConfig
 
     try:
         return PolicyLossConfig.from_dict(section(config, "methods", method)).resolved()
@@ -478,8 +482,7 @@ def loss_config(config: dict[str, Any], method: str) -> Any:
         raise ConfigError(f"methods.{method}: {exc}") from None
 
 
-def tir_config(config: dict[str, Any]) -> Any:
-    from ctpo.tir.protocol import TIRConfig
+def tir_config(config: dict[str, Any]) -> TIRConfig:
 
     try:
         return TIRConfig.from_dict(config.get("tir"))
@@ -510,21 +513,23 @@ class DiagnosticWindows:
     writes the same file as one that ran through.
     """
 
-    def __init__(self, diag_steps: Sequence[int], window: int, make: Callable[[], Any]) -> None:
+    def __init__(self, diag_steps: Sequence[int], window: int, make: Callable[[], PositionStats]) -> None:
         self.diag_steps = sorted(set(diag_steps))
         self.window = window
         self.make = make  # a fresh, empty PositionStats
-        self.open: dict[int, tuple[Any, list[int]]] = {}  # diag step -> (pooled stats, steps pooled so far)
+        self.open: dict[
+            int, tuple[PositionStats, list[int]]
+        ] = {}  # diag step -> (pooled stats, steps pooled so far)
 
     def targets(self, step: int) -> list[int]:
         """The diagnostic steps whose window contains ``step``."""
         return [d for d in self.diag_steps if d - self.window < step <= d]
 
-    def collector(self, step: int) -> Any:
+    def collector(self, step: int) -> PositionStats | None:
         """A fresh accumulator for ``step`` when some window needs it, else None."""
         return self.make() if self.targets(step) else None
 
-    def add(self, step: int, stats: Any) -> None:
+    def add(self, step: int, stats: PositionStats) -> None:
         """Pool one step's statistics into every window that contains it (the first one keeps the object)."""
         for i, d in enumerate(self.targets(step)):
             if d in self.open:
@@ -536,7 +541,7 @@ class DiagnosticWindows:
                     [step],
                 )
 
-    def pop(self, step: int) -> tuple[Any, list[int]] | None:
+    def pop(self, step: int) -> tuple[PositionStats, list[int]] | None:
         """(pooled stats, steps pooled) of diagnostic step ``step``, closing its window; None if not one."""
         return self.open.pop(step, None)
 
@@ -551,7 +556,7 @@ class DiagnosticWindows:
         }
 
 
-def diagnostic_summary(diag: Any, steps: Sequence[int] | None = None) -> dict[str, float]:
+def diagnostic_summary(diag: PositionStats, steps: Sequence[int] | None = None) -> dict[str, float]:
     """``diag/`` scalars: the c·√t fit of std log ρ_{1:t}, clip rates early vs late in the response, and
     what the statistics pooled (sequences; the steps of the window, ``steps``)."""
     frame = diag.to_frame()
@@ -615,8 +620,6 @@ def in_training_eval(
 ) -> dict[str, float]:
     """avg@k on the eval problems through `ctpo.eval.evaluate`: the sampling of ``ctpo eval`` (the
     config's ``eval`` section) with a fixed seed, so every step and every method see the same draws."""
-    from ctpo.eval import evaluate, sampling_from_config
-    from ctpo.generation import HFGenerator
 
     params = sampling_from_config(config.get("eval") or {})
     if cfg.eval_seed is not None:
@@ -692,10 +695,6 @@ def train(
     Returns the DONE.json record.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ctpo import data, tracking
-    from ctpo.reward import Grader
-    from ctpo.tir.sandbox import SandboxPool
 
     t_start = time.perf_counter()
     out = Path(out)

@@ -23,7 +23,12 @@ from typing import Any
 
 import torch
 
-from ctpo import atomic
+from ctpo import atomic, tiny, tracking
+from ctpo import data as datasets
+from ctpo.config import section
+from ctpo.tasks import arith
+from ctpo.tir.protocol import TIRConfig, encode_prompt
+from ctpo.tir.sandbox import SandboxPool
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +100,6 @@ class Example:
 def tokenize_demonstration(demo: dict[str, Any], tokenizer, cfg) -> Example:
     """Token ids + policy mask of a demonstration, laid out exactly like an RL episode: the prompt by
     `protocol.encode_prompt`, each segment encoded on its own, EOS after the final policy turn."""
-    from ctpo.tir.protocol import encode_prompt
 
     ids = list(encode_prompt(demo["problem"], tokenizer, cfg))
     mask = [0] * len(ids)
@@ -304,9 +308,6 @@ def build_examples(
     config: dict[str, Any], sft: SFTConfig, tir_cfg, pool
 ) -> tuple[list[dict], Any, list[Example]]:
     """Demonstrations, the tokenizer trained on them, and the tokenised examples."""
-    from ctpo import data as datasets
-    from ctpo import tiny
-    from ctpo.tasks import arith
 
     train_spec = dict((config.get("data") or {}).get("train") or {})
     source = train_spec.pop("source", "arith")
@@ -338,9 +339,6 @@ def run_sft(
     pool=None,
 ) -> dict[str, Any]:
     """The whole ``ctpo sft`` step; returns the summary also written to ``out_dir/sft_summary.json``."""
-    from ctpo import tiny, tracking
-    from ctpo.config import section
-    from ctpo.tir.protocol import TIRConfig
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -358,8 +356,6 @@ def run_sft(
 
     t0 = time.perf_counter()
     if pool is None:
-        from ctpo.tir.sandbox import SandboxPool
-
         sandbox = config.get("sandbox") or {}
         with SandboxPool(
             workers=int(sandbox.get("workers", 2)),

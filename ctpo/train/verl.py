@@ -51,7 +51,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ctpo import atomic
+from ctpo import atomic, data, losses, tracking
+from ctpo.backends.verl.metrics import figure1_data
 from ctpo.config import ConfigError, results_dir, section, train_section
 from ctpo.diagnostics import reference_ranges
 
@@ -187,8 +188,6 @@ def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: b
     ]
     params = {k: v for k, v in spec.items() if k not in ("method", "loss_agg_mode")}
     if plugin:
-        from ctpo import losses
-
         known = {f for f in losses.PolicyLossConfig.__dataclass_fields__} - {"method", "loss_agg_mode"}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -202,7 +201,6 @@ def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: b
     # Built-in VERL losses: the core's registered defaults, expressed in VERL's actor fields. They
     # implement only a fixed ratio-space clip (and, for vanilla, a constant dual clip); anything else
     # needs the plug-in's adapters.
-    from ctpo import losses
 
     resolved = losses.PolicyLossConfig.from_dict({"method": name, **params}).resolved()
     default = losses.PolicyLossConfig(method=name).resolved()
@@ -381,7 +379,6 @@ def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
     """Write the VERL parquet of data entry ``name`` if the workflow has not already."""
     if path.is_file():
         return path
-    from ctpo import data
 
     jsonl = path.with_suffix(".jsonl")
     records = data.read_jsonl(jsonl) if jsonl.is_file() else data.load_entry(config, name)
@@ -390,7 +387,6 @@ def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
 
 def run_from_args(args: Any, config: dict[str, Any]) -> int:
     """``ctpo train --backend verl``: launch VERL for one cell and collect its outputs into RUN/."""
-    from ctpo import tracking
 
     out = Path(args.out)
     seed = int(args.seed)
@@ -530,8 +526,6 @@ def collect_outputs(out: Path) -> int:
         row = {"step": step, **{ours_metric_key(k): v for k, v in data.items() if isinstance(v, int | float)}}
         lines.append(json.dumps(row))
         if any(k.startswith("actor/diag/") for k in data):
-            from ctpo.backends.verl.metrics import figure1_data
-
             diag_dir.mkdir(exist_ok=True)
             figure1_data(data).to_frame().to_csv(diag_dir / f"step_{step:05d}.csv", index=False)
     atomic.write_text(out / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))

@@ -16,8 +16,8 @@ from verl.workers.config import PolicyLossConfig
 
 from ctpo import losses as core
 
-# Fields VERL already owns elsewhere: the method is `policy_loss.loss_mode`, aggregation is `actor.loss_agg_mode`.
-OWNED_BY_VERL = ("method", "loss_agg_mode")
+# Selecting this config is enough to bring the losses in: Hydra imports this module in each worker.
+from ctpo.backends.verl.losses import OWNED_BY_VERL
 
 
 def _core_fields() -> list[tuple[str, typing.Any, dataclasses.Field]]:
@@ -50,20 +50,3 @@ CTPOPolicyLossConfig.__doc__ = (
     f"({', '.join(n for n, _, _ in _core_fields())}), `diagnostics` (per-position scalars in the metrics) "
     "and `diagnostics_reference` (Figure 1's reference ranges, the study's `diagnostics:` section)."
 )
-
-CORE_FIELDS = tuple(n for n, _, _ in _core_fields())
-
-
-def core_config(method: str, policy_loss: typing.Any, loss_agg_mode: str) -> core.PolicyLossConfig:
-    """The ``ctpo.losses.PolicyLossConfig`` for ``method`` from a VERL policy-loss config (our subclass,
-    VERL's base class, or a DictConfig): core fields it carries are passed on, the rest keep defaults."""
-    values = {"method": method, "loss_agg_mode": loss_agg_mode}
-    for name in CORE_FIELDS:
-        value = policy_loss.get(name, None) if policy_loss is not None else None
-        if value is not None:
-            values[name] = list(value) if name == "ratio_quantiles" else value
-    return core.PolicyLossConfig.from_dict(values)
-
-
-# Selecting this config is enough to bring the losses in (Hydra imports this module in each worker).
-from ctpo.backends.verl import losses as _losses  # noqa: E402, F401

@@ -17,13 +17,13 @@ see ``ctpo.backends.verl.metrics`` for why they survive VERL's averaging.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from ctpo import losses as core
-from ctpo.backends.verl.config import core_config
 from ctpo.backends.verl.metrics import (
     DIAG_BUCKETS,
     DIAG_PREFIX,
@@ -53,6 +53,24 @@ PLUGIN_LOSSES = {
 """VERL loss name -> ``ctpo.losses`` method. The ratio designs VERL lacks keep their names; GRPO and GSPO
 normally run on VERL's own ``vanilla`` / ``gspo`` (same numbers, tested), and are also available as
 ``ctpo_grpo`` / ``ctpo_gspo`` for runs that want the per-position diagnostics of this adapter."""
+
+
+# Fields VERL already owns elsewhere: the method is `policy_loss.loss_mode`, aggregation is `actor.loss_agg_mode`.
+OWNED_BY_VERL = ("method", "loss_agg_mode")
+
+
+def core_config(method: str, policy_loss: Any, loss_agg_mode: str) -> core.PolicyLossConfig:
+    """The ``ctpo.losses.PolicyLossConfig`` for ``method`` from a VERL policy-loss config (our
+    ``CTPOPolicyLossConfig``, VERL's base class, or a DictConfig): the core fields it carries are passed
+    on, the rest keep the method's defaults."""
+    values = {"method": method, "loss_agg_mode": loss_agg_mode}
+    for f in dataclasses.fields(core.PolicyLossConfig):
+        value = (
+            policy_loss.get(f.name, None) if policy_loss is not None and f.name not in OWNED_BY_VERL else None
+        )
+        if value is not None:
+            values[f.name] = list(value) if f.name == "ratio_quantiles" else value
+    return core.PolicyLossConfig.from_dict(values)
 
 
 def _policy_loss_config(config: Any) -> Any:
