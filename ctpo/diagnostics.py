@@ -51,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,9 +60,9 @@ import torch
 
 from ctpo.config import ConfigError
 from ctpo.losses import ClipRanges, fixed_clip_bounds, position_index, position_power
-from ctpo.stats import fit_sqrt
+from ctpo.stats import fit_sqrt, populated_count
 
-__all__ = ["ClipRanges", "PositionStats", "reference_ranges"]
+__all__ = ["ClipRanges", "DiagnosticWindows", "PositionStats", "diagnostic_summary", "reference_ranges"]
 
 _SCALAR_FIELDS = ("count", "sum", "sumsq", "tsum", "fixed_low", "fixed_high", "adaptive_low", "adaptive_high")
 
@@ -392,3 +392,91 @@ class PositionStats:
 
     def __repr__(self) -> str:
         return f"PositionStats(n_tokens={self.n_tokens}, n_buckets={self.n_buckets}, {self.config()})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pooling over training steps, and the logged summary
+# ----------------------------------------------------------------------------------------------------------
+class DiagnosticWindows:
+    """The statistics behind ``RUN/diagnostics/step_NNNNN.csv``: for each diagnostic step d, the
+    `PositionStats` of steps d-window+1..d pooled (`PositionStats.merge` combines counts, means and M2
+    exactly, as if the sequences had been one batch). One step of the tiny study has 32 sequences, and
+    those of its first minibatch are on-policy (log ρ = 0): a per-position std over so few is mostly noise
+    (a few large token log-ratios make a staircase, not a curve); pooling adds sequences.
+
+    Windows still open at a checkpoint go into it (`state_dict`), so a run resumed between pooled steps
+    writes the same file as one that ran through.
+    """
+
+    def __init__(self, diag_steps: Sequence[int], window: int, make: Callable[[], PositionStats]) -> None:
+        self.diag_steps = sorted(set(diag_steps))
+        self.window = window
+        self.make = make  # a fresh, empty PositionStats
+        self.open: dict[
+            int, tuple[PositionStats, list[int]]
+        ] = {}  # diag step -> (pooled stats, steps pooled so far)
+
+    def targets(self, step: int) -> list[int]:
+        """The diagnostic steps whose window contains ``step``."""
+        return [d for d in self.diag_steps if d - self.window < step <= d]
+
+    def collector(self, step: int) -> PositionStats | None:
+        """A fresh accumulator for ``step`` when some window needs it, else None."""
+        return self.make() if self.targets(step) else None
+
+    def add(self, step: int, stats: PositionStats) -> None:
+        """Pool one step's statistics into every window that contains it (the first one keeps the object)."""
+        for i, d in enumerate(self.targets(step)):
+            if d in self.open:
+                self.open[d][0].merge(stats)
+                self.open[d][1].append(step)
+            else:
+                self.open[d] = (
+                    stats if i == 0 else PositionStats.from_state_dict(stats.state_dict()),
+                    [step],
+                )
+
+    def pop(self, step: int) -> tuple[PositionStats, list[int]] | None:
+        """(pooled stats, steps pooled) of diagnostic step ``step``, closing its window; None if not one."""
+        return self.open.pop(step, None)
+
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        return {
+            d: {"stats": stats.state_dict(), "steps": list(steps)} for d, (stats, steps) in self.open.items()
+        }
+
+    def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
+        self.open = {
+            int(d): (PositionStats.from_state_dict(w["stats"]), list(w["steps"])) for d, w in state.items()
+        }
+
+
+def diagnostic_summary(diag: PositionStats, steps: Sequence[int] | None = None) -> dict[str, float]:
+    """``diag/`` scalars: the c·√t fit of std log ρ_{1:t}, clip rates early vs late in the response, and
+    what the statistics pooled (sequences; the steps of the window, ``steps``)."""
+    frame = diag.to_frame()
+    if frame.empty:
+        return {}
+    # ``diag/sqrt_fit_*_populated`` (the reported fit) uses the positions reached by enough of the
+    # sequences seen at t = 1 (ctpo.stats); ``diag/sqrt_fit_*`` every position with >= 2 tokens
+    populated = math.ceil(populated_count(frame["count"].iloc[0]))
+    c, r2 = diag.fit_sqrt()
+    c_pop, r2_pop = diag.fit_sqrt(min_count=populated)
+    reached = frame[frame["count"] >= populated]
+    out = {
+        "diag/sqrt_fit_c": float(c),
+        "diag/sqrt_fit_r2": float(r2),
+        "diag/sqrt_fit_c_populated": float(c_pop),
+        "diag/sqrt_fit_r2_populated": float(r2_pop),
+        "diag/populated_positions": float(len(reached)),
+        "diag/n_sequences": float(diag.n_sequences),
+    }
+    if steps:
+        out["diag/window_first_step"] = float(min(steps))
+        out["diag/window_steps"] = float(len(steps))
+    half = len(reached) // 2
+    for name, part in (("early", reached.iloc[:half]), ("late", reached.iloc[half:])):
+        weights = part["count"] / max(1, part["count"].sum())
+        for kind in ("fixed", "adaptive"):
+            out[f"diag/clip_{kind}_{name}"] = float((part[f"clip_{kind}"] * weights).sum())
+    return out

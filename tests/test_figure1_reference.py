@@ -47,7 +47,7 @@ def micro_batch():
     log-probs, and behaviour log-probs 0.2-std away from them (the off-policy drift the ranges clip)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from ctpo.train.local import pack, response_log_probs
+    from ctpo.train.batch import pack, response_log_probs
 
     torch.manual_seed(3)
     model = Qwen3ForCausalLM(
