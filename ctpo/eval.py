@@ -85,8 +85,8 @@ def run_eval_many(
     split back by position and graded per benchmark. ``rollout_s`` / ``eval_s`` of each summary are then the
     wall time of the *shared* call, and ``batched_with`` names the benchmarks that shared it. This is the
     right shape for a backend that batches without padding (vLLM). The HF loop left-pads a batch to its
-    longest context, so on CPU a mixed batch costs more per token than one batch per benchmark (measured
-    on tiny-s: benchmarks/bench_eval_merge.py, numbers in benchmarks/README.md).
+    longest context, so on CPU a mixed batch costs more per token than one batch per benchmark
+    (docs/findings/2026-11-26-eval-batching.md).
 
     ``batched=False``: one `run_episodes` call per benchmark, one after another (``batched_with`` empty);
     the samples are then the same as evaluating each benchmark on its own.

@@ -103,10 +103,10 @@ class HFGenerator:
 
     ``engine``: ``"loop"`` (default) is a sampling loop over the model's forward with the HF KV cache that
     drops finished rows from the batch (and their cache) as soon as they stop; ``"generate"`` calls
-    ``model.generate``. Both sample from the same distribution and return the same kind of log-probs; on
-    the tiny study the loop is ~2-3x faster, because turns end at very different lengths (a code turn
-    ~40 tokens, a worked answer ~120) and ``generate`` keeps computing every finished row until the
-    longest is done (profile in the module tests' notes / the final report).
+    ``model.generate``. Both sample from the same distribution and return the same kind of log-probs; the
+    loop is the faster one when turns end at very different lengths (a code turn or a worked answer), as
+    ``generate`` keeps computing every finished row until the longest is done (not re-measured:
+    docs/findings/2026-11-26-eval-batching.md).
     ``max_batch_size`` splits a call into chunks (memory on GPU); None = one call for everything.
     ``stats`` accumulates per-call timings and token counts for profiling.
     """

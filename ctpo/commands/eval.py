@@ -6,7 +6,7 @@ The model, the sandbox pool and the grader start once for all benchmarks (`ctpo.
 episode loop, so each turn is one generate call for all of them, and splits the results back per
 benchmark; ``apart`` runs one batch per benchmark, one after another. The default is ``apart`` for the
 ``hf`` backend (its batches are left-padded to the longest context, so on CPU a mixed batch is slower:
-benchmarks/bench_eval_merge.py) and ``together`` for the others (vLLM batches without padding).
+docs/findings/2026-11-26-eval-batching.md) and ``together`` for the others (vLLM batches without padding).
 
 Where the files go:
 

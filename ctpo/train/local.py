@@ -132,7 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Newest checkpoints kept on disk."""
     threads: int = 1
-    """torch intra-op threads (set explicitly: oversubscribed cores run 5-15x slower)."""
+    """torch intra-op threads (set explicitly: jobs that oversubscribe the cores all run slower)."""
     grader_workers: int = 1
     """Processes grading answers."""
 

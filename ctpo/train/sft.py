@@ -68,12 +68,9 @@ class SFTConfig:
     precision: str = "fp32"
     """Matmul precision of the warm-up: ``"fp32"``, ``"bf16"`` (autocast; fp32 master weights, optimizer
     state and loss) or ``"auto"`` (bf16 where the CPU has native bf16, AVX512-BF16 / AMX, or on a bf16 GPU).
-    bf16 is 1.55x (tiny-s) / 1.68x (tiny-m) the fp32 tokens/s on a 2-core AMD EPYC with AVX512-BF16
-    (`benchmarks/bench_sft_precision.py`), but the tiny models pay for it: tiny-s warmed up in bf16 ends at
-    loss 0.121 instead of 0.100 and its Base scores avg@4 43-45 % / 5-8 % / 2 % (easy / medium / hard)
-    instead of 61 % / 33 % / 11 %; bf16 for the first 70 % of steps and fp32 for the rest did no better
-    (0.121). Exact copying of 3-digit number tokens is what suffers. Hence fp32 by default; bf16 is for
-    bigger models, where it is the norm. RL never uses it: its importance ratios need fp32."""
+    fp32 by default: bf16 is faster but cost the tiny Bases most of their accuracy, as exact copying of
+    number tokens suffers (docs/findings/2026-11-27-tiny-warmup.md); bf16 is for bigger models, where it
+    is the norm. RL never uses it: its importance ratios need fp32."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
