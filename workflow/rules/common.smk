@@ -168,12 +168,30 @@ def section(key, name=None):
 STORE = ancient(f"{R}/mlflow.json")  # a prerequisite, never a reason to rerun
 
 
-rule mlflow_init:
-    output:
-        f"{R}/mlflow.json",
-    params:
-        config=RESOLVED,
-    log:
-        f"{LOGS}/mlflow_init.log",
-    shell:
-        "ctpo mlflow-init --config {params.config} > {log} 2>&1"
+# ---- functions the rules call -----------------------------------------------------------------------------
+# The software each job runs (`ctpo` and its dependencies) as a conda environment, environment.yml (the GPU
+# nodes' environment), used with `--sdm conda`. Without that flag, as in the Quickstart, jobs run in the
+# environment that runs Snakemake. (profiles/default leaves `software-env` out of the rerun triggers.)
+SOFTWARE = str(REPO / "environment.yml")
+
+
+def dataset_section(name):
+    """The config entry of a dataset: data.train, or the benchmark of that name."""
+    return section("data", "train") if name == "train" else section("data")["benchmarks"][name]
+
+
+def data_outputs():
+    """The dataset step's files: JSONL, plus VERL's parquet when the study trains with VERL."""
+    out = {"jsonl": f"{R}/data/{{dataset}}.jsonl"}
+    if TRAIN_BACKEND == "verl":
+        out["parquet"] = f"{R}/data/{{dataset}}.parquet"
+    return out
+
+
+RAY_LAUNCHER = str(REPO / "ctpo" / "backends" / "verl" / "ray_slurm.sh")
+
+
+def train_launcher():
+    """The VERL multi-node launcher in front of `ctpo train`, when one is needed (see train.smk)."""
+    nodes = int(resources_for("train").get("nodes", 1) or 1)
+    return f"{RAY_LAUNCHER} " if TRAIN_BACKEND == "verl" and nodes > 1 else ""
