@@ -13,9 +13,9 @@ What is measured, all in one run so the ratios are comparable on a noisy shared 
   each case's time and the median of the per-round ratios. ``surrogate only`` repeats it without the
   metrics (the private ``_fused_loss(..., with_metrics=False)``) to show where time goes. ``--against REV``
   adds the loss + metrics cases of ``ctpo/losses.py`` as committed at REV (loaded from git beside the
-  current one), interleaved with the others, and prints the current / REV time ratio of each method. The diagnostics row times
-  a fresh ``PositionStats`` (as the VERL adapter makes per micro-batch) and its ``update`` on the
-  same tokens; its ratio is against the ctpo loss call.
+  current one), interleaved with the others, and prints the current / REV time ratio of each method.
+  The diagnostics row times a fresh ``PositionStats`` (as the VERL adapter makes per micro-batch) and
+  its ``update`` on the same tokens; its ratio is against the ctpo loss call.
 * peak memory (CPU): each case runs in a fresh subprocess whose glibc allocator hands every buffer of
   >= 64 KiB straight to ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so resident memory tracks the bytes
   torch actually holds. After one warm-up call the kernel's high-water mark is reset

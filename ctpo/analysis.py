@@ -342,7 +342,7 @@ def method_label(config: Mapping[str, Any], method: str) -> str:
 
 
 def _seed_scores(evals: pd.DataFrame, benchmarks: Sequence[str]) -> pd.DataFrame:
-    """Per (model, method, seed): avg@k and SE in % per benchmark, and the benchmark average (complete seeds)."""
+    """Per (model, method, seed): avg@k and SE in % per benchmark, and their average (complete seeds only)."""
     rows = []
     for (model, method, seed), g in evals.groupby(["model", "method", "seed"], sort=False):
         by_bench = g.set_index("benchmark")
@@ -458,7 +458,8 @@ def paired_cells(
     benchmarks: Sequence[str],
 ) -> tuple[dict[str, float], list[str]]:
     """``{col}``, ``{col}_se``, ``{col}_se_unpaired`` of A − B per benchmark and for their average (NaN where
-    a side has no ``samples.jsonl``), and the missing cells as ``eval/{model}/{method}/<seeds>/{benchmark}``."""
+    a side has no ``samples.jsonl``), and the missing cells as
+    ``eval/{model}/{method}/<seeds>/{benchmark}``."""
     row: dict[str, float] = {}
     missing = []
     for bench in benchmarks:
@@ -496,7 +497,8 @@ def table3(
     k = (config.get("eval") or {}).get("k")
     caption = (
         (f"avg@{k} (%)" if k else "avg@k (%)")
-        + ": position-adaptive against fixed clipping for CTPO, mean ± standard error. Δ row: adaptive − fixed"
+        + ": position-adaptive against fixed clipping for CTPO, mean ± standard error. "
+        "Δ row: adaptive − fixed"
         + " ± paired standard error (per-problem differences on the same problems and sampling seed, seeds"
         + f" averaged per problem); * marks |Δ| > {SIGNIFICANT_Z:g} SE."
     )
@@ -567,7 +569,8 @@ def table2_paired(config: Mapping[str, Any], scores: Mapping[tuple[str, str, str
     columns = [*benchmarks, AVG]
     k = (config.get("eval") or {}).get("k")
     caption = (
-        f"Paired differences of {f'avg@{k}' if k else 'avg@k'} (percentage points), Δ = A − B ± paired standard"
+        f"Paired differences of {f'avg@{k}' if k else 'avg@k'} (percentage points), "
+        "Δ = A − B ± paired standard"
         " error: per problem, A's mean correctness over its samples minus B's (each averaged over seeds first"
         " when there are several), SE = sd of those differences / √n over the benchmark's problems; Avg: mean"
         f" of the benchmarks' Δ, SE √(Σ SE²)/B. * marks |Δ| > {SIGNIFICANT_Z:g} SE. The CSV adds the unpaired"

@@ -6,10 +6,10 @@ A normalised record (docs/interfaces.md) is
 
 | name | source | split | notes |
 |---|---|---|---|
-| ``arith`` | ``ctpo.tasks.arith`` (synthetic, built in code) | train/easy/medium/hard/... | the embedded default |
-| ``deepscaler`` | ``agentica-org/DeepScaleR-Preview-Dataset`` | train | rows without an answer are dropped (logged) |
-| ``aime25``, ``aime26`` | ``math-ai/aime25``, ``math-ai/aime26`` | test | columns problem / answer / id |
-| ``hmmt_nov_2025``, ``brumo_2025`` | ``MathArena/...`` | train | columns problem_idx / problem / answer (bare LaTeX) |
+| ``arith`` | ``ctpo.tasks.arith`` (built in code) | train/easy/medium/hard/... | the embedded default |
+| ``deepscaler`` | ``agentica-org/DeepScaleR-Preview-Dataset`` | train | rows without an answer dropped |
+| ``aime25``, ``aime26`` | ``math-ai/aime25``, ``math-ai/aime26`` | test | problem / answer / id |
+| ``hmmt_nov_2025``, ``brumo_2025`` | ``MathArena/...`` | train | problem_idx / problem / answer (LaTeX) |
 
 Hub datasets are read as raw files (parquet / JSON / JSONL) with pandas, so the core path needs neither
 network nor the ``datasets`` library: a local file or a pre-fetched folder (``path=``), a folder of
@@ -435,8 +435,9 @@ def to_verl_rows(
 ) -> list[dict[str, Any]]:
     """Records -> rows of VERL's RL dataset schema (``verl.utils.dataset.rl_dataset.RLHFDataset``).
 
-    ``prompt`` is the chat (system = the TIR system prompt, omitted when empty; user = the problem); ``reward_model.ground_truth``
-    is what VERL hands to ``compute_score``; ``agent_name`` picks VERL's multi-turn tool agent loop per row.
+    ``prompt`` is the chat (system = the TIR system prompt, omitted when empty; user = the problem);
+    ``reward_model.ground_truth`` is what VERL hands to ``compute_score``; ``agent_name`` picks VERL's
+    multi-turn tool agent loop per row.
     """
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []  # "" = no system turn
     rows = []

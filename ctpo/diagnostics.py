@@ -32,8 +32,8 @@ Cost: the statistics need the prefix sum, the position and a scatter per token, 
 much work as the loss itself. An update therefore looks at a deterministic subset of whole
 sequences, rows 0, k, 2k, … with k = ceil(B·T / max_tokens), so at most ``max_tokens`` token slots
 or one row, whichever is more (default 32,768: 1/16 of a 64 × 8,192 batch; a batch with
-B·T ≤ max_tokens is seen whole, so micro-batch-sized updates lose little). Every statistic stays exact for the rows it sees;
-``max_tokens=None`` sees every row.
+B·T ≤ max_tokens is seen whole, so micro-batch-sized updates lose little). Every statistic stays exact
+for the rows it sees; ``max_tokens=None`` sees every row.
 
 Scalars (``to_scalars``/``from_scalars``): for bucket ``i`` (3 digits, zero-padded) the keys
 ``{prefix}/b{i}/count``, ``/sum``, ``/sumsq``, ``/tsum`` (Σ t), ``/fixed_low``, ``/fixed_high``,

@@ -236,7 +236,8 @@ def evaluate(
 
 
 def sampling_from_config(eval_cfg: dict[str, Any]):
-    """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens, seed)."""
+    """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens,
+    seed)."""
 
     return SamplingParams(
         temperature=float(eval_cfg.get("temperature", 1.0)),

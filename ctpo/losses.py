@@ -733,7 +733,7 @@ def _quantile_key(q: float) -> str:
 
 
 def _quantile_sample(cfg: PolicyLossConfig, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mask tokens' log-weights the quantiles are taken over: every k-th token, at most quantile_sample."""
+    """The mask tokens' log-weights the quantiles are over: every k-th token, at most quantile_sample."""
     flat_x, flat_m = x.reshape(-1), mask.reshape(-1)
     stride = max(1, math.ceil(flat_x.numel() / max(cfg.quantile_sample, 1)))
     return flat_x[::stride][flat_m[::stride] > 0]
@@ -745,7 +745,7 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.T
 
 
 def _weight_stats(cfg, x, mask, n, scratch) -> dict[str, torch.Tensor]:
-    """``ratio/mean``, ``ratio/max``, ``ratio/log_mean`` and ``ratio/pXX`` of the unclipped weight w = exp(x)."""
+    """``ratio/mean``, ``ratio/max``, ``ratio/log_mean``, ``ratio/pXX`` of the unclipped weight w = exp(x)."""
     cap = cfg.max_log_weight
     denom = n.clamp(min=1.0)
     log_mean = _row_dot(x, mask, scratch).sum() / denom

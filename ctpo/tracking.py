@@ -166,7 +166,8 @@ def store_info(config: Mapping[str, Any]) -> dict[str, str]:
     if info.get("tracking_uri") != uri:
         raise TrackingError(
             f"{path} was written for the MLflow store {info.get('tracking_uri')!r}, but this job resolves "
-            f"{uri!r} (MLFLOW_TRACKING_URI / mlflow.tracking_uri changed?). Run `ctpo mlflow-init --config ...` "
+            f"{uri!r} (MLFLOW_TRACKING_URI / mlflow.tracking_uri changed?). "
+            "Run `ctpo mlflow-init --config ...` "
             f"again with the store you mean, or delete {path}."
         )
     return info
@@ -421,7 +422,8 @@ def start_run(
 
 
 def find_runs(config: Mapping[str, Any], filter_string: str = "") -> list[Any]:
-    """Every run of the study's experiment matching an MLflow search filter (e.g. ``tags.`ctpo.kind` = 'eval'``)."""
+    """Every run of the study's experiment matching an MLflow search filter
+    (e.g. ``tags.`ctpo.kind` = 'eval'``)."""
     from mlflow.tracking import MlflowClient
 
     info = store_info(config)

@@ -17,7 +17,7 @@ CFG = {**RANGES, **BUCKETS}
 
 
 def make(**cfg) -> PositionStats:
-    """A PositionStats from one flat dict: the ClipRanges fields go into its reference, the rest are buckets."""
+    """A PositionStats from one flat dict: ClipRanges fields go into its reference, the rest are buckets."""
     ranges = {k: cfg.pop(k) for k in [*RANGES, "position"] if k in cfg}
     return PositionStats(ClipRanges(**ranges), **cfg)
 

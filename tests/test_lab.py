@@ -296,7 +296,7 @@ def test_ctpo_lab_quick_writes_every_output_and_includes_user_registered_methods
     assert "half_prefix" in (out / "lab_bias_variance.md").read_text()
 
 
-# The public names of ctpo/lab.py before it became a package: code built on the lab imports them from ctpo.lab.
+# The public names of ctpo/lab.py before it became a package: code built on it imports them from ctpo.lab.
 LAB_NAMES_BEFORE_THE_SPLIT = [
     "LOSS_AGG_MODE",
     "OUTPUT_FILES",

@@ -109,7 +109,7 @@ def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint(torch_ro
             assert frame.loc[t, "mean"] == pytest.approx(mean, rel=1e-10, abs=1e-12)
             assert frame.loc[t, "std"] == pytest.approx(std, rel=1e-10, abs=1e-12)
 
-    # a checkpoint after step 4 (windows 5 and 6 open), restored in a fresh process: the same files, bit for bit
+    # a checkpoint after step 4 (windows 5 and 6 open), restored in a fresh process: the same files, exactly
     first = DiagnosticWindows([2, 5, 6], 3, make)
     _run_windows(first, range(1, 8), stop_after=4)
     state = torch_roundtrip(first.state_dict())
@@ -311,7 +311,7 @@ MICRO_STUDY = {
         "eval_k": 2,
         "eval_problems": 2,
         "diag_steps": [2, 4],
-        "diag_window": 3,  # step 4 pools steps 2-4, across the step-2 checkpoint the resume test restarts from
+        "diag_window": 3,  # step 4 pools steps 2-4, across the step-2 checkpoint the resume test uses
         "checkpoint_every": 2,
         "threads": 1,
     },

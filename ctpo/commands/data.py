@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"ctpo data: {args.dataset} ({source}) produced no records", file=sys.stderr)
         return 2
     data.write_jsonl(records, args.out)
-    line = f"ctpo data: {args.dataset} ({source}, split {records[0]['split']}): {len(records)} records -> {args.out}"
+    split = records[0]["split"]
+    line = f"ctpo data: {args.dataset} ({source}, split {split}): {len(records)} records -> {args.out}"
     if args.parquet:
         data.to_verl_parquet(records, args.parquet, system_prompt=data.tir_system_prompt(config))
         line += f", {args.parquet}"

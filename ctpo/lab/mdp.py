@@ -158,7 +158,8 @@ def score_gradient(
 
 
 def _scatter_scores(out: torch.Tensor, mdp: TreeMDP, tokens, states, coef: torch.Tensor, group=None) -> None:
-    """Add ``coef_{i,t} (e_{a_{i,t}} − π(·|s_{i,t}))`` into row ``group_i · S + s_{i,t}`` of ``out`` (S·G, V)."""
+    """Add ``coef_{i,t} (e_{a_{i,t}} − π(·|s_{i,t}))`` into row ``group_i · S + s_{i,t}`` of ``out``
+    (S·G, V)."""
     pi = torch.as_tensor(mdp.target_probs)
     tok = torch.as_tensor(tokens).reshape(-1)
     st = torch.as_tensor(states).reshape(-1)

@@ -57,7 +57,8 @@ def _bias_cell(r: pd.Series) -> str:
 
 def _var_cell(r: pd.Series) -> str:
     scale = r.exact_rel_var / r.exact_total_var if r.exact_total_var > 0 else float("nan")
-    return f"{r.exact_rel_var:.3g} ({_ci(r.mc_rel_var, r.mc_total_var_lo * scale, r.mc_total_var_hi * scale, '.3g')})"
+    ci = _ci(r.mc_rel_var, r.mc_total_var_lo * scale, r.mc_total_var_hi * scale, ".3g")
+    return f"{r.exact_rel_var:.3g} ({ci})"
 
 
 def _pivot(df: pd.DataFrame, index: str, methods: Sequence[str], cell: Callable) -> pd.DataFrame:
@@ -94,7 +95,8 @@ def _bias_variance_md(bias: pd.DataFrame, settings: LabSettings, methods: Sequen
     return "\n".join(
         [
             "Cells: exact value by enumeration (Monte Carlo estimate [95% bootstrap CI] from "
-            f"{settings.n_samples} sequences sampled from μ). Bias = ‖E[ĝ] − g‖/‖g‖; variance = tr Cov(ĝ_i)/‖g‖² "
+            f"{settings.n_samples} sequences sampled from μ). "
+            "Bias = ‖E[ĝ] − g‖/‖g‖; variance = tr Cov(ĝ_i)/‖g‖² "
             "of the single-sequence estimator. Estimator: −∇ of `compute_policy_loss` with "
             f'`loss_agg_mode="{LOSS_AGG_MODE}"` (Σ over tokens, ÷ number of sequences).',
             "",
@@ -113,7 +115,8 @@ def _bias_variance_md(bias: pd.DataFrame, settings: LabSettings, methods: Sequen
             f"### Clipping (V={V}, T={T}; exact values)",
             "",
             "`none` = pure IS (dual clip off too); `fixed` / `adaptive` keep each method's registered clip "
-            "ranges and dual clip, so they are the estimators as trained. `clipped` = fraction of tokens (A ≠ 0) "
+            "ranges and dual clip, so they are the estimators as trained. "
+            "`clipped` = fraction of tokens (A ≠ 0) "
             "whose gradient the clip removes, under μ.",
             "",
             _md(pd.DataFrame(clip_rows)),
@@ -128,7 +131,8 @@ def _ratio_md(ratio: pd.DataFrame, settings: LabSettings) -> str:
         "(χ²_k = E_μ[r_k²] − 1, μ-averaged over states), and by Monte Carlo. `iid`: the same π, μ rows at "
         "every state, so per-token ratios are i.i.d. and the closed form is exact ((E[r²])^t − 1); "
         "`state-dependent`: the lab's MDP, where the independence assumption is only approximate. "
-        "Last column: Var(ρ_{1:T}) / Var(ρ_{1:t}) (exact), the factor the cumulative ratio saves at position t.",
+        "Last column: Var(ρ_{1:T}) / Var(ρ_{1:t}) (exact), "
+        "the factor the cumulative ratio saves at position t.",
         "",
     ]
     for mdp_kind in ("iid", "state-dependent"):
@@ -192,7 +196,8 @@ def _outcome_md(
     targets = "\n".join(f"- `{k}`: {v}" for k, v in _TARGET_LABELS.items() if k != "token")
     return "\n".join(
         [
-            "**Outcome reward** (one reward R per sequence, advantage R − E_μ[R] on every token; clip_mode=none). "
+            "**Outcome reward** (one reward R per sequence, advantage R − E_μ[R] on every token; "
+            "clip_mode=none). "
             "Three targets:",
             "",
             targets,
@@ -271,7 +276,8 @@ def write_outputs(
             f"Methods (from the `ctpo.losses` registry): {', '.join(methods)}. "
             f"Settings: {summary['settings']}.",
             "",
-            f"Monte-Carlo 95% CIs cover the exact value for bias in {covered_b.sum()}/{len(all_rows)} rows and "
+            f"Monte-Carlo 95% CIs cover the exact value for bias in "
+            f"{covered_b.sum()}/{len(all_rows)} rows and "
             f"for variance in {covered_v.sum()}/{len(all_rows)} rows (heavy-tailed ratios make the variance "
             "intervals the less reliable ones).",
             "",

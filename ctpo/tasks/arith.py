@@ -114,7 +114,10 @@ def rule_text(rule: str, params: dict[str, int], x: str) -> str:
     if rule == "threshold":
         return f"If {x} is greater than {params['t']}, subtract {params['k']}; otherwise add {params['k']}."
     if rule == "last_digit":
-        return f"If the last digit of {x} is less than 5, multiply it by {params['m']}; otherwise subtract {params['k']}."
+        return (
+            f"If the last digit of {x} is less than 5, multiply it by {params['m']}; "
+            f"otherwise subtract {params['k']}."
+        )
     if rule == "mul_add":
         return f"Multiply {x} by {params['m']} and add {params['k']}."
     if rule == "mod":

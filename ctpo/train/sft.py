@@ -405,7 +405,8 @@ def run_sft(
             copy_stats = copy_warmup(model, vocab, sft, progress=progress)
             if copy_stats["copy_accuracy"] < 0.9:
                 log.warning(
-                    "sft %s: the copy pre-phase ended at %.0f%% copy accuracy, so the model has not learned to "
+                    "sft %s: the copy pre-phase ended at %.0f%% copy accuracy, "
+                    "so the model has not learned to "
                     "copy and the warm-up will mostly fail to copy numbers; lower sft.copy_lr (wider models "
                     "need less: m copies at 1e-3, not 3e-3) or raise sft.copy_steps",
                     model_name,
@@ -449,7 +450,8 @@ def run_sft(
         _atomic_json(out / "sft_summary.json", summary)
         run.log_artifact(out / "sft_summary.json")
     print(
-        f"sft {model_name}: {stats['steps']} steps, loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, "
-        f"{summary['wall_s']:.1f}s ({stats['tokens_per_s']:.0f} tok/s, {torch.get_num_threads()} threads) -> {out}"
+        f"sft {model_name}: {stats['steps']} steps, "
+        f"loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, {summary['wall_s']:.1f}s "
+        f"({stats['tokens_per_s']:.0f} tok/s, {torch.get_num_threads()} threads) -> {out}"
     )
     return summary

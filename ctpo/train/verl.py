@@ -28,9 +28,9 @@ The study config's ``verl:`` section (all optional; defaults are the paper's sin
       gpu_memory_utilization: 0.6
       total_epochs: 1                # train.steps, when set, caps the run (trainer.total_training_steps)
       save_freq: 20                  # train.checkpoint_every wins when set
-      val_n: 8                       # samples per problem of the in-training eval (train.eval_every, Figure 2)
+      val_n: 8                       # samples per problem of the in-training eval (Figure 2)
       val_temperature: 0.7
-      builtin_losses: true           # grpo/gspo on VERL's vanilla/gspo; false: the plug-in's ctpo_grpo/ctpo_gspo
+      builtin_losses: true           # grpo/gspo on VERL's vanilla/gspo; false: the plug-in's ctpo_grpo/..
       strategy: fsdp2
       env: {}                        # extra env vars for every Ray worker
       overrides: []                  # raw Hydra overrides appended last (escape hatch)
@@ -407,7 +407,8 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
         return 0
     if (out / "DONE.json").is_file():
         print(
-            f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished (delete the folder to retrain)",
+            f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished "
+            "(delete the folder to retrain)",
             file=sys.stderr,
         )
         return 0

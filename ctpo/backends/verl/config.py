@@ -35,7 +35,7 @@ def _core_fields() -> list[tuple[str, typing.Any, dataclasses.Field]]:
 
 
 # The plug-in's own fields: whether to log the per-position diagnostics, and the study's reference ranges
-# they count clips against (the config's `diagnostics:` section, as ctpo.diagnostics.reference_ranges reads it).
+# they count clips against (the config's `diagnostics:` section, read by ctpo.diagnostics.reference_ranges).
 PLUGIN_FIELDS = [
     ("diagnostics", bool, dataclasses.field(default=True)),
     ("diagnostics_reference", dict[str, typing.Any], dataclasses.field(default_factory=dict)),

@@ -55,7 +55,7 @@ normally run on VERL's own ``vanilla`` / ``gspo`` (same numbers, tested), and ar
 ``ctpo_grpo`` / ``ctpo_gspo`` for runs that want the per-position diagnostics of this adapter."""
 
 
-# Fields VERL already owns elsewhere: the method is `policy_loss.loss_mode`, aggregation is `actor.loss_agg_mode`.
+# Fields VERL owns elsewhere: the method is `policy_loss.loss_mode`, aggregation is `actor.loss_agg_mode`.
 OWNED_BY_VERL = ("method", "loss_agg_mode")
 
 
@@ -102,7 +102,8 @@ def make_policy_loss(method: str):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         if rollout_is_weights is not None:
             raise NotImplementedError(
-                f"policy loss {method!r}: VERL's rollout correction (algorithm.rollout_correction.rollout_is) "
+                f"policy loss {method!r}: VERL's rollout correction "
+                "(algorithm.rollout_correction.rollout_is) "
                 "re-weights tokens on top of the importance ratio; the ctpo losses already correct for the "
                 "behaviour policy. Leave rollout_is unset (null) with the ctpo losses."
             )

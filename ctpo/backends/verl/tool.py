@@ -42,7 +42,7 @@ class SandboxPythonTool(BaseTool):
     def __init__(self, config: dict, tool_schema: OpenAIFunctionToolSchema | None):
         super().__init__(config, tool_schema)
 
-        # The study config reaches the Ray workers as env vars (set by ctpo.train.verl), over the YAML defaults.
+        # The study config reaches the Ray workers as env vars (set by ctpo.train.verl) over the YAML's.
         self.workers = int(os.environ.get("CTPO_SANDBOX_WORKERS", config.get("workers", 4)))
         self.timeout_s = float(os.environ.get("CTPO_TOOL_TIMEOUT_S", config.get("timeout_s", 5.0)))
         obs_max_chars = int(os.environ.get("CTPO_OBS_MAX_CHARS", config.get("obs_max_chars", 512)))
