@@ -263,7 +263,6 @@ def load(
 
 
 def _load_arith(split: str, n: int | None, seed: int, **kw: Any) -> list[dict[str, Any]]:
-
     args = dict(kw)
     if n is not None:
         args["n"] = n
@@ -482,7 +481,6 @@ def to_verl_parquet(
 
 def tir_system_prompt(config: dict[str, Any] | None = None) -> str:
     """The TIR system prompt of ``ctpo.tir.protocol`` for a study config's ``tir`` section."""
-
     tir = dict((config or {}).get("tir") or {})
     cfg = protocol.TIRConfig(**{k: v for k, v in tir.items() if k in protocol.TIRConfig.__dataclass_fields__})
     if hasattr(protocol, "system_prompt"):

@@ -121,7 +121,6 @@ def _run_batch(
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """One `run_episodes` call over all ``benchmarks`` (benchmark after benchmark, problem after problem, k
     copies each), one grading call, then samples and a summary per benchmark."""
-
     spans: dict[str, tuple[int, int]] = {}
     problems: list[str] = []
     golds: list[str] = []
@@ -238,7 +237,6 @@ def evaluate(
 def sampling_from_config(eval_cfg: dict[str, Any]):
     """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens,
     seed)."""
-
     return SamplingParams(
         temperature=float(eval_cfg.get("temperature", 1.0)),
         top_p=float(eval_cfg.get("top_p", 1.0)),

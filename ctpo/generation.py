@@ -137,7 +137,6 @@ class HFGenerator:
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu", **kw) -> HFGenerator:
-
         model, tokenizer = load_pretrained(path, device=device)
         model.eval()
         return cls(model, tokenizer, device=device, **kw)

@@ -75,7 +75,6 @@ def vllm_sampling_kwargs(
 
 def continuation_from_output(completion: Any, eos_ids: list[int]):
     """One vLLM ``CompletionOutput`` -> ``ctpo.tir.episode.Continuation``."""
-
     token_ids = list(completion.token_ids)
     logprobs = None
     if completion.logprobs is not None:

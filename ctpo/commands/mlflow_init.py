@@ -19,7 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     config = load_config(args.config)
     if not tracking.enabled(config):
         path = tracking.store_file(config)

@@ -24,7 +24,6 @@ LOSS_AGG_MODE = "seq-mean-token-sum"
 
 def registered_methods() -> list[str]:
     """Every ratio design in the `ctpo.losses` registry, in registration order."""
-
     return list(losses.METHODS)
 
 
@@ -36,7 +35,6 @@ def loss_config(method: str, clip_mode: str = "none", **overrides: Any):
     ``adaptive`` keep every other registered default of the method — dual clip included — so they are
     the estimators as trained.
     """
-
     if clip_mode == "none":
         overrides = {"dual_clip_c": 0.0, "dual_clip_eps": 0.0, **overrides}
     overrides.setdefault("ratio_quantiles", ())  # not used here, and the quantiles cost more than the loss
@@ -54,7 +52,6 @@ def token_coefficients(
     estimator; ``coef = −N ∂loss/∂log π``), the loss's metrics, and ``−∇_θ loss`` — the batch's mean
     gradient by plain autograd, which `score_gradient` of ``coef`` must reproduce.
     """
-
     n = tokens.shape[0]
     theta = torch.tensor(mdp.target_logits, dtype=torch.float64, requires_grad=True)
     st, tok = torch.as_tensor(states), torch.as_tensor(tokens)

@@ -23,7 +23,6 @@ _BASE_COLOURS = {
 
 def _unclipped_aliases(methods: Sequence[str]) -> dict[str, str]:
     """method -> an earlier method with the same ratio function (identical once clipping is off)."""
-
     out, seen = {}, {}
     for m in methods:
         fn = getattr(METHODS.get(m), "log_weight", None)

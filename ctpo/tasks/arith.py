@@ -467,7 +467,6 @@ def demonstrations(
     whose EOS the tokenizer step appends) alternating with observations produced by
     `protocol.format_observation` from really running each code block in ``pool``.
     """
-
     rng = random.Random(f"ctpo.arith.demos/{seed}")
     styles = demonstration_styles(len(records), rng, mix or DEFAULT_MIX, cfg.max_turns, records)
     planned = [demonstration_turns(r, s, rng) for r, s in zip(records, styles)]

@@ -223,7 +223,6 @@ def update_policy(
     Returns the mean over optimizer steps of the loss metrics (token-weighted over micro-batches;
     ``max`` keys take the max), entropy, grad norm and loss.
     """
-
     model.train()
     n = batch.input_ids.shape[0]
     n_mb = max(1, min(cfg.minibatches, n))
@@ -281,7 +280,6 @@ def update_policy(
 # ----------------------------------------------------------------------------------------------------------
 def load_eval_problems(config: dict[str, Any], cfg: TrainConfig) -> tuple[str, list[dict[str, Any]]]:
     """The in-training eval set: the first ``eval_problems`` of ``eval_benchmark`` (default: the first)."""
-
     benchmarks = (config.get("data") or {}).get("benchmarks") or {}
     if not benchmarks:
         raise ConfigError("train.eval_every > 0 needs data.benchmarks; set train.eval_every: 0 to disable")
@@ -293,7 +291,6 @@ def load_eval_problems(config: dict[str, Any], cfg: TrainConfig) -> tuple[str, l
 
 def loss_config(config: dict[str, Any], method: str) -> PolicyLossConfig:
     """``methods[method]`` as a resolved `ctpo.losses.PolicyLossConfig` (unknown keys are an error)."""
-
     try:
         return PolicyLossConfig.from_dict(section(config, "methods", method)).resolved()
     except ValueError as exc:
@@ -301,7 +298,6 @@ def loss_config(config: dict[str, Any], method: str) -> PolicyLossConfig:
 
 
 def tir_config(config: dict[str, Any]) -> TIRConfig:
-
     try:
         return TIRConfig.from_dict(config.get("tir"))
     except ValueError as exc:

@@ -66,7 +66,6 @@ def rollout(
     seed: int,
 ) -> Rollout:
     """Sample ``group_size`` TIR episodes per problem (contiguous per problem) and grade them."""
-
     generator = _Timed(HFGenerator(model, tokenizer), ["generate"])
     timed_pool = _Timed(pool, ["map"])
     texts = [p["problem"] for p in problems for _ in range(group_size)]

@@ -97,7 +97,6 @@ class Example:
 def tokenize_demonstration(demo: dict[str, Any], tokenizer, cfg) -> Example:
     """Token ids + policy mask of a demonstration, laid out exactly like an RL episode: the prompt by
     `protocol.encode_prompt`, each segment encoded on its own, EOS after the final policy turn."""
-
     ids = list(encode_prompt(demo["problem"], tokenizer, cfg))
     mask = [0] * len(ids)
     for i, seg in enumerate(demo["segments"]):
@@ -305,7 +304,6 @@ def build_examples(
     config: dict[str, Any], sft: SFTConfig, tir_cfg, pool
 ) -> tuple[list[dict], Any, list[Example]]:
     """Demonstrations, the tokenizer trained on them, and the tokenised examples."""
-
     train_spec = dict((config.get("data") or {}).get("train") or {})
     source = train_spec.pop("source", "arith")
     if datasets.resolve_name(source).name != "arith":
@@ -336,7 +334,6 @@ def run_sft(
     pool=None,
 ) -> dict[str, Any]:
     """The whole ``ctpo sft`` step; returns the summary also written to ``out_dir/sft_summary.json``."""
-
     if threads:
         torch.set_num_threads(int(threads))
     t_start = time.perf_counter()

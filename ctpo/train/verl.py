@@ -387,7 +387,6 @@ def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
 
 def run_from_args(args: Any, config: dict[str, Any]) -> int:
     """``ctpo train --backend verl``: launch VERL for one cell and collect its outputs into RUN/."""
-
     out = Path(args.out)
     seed = int(args.seed)
     # ctpo/backends/verl/ray_slurm.sh exports the allocation's shape; otherwise the config's verl section

@@ -25,7 +25,6 @@ _LOCK = threading.Lock()
 
 def shared_pool(workers: int, allow_weaker_isolation: bool):
     """The process-wide sandbox pool (started once, closed at interpreter exit by the pool itself)."""
-
     key = (workers, allow_weaker_isolation)
     with _LOCK:
         if key not in _POOLS:
