@@ -283,7 +283,7 @@ def register_method(
 
 # The defaults mirror verl 0.9.1 (clip_ratio 0.2, dual clip_ratio_c 3.0 in its vanilla loss; no
 # dual clip in its GSPO loss; GSPO paper's 3e-4 / 4e-4) and the public CTPO release
-# (log-space 0.025 / 0.05, γ = 0.5, position-scaled dual clip 0.05).
+# (its log-space ranges are PAPER_RANGES; its position-scaled dual clip is 0.05).
 register_method(
     "grpo",
     token_log_ratio,
@@ -340,9 +340,9 @@ class PolicyLossConfig:
     clip_high: float | None = None
     """Fixed mode: upper ratio bound 1 + clip_high (verl ``clip_ratio_high``)."""
     eps_low: float | None = None
-    """Adaptive mode: log-space lower bound −eps_low·t^γ (CTPO release: 0.025)."""
+    """Adaptive mode: log-space lower bound −eps_low·t^γ."""
     eps_high: float | None = None
-    """Adaptive mode: log-space upper bound eps_high·t^γ (CTPO release: 0.05)."""
+    """Adaptive mode: log-space upper bound eps_high·t^γ."""
     gamma: float | None = None
     """Adaptive mode (and dual_clip_eps): position exponent γ (½ matches std ∝ √t)."""
     dual_clip_c: float | None = None
