@@ -412,9 +412,8 @@ class DiagnosticWindows:
         self.diag_steps = sorted(set(diag_steps))
         self.window = window
         self.make = make  # a fresh, empty PositionStats
-        self.open: dict[
-            int, tuple[PositionStats, list[int]]
-        ] = {}  # diag step -> (pooled stats, steps pooled so far)
+        # diagnostic step -> (pooled stats, steps pooled so far)
+        self.open: dict[int, tuple[PositionStats, list[int]]] = {}
 
     def targets(self, step: int) -> list[int]:
         """The diagnostic steps whose window contains ``step``."""
