@@ -195,3 +195,24 @@ def train_launcher():
     """The VERL multi-node launcher in front of `ctpo train`, when one is needed (see train.smk)."""
     nodes = int(resources_for("train").get("nodes", 1) or 1)
     return f"{RAY_LAUNCHER} " if TRAIN_BACKEND == "verl" and nodes > 1 else ""
+
+
+# `ctpo preflight` (workflow/rules/preflight.smk): on by default where training runs on VERL.
+def preflight_enabled():
+    value = (config.get("workflow") or {}).get("preflight")
+    return TRAIN_BACKEND == "verl" if value is None else bool(value)
+
+
+PREFLIGHT = f"{R}/preflight.json"
+
+
+def needs_preflight(*outputs):
+    """Input function: the preflight marker, for a job whose ``outputs`` (patterns) are not all there."""
+
+    def inputs(wildcards):
+        if not preflight_enabled():
+            return []
+        values = dict(wildcards.items())
+        return [] if all(Path(o.format(**values)).exists() for o in outputs) else [PREFLIGHT]
+
+    return inputs

@@ -11,6 +11,7 @@ rule eval_run:
         done=f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json",
         data=expand(f"{R}/data/{{benchmark}}.jsonl", benchmark=BENCHMARKS),
         store=STORE,
+        preflight=needs_preflight(*eval_outputs(f"{R}/eval/{{model}}/{{method}}/s{{seed}}")),
     output:
         eval_outputs(f"{R}/eval/{{model}}/{{method}}/s{{seed}}"),
     params:
@@ -36,6 +37,7 @@ rule eval_base:
         base=base_inputs,
         data=expand(f"{R}/data/{{benchmark}}.jsonl", benchmark=BENCHMARKS),
         store=STORE,
+        preflight=needs_preflight(*eval_outputs(f"{R}/eval/{{model}}/base/s{{seed}}")),
     output:
         eval_outputs(f"{R}/eval/{{model}}/base/s{{seed}}"),
     params:
