@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from ctpo.tiny import load_pretrained
+from ctpo.tir.episode import Continuation
+
 
 @dataclass
 class _Sampling:
@@ -41,21 +44,6 @@ class _Sampling:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
-
-
-def _continuation_cls():
-    try:
-        from ctpo.tir.episode import Continuation
-    except ImportError:  # the episode module is the contract's home; fall back to a plain record
-        return _Continuation
-    return Continuation
-
-
-@dataclass
-class _Continuation:
-    token_ids: list[int]
-    logprobs: list[float] | None
-    finish_reason: str
 
 
 class _FinishRecorder:
@@ -120,10 +108,10 @@ class HFGenerator:
 
     ``engine``: ``"loop"`` (default) is a sampling loop over the model's forward with the HF KV cache that
     drops finished rows from the batch (and their cache) as soon as they stop; ``"generate"`` calls
-    ``model.generate``. Both sample from the same distribution and return the same kind of log-probs; on
-    the tiny study the loop is ~2-3x faster, because turns end at very different lengths (a code turn
-    ~40 tokens, a worked answer ~120) and ``generate`` keeps computing every finished row until the
-    longest is done (profile in the module tests' notes / the final report).
+    ``model.generate``. Both sample from the same distribution and return the same kind of log-probs; the
+    loop is the faster one when turns end at very different lengths (a code turn or a worked answer), as
+    ``generate`` keeps computing every finished row until the longest is done (not re-measured:
+    docs/findings/2026-11-26-eval-batching.md).
     ``max_batch_size`` splits a call into chunks (memory on GPU); None = one call for everything.
     ``stats`` accumulates per-call timings and token counts for profiling.
     """
@@ -154,8 +142,6 @@ class HFGenerator:
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu", **kw) -> HFGenerator:
-        from ctpo.tiny import load_pretrained
-
         model, tokenizer = load_pretrained(path, device=device)
         model.eval()
         return cls(model, tokenizer, device=device, **kw)
@@ -236,12 +222,11 @@ class HFGenerator:
             logp = logp.squeeze(-1).cpu()
         else:
             logp = torch.zeros((b, 0))
-        cls = _continuation_cls()
         results = []
         for i in range(b):
             end = int(recorder.done_len[i]) - width if recorder.done_len[i] >= 0 else steps
             results.append(
-                cls(
+                Continuation(
                     token_ids=new_tokens[i, :end].tolist(),
                     logprobs=logp[i, :end].tolist(),
                     finish_reason=recorder.reason[i] if recorder.done_len[i] >= 0 else "length",
@@ -352,8 +337,9 @@ class HFGenerator:
                 tokens[r].append(ti)
                 logps[r].append(li)
         self.stats["steps"] += len(step_tok)
-        cls = _continuation_cls()
-        return [cls(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(b)]
+        return [
+            Continuation(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(b)
+        ]
 
 
 @torch.no_grad()

@@ -28,7 +28,8 @@ from ctpo.tir.protocol import (
 CHAT_TEMPLATE = (
     r"{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
     r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    r"{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    r"{% if enable_thinking is defined and enable_thinking is false %}"
+    r"{{ '<think>\n\n</think>\n\n' }}{% endif %}"
     r"{% endif %}"
 )
 

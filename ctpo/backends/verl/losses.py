@@ -18,13 +18,13 @@ Metrics: the core's (``actor/clip/...``, ``actor/ratio/...``), VERL's usual thre
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from ctpo import losses as core
-from ctpo.backends.verl.config import core_config
 from ctpo.backends.verl.metrics import (
     DIAG_BUCKETS,
     DIAG_PREFIX,
@@ -34,6 +34,7 @@ from ctpo.backends.verl.metrics import (
     token_weighted_scalars,
     verl_metric_key,
 )
+from ctpo.diagnostics import reference_ranges
 
 __all__ = [
     "DIAG_BUCKETS",
@@ -54,6 +55,24 @@ PLUGIN_LOSSES = {
 """VERL loss name -> ``ctpo.losses`` method. The ratio designs VERL lacks keep their names; GRPO and GSPO
 normally run on VERL's own ``vanilla`` / ``gspo`` (same numbers, tested), and are also available as
 ``ctpo_grpo`` / ``ctpo_gspo`` for runs that want the per-position diagnostics of this adapter."""
+
+
+# Fields VERL owns elsewhere: the method is `policy_loss.loss_mode`, aggregation is `actor.loss_agg_mode`.
+OWNED_BY_VERL = ("method", "loss_agg_mode")
+
+
+def core_config(method: str, policy_loss: Any, loss_agg_mode: str) -> core.PolicyLossConfig:
+    """The ``ctpo.losses.PolicyLossConfig`` for ``method`` from a VERL policy-loss config (our
+    ``CTPOPolicyLossConfig``, VERL's base class, or a DictConfig): the core fields it carries are passed
+    on, the rest keep the method's defaults."""
+    values = {"method": method, "loss_agg_mode": loss_agg_mode}
+    for f in dataclasses.fields(core.PolicyLossConfig):
+        value = (
+            policy_loss.get(f.name, None) if policy_loss is not None and f.name not in OWNED_BY_VERL else None
+        )
+        if value is not None:
+            values[f.name] = list(value) if f.name == "ratio_quantiles" else value
+    return core.PolicyLossConfig.from_dict(values)
 
 
 def _policy_loss_config(config: Any) -> Any:
@@ -85,7 +104,8 @@ def make_policy_loss(method: str):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         if rollout_is_weights is not None:
             raise NotImplementedError(
-                f"policy loss {method!r}: VERL's rollout correction (algorithm.rollout_correction.rollout_is) "
+                f"policy loss {method!r}: VERL's rollout correction "
+                "(algorithm.rollout_correction.rollout_is) "
                 "re-weights tokens on top of the importance ratio; the ctpo losses already correct for the "
                 "behaviour policy. Leave rollout_is unset (null) with the ctpo losses."
             )
@@ -108,7 +128,8 @@ def make_policy_loss(method: str):
             token_weighted_scalars(core_metrics, _global_batch_info(config).get("batch_num_tokens"))
         )
         if pl is None or pl.get("diagnostics", True):
-            metrics.update(position_scalars(old_log_prob, log_prob, response_mask, advantages, cfg))
+            reference = reference_ranges(pl.get("diagnostics_reference") if pl is not None else None)
+            metrics.update(position_scalars(old_log_prob, log_prob, response_mask, reference))
         return loss, metrics
 
     policy_loss.__name__ = f"compute_policy_loss_{method}"

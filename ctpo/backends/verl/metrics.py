@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ctpo import losses as core
+from ctpo.diagnostics import ClipRanges, PositionStats, reference_ranges
 
 METRIC_PREFIX = "actor/"
 DIAG_PREFIX = "actor/diag/pos"
@@ -44,29 +44,18 @@ def verl_metric_key(key: str) -> str:
     return METRIC_PREFIX + key.replace("max", "peak").replace("min", "floor")
 
 
-def position_stats(cfg: core.PolicyLossConfig):
-    """An empty ``PositionStats`` with the plug-in's buckets and ``cfg``'s clip ranges (Figure 1's two
-    rows: the fixed range and the position-adaptive range)."""
-    from ctpo.diagnostics import PositionStats
-
-    r = cfg.resolved()
-    return PositionStats(
-        **DIAG_BUCKETS,
-        clip_low=r.clip_low,
-        clip_high=r.clip_high,
-        eps_low=r.eps_low,
-        eps_high=r.eps_high,
-        gamma=r.gamma,
-        position=r.position,
-    )
+def position_stats(reference: ClipRanges | None = None) -> PositionStats:
+    """An empty ``PositionStats`` with the plug-in's buckets and the study's reference ranges (Figure 1's
+    two rows; `ctpo.diagnostics.reference_ranges`, the paper's when None), whatever method is trained."""
+    return PositionStats(reference_ranges(reference), **DIAG_BUCKETS)
 
 
 def position_scalars(
-    old_log_prob, log_prob, response_mask, advantages, cfg: core.PolicyLossConfig
+    old_log_prob, log_prob, response_mask, reference: ClipRanges | None = None
 ) -> dict[str, float]:
     """Per-position statistics of log ρ_{1:t} for one micro-batch as additive scalars
     (``actor/diag/pos/bNNN/{count,sum,sumsq,tsum,fixed_low,...}``, see ``ctpo.diagnostics``)."""
-    stats = position_stats(cfg)
+    stats = position_stats(reference)
     with torch.no_grad():
         stats.update(old_log_prob.detach(), log_prob.detach(), response_mask)
     return stats.to_scalars(DIAG_PREFIX)
@@ -77,8 +66,6 @@ def figure1_data(metrics: dict[str, Any], prefix: str = DIAG_PREFIX):
 
     ``prefix`` is ``actor/diag/pos`` for VERL's own records, ``diag/pos`` for rows of ``RUN/metrics.jsonl``.
     """
-    from ctpo.diagnostics import PositionStats
-
     return PositionStats.from_scalars(
         {k: float(v) for k, v in metrics.items() if k.startswith(prefix)}, prefix, **DIAG_BUCKETS
     )
