@@ -3,8 +3,8 @@ against the local trainer on the same batch.
 
 The model is a 2-layer tiny Qwen3 fitted in the fixture to two demonstrations per problem that differ
 in the final turn (the right answer, or a longer one off by one), so sampling gives groups with mixed
-rewards and the step has a gradient. Expected values come from ctpo's own code: the grader re-scores the decoded
-responses, ``group_advantages`` recomputes GRPO, ``ctpo.train.local.update_policy`` (the local
+rewards and the step has a gradient. Expected values come from ctpo's own code: the grader re-scores
+the decoded responses, ``group_advantages`` recomputes GRPO, ``ctpo.train.local.update_policy`` (the local
 trainer's update) runs the same mini-batches from the same weights, and its diagnostics collect
 Figure 1's statistics on the same tokens.
 
@@ -348,9 +348,8 @@ def test_verl_step_full_batch_equals_the_local_trainer(four_problem_model, tmp_p
     table = check_step_against_local(result, config, method)
     name = f"{method} ({'VERL' if builtin else 'plug-in'} loss)"
     with capsys.disabled():
-        print(
-            f"\n{name}: {json.dumps({k: [v, o, rel(v, o) if o else math.nan] for k, (v, o) in table.items()})}"
-        )
+        rows = {k: [v, o, rel(v, o) if o else math.nan] for k, (v, o) in table.items()}
+        print(f"\n{name}: {json.dumps(rows)}")
 
 
 def test_verl_selects_its_qwen3_token_builder_and_the_tiny_tokenizer_satisfies_it():
