@@ -31,6 +31,7 @@ from ctpo import data, tiny  # noqa: E402
 from ctpo.backends.verl import metrics as plugin_metrics  # noqa: E402
 from ctpo.backends.verl import step  # noqa: E402
 from ctpo.config import load_config  # noqa: E402
+from ctpo.diagnostics import reference_ranges  # noqa: E402
 from ctpo.reward import compute_score  # noqa: E402
 from ctpo.tir.protocol import TIRConfig, encode_prompt  # noqa: E402
 from ctpo.train import local  # noqa: E402
@@ -172,7 +173,7 @@ def local_update(result, config, method):
         kwargs["betas"] = tuple(optim.betas)
     opt = getattr(torch.optim, optim.optimizer)(model.parameters(), **kwargs)  # VERL's build_optimizer's call
     loss_cfg = local.loss_config(config, method)
-    diag = plugin_metrics.position_stats(loss_cfg)
+    diag = plugin_metrics.position_stats(reference_ranges(config.get("diagnostics")))  # the study's ranges
     old = local.old_log_probs(model, batch, cfg.temperature, cfg.logprob_batch_size)  # its own π_old
     kernel_gap = float(
         ((old - b["old_log_probs"][:, : old.shape[1]].float()) * batch.response_mask).abs().max()
