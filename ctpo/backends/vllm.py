@@ -30,6 +30,8 @@ import zlib
 from collections import Counter
 from typing import Any
 
+from ctpo.tir.episode import Continuation
+
 DEFAULT_MAX_NEW_TOKENS = 8000
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "stop")
 
@@ -80,7 +82,7 @@ def check_cpu_head_size(model_path: str) -> None:
     if head not in supported:
         raise ValueError(
             f"{model_path}: attention head size {head} is not supported by vLLM's CPU attention (supported: "
-            f"{supported}); use a model with one of those (hidden_size / num_attention_heads), or the hf backend"
+            f"{supported}); use a model with one of those (hidden_size / num_attention_heads), or backend hf"
         )
 
 
@@ -146,8 +148,6 @@ def vllm_sampling_kwargs(
 
 def continuation_from_output(completion: Any, eos_ids: list[int]):
     """One vLLM ``CompletionOutput`` -> ``ctpo.tir.episode.Continuation``."""
-    from ctpo.tir.episode import Continuation
-
     token_ids = list(completion.token_ids)
     logprobs = None
     if completion.logprobs is not None:
