@@ -14,7 +14,7 @@ def pytest_collection_modifyitems(config, items):
         "then run `.venv-vllm/bin/python -m pytest -m 'vllm and not gpu'`"
     )
     for item in items:
-        if "vllm" in item.keywords:
+        if item.get_closest_marker("vllm") is not None:
             item.add_marker(skip)
 
 
