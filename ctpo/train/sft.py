@@ -177,13 +177,20 @@ def _autocast(precision: str, device: torch.device | str = "cpu"):
 def policy_token_loss(
     model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over policy tokens (label != -100) of the batch."""
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    """Mean next-token cross-entropy over policy tokens (label != -100) of the batch.
+
+    The output layer and the softmax run on the positions that predict a policy token only: the decoder's
+    hidden states are gathered there first. Prompts, tool output and padding are ~45 % of a demonstration's
+    positions, and the vocabulary-sized projection and its log-softmax were a quarter of a warm-up step. The
+    loss is the one of the full logits (tests/test_sft.py compares value and gradient)."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     target = labels[:, 1:]
-    n = int((target != -100).sum())
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-    ) / max(n, 1)
+    keep = target != -100
+    n = int(keep.sum())
+    logits = model.get_output_embeddings()(hidden[keep])
+    if logits.dtype in (torch.float16, torch.bfloat16):  # bf16 autocast: the softmax in fp32
+        logits = logits.float()
+    loss = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum") / max(n, 1)
     return loss, n
 
 
