@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ctpo.progress import Progress
+
 log = logging.getLogger(__name__)
 
 
@@ -194,7 +196,9 @@ def policy_token_loss(
     return loss, n
 
 
-def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) -> dict[str, Any]:
+def copy_warmup(
+    model, vocab: list[int], cfg: SFTConfig, progress: bool = True, label: str = "copy pre-phase"
+) -> dict[str, Any]:
     """A short pre-phase that teaches the random-init model to copy: sequences ``prefix, span, SEP, span``
     of random tokens, loss on the second span only.
 
@@ -204,8 +208,6 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
     of the loss and the template is learned first. On this pure copy task the same model forms them in
     ~150-200 steps of ~30-token sequences (a few seconds), after which the warm-up learns to *use* them.
     """
-    from tqdm.auto import tqdm
-
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     pool = torch.tensor(vocab, dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.copy_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -215,7 +217,8 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
     precision = resolve_precision(cfg.precision)
     sep = pool[0]
     acc = float("nan")
-    for step in tqdm(range(cfg.copy_steps), desc="copy", disable=not progress, mininterval=1.0):
+    bar = Progress(label, cfg.copy_steps, enabled=progress)
+    for step in range(cfg.copy_steps):
         seq = pool[torch.randint(1, len(pool), (b, span), generator=g)]
         pre = pool[torch.randint(1, len(pool), (b, prefix), generator=g)]
         x = torch.cat([pre, seq, sep.repeat(b, 1), seq], 1)
@@ -229,6 +232,7 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        bar.update(tokens=x.numel(), loss=out.loss.item())
         if step + 1 == cfg.copy_steps:
             acc = (
                 (out.logits[:, prefix + span : -1].argmax(-1) == x[:, prefix + span + 1 :])
@@ -236,15 +240,20 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
                 .mean()
                 .item()
             )
+    bar.close()
     return {"copy_steps": cfg.copy_steps, "copy_accuracy": acc, "copy_s": time.perf_counter() - t0}
 
 
 def train(
-    model, examples: list[Example], cfg: SFTConfig, pad_id: int, progress: bool = True, log_fn=None
+    model,
+    examples: list[Example],
+    cfg: SFTConfig,
+    pad_id: int,
+    progress: bool = True,
+    log_fn=None,
+    label: str = "warm-up",
 ) -> dict[str, Any]:
     """The warm-up loop; returns summary statistics. ``log_fn(metrics, step)`` receives metrics."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -261,8 +270,8 @@ def train(
     tokens = policy_tokens = 0
     window: list[float] = []
     first_loss = last_loss = float("nan")
-    bar = tqdm(batches, desc="sft", disable=not progress, mininterval=1.0)
-    for step, idx in enumerate(bar):
+    bar = Progress(label, len(batches), enabled=progress)
+    for step, idx in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         ids, attn, labels = _collate(examples, idx, pad_id)
@@ -275,12 +284,13 @@ def train(
         tokens += int(attn.sum())
         policy_tokens += n
         window.append(loss.item())
+        bar.update(tokens=int(attn.sum()))
         if step == 0:
             first_loss = loss.item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == len(batches):
             last_loss = sum(window) / len(window)
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.set(loss=last_loss)
             if log_fn is not None:
                 log_fn(
                     {
@@ -292,6 +302,7 @@ def train(
                     step + 1,
                 )
             window = []
+    bar.close()
     model.eval()
     wall = time.perf_counter() - t0
     return {
@@ -417,7 +428,9 @@ def run_sft(
             vocab = sorted(
                 {t for e in examples for t, m in zip(e.ids, e.mask) if m} - {tokenizer.eos_token_id}
             )
-            copy_stats = copy_warmup(model, vocab, sft, progress=progress)
+            copy_stats = copy_warmup(
+                model, vocab, sft, progress=progress, label=f"copy pre-phase {model_name}"
+            )
             if copy_stats["copy_accuracy"] < 0.9:
                 log.warning(
                     "sft %s: the copy pre-phase ended at %.0f%% copy accuracy, so the model has not learned to "
@@ -434,6 +447,7 @@ def run_sft(
             tokenizer.pad_token_id,
             progress=progress,
             log_fn=lambda m, s: run.log_metrics(m, step=s),
+            label=f"warm-up {model_name}",
         )
         stats.update(copy_stats)
         tiny.save_pretrained(model, tokenizer, out)
