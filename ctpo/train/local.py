@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ctpo.config import ConfigError, section, train_section
+from ctpo.progress import Progress
 from ctpo.train.advantages import group_advantages
 from ctpo.train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 
@@ -801,18 +802,9 @@ def train(
                 id_file=out / "mlflow_run_id",
             )
         )
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = stack.enter_context(
-                tqdm(
-                    total=cfg.steps,
-                    initial=start_step,
-                    desc=f"{model_name}/{method}/s{seed}",
-                    file=sys.stderr,
-                )
-            )
+        bar = stack.enter_context(
+            Progress(f"train {model_name}/{method}/s{seed}", cfg.steps, initial=start_step, enabled=progress)
+        )
 
         if start_step == 0 and cfg.eval_every > 0:
             # Figure 2 starts at the Base policy: a step-0 row with only the evaluation in it.
@@ -901,9 +893,11 @@ def train(
             metrics["time/step"] = time.perf_counter() - t_step
 
             _append_row(out, history, pending, metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['train/reward_mean']:.2f}", s=f"{metrics['time/step']:.1f}")
+            bar.update(
+                tokens=int(ro.batch.response_mask.sum()),
+                reward=metrics["train/reward_mean"],
+                **({"eval avg@k": metrics["eval/avg_at_k"]} if "eval/avg_at_k" in metrics else {}),
+            )
 
             if step_no % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(
