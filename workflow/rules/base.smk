@@ -20,4 +20,4 @@ rule base:
         **resources_for("sft"),
     shell:
         "ctpo sft --config {params.config} --model {wildcards.model} --out {params.out} --threads {threads}"
-        " --no-progress > {log} 2>&1"
+        " > {log} 2>&1"

@@ -42,5 +42,5 @@ rule train:
         **resources_for("train"),
     shell:
         "{params.launcher}ctpo train --config {params.config} --model {wildcards.model} --method {wildcards.method}"
-        " --seed {wildcards.seed} --base {params.base} --out {params.out} --threads {threads} --no-progress"
+        " --seed {wildcards.seed} --base {params.base} --out {params.out} --threads {threads}"
         " >> {log} 2>&1"
