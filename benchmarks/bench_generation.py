@@ -1,7 +1,7 @@
 """Tokens/s of the HF generation loop: the KV cache and the sampler before and after, interleaved in one run.
 
-    python benchmarks/bench_generation.py --base results/tiny/base/tiny-s          # a Base of the tiny study
-    python benchmarks/bench_generation.py --base ... --rows 160 --repeats 3         # an evaluation-sized batch
+    python benchmarks/bench_generation.py --base results/tiny/base/tiny-s    # a Base of the tiny study
+    python benchmarks/bench_generation.py --base ... --rows 160 --repeats 3   # an evaluation-sized batch
 
 The workload is what the study's rollouts and evaluations run: TIR episodes of the Base on train problems
 (``--rows`` episodes, the study's TIR settings and sampling), with the real sandbox for the tool turns.

@@ -1,9 +1,9 @@
 """Per-phase profile of the tiny study on each CPU instruction set: where the time goes, and how much of it
 is arithmetic.
 
-    python benchmarks/bench_study_phases.py --base results/tiny/base/tiny-s     # every capability, interleaved
+    python benchmarks/bench_study_phases.py --base results/tiny/base/tiny-s  # every capability, interleaved
     python benchmarks/bench_study_phases.py --base ... --model tiny-m --repeats 3
-    python benchmarks/bench_study_phases.py --base ... --quick                  # smaller phases (a smoke run)
+    python benchmarks/bench_study_phases.py --base ... --quick               # smaller phases (a smoke run)
 
 torch picks its own vectorised kernels (elementwise ops, softmax, reductions) by ``ATEN_CPU_CAPABILITY``,
 read once when torch is imported; its fp32 matmuls go to MKL, which picks its code path by
@@ -20,7 +20,7 @@ Phases, on the study's own settings (``experiments/tiny.yaml`` unless ``--config
   also at batch 1 and 4x the batch, whose straight-line fit splits a step into per-step overhead (the
   intercept) and per-demonstration work (the slope);
 * ``rollout generation`` and ``tools``: one RL step's rollout (``prompts_per_step`` x ``group_size`` TIR
-  episodes of the Base) through `ctpo.train.local.rollout`;
+  episodes of the Base) through `ctpo.train.rollout.rollout`;
 * ``old log-probs`` and ``update``: the same step's recomputation and AdamW update;
 * ``evaluation``: avg@k sampling on ``--eval-problems`` problems of a benchmark (k as in ``eval:``);
 * ``decode step``: one KV-cached decoding step at batch 1 and at the rollout's batch (overhead vs work).
@@ -88,6 +88,7 @@ def child(args: argparse.Namespace) -> dict:
     from ctpo.tir.sandbox import SandboxPool
     from ctpo.train import local, sft
     from ctpo.train.advantages import group_advantages
+    from ctpo.train.rollout import rollout
 
     torch.set_num_threads(1)
     config = load_config(args.config)
@@ -169,14 +170,12 @@ def child(args: argparse.Namespace) -> dict:
         problems = data.load_entry(config, "train")[: cfg.prompts_per_step]
         model.eval()
         ro_flops, ro = _flops(
-            lambda: local.rollout(
+            lambda: rollout(
                 model, tokenizer, problems, cfg.group_size, tir_cfg, pool, grader, cfg.temperature, 1
             )
         )
         t0 = time.perf_counter()
-        ro = local.rollout(
-            model, tokenizer, problems, cfg.group_size, tir_cfg, pool, grader, cfg.temperature, 1
-        )
+        ro = rollout(model, tokenizer, problems, cfg.group_size, tir_cfg, pool, grader, cfg.temperature, 1)
         wall = time.perf_counter() - t0
         gen_tokens = float(ro.batch.response_mask.sum())
         record("rollout generation", ro.metrics["time/generate"], gen_tokens, ro_flops)
@@ -334,7 +333,8 @@ def _print_table(runs: dict[str, list[dict]], caps: list[str]) -> None:
         batch = {b: _median(rs, "warm_up_step_s_by_batch", b) for b in rs[0]["warm_up_step_s_by_batch"]}
         dec = {k: _median(rs, k) for k in rs[0] if k.startswith("decode_step_ms")}
         print(
-            f"{c}: capability {rs[0]['capability']}, model-shaped GEMM {_median(rs, 'gemm_gflops'):.1f} GFLOP/s; "
+            f"{c}: capability {rs[0]['capability']}, "
+            f"model-shaped GEMM {_median(rs, 'gemm_gflops'):.1f} GFLOP/s; "
             f"warm-up step s by batch {', '.join(f'{b}: {t:.3f}' for b, t in batch.items())} "
             f"(per-step overhead {_median(rs, 'warm_up_overhead_share_at_batch'):.0%} of a step); "
             f"padding {_median(rs, 'phases', 'warm-up', 'padding_share'):.0%}; "

@@ -6,7 +6,8 @@ Reads each folder's ``analysis/`` (written by ``ctpo analyze``) and prints three
 
 1. Base avg@k per benchmark (and the average): before ± SE, after ± SE, Δ, z = Δ / √(SE_b² + SE_a²);
 2. the RL gains, method − Base (the paired differences of ``table2_paired.csv``): the same columns;
-3. the √t fit of std log ρ_{1:t} per training and diagnostic step (``fig1_data.csv``): c and R² before and after.
+3. the √t fit of std log ρ_{1:t} per training and diagnostic step (``fig1_data.csv``): c and R² before
+   and after.
 
 |z| <= 1: within one SE of the difference; |z| > 2 would be a change the noise does not explain.
 """

@@ -97,7 +97,7 @@ class Progress:
 
     # -- the loop's side ------------------------------------------------------------------------------
     def update(self, n: int = 1, tokens: int = 0, **metrics: Any) -> None:
-        """``n`` more units done (``tokens`` more tokens, for tokens/s); ``metrics`` replace the shown ones."""
+        """``n`` more units done (``tokens`` more, for tokens/s); ``metrics`` replace the shown ones."""
         with self._lock:
             self.done += n
             self.tokens += tokens

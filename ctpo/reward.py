@@ -190,7 +190,8 @@ def _percent_forms(answer: str) -> list[str]:
 #    tiny and huge values get the same number of checked digits.
 
 MIN_SIGNIFICANT_DIGITS = 6
-"""Significant digits a decimal needs to stand for an exact value no decimal can spell (math-verify: 6 places)."""
+"""Significant digits a decimal needs to stand for an exact value no decimal can spell (math-verify's
+6 places)."""
 FLOAT64_RELATIVE_ERROR = 2.0**-50
 """Rule 3 also accepts a decimal this close (relative) to the exact value: a few float64 roundings."""
 
@@ -232,7 +233,8 @@ def _spells_exactly(value) -> bool:
 
 
 def _approximates(decimal, exact) -> bool:
-    """Rule 3: the decimal has enough significant digits and is within one unit of its last one of ``exact``."""
+    """Rule 3: the decimal has enough significant digits and is within one unit of its last one of
+    ``exact``."""
     from sympy import Rational
 
     digits = str(decimal).lower().split("e")
@@ -566,7 +568,8 @@ _default_lock = threading.Lock()
 
 
 def default_grader() -> Grader:
-    """The process-wide ``Grader(workers=1, timeout_s=5)`` behind ``compute_score`` (its ``stats`` count every call)."""
+    """The process-wide ``Grader(workers=1, timeout_s=5)`` behind ``compute_score`` (its ``stats`` count
+    every call)."""
     global _default
     with _default_lock:
         if _default is None:
