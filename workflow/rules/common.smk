@@ -116,6 +116,8 @@ def all_targets():
     ]
     if lab_enabled():
         targets.append(f"{R}/lab/lab_summary.json")
+    if (config.get("workflow") or {}).get("probe", False):
+        targets.append(f"{R}/probe/probe_summary.json")
     return targets
 
 
@@ -129,6 +131,7 @@ RESOURCE_DEFAULTS = {
     "train": {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpu": 0},
     "eval": {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpu": 0},  # one job evaluates every benchmark
     "lab": {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0},
+    "probe": {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0},
     "analyze": {"threads": 1, "mem_mb": 2000, "runtime": 15, "gpu": 0},
     "figures": {"threads": 1, "mem_mb": 2000, "runtime": 15, "gpu": 0},
 }

@@ -1,0 +1,241 @@
+"""The probe's outputs: the rows as CSV, a Markdown table, a JSON summary and the figure."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ctpo.probe.core import UNCORRECTED
+
+#: Columns of the headline table, in order: (column, label, format).
+_CELLS = (
+    ("rel_bias", "bias ‖Eĝ−g*‖/‖g*‖", ".2f"),
+    ("cosine", "cos(Eĝ, g*)", ".2f"),
+    ("rel_var", "var/‖g*‖² (batch)", ".3g"),
+    ("rel_mse", "MSE/‖g*‖² (batch)", ".3g"),
+)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _cell(r: pd.Series, col: str, fmt: str) -> str:
+    lo, hi = r.get(f"{col}_lo", np.nan), r.get(f"{col}_hi", np.nan)
+    if not np.isfinite(r[col]):
+        return "–"
+    return f"{r[col]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else f"{r[col]:{fmt}}"
+
+
+def _setting_line(g: pd.DataFrame) -> str:
+    r = g.iloc[0]
+    return (
+        f"KL(μ‖π)/token {r.kl_per_token:.2e} [{r.kl_per_token_lo:.2e}, {r.kl_per_token_hi:.2e}]; "
+        f"ESS of ρ_1:T {r.seq_ratio_ess:.2f}; target rel. SE {r.target_rel_se:.2f}; "
+        f"bias resolution {g.rel_bias_resolution.median():.2f} (target's share "
+        f"{g.rel_bias_resolution_target.median():.2f}); fresh on-policy batch var/‖g*‖² {r.onpolicy_rel_var:.3g}; "
+        f"reward μ {r.reward_behaviour:.2f}, π {r.reward_target:.2f}"
+    )
+
+
+def table(rows: pd.DataFrame, ks: Sequence[Any] | None = None) -> str:
+    """Markdown: per checkpoint and k, one row per method, clipped (as registered) and unclipped cells."""
+    parts = []
+    for (ckpt, k), g in rows.groupby(["checkpoint", "k"], sort=False):
+        if ks is not None and k not in ks:
+            continue
+        out = []
+        for method, m in g.groupby("method", sort=False):
+            for r in m.itertuples():
+                s = pd.Series(r._asdict())
+                clip = "–" if method == UNCORRECTED else r.clip_mode
+                row = {"method": method, "clip": clip}
+                row.update({label: _cell(s, col, fmt) for col, label, fmt in _CELLS})
+                row["clipped tokens"] = f"{r.clip_frac:.3f}" if method != UNCORRECTED else "–"
+                out.append(row)
+        parts += [
+            f"### {ckpt}, k = {k}",
+            "",
+            _setting_line(g),
+            "",
+            pd.DataFrame(out).to_markdown(index=False),
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def full_check_summary(check: pd.DataFrame) -> dict[str, Any]:
+    """Subset vs whole-model gradients on the same episodes: per estimator and the rank agreement."""
+    if check.empty:
+        return {}
+    sub = check[check.gradient == "subset"].set_index("estimator")
+    full = check[check.gradient == "full"].set_index("estimator")
+    out: dict[str, Any] = {"k": int(check.k.iloc[0]), "checkpoint": str(check.checkpoint.iloc[0])}
+    for col in ("rel_bias", "cosine", "rel_var", "rel_mse"):
+        both = pd.concat([sub[col], full[col]], axis=1, keys=["subset", "full"]).dropna()
+        out[f"{col}_spearman"] = float(both.subset.rank().corr(both.full.rank())) if len(both) > 2 else None
+    out["estimators"] = {
+        e: {
+            f"{col}_{g}": float(frame.loc[e, col])
+            for col in ("rel_bias", "rel_bias_lo", "rel_bias_hi", "cosine", "rel_var", "rel_mse")
+            for g, frame in (("subset", sub), ("full", full))
+        }
+        for e in sub.index
+    }
+    out["target_rel_se"] = {
+        "subset": float(sub.target_rel_se.iloc[0]),
+        "full": float(full.target_rel_se.iloc[0]),
+    }
+    return out
+
+
+def summary_json(rows: pd.DataFrame, check: pd.DataFrame, meta: dict[str, Any]) -> dict[str, Any]:
+    per: dict[str, Any] = {}
+    for (ckpt, k), g in rows.groupby(["checkpoint", "k"], sort=False):
+        r = g.iloc[0]
+        entry = per.setdefault(str(ckpt), {})[str(k)] = {
+            "kl_per_token": [r.kl_per_token, r.kl_per_token_lo, r.kl_per_token_hi],
+            "seq_ratio_ess": r.seq_ratio_ess,
+            "target_rel_se": r.target_rel_se,
+            "rel_bias_resolution": float(g.rel_bias_resolution.median()),
+            "rel_bias_resolution_target": float(g.rel_bias_resolution_target.median()),
+            "onpolicy_rel_var": r.onpolicy_rel_var,
+            "reward_behaviour": r.reward_behaviour,
+            "reward_target": r.reward_target,
+            "estimators": {},
+        }
+        for e in g.itertuples():
+            entry["estimators"][e.estimator] = {
+                c: float(getattr(e, c))
+                for c in (
+                    "rel_bias", "rel_bias_lo", "rel_bias_hi", "cosine", "cosine_lo", "cosine_hi", "rel_var",
+                    "rel_var_lo", "rel_var_hi", "rel_mse", "rel_mse_lo", "rel_mse_hi", "clip_frac",
+                    "max_abs_diff_to_uncorrected",
+                )
+            }  # fmt: skip
+    k0 = rows[rows.k == 0]
+    checks = {
+        "k0_max_diff_to_onpolicy": float(k0.max_abs_diff_to_uncorrected.max()) if len(k0) else None,
+        # a NaN interval (‖g*‖² not resolved at all) counts as not covering
+        "k0_bias_ci_covers_0": bool((k0.rel_bias_lo <= 1e-12).all()) if len(k0) else None,
+        "k0_rows_unresolved": int(k0.rel_bias_lo.isna().sum()),
+    }
+    return {**meta, "checks": checks, "results": per, "full_check": full_check_summary(check)}
+
+
+def write_outputs(
+    out: Path, rows: list[dict[str, Any]], check: list[dict[str, Any]], meta: dict[str, Any]
+) -> dict[str, Any]:
+    from ctpo.probe.run import OUTPUT_FILES
+
+    frame, check_frame = pd.DataFrame(rows), pd.DataFrame(check)
+    _atomic(out / "probe_rows.csv", lambda p: frame.to_csv(p, index=False, float_format="%.6g"))
+    _atomic(out / "probe_full_check.csv", lambda p: check_frame.to_csv(p, index=False, float_format="%.6g"))
+    summary = summary_json(frame, check_frame, meta)
+    summary["files"] = list(OUTPUT_FILES)
+    text = "\n".join(
+        [
+            "# Gradient-fidelity probe",
+            "",
+            "Cells: estimate [95% bootstrap CI]. Bias and cosine against the on-policy gradient g* at θ_k "
+            "(noise terms removed); variance and MSE of one optimizer step's batch "
+            f"({meta.get('batch_units')} prompts × {meta.get('group_size')}), all ÷‖g*‖². "
+            f"`uncorrected`: no ratio. Gradients: {meta.get('gradient_space', 'see probe_summary.json')}.",
+            "",
+            table(frame),
+            *(["## Full-gradient check", "", table(_as_rows(check_frame))] if len(check_frame) else []),
+        ]
+    )
+    _atomic(out / "probe_table.md", lambda p: p.write_text(text))
+    plot(frame, out)
+    _atomic(out / "probe_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2, default=float)))
+    return summary
+
+
+def _as_rows(check: pd.DataFrame) -> pd.DataFrame:
+    c = check.copy()
+    c["checkpoint"] = c.checkpoint + " (" + c.gradient + " gradients)"
+    return c
+
+
+def plot(rows: pd.DataFrame, out: Path, style: str | Path | None = None) -> None:
+    """Bias, batch variance and MSE vs k: one line per method (uncorrected grey), 95% CI bands; a row per
+    checkpoint and clipping (pure IS / as registered); the x ticks carry the measured KL(μ‖π) per token."""
+    import matplotlib
+
+    from ctpo.figures import DEFAULT_STYLE, WIDTH_IN, method_colors
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in dict.fromkeys(rows.method) if m != UNCORRECTED]
+    panel_rows = [(c, clipped) for c in dict.fromkeys(rows.checkpoint) for clipped in (False, True)]
+    with plt.style.context(str(style or DEFAULT_STYLE)):
+        colors = method_colors(methods)
+        fig, axes = plt.subplots(
+            len(panel_rows), 3, figsize=(WIDTH_IN, 1.9 * len(panel_rows) + 0.6), squeeze=False
+        )
+        for i, (ckpt, clipped) in enumerate(panel_rows):
+            d = rows[rows.checkpoint == ckpt]
+            ks = sorted(d.k.unique())
+            x = {k: j for j, k in enumerate(ks)}  # evenly spaced k (0, 1, 2, 4, 8, 16)
+            kl = d.groupby("k").kl_per_token.first()
+            for j, (col, ylabel, log) in enumerate(
+                (
+                    ("rel_bias", "‖E ĝ − g*‖ / ‖g*‖", False),
+                    ("rel_var", "batch var / ‖g*‖²", True),
+                    ("rel_mse", "batch MSE / ‖g*‖²", True),
+                )
+            ):
+                ax = axes[i, j]
+                lines = [(UNCORRECTED, "none", "0.55", "--")]
+                for m in methods:
+                    modes = d[d.method == m].clip_mode.unique()
+                    mode = next((c for c in modes if c != "none"), "none") if clipped else "none"
+                    lines.append((m, mode, colors[m], "-"))
+                for m, mode, color, ls in lines:
+                    g = d[(d.method == m) & (d.clip_mode == mode)].sort_values("k")
+                    xs = [x[k] for k in g.k]
+                    label = m if m == UNCORRECTED or not clipped else f"{m} ({mode})"
+                    ax.plot(xs, g[col], ls, color=color, marker="o", label=label)
+                    if f"{col}_lo" in g:
+                        lo = g[f"{col}_lo"].to_numpy(float)
+                        hi = g[f"{col}_hi"].to_numpy(float)
+                        if log:
+                            lo = np.where(lo > 0, lo, np.nan)
+                        ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+                if col != "rel_bias":
+                    ref = d.groupby("k").onpolicy_rel_var.first()
+                    ax.plot(
+                        [x[k] for k in ref.index], ref.values, ":", color="k", label="fresh on-policy batch"
+                    )
+                if log:
+                    ax.set_yscale("log")
+                ax.set_xticks(range(len(ks)), [f"{k}\n{kl[k]:.0e}" if k else "0" for k in ks])
+                ax.set_ylabel(ylabel)
+                if i == 0:
+                    ax.set_title(["Bias", "Variance", "MSE"][j])
+                if i == len(panel_rows) - 1:
+                    ax.set_xlabel("k  (KL(μ‖π)/token)")
+            axes[i, 0].annotate(
+                f"{ckpt}\n{'as trained (clipped)' if clipped else 'unclipped (pure IS)'}",
+                xy=(-0.5, 0.5),
+                xycoords="axes fraction",
+                rotation=90,
+                va="center",
+                ha="center",
+                fontweight="bold",
+            )
+            axes[i, 2].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=6)
+        fig.tight_layout()
+        for ext in ("png", "pdf"):
+            _atomic(out / f"probe_figure.{ext}", lambda p, ext=ext: fig.savefig(p, format=ext))
+        plt.close(fig)
