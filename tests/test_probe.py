@@ -107,7 +107,10 @@ def test_on_the_labs_mdp_the_probe_recovers_the_exact_bias_variance_and_cosine(m
     # the lab's outcome-reward finding seen through the probe: ρ_{1:T} is unbiased for ∇J, ρ_{1:t} is not
     for seed in range(3):
         assert mdp_runs[(0.3, seed)][2]["seq/none"]["rel_bias_lo"] == 0.0
-    assert probe_mdp.exact_values(*mdp_runs[(0.3, 0)][:2], core.estimators())["ctpo/none"]["exact_rel_bias"] > 0.1
+    assert (
+        probe_mdp.exact_values(*mdp_runs[(0.3, 0)][:2], core.estimators())["ctpo/none"]["exact_rel_bias"]
+        > 0.1
+    )
 
 
 def test_on_policy_every_estimator_is_the_on_policy_one_on_the_same_episodes(mdp_runs):

@@ -258,7 +258,10 @@ def test_the_probe_is_opt_in_and_runs_on_the_studys_own_checkpoints(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     proc = snakemake(tmp_path, "-n", "probe", "--configfile", str(path))
-    assert proc.returncode != 0 and "tiny-xs/gspo/s0 is not in this study's `runs` matrix" in proc.stdout + proc.stderr
+    assert (
+        proc.returncode != 0
+        and "tiny-xs/gspo/s0 is not in this study's `runs` matrix" in proc.stdout + proc.stderr
+    )
 
 
 def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
