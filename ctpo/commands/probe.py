@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # the figure style embeds fonts in the PDF
     from ctpo.config import ConfigError, load_config
     from ctpo.probe.run import run_probe
     from ctpo.probe.settings import ProbeSettings, default_checkpoints

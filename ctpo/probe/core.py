@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: Name of the reference estimator with no importance ratio: (R − b) Σ_t ∇log π on μ's episodes.
 UNCORRECTED = "uncorrected"
+#: The unbiased estimator the paired bias is measured against: ρ_{1:T}, unclipped (E_μ[ρ_{1:T} f] = E_π[f]).
+CONTROL = "seq/none"
+BASELINES = ("loo", "mean")
 
 CoefFn = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 """``(rows, log_prob) -> {name: c}``: coefficient tables (len(rows), T) for the episodes ``rows``, given
@@ -168,7 +171,34 @@ class MeasureSettings:
     """Bootstrap batches per sample (None: one per unit)."""
     n_boot: int = 400
     """Bootstrap replicates."""
+    baseline: str = "loo"
+    """``loo``: b_i = mean reward of the other G − 1 episodes of i's prompt (independent of episode i, so
+    the target stays exactly the policy gradient, without the prompts' difficulty in its noise); ``mean``:
+    one b for all, the behaviour sample's mean reward. G = 1 falls back to ``mean``."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline={self.baseline!r}: choose one of {BASELINES}")
+
+
+def advantages(episodes: Episodes, baseline: float, kind: str) -> torch.Tensor:
+    """R − b per episode: b the fixed ``baseline`` (``mean``), or the leave-one-out mean of the episode's
+    unit (``loo``; a unit of one episode falls back to the fixed b)."""
+    r = episodes.reward
+    G = episodes.group_size
+    if kind == "mean" or G < 2:
+        return r - baseline
+    units = r.reshape(-1, G)
+    return (units - (units.sum(1, keepdim=True) - units) / (G - 1)).reshape(-1)
+
+
+def relative_se(units: torch.Tensor) -> float:
+    """sqrt(tr Σ̂/M)/‖g‖ of a sample mean of unit vectors, ‖g‖² estimated with its noise term removed."""
+    m, M = units.mean(0), units.shape[0]
+    noise = float(units.var(0).sum()) / M
+    gn2 = float(m @ m) - noise
+    return float(np.sqrt(noise / gn2)) if gn2 > 0 else float("nan")
 
 
 def measure(
@@ -230,8 +260,10 @@ def measure_pair(
     columns: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of one target π: every estimator on ``mu_episodes`` against g* from ``pi_episodes``."""
-    adv_mu = mu_episodes.reward - baseline
-    adv_pi = pi_episodes.reward - baseline
+    other = next(b for b in BASELINES if b != settings.baseline)
+    adv_mu = advantages(mu_episodes, baseline, settings.baseline)
+    adv_pi = advantages(pi_episodes, baseline, settings.baseline)
+    adv_alt = advantages(pi_episodes, baseline, other)
     metrics: dict[str, dict[str, float]] = {}
 
     def coefficients(rows_: torch.Tensor, logp: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,7 +280,11 @@ def measure_pair(
 
     pi_logp_mu, grads = pi.evaluate(mu_episodes, coefficients)
     _, target = pi.evaluate(
-        pi_episodes, lambda rows_, logp: {"target": adv_pi[rows_, None] * pi_episodes.mask[rows_]}
+        pi_episodes,
+        lambda rows_, logp: {
+            "target": adv_pi[rows_, None] * pi_episodes.mask[rows_],
+            "target_other_baseline": adv_alt[rows_, None] * pi_episodes.mask[rows_],
+        },
     )
     target_moments = BatchMoments.from_units(pi_episodes.unit_means(target["target"]), settings.n_batches)
     kl = kl_per_token(mu_logp, pi_logp_mu, mu_episodes)
@@ -270,18 +306,26 @@ def measure_pair(
         "group_size": mu_episodes.group_size,
         "batch_units": settings.batch_units,
         "grad_dim": int(grads[UNCORRECTED].shape[1]),
+        "baseline_kind": settings.baseline,
+        f"target_rel_se_{other}": relative_se(pi_episodes.unit_means(target["target_other_baseline"])),
     }
+    control = mu_episodes.unit_means(grads[CONTROL]) if CONTROL in grads else None
     onpolicy = grads[UNCORRECTED]
     scale = float(onpolicy.abs().max()) or 1.0
     rows = []
     for j, est in enumerate(ests):
         g = grads[est.name]
+        units = mu_episodes.unit_means(g)
+        paired = None
+        if control is not None and est.name != CONTROL:
+            paired = BatchMoments.from_units(units - control, settings.n_batches)
         st = bias_variance(
-            BatchMoments.from_units(mu_episodes.unit_means(g), settings.n_batches),
+            BatchMoments.from_units(units, settings.n_batches),
             target_moments,
             np.random.default_rng([settings.seed, key, j, 11]),
             batch_units=settings.batch_units,
             n_boot=settings.n_boot,
+            paired=paired,
         )
         m = metrics.get(est.name)
         rows.append(

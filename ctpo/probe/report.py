@@ -16,9 +16,12 @@ from ctpo.probe.core import UNCORRECTED
 #: Columns of the headline table, in order: (column, label, format).
 _CELLS = (
     ("rel_bias", "bias ‖Eĝ−g*‖/‖g*‖", ".2f"),
+    ("rel_bias_paired", "bias, paired", ".2f"),
     ("cosine", "cos(Eĝ, g*)", ".2f"),
-    ("rel_var", "var/‖g*‖² (batch)", ".3g"),
-    ("rel_mse", "MSE/‖g*‖² (batch)", ".3g"),
+    ("rel_var", "var/‖g*‖²", ".3g"),
+    ("rel_mse", "MSE/‖g*‖²", ".3g"),
+    ("var_vs_onpolicy", "var ÷ fresh", ".3g"),
+    ("msep_vs_onpolicy", "MSE ÷ fresh", ".3g"),
 )
 
 
@@ -29,8 +32,10 @@ def _atomic(path: Path, write) -> None:
 
 
 def _cell(r: pd.Series, col: str, fmt: str) -> str:
+    if col == "msep_vs_onpolicy" and not np.isfinite(r.get(col, np.nan)):
+        col = "mse_vs_onpolicy"  # the control itself has no paired bias: its two-sample one
     lo, hi = r.get(f"{col}_lo", np.nan), r.get(f"{col}_hi", np.nan)
-    if not np.isfinite(r[col]):
+    if col not in r or not np.isfinite(r[col]):
         return "–"
     return f"{r[col]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else f"{r[col]:{fmt}}"
 
@@ -145,10 +150,13 @@ def write_outputs(
         [
             "# Gradient-fidelity probe",
             "",
-            "Cells: estimate [95% bootstrap CI]. Bias and cosine against the on-policy gradient g* at θ_k "
-            "(noise terms removed); variance and MSE of one optimizer step's batch "
-            f"({meta.get('batch_units')} prompts × {meta.get('group_size')}), all ÷‖g*‖². "
-            f"`uncorrected`: no ratio. Gradients: {meta.get('gradient_space', 'see probe_summary.json')}.",
+            "Cells: estimate [95% bootstrap CI]. Bias and cosine against the on-policy gradient g* at θ_k, "
+            "noise terms removed: two-sample (μ's episodes against an independent sample of θ_k) and paired "
+            "(the mean difference from the unbiased ρ_1:T estimator on the same episodes). Variance and MSE "
+            f"of one optimizer step's batch ({meta.get('batch_units')} prompts × {meta.get('group_size')} "
+            "episodes) ÷‖g*‖², and ÷ the variance of a fresh on-policy batch of that size (`÷ fresh`; MSE "
+            "with the paired bias). `uncorrected`: no ratio at all. Gradients: "
+            f"{meta.get('gradient_space', 'see probe_summary.json')}.",
             "",
             table(frame),
             *(["## Full-gradient check", "", table(_as_rows(check_frame))] if len(check_frame) else []),
@@ -166,9 +174,31 @@ def _as_rows(check: pd.DataFrame) -> pd.DataFrame:
     return c
 
 
+#: The figure's columns: (column, fallback column, y label, log scale). Paired bias where it exists (the
+#: control itself has only the two-sample one); variance and MSE divided by a fresh on-policy batch's variance.
+_PANELS = (
+    ("rel_bias_paired", "rel_bias", "‖E ĝ − g*‖ / ‖g*‖", False),
+    ("bias2p_vs_onpolicy", "bias2_vs_onpolicy", "bias² ÷ fresh batch var", False),
+    ("var_vs_onpolicy", "var_vs_onpolicy", "batch var ÷ fresh batch var", True),
+    ("msep_vs_onpolicy", "mse_vs_onpolicy", "batch MSE ÷ fresh batch var", True),
+)
+
+
+def _series(g: pd.DataFrame, col: str, fallback: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value, lo, hi) per row, the fallback column where ``col`` is missing."""
+    vals, los, his = [], [], []
+    for _, r in g.iterrows():
+        c = col if np.isfinite(r.get(col, np.nan)) else fallback
+        vals.append(r.get(c, np.nan))
+        los.append(r.get(f"{c}_lo", np.nan))
+        his.append(r.get(f"{c}_hi", np.nan))
+    return np.array(vals, float), np.array(los, float), np.array(his, float)
+
+
 def plot(rows: pd.DataFrame, out: Path, style: str | Path | None = None) -> None:
-    """Bias, batch variance and MSE vs k: one line per method (uncorrected grey), 95% CI bands; a row per
-    checkpoint and clipping (pure IS / as registered); the x ticks carry the measured KL(μ‖π) per token."""
+    """Bias, bias² and variance and MSE relative to a fresh on-policy batch, vs k: one line per method
+    (uncorrected grey, dashed), 95% CI bands; a row per checkpoint and clipping (pure IS / as registered);
+    the x ticks carry the measured KL(μ‖π) per token. Unbounded intervals are cut at the panel's top."""
     import matplotlib
 
     from ctpo.figures import DEFAULT_STYLE, WIDTH_IN, method_colors
@@ -181,60 +211,58 @@ def plot(rows: pd.DataFrame, out: Path, style: str | Path | None = None) -> None
     with plt.style.context(str(style or DEFAULT_STYLE)):
         colors = method_colors(methods)
         fig, axes = plt.subplots(
-            len(panel_rows), 3, figsize=(WIDTH_IN, 1.9 * len(panel_rows) + 0.6), squeeze=False
+            len(panel_rows),
+            len(_PANELS),
+            figsize=(1.35 * WIDTH_IN, 1.8 * len(panel_rows) + 0.6),
+            squeeze=False,
         )
         for i, (ckpt, clipped) in enumerate(panel_rows):
             d = rows[rows.checkpoint == ckpt]
             ks = sorted(d.k.unique())
             x = {k: j for j, k in enumerate(ks)}  # evenly spaced k (0, 1, 2, 4, 8, 16)
             kl = d.groupby("k").kl_per_token.first()
-            for j, (col, ylabel, log) in enumerate(
-                (
-                    ("rel_bias", "‖E ĝ − g*‖ / ‖g*‖", False),
-                    ("rel_var", "batch var / ‖g*‖²", True),
-                    ("rel_mse", "batch MSE / ‖g*‖²", True),
-                )
-            ):
+            lines = [(UNCORRECTED, "none", "0.55", "--")]
+            for m in methods:
+                modes = d[d.method == m].clip_mode.unique()
+                mode = next((c for c in modes if c != "none"), "none") if clipped else "none"
+                lines.append((m, mode, colors[m], "-"))
+            for j, (col, fallback, ylabel, log) in enumerate(_PANELS):
                 ax = axes[i, j]
-                lines = [(UNCORRECTED, "none", "0.55", "--")]
-                for m in methods:
-                    modes = d[d.method == m].clip_mode.unique()
-                    mode = next((c for c in modes if c != "none"), "none") if clipped else "none"
-                    lines.append((m, mode, colors[m], "-"))
+                tops = []
                 for m, mode, color, ls in lines:
                     g = d[(d.method == m) & (d.clip_mode == mode)].sort_values("k")
                     xs = [x[k] for k in g.k]
+                    val, lo, hi = _series(g, col, fallback)
                     label = m if m == UNCORRECTED or not clipped else f"{m} ({mode})"
-                    ax.plot(xs, g[col], ls, color=color, marker="o", label=label)
-                    if f"{col}_lo" in g:
-                        lo = g[f"{col}_lo"].to_numpy(float)
-                        hi = g[f"{col}_hi"].to_numpy(float)
-                        if log:
-                            lo = np.where(lo > 0, lo, np.nan)
-                        ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
-                if col != "rel_bias":
-                    ref = d.groupby("k").onpolicy_rel_var.first()
-                    ax.plot(
-                        [x[k] for k in ref.index], ref.values, ":", color="k", label="fresh on-policy batch"
+                    ax.plot(xs, val, ls, color=color, marker="o", label=label)
+                    if log:
+                        lo = np.where(lo > 0, lo, np.nan)
+                    ax.fill_between(
+                        xs, lo, np.where(np.isfinite(hi), hi, np.nan), color=color, alpha=0.12, lw=0
                     )
+                    tops += list(val[np.isfinite(val)])
+                if j >= 2:
+                    ax.axhline(1.0, color="k", ls=":", lw=0.8, label="fresh on-policy batch")
                 if log:
                     ax.set_yscale("log")
+                elif tops:
+                    ax.set_ylim(min(0.0, min(tops) * 1.2), max(tops) * 1.6 if max(tops) > 0 else 1.0)
                 ax.set_xticks(range(len(ks)), [f"{k}\n{kl[k]:.0e}" if k else "0" for k in ks])
                 ax.set_ylabel(ylabel)
                 if i == 0:
-                    ax.set_title(["Bias", "Variance", "MSE"][j])
+                    ax.set_title(["Bias (paired)", "Bias² vs noise", "Variance", "MSE"][j])
                 if i == len(panel_rows) - 1:
                     ax.set_xlabel("k  (KL(μ‖π)/token)")
             axes[i, 0].annotate(
                 f"{ckpt}\n{'as trained (clipped)' if clipped else 'unclipped (pure IS)'}",
-                xy=(-0.5, 0.5),
+                xy=(-0.55, 0.5),
                 xycoords="axes fraction",
                 rotation=90,
                 va="center",
                 ha="center",
                 fontweight="bold",
             )
-            axes[i, 2].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=6)
+            axes[i, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=6)
         fig.tight_layout()
         for ext in ("png", "pdf"):
             _atomic(out / f"probe_figure.{ext}", lambda p, ext=ext: fig.savefig(p, format=ext))

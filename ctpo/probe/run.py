@@ -95,6 +95,7 @@ def run_probe(
         units_target=settings.units_target,
         batch_units=batch_units,
         n_boot=settings.n_boot,
+        baseline=settings.baseline,
         seed=settings.seed,
     )
     threads = torch.get_num_threads()
@@ -144,6 +145,12 @@ def run_probe(
             "batch_units": batch_units,
             "checkpoints": described,
             "timings": timings,
+            "gradient_space": (
+                f"{rows[0]['subset_params']} parameters ({', '.join(settings.subset)}), projected to "
+                f"{rows[0]['grad_dim']} dimensions (sketch_dim {settings.sketch_dim})"
+                if rows
+                else ""
+            ),
             "wall_s": wall,
             "threads": settings.threads,
             "cpu_count": os.cpu_count(),

@@ -35,12 +35,16 @@ class ProbeSettings:
     """Staleness: AdamW steps from θ₀ to π = θ_k (16: the authors' updates per rollout batch; 2: the study's)."""
     units_behaviour: int = 64
     """Prompts (× G episodes) sampled from μ for the estimators."""
-    units_target: int = 64
-    """Prompts (× G episodes) sampled from each θ_k for the target g*."""
+    units_target: int = 32
+    """Prompts (× G episodes) sampled from each θ_k for the target g* and the fresh-batch variance."""
     group_size: int | None = None
     """G, episodes per prompt (default: ``train.group_size``)."""
     batch_units: float | None = None
     """Prompts per optimizer step whose variance is reported (default: train.prompts_per_step / minibatches)."""
+    baseline: str = "loo"
+    """Advantage baseline of target and estimators alike: ``loo`` (the mean reward of the prompt's other
+    G − 1 episodes; the target stays exactly the policy gradient) or ``mean`` (one b, the driver batch's mean
+    reward)."""
     subset: tuple[str, ...] = DEFAULT_SUBSET
     """Modules whose parameters the gradients are taken in (position-wise downstream; see ctpo.probe.llm)."""
     sketch_dim: int = 32
@@ -100,6 +104,8 @@ class ProbeSettings:
             raise ConfigError(
                 f"probe.full_check_k={self.full_check_k} must be one of probe.ks={list(self.ks)}"
             )
+        if self.baseline not in ("loo", "mean"):
+            raise ConfigError(f"probe.baseline={self.baseline!r}: choose loo or mean")
         for name in ("units_behaviour", "units_target", "full_check_units"):
             if getattr(self, name) < 2:
                 raise ConfigError(f"probe.{name} must be >= 2 (a variance needs two units)")

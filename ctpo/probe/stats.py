@@ -9,14 +9,16 @@ into batches, through the Gram matrix of the batch means, exactly like the lab:
 * ``tr Σ̂_x = (mean_u ‖x_u‖² − ‖x̄‖²) · M_x/(M_x − 1)``, likewise for y;
 * bias² ``‖E x − E y‖² ≈ ‖x̄ − ȳ‖² − tr Σ̂_x/M_x − tr Σ̂_y/M_y`` (both noise terms removed: unbiased);
 * ``‖g*‖² ≈ ‖ȳ‖² − tr Σ̂_y/M_y`` and ``‖E x‖² ≈ ‖x̄‖² − tr Σ̂_x/M_x`` (unbiased), the cosine from those;
-* variance of the batch estimator at ``batch_units`` units: ``tr Σ̂_x / batch_units``; MSE = bias² + that.
+* variance of the batch estimator at ``batch_units`` units: ``tr Σ̂_x / batch_units``; MSE = bias² + that;
+* the same three divided by a fresh on-policy batch's variance ``tr Σ̂_y / batch_units`` instead of ‖g*‖²
+  (``*_vs_onpolicy``): when the gradient noise is large ‖g*‖² needs far more episodes than a variance does.
 
 Relative values divide by the estimated ‖g*‖². Intervals are basic bootstrap intervals whose bootstrap-world
 truth is the plug-in value (e.g. ‖x̄ − ȳ‖²/‖ȳ‖², as in the lab): a percentile interval of a noise-corrected
 statistic is off by the very noise term removed (‖ȳ*‖² centres on ‖ȳ‖² = ‖g*‖² + tr Σ_y/M_y). Relative bias²
 and cosine on their own scale, relative variance and MSE on the log scale (positive ratios); the absolute
-variance keeps the lab's percentile interval. Both samples are resampled by batch, independently. With a fixed target (``target`` an array) the target's noise terms are
-zero and the numbers are those of `ctpo.lab.mc_bias_variance` (tests/test_probe.py checks it to rounding).
+variance keeps the lab's percentile interval. Both samples are resampled by batch, independently.
+With a fixed target (``target`` an array) the target's noise terms are zero and the numbers are those of `ctpo.lab.mc_bias_variance` (tests/test_probe.py checks it to rounding).
 
 Resolution: ``rel_bias_resolution`` is the smallest relative bias whose interval would exclude 0 at these
 sample sizes; ``rel_bias_resolution_target`` the same with only the target resampled (the estimator's mean
@@ -73,23 +75,34 @@ def bias_variance(
     batch_units: float = 1.0,
     n_boot: int = 400,
     level: float = 0.95,
+    paired: BatchMoments | None = None,
 ) -> dict[str, float]:
-    """Relative bias, cosine, per-batch variance and MSE of the estimator ``est`` against ``target``.
+    """Bias, cosine, per-batch variance and MSE of the estimator ``est`` against ``target``, with intervals.
 
     ``target`` is a sample (`BatchMoments`) or an exact vector. ``batch_units``: units per batch of the
-    estimator whose variance and MSE are reported (the study's minibatch, in prompts).
+    estimator whose variance and MSE are reported (the study's minibatch, in prompts). ``paired``: the units
+    of ``est`` minus those of an unbiased estimator on the same episodes (same batching); it adds the
+    *paired* bias² ``‖mean difference‖² − tr Σ̂_d/M_x`` (a control variate: far less noisy than the two-sample
+    one when the two estimators are close).
+
+    Keys: ``rel_*`` divide by the estimated ‖g*‖²; ``*_vs_onpolicy`` divide by the variance of a fresh
+    on-policy batch of the same size (``tr Σ̂_y / batch_units``, target sample only), which is resolved long
+    before ‖g*‖² is when the gradient noise is large.
     """
     X, qx, Mx = est.means, est.sq, est.n
     fixed = not isinstance(target, BatchMoments)
     Gxx = _gram(X, X)
+    Gdd = None if paired is None else _gram(paired.means, paired.means)
     if fixed:
         g = np.asarray(target, dtype=np.float64).reshape(-1)
         h, gg = _gram(X, g[None, :])[:, 0], float(g @ g)
     else:
         Y, qy, My = target.means, target.sq, target.n
         Gxy, Gyy = _gram(X, Y), _gram(Y, Y)
+    B = batch_units
 
     def stats(wx: np.ndarray, wy: np.ndarray | None, est_noise: bool = True) -> dict[str, np.ndarray]:
+        """Every statistic for bootstrap weights ``wx`` (n, K_x), ``wy`` (n, K_y); uniform = the estimate."""
         mx = ((wx @ Gxx) * wx).sum(1)
         trx = (wx @ qx - mx) * Mx / (Mx - 1)
         if fixed:
@@ -104,35 +117,53 @@ def bias_variance(
         ex2 = mx - trx / Mx
         with np.errstate(invalid="ignore"):
             cos = np.where((ex2 > 0) & (gn2 > 0), mxy / np.sqrt(np.abs(ex2 * gn2)), np.nan)
-        return {
-            "mx": mx,
-            "mxy": mxy,
-            "b2": b2,
-            "err": err,
-            "my": my,
-            "gn2": gn2,
-            "trx": trx,
-            "try": try_,
-            "cos": cos,
+        out = {
+            "b2": b2, "trx": trx, "try": try_, "gn2": gn2, "cos": cos, "my": my,
             "rel_b2": _ratio(b2, gn2),
-            "rel_var": _ratio(trx / batch_units, gn2),
-            "rel_mse": _ratio(b2 + trx / batch_units, gn2),
+            "rel_var": _ratio(trx / B, gn2),
+            "rel_mse": _ratio(b2 + trx / B, gn2),
+            "var_vs_onpolicy": _ratio(trx, try_),
+            "mse_vs_onpolicy": _ratio(b2 * B + trx, try_),
+            "bias2_vs_onpolicy": _ratio(b2 * B, try_),
+        }  # fmt: skip
+        if Gdd is not None:
+            md = ((wx @ Gdd) * wx).sum(1)
+            b2p = md - (wx @ paired.sq - md) / (Mx - 1)
+            out.update(
+                b2p=b2p,
+                rel_b2p=_ratio(b2p, gn2),
+                bias2p_vs_onpolicy=_ratio(b2p * B, try_),
+                msep_vs_onpolicy=_ratio(b2p * B + trx, try_),
+            )
+        # the plug-in values of the empirical distributions: the bootstrap world's truths
+        ptrx, ptry = wx @ qx - mx, (0.0 if fixed else wy @ qy - my)
+        out["world"] = {
+            "rel_b2": _ratio(err, my),
+            "cos": mxy / np.sqrt(np.where(mx * my > 0, mx * my, np.nan)),
+            "rel_var": _ratio(ptrx / B, my),
+            "rel_mse": _ratio(err + ptrx / B, my),
+            "var_vs_onpolicy": _ratio(ptrx, ptry),
+            "mse_vs_onpolicy": _ratio(err * B + ptrx, ptry),
+            "bias2_vs_onpolicy": _ratio(err * B, ptry),
         }
+        if Gdd is not None:
+            out["world"].update(
+                rel_b2p=_ratio(md, my),
+                bias2p_vs_onpolicy=_ratio(md * B, ptry),
+                msep_vs_onpolicy=_ratio(md * B + ptrx, ptry),
+            )
+        return out
 
     K1 = X.shape[0]
     K2 = None if fixed else Y.shape[0]
     uniform_x = np.full((1, K1), 1.0 / K1)
     uniform_y = None if fixed else np.full((1, K2), 1.0 / K2)
-    point = {k: float(v[0]) for k, v in stats(uniform_x, uniform_y).items()}
-    # the bootstrap world's truths: plug-in values of the empirical distributions (no noise removed)
-    world = _ratio(np.array([point["err"]]), np.array([point["my"]]))[0]
-    world_cos = point["mxy"] / np.sqrt(point["mx"] * point["my"]) if point["mx"] * point["my"] > 0 else np.nan
-    trace_world = float(X.shape[0] and (qx.mean() - point["mx"]))  # the empirical distribution's trace
-    world_var = _ratio(np.array([trace_world / batch_units]), np.array([point["my"]]))[0]
-    world_mse = _ratio(np.array([point["err"] + trace_world / batch_units]), np.array([point["my"]]))[0]
-    alpha = (1.0 - level) / 2.0
+    pt = stats(uniform_x, uniform_y)
+    point = {k: float(v[0]) for k, v in pt.items() if k != "world"}
+    unbounded = float("inf")
+    world = {k: float(v[0]) for k, v in pt["world"].items()}
     out = {
-        "rel_bias": _sqrt_ratio(point["b2"], point["gn2"]),
+        "rel_bias": _sqrt_pos(point["rel_b2"]),
         "cosine": float(np.clip(point["cos"], -1.0, 1.0)),  # noise removal can push it past ±1
         "rel_var": point["rel_var"],
         "rel_mse": point["rel_mse"],
@@ -140,44 +171,85 @@ def bias_variance(
         "target_norm_sq": point["gn2"],
         "target_rel_se": _sqrt_ratio(point["try"] / (1 if fixed else My), point["gn2"]),
         "noise_floor": _sqrt_ratio(point["trx"] / Mx, point["gn2"]),
-        "rel_error_raw": _sqrt_ratio(point["err"], point["gn2"]),
-        "onpolicy_rel_var": float(
-            _ratio(np.array([point["try"] / batch_units]), np.array([point["gn2"]]))[0]
-        ),
+        "rel_error_raw": _sqrt_ratio(world["rel_b2"], 1.0),
+        "onpolicy_rel_var": float(_ratio(np.array([point["try"] / B]), np.array([point["gn2"]]))[0]),
     }
+    ratio_keys = ["var_vs_onpolicy", "mse_vs_onpolicy", "bias2_vs_onpolicy"]
+    if paired is not None:
+        out["rel_bias_paired"] = _sqrt_pos(point["rel_b2p"])
+        ratio_keys += ["bias2p_vs_onpolicy", "msep_vs_onpolicy"]
+    if not fixed:
+        out.update({k: point[k] for k in ratio_keys})
     if n_boot <= 0:
         return out
     Wx = rng.multinomial(K1, np.full(K1, 1.0 / K1), size=n_boot) / K1
     Wy = None if fixed else rng.multinomial(K2, np.full(K2, 1.0 / K2), size=n_boot) / K2
     boot = stats(Wx, Wy)
+    alpha = (1.0 - level) / 2.0
 
-    def q(name: str, p: float) -> float:
-        v = boot[name][np.isfinite(boot[name])]
+    def q(values: np.ndarray, p: float) -> float:
+        v = values[np.isfinite(values)]
         return float(np.quantile(v, p)) if len(v) else float("nan")
 
-    r = point["rel_b2"]
-    lo_r, hi_r = r - (q("rel_b2", 1 - alpha) - world), r - (q("rel_b2", alpha) - world)
+    def basic(key: str) -> tuple[float, float]:
+        """[θ̂ − (q_{1−α}(θ*) − θ_w), θ̂ − (q_α(θ*) − θ_w)]."""
+        return (
+            point[key] - (q(boot[key], 1 - alpha) - world[key]),
+            point[key] - (q(boot[key], alpha) - world[key]),
+        )
+
+    lo_r, hi_r = basic("rel_b2")
+    lo_c, hi_c = basic("cos")
+    # ‖g*‖² itself: when its interval reaches 0 the target does not resolve the gradient's size, and every
+    # ratio to it is unbounded above (a bootstrap of a ratio with a denominator near 0 means nothing)
+    gn2_lo = point["gn2"] - (q(boot["gn2"], 1 - alpha) - float(pt["my"][0])) if not fixed else point["gn2"]
+    out["target_norm_sq_lo"] = gn2_lo
+    resolved = bool(gn2_lo > 0)
+    out["target_resolved"] = resolved
     out.update(
         {
-            "rel_bias_lo": float(np.sqrt(max(lo_r, 0.0))) if np.isfinite(lo_r) else float("nan"),
-            "rel_bias_hi": float(np.sqrt(max(hi_r, 0.0))) if np.isfinite(hi_r) else float("nan"),
-            "rel_bias_resolution": _sqrt_pos(q("rel_b2", 1 - alpha) - world),
-            "cosine_lo": max(-1.0, point["cos"] - (q("cos", 1 - alpha) - world_cos)),
-            "cosine_hi": min(1.0, point["cos"] - (q("cos", alpha) - world_cos)),
-            **_log_basic("rel_var", point["rel_var"], world_var, boot["rel_var"], alpha),
-            **_log_basic("rel_mse", point["rel_mse"], world_mse, boot["rel_mse"], alpha),
-            "total_var_lo": q("trx", alpha),
-            "total_var_hi": q("trx", 1 - alpha),
+            "rel_bias_lo": _sqrt_pos(lo_r),
+            "rel_bias_hi": _sqrt_pos(hi_r),
+            "rel_bias_resolution": _sqrt_pos(q(boot["rel_b2"], 1 - alpha) - world["rel_b2"]),
+            "cosine_lo": float(np.clip(lo_c, -1.0, 1.0)),
+            "cosine_hi": float(np.clip(hi_c, -1.0, 1.0)),
+            **_log_basic("rel_var", point["rel_var"], world["rel_var"], boot["rel_var"], alpha),
+            **_log_basic("rel_mse", point["rel_mse"], world["rel_mse"], boot["rel_mse"], alpha),
+            "total_var_lo": q(boot["trx"], alpha),
+            "total_var_hi": q(boot["trx"], 1 - alpha),
         }
     )
-    if not fixed:  # the target's share: resample only the target, the estimator's mean held fixed (exact)
-        target_only = stats(np.repeat(uniform_x, n_boot, axis=0), Wy, est_noise=False)["rel_b2"]
-        target_only = target_only[np.isfinite(target_only)]
-        out["rel_bias_resolution_target"] = (
-            _sqrt_pos(float(np.quantile(target_only, 1 - alpha)) - world)
-            if len(target_only)
-            else float("nan")
+    if paired is not None:
+        lo_p, hi_p = basic("rel_b2p")
+        out.update(
+            rel_bias_paired_lo=_sqrt_pos(lo_p),
+            rel_bias_paired_hi=_sqrt_pos(hi_p),
+            rel_bias_paired_resolution=_sqrt_pos(q(boot["rel_b2p"], 1 - alpha) - world["rel_b2p"]),
         )
+    if not resolved:
+        for key in ("rel_bias", "rel_bias_paired", "rel_var", "rel_mse"):
+            if f"{key}_hi" in out:
+                out[f"{key}_hi"] = unbounded
+        for key in ("rel_bias", "rel_bias_paired"):
+            if f"{key}_lo" in out:
+                out[f"{key}_lo"] = 0.0
+        for key in ("rel_var", "rel_mse"):
+            out[f"{key}_lo"] = min(out[f"{key}_lo"], out[key]) if np.isfinite(out[f"{key}_lo"]) else 0.0
+        out.update(cosine_lo=-1.0, cosine_hi=1.0, rel_bias_resolution=unbounded)
+        if paired is not None:
+            out["rel_bias_paired_resolution"] = unbounded
+    if fixed:
+        return out
+    for key in ratio_keys:
+        if key.startswith("bias2"):  # may be negative: the linear scale
+            out[f"{key}_lo"], out[f"{key}_hi"] = basic(key)
+        else:
+            out.update(_log_basic(key, point[key], world[key], boot[key], alpha))
+    # the target's share of the resolution: only the target resampled, the estimator's mean held exact
+    target_only = stats(np.repeat(uniform_x, n_boot, axis=0), Wy, est_noise=False)["rel_b2"]
+    out["rel_bias_resolution_target"] = (
+        _sqrt_pos(q(target_only, 1 - alpha) - world["rel_b2"]) if resolved else unbounded
+    )
     return out
 
 
