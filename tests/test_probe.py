@@ -47,6 +47,21 @@ def test_with_an_exact_target_the_statistic_is_the_labs_to_rounding():
             assert ours[a] == pytest.approx(ref[b], rel=1e-9, abs=1e-12), (method, a)
 
 
+def test_an_unresolved_target_gives_unbounded_relative_intervals_and_resolved_variance_ratios():
+    """‖g*‖² ≈ 0 within its noise: every ratio to it is unbounded, while variances stay resolved."""
+    rng = np.random.default_rng(1)
+    D, M = 50, 32
+    g = np.zeros(D)
+    g[0] = 0.05  # ‖g‖² = 0.0025 against tr Σ/M ≈ 50/32
+    x = g + rng.standard_normal((M, D))
+    y = g + rng.standard_normal((M, D)) * np.sqrt(2.0)
+    out = bias_variance(BatchMoments.from_units(x), BatchMoments.from_units(y), rng, batch_units=2)
+    assert not out["target_resolved"] and out["target_norm_sq_lo"] <= 0
+    assert out["rel_bias_lo"] == 0.0 and out["rel_bias_hi"] == np.inf and out["rel_var_hi"] == np.inf
+    assert (out["cosine_lo"], out["cosine_hi"]) == (-1.0, 1.0)
+    assert out["var_vs_onpolicy_lo"] < 0.5 < out["var_vs_onpolicy_hi"] < 1.0  # tr Σ_x / tr Σ_y = 1/2
+
+
 def test_two_sample_bias_removes_both_noise_terms():
     """Gaussian units with a known mean difference: the estimate is centred on the truth, the raw error is not."""
     rng = np.random.default_rng(0)
@@ -92,18 +107,23 @@ def mdp_runs():
 
 def test_on_the_labs_mdp_the_probe_recovers_the_exact_bias_variance_and_cosine(mdp_runs):
     """Coverage over seeds: one target sample serves every estimator of a seed, so an unlucky draw of g*
-    moves all their intervals together; pooled over three seeds the 95% intervals cover >= 90%."""
-    covered = {"bias": [], "var": [], "cos": []}
+    moves all their intervals together; pooled over three seeds the 95% intervals cover >= 90% (bias, cosine,
+    variance) and the paired bias intervals >= 75%."""
+    covered = {"bias": [], "paired": [], "var": [], "cos": []}
     for mdp, baseline, rows in mdp_runs.values():
         exact = probe_mdp.exact_values(mdp, baseline, core.estimators())
         for name, r in rows.items():
             e = exact[name]
             covered["bias"].append(r["rel_bias_lo"] - 1e-9 <= e["exact_rel_bias"] <= r["rel_bias_hi"] + 1e-9)
+            if name != core.CONTROL:
+                lo, hi = r["rel_bias_paired_lo"], r["rel_bias_paired_hi"]
+                covered["paired"].append(lo - 1e-9 <= e["exact_rel_bias"] <= hi + 1e-9)
             covered["cos"].append(r["cosine_lo"] - 1e-9 <= e["exact_cosine"] <= r["cosine_hi"] + 1e-9)
             if "exact_rel_var" in e:  # the uncorrected reference has no exact variance here
                 covered["var"].append(r["rel_var_lo"] <= e["exact_rel_var"] <= r["rel_var_hi"])
     rates = {k: float(np.mean(v)) for k, v in covered.items()}
-    assert min(rates.values()) >= 0.9, rates
+    # the paired intervals lean on ρ_1:T's heavy tail and cover less (90% for grpo/none over 30 seeds here)
+    assert rates["paired"] >= 0.75 and min(rates["bias"], rates["cos"], rates["var"]) >= 0.9, rates
     # the lab's outcome-reward finding seen through the probe: ρ_{1:T} is unbiased for ∇J, ρ_{1:t} is not
     for seed in range(3):
         assert mdp_runs[(0.3, seed)][2]["seq/none"]["rel_bias_lo"] == 0.0

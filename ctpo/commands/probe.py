@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
     summary = run_probe(config, checkpoints, args.out, settings)
-    log.info("probe: wall %.1f s -> %s", summary["wall_s"], args.out)
+    log.info("probe: wall %.1f s, CPU %.1f s -> %s", summary["wall_s"], summary["cpu_s"], args.out)
     if not args.no_mlflow:
         log_to_mlflow(config, args.out, summary)
     return 0
@@ -102,7 +102,7 @@ def log_to_mlflow(config: dict[str, Any], out: Path, summary: dict[str, Any]) ->
                 run.log_metrics(
                     {k_: v for k_, v in metrics.items() if v == v}, step=int(k)
                 )  # NaN: not logged
-        run.log_metrics({"probe/wall_s": summary["wall_s"]})
+        run.log_metrics({"probe/wall_s": summary["wall_s"], "probe/cpu_s": summary["cpu_s"]})
         for name in summary["files"]:
             if (out / name).is_file():
                 run.log_artifact(out / name, "probe")

@@ -81,7 +81,7 @@ def run_probe(
     from ctpo.tir.sandbox import SandboxPool
     from ctpo.train import local
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     section(config, "models", settings.model)
@@ -132,6 +132,7 @@ def run_probe(
     finally:
         torch.set_num_threads(threads)
     wall = time.perf_counter() - t_start
+    cpu = _cpu_seconds() - cpu_start  # after the pools closed: their workers are reaped children by now
     summary = report.write_outputs(
         out,
         rows,
@@ -152,6 +153,7 @@ def run_probe(
                 else ""
             ),
             "wall_s": wall,
+            "cpu_s": cpu,
             "threads": settings.threads,
             "cpu_count": os.cpu_count(),
         },
@@ -229,6 +231,15 @@ def full_gradient_check(
     finally:
         model.load_state_dict(snapshots[0])
     return out
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children (sandbox and grader workers): on a
+    busy machine the wall time measures the neighbours, this measures the probe."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _jsonable(x: Any) -> Any:

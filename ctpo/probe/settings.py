@@ -87,13 +87,17 @@ class ProbeSettings:
 
     @classmethod
     def from_mapping(cls, overrides: dict[str, Any], quick: bool = False, **kw: Any) -> ProbeSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigError(f"probe section: unknown key(s) {unknown}; known: {sorted(names)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-        values.update({k: v for k, v in kw.items() if v is not None})
-        settings = cls.quick(**values) if quick else cls(**values)
+        """The settings of a config's ``probe:`` section (lists become tuples), ``kw`` that are not None
+        over them (command-line flags), the quick sizes under both when ``quick``."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if not set(overrides) <= set(fields):
+            raise ConfigError(
+                f"probe section: unknown key(s) {sorted(set(overrides) - set(fields))}; known: {sorted(fields)}"
+            )
+        given = {**overrides, **{k: v for k, v in kw.items() if v is not None}}
+        settings = (cls.quick if quick else cls)(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+        )
         settings.validate()
         return settings
 
