@@ -18,6 +18,12 @@ from typing import Any
 
 log = logging.getLogger("ctpo.probe")
 
+#: Per-estimator statistics logged to MLflow at step k (the JSON summary has their intervals too).
+MLFLOW_STATS = (
+    "rel_bias", "rel_bias_paired", "cosine", "rel_var", "rel_mse", "var_vs_onpolicy", "msep_vs_onpolicy",
+    "bias2p_vs_onpolicy", "var_vs_uncorrected", "var_vs_seq",
+)  # fmt: skip
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

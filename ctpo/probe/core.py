@@ -310,6 +310,11 @@ def measure_pair(
         f"target_rel_se_{other}": relative_se(pi_episodes.unit_means(target["target_other_baseline"])),
     }
     control = mu_episodes.unit_means(grads[CONTROL]) if CONTROL in grads else None
+    # variance ratios on the same episodes: against no ratio at all, and against ρ_1:T (Prop. 2's comparison)
+    refs = {"uncorrected": mu_episodes.unit_means(grads[UNCORRECTED])}
+    if control is not None:
+        refs["seq"] = control
+    ref_moments = {name: BatchMoments.from_units(u, settings.n_batches) for name, u in refs.items()}
     onpolicy = grads[UNCORRECTED]
     scale = float(onpolicy.abs().max()) or 1.0
     rows = []
@@ -326,6 +331,7 @@ def measure_pair(
             batch_units=settings.batch_units,
             n_boot=settings.n_boot,
             paired=paired,
+            references=ref_moments,
         )
         m = metrics.get(est.name)
         rows.append(

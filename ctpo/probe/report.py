@@ -22,6 +22,7 @@ _CELLS = (
     ("rel_mse", "MSE/‖g*‖²", ".3g"),
     ("var_vs_onpolicy", "var ÷ fresh", ".3g"),
     ("msep_vs_onpolicy", "MSE ÷ fresh", ".3g"),
+    ("var_vs_uncorrected", "var ÷ no ratio", ".3g"),
 )
 
 
@@ -77,28 +78,44 @@ def table(rows: pd.DataFrame, ks: Sequence[Any] | None = None) -> str:
     return "\n".join(parts)
 
 
+#: Statistics of each estimator in the JSON summary (each with its ``_lo`` / ``_hi`` where it has them).
+_SUMMARY_STATS = (
+    "rel_bias", "rel_bias_paired", "cosine", "rel_var", "rel_mse", "var_vs_onpolicy", "mse_vs_onpolicy",
+    "msep_vs_onpolicy", "bias2_vs_onpolicy", "bias2p_vs_onpolicy", "var_vs_uncorrected", "var_vs_seq",
+)  # fmt: skip
+
+
 def full_check_summary(check: pd.DataFrame) -> dict[str, Any]:
-    """Subset vs whole-model gradients on the same episodes: per estimator and the rank agreement."""
+    """Subset vs whole-model gradients on the same episodes: every statistic of each estimator in both
+    spaces, the rank correlation across estimators, and whether their intervals overlap."""
     if check.empty:
         return {}
     sub = check[check.gradient == "subset"].set_index("estimator")
     full = check[check.gradient == "full"].set_index("estimator")
     out: dict[str, Any] = {"k": int(check.k.iloc[0]), "checkpoint": str(check.checkpoint.iloc[0])}
-    for col in ("rel_bias", "cosine", "rel_var", "rel_mse"):
-        both = pd.concat([sub[col], full[col]], axis=1, keys=["subset", "full"]).dropna()
+    for col in _SUMMARY_STATS:
+        if col not in sub:
+            continue
+        both = (
+            pd.concat([sub[col], full[col]], axis=1, keys=["subset", "full"]).replace(np.inf, np.nan).dropna()
+        )
         out[f"{col}_spearman"] = float(both.subset.rank().corr(both.full.rank())) if len(both) > 2 else None
+        if f"{col}_lo" in sub:
+            lo = np.maximum(sub[f"{col}_lo"], full[f"{col}_lo"])
+            hi = np.minimum(sub[f"{col}_hi"], full[f"{col}_hi"])
+            out[f"{col}_intervals_overlap"] = int((lo <= hi).sum())
+    out["n_estimators"] = len(sub)
     out["estimators"] = {
         e: {
-            f"{col}_{g}": float(frame.loc[e, col])
-            for col in ("rel_bias", "rel_bias_lo", "rel_bias_hi", "cosine", "rel_var", "rel_mse")
+            f"{c}_{g}": frame.loc[e, c]
             for g, frame in (("subset", sub), ("full", full))
+            for c in _SUMMARY_STATS
+            if c in frame
         }
         for e in sub.index
     }
-    out["target_rel_se"] = {
-        "subset": float(sub.target_rel_se.iloc[0]),
-        "full": float(full.target_rel_se.iloc[0]),
-    }
+    out["target_rel_se"] = {"subset": sub.target_rel_se.iloc[0], "full": full.target_rel_se.iloc[0]}
+    out["grad_dim"] = {"subset": int(sub.grad_dim.iloc[0]), "full": int(full.grad_dim.iloc[0])}
     return out
 
 
@@ -117,15 +134,17 @@ def summary_json(rows: pd.DataFrame, check: pd.DataFrame, meta: dict[str, Any]) 
             "reward_target": r.reward_target,
             "estimators": {},
         }
-        for e in g.itertuples():
+        for _, e in g.iterrows():
             entry["estimators"][e.estimator] = {
-                c: float(getattr(e, c))
-                for c in (
-                    "rel_bias", "rel_bias_lo", "rel_bias_hi", "cosine", "cosine_lo", "cosine_hi", "rel_var",
-                    "rel_var_lo", "rel_var_hi", "rel_mse", "rel_mse_lo", "rel_mse_hi", "clip_frac",
-                    "max_abs_diff_to_uncorrected",
-                )
-            }  # fmt: skip
+                f"{c}{end}": e[f"{c}{end}"]
+                for c in _SUMMARY_STATS
+                for end in ("", "_lo", "_hi")
+                if f"{c}{end}" in e
+            }
+            entry["estimators"][e.estimator]["clip_frac"] = float(e.clip_frac)
+            entry["estimators"][e.estimator]["max_abs_diff_to_uncorrected"] = float(
+                e.max_abs_diff_to_uncorrected
+            )
     k0 = rows[rows.k == 0]
     checks = {
         "k0_max_diff_to_onpolicy": float(k0.max_abs_diff_to_uncorrected.max()) if len(k0) else None,
@@ -164,8 +183,26 @@ def write_outputs(
     )
     _atomic(out / "probe_table.md", lambda p: p.write_text(text))
     plot(frame, out)
-    _atomic(out / "probe_summary.json", lambda p: p.write_text(json.dumps(summary, indent=2, default=float)))
+    text = json.dumps(_strict_json(summary), indent=2, allow_nan=False)
+    _atomic(out / "probe_summary.json", lambda p: p.write_text(text))
     return summary
+
+
+def _strict_json(x: Any) -> Any:
+    """Plain JSON: numpy scalars as numbers, NaN (not measured / not resolved) as null, an unbounded
+    interval end as the string "inf" / "-inf"."""
+    if isinstance(x, dict):
+        return {str(k): _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return None if np.isnan(x) else (("inf" if x > 0 else "-inf") if np.isinf(x) else x)
+    return x
 
 
 def _as_rows(check: pd.DataFrame) -> pd.DataFrame:

@@ -76,6 +76,7 @@ def bias_variance(
     n_boot: int = 400,
     level: float = 0.95,
     paired: BatchMoments | None = None,
+    references: dict[str, BatchMoments] | None = None,
 ) -> dict[str, float]:
     """Bias, cosine, per-batch variance and MSE of the estimator ``est`` against ``target``, with intervals.
 
@@ -87,8 +88,12 @@ def bias_variance(
 
     Keys: ``rel_*`` divide by the estimated ‖g*‖²; ``*_vs_onpolicy`` divide by the variance of a fresh
     on-policy batch of the same size (``tr Σ̂_y / batch_units``, target sample only), which is resolved long
-    before ‖g*‖² is when the gradient noise is large.
+    before ‖g*‖² is when the gradient noise is large. ``references``: other estimators on the same
+    episodes (same batching); adds ``var_vs_<name>`` = tr Σ̂_x / tr Σ̂_ref, bootstrapped jointly (paired), so
+    far tighter than two ratios to the fresh batch.
     """
+    references = references or {}
+    Grefs = {name: _gram(r.means, r.means) for name, r in references.items()}
     X, qx, Mx = est.means, est.sq, est.n
     fixed = not isinstance(target, BatchMoments)
     Gxx = _gram(X, X)
@@ -137,6 +142,11 @@ def bias_variance(
             )
         # the plug-in values of the empirical distributions: the bootstrap world's truths
         ptrx, ptry = wx @ qx - mx, (0.0 if fixed else wy @ qy - my)
+        ref_world = {}
+        for name, ref in references.items():
+            mr = ((wx @ Grefs[name]) * wx).sum(1)
+            out[f"var_vs_{name}"] = _ratio(trx, (wx @ ref.sq - mr) * Mx / (Mx - 1))
+            ref_world[f"var_vs_{name}"] = _ratio(ptrx, wx @ ref.sq - mr)
         out["world"] = {
             "rel_b2": _ratio(err, my),
             "cos": mxy / np.sqrt(np.where(mx * my > 0, mx * my, np.nan)),
@@ -145,6 +155,7 @@ def bias_variance(
             "var_vs_onpolicy": _ratio(ptrx, ptry),
             "mse_vs_onpolicy": _ratio(err * B + ptrx, ptry),
             "bias2_vs_onpolicy": _ratio(err * B, ptry),
+            **ref_world,
         }
         if Gdd is not None:
             out["world"].update(
@@ -180,6 +191,8 @@ def bias_variance(
         ratio_keys += ["bias2p_vs_onpolicy", "msep_vs_onpolicy"]
     if not fixed:
         out.update({k: point[k] for k in ratio_keys})
+    ref_keys = [f"var_vs_{name}" for name in references]
+    out.update({k: point[k] for k in ref_keys})
     if n_boot <= 0:
         return out
     Wx = rng.multinomial(K1, np.full(K1, 1.0 / K1), size=n_boot) / K1
@@ -226,6 +239,8 @@ def bias_variance(
             rel_bias_paired_hi=_sqrt_pos(hi_p),
             rel_bias_paired_resolution=_sqrt_pos(q(boot["rel_b2p"], 1 - alpha) - world["rel_b2p"]),
         )
+    for key in ref_keys:
+        out.update(_log_basic(key, point[key], world[key], boot[key], alpha))
     if not resolved:
         for key in ("rel_bias", "rel_bias_paired", "rel_var", "rel_mse"):
             if f"{key}_hi" in out:
