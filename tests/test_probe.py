@@ -59,6 +59,7 @@ def test_an_unresolved_target_gives_unbounded_relative_intervals_and_resolved_va
     assert not out["target_resolved"] and out["target_norm_sq_lo"] <= 0
     assert out["rel_bias_lo"] == 0.0 and out["rel_bias_hi"] == np.inf and out["rel_var_hi"] == np.inf
     assert (out["cosine_lo"], out["cosine_hi"]) == (-1.0, 1.0)
+    assert 0 < out["rel_var_lo"] < 25 / 0.0025  # still a lower bound: tr Σ_x/B over ‖g*‖²'s upper end
     assert out["var_vs_onpolicy_lo"] < 0.5 < out["var_vs_onpolicy_hi"] < 1.0  # tr Σ_x / tr Σ_y = 1/2
 
 

@@ -36,8 +36,12 @@ def _cell(r: pd.Series, col: str, fmt: str) -> str:
     if col == "msep_vs_onpolicy" and not np.isfinite(r.get(col, np.nan)):
         col = "mse_vs_onpolicy"  # the control itself has no paired bias: its two-sample one
     lo, hi = r.get(f"{col}_lo", np.nan), r.get(f"{col}_hi", np.nan)
-    if col not in r or not np.isfinite(r[col]):
+    if col not in r:
         return "–"
+    if not np.isfinite(
+        r[col]
+    ):  # no point estimate (‖g*‖² ≤ 0 within noise); the interval may still say something
+        return f"n.r. [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else "–"
     return f"{r[col]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(lo) else f"{r[col]:{fmt}}"
 
 
@@ -211,29 +215,29 @@ def _as_rows(check: pd.DataFrame) -> pd.DataFrame:
     return c
 
 
-#: The figure's columns: (column, fallback column, y label, log scale). Paired bias where it exists (the
-#: control itself has only the two-sample one); variance and MSE divided by a fresh on-policy batch's variance.
+#: The figure's columns: (column, fallback column, y label, log scale): everything divided by the variance
+#: of a fresh on-policy batch, which the probe resolves (‖g*‖², the issue's normaliser, it does not: the
+#: table has both). The bias is the paired one where it exists (the control ρ_1:T has the two-sample one,
+#: drawn thin and without a band).
 _PANELS = (
-    ("rel_bias_paired", "rel_bias", "‖E ĝ − g*‖ / ‖g*‖", False),
     ("bias2p_vs_onpolicy", "bias2_vs_onpolicy", "bias² ÷ fresh batch var", False),
     ("var_vs_onpolicy", "var_vs_onpolicy", "batch var ÷ fresh batch var", True),
     ("msep_vs_onpolicy", "mse_vs_onpolicy", "batch MSE ÷ fresh batch var", True),
 )
 
 
-def _series(g: pd.DataFrame, col: str, fallback: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(value, lo, hi) per row, the fallback column where ``col`` is missing."""
-    vals, los, his = [], [], []
-    for _, r in g.iterrows():
-        c = col if np.isfinite(r.get(col, np.nan)) else fallback
-        vals.append(r.get(c, np.nan))
-        los.append(r.get(f"{c}_lo", np.nan))
-        his.append(r.get(f"{c}_hi", np.nan))
-    return np.array(vals, float), np.array(los, float), np.array(his, float)
+def _series(g: pd.DataFrame, col: str, fallback: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(value, lo, hi, whether the fallback column was used) of the rows ``g`` of one estimator."""
+    use = fallback if col not in g or not np.isfinite(g[col]).any() else col
+    return g[use].to_numpy(float), g[f"{use}_lo"].to_numpy(float), g[f"{use}_hi"].to_numpy(float), use != col
+
+
+def _kl_label(k: int, kl: float) -> str:
+    return "0" if k == 0 else f"{k}\n{kl:.0e}".replace("e-0", "e-")
 
 
 def plot(rows: pd.DataFrame, out: Path, style: str | Path | None = None) -> None:
-    """Bias, bias² and variance and MSE relative to a fresh on-policy batch, vs k: one line per method
+    """Bias², variance and MSE of one batch relative to a fresh on-policy batch's variance, vs k: one line per method
     (uncorrected grey, dashed), 95% CI bands; a row per checkpoint and clipping (pure IS / as registered);
     the x ticks carry the measured KL(μ‖π) per token. Unbounded intervals are cut at the panel's top."""
     import matplotlib
@@ -250,7 +254,7 @@ def plot(rows: pd.DataFrame, out: Path, style: str | Path | None = None) -> None
         fig, axes = plt.subplots(
             len(panel_rows),
             len(_PANELS),
-            figsize=(1.35 * WIDTH_IN, 1.8 * len(panel_rows) + 0.6),
+            figsize=(1.2 * WIDTH_IN, 1.8 * len(panel_rows) + 0.6),
             squeeze=False,
         )
         for i, (ckpt, clipped) in enumerate(panel_rows):
@@ -269,30 +273,30 @@ def plot(rows: pd.DataFrame, out: Path, style: str | Path | None = None) -> None
                 for m, mode, color, ls in lines:
                     g = d[(d.method == m) & (d.clip_mode == mode)].sort_values("k")
                     xs = [x[k] for k in g.k]
-                    val, lo, hi = _series(g, col, fallback)
+                    val, lo, hi, fell_back = _series(g, col, fallback)
                     label = m if m == UNCORRECTED or not clipped else f"{m} ({mode})"
-                    ax.plot(xs, val, ls, color=color, marker="o", label=label)
+                    ax.plot(xs, val, ls, color=color, marker="o", label=label, lw=0.7 if fell_back else None)
                     if log:
                         lo = np.where(lo > 0, lo, np.nan)
-                    ax.fill_between(
-                        xs, lo, np.where(np.isfinite(hi), hi, np.nan), color=color, alpha=0.12, lw=0
-                    )
-                    tops += list(val[np.isfinite(val)])
-                if j >= 2:
+                    if not fell_back:  # the control's two-sample bias: a thin line, its wide band left out
+                        hi = np.where(np.isfinite(hi), hi, np.nan)
+                        ax.fill_between(xs, lo, hi, color=color, alpha=0.12, lw=0)
+                        tops += list(val[np.isfinite(val)])
+                if j >= 1:
                     ax.axhline(1.0, color="k", ls=":", lw=0.8, label="fresh on-policy batch")
                 if log:
                     ax.set_yscale("log")
                 elif tops:
                     ax.set_ylim(min(0.0, min(tops) * 1.2), max(tops) * 1.6 if max(tops) > 0 else 1.0)
-                ax.set_xticks(range(len(ks)), [f"{k}\n{kl[k]:.0e}" if k else "0" for k in ks])
+                ax.set_xticks(range(len(ks)), [_kl_label(k, kl[k]) for k in ks])
                 ax.set_ylabel(ylabel)
                 if i == 0:
-                    ax.set_title(["Bias (paired)", "Bias² vs noise", "Variance", "MSE"][j])
+                    ax.set_title(["Bias² (paired)", "Variance", "MSE (paired bias²)"][j])
                 if i == len(panel_rows) - 1:
                     ax.set_xlabel("k  (KL(μ‖π)/token)")
             axes[i, 0].annotate(
                 f"{ckpt}\n{'as trained (clipped)' if clipped else 'unclipped (pure IS)'}",
-                xy=(-0.55, 0.5),
+                xy=(-0.62, 0.5),
                 xycoords="axes fraction",
                 rotation=90,
                 va="center",

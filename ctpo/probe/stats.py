@@ -200,9 +200,8 @@ def bias_variance(
     boot = stats(Wx, Wy)
     alpha = (1.0 - level) / 2.0
 
-    def q(values: np.ndarray, p: float) -> float:
-        v = values[np.isfinite(values)]
-        return float(np.quantile(v, p)) if len(v) else float("nan")
+    def q(values: np.ndarray, p: float, nan_as_inf: bool = True) -> float:
+        return _quantile(values, p, nan_as_inf)
 
     def basic(key: str) -> tuple[float, float]:
         """[θ̂ − (q_{1−α}(θ*) − θ_w), θ̂ − (q_α(θ*) − θ_w)]."""
@@ -212,10 +211,11 @@ def bias_variance(
         )
 
     lo_r, hi_r = basic("rel_b2")
-    lo_c, hi_c = basic("cos")
+    lo_c = point["cos"] - (q(boot["cos"], 1 - alpha, False) - world["cos"])
+    hi_c = point["cos"] - (q(boot["cos"], alpha, False) - world["cos"])
     # ‖g*‖² itself: when its interval reaches 0 the target does not resolve the gradient's size, and every
     # ratio to it is unbounded above (a bootstrap of a ratio with a denominator near 0 means nothing)
-    gn2_lo = point["gn2"] - (q(boot["gn2"], 1 - alpha) - float(pt["my"][0])) if not fixed else point["gn2"]
+    gn2_lo = point["gn2"] - (q(boot["gn2"], 1 - alpha) - point["my"]) if not fixed else point["gn2"]
     out["target_norm_sq_lo"] = gn2_lo
     resolved = bool(gn2_lo > 0)
     out["target_resolved"] = resolved
@@ -248,8 +248,10 @@ def bias_variance(
         for key in ("rel_bias", "rel_bias_paired"):
             if f"{key}_lo" in out:
                 out[f"{key}_lo"] = 0.0
-        for key in ("rel_var", "rel_mse"):
-            out[f"{key}_lo"] = min(out[f"{key}_lo"], out[key]) if np.isfinite(out[f"{key}_lo"]) else 0.0
+        # a genuine lower bound remains: the variance's lower end over ‖g*‖²'s upper end (MSE >= variance)
+        gn2_hi = point["gn2"] - (q(boot["gn2"], alpha) - point["my"])
+        var_lo = q(boot["trx"], alpha) / B / gn2_hi if gn2_hi > 0 else float("nan")
+        out.update(rel_var_lo=var_lo, rel_mse_lo=var_lo)
         out.update(cosine_lo=-1.0, cosine_hi=1.0, rel_bias_resolution=unbounded)
         if paired is not None:
             out["rel_bias_paired_resolution"] = unbounded
@@ -268,15 +270,28 @@ def bias_variance(
     return out
 
 
+def _quantile(values: np.ndarray, p: float, nan_as_inf: bool = True) -> float:
+    """Quantile over bootstrap replicates. A ratio is NaN exactly where its denominator (a replicate's ‖g*‖²)
+    is ≤ 0: that replicate counts as +∞ (dropping it would shrink the upper tail); ``nan_as_inf=False``
+    drops NaNs instead (the cosine)."""
+    v = np.where(np.isnan(values), np.inf, values) if nan_as_inf else values[~np.isnan(values)]
+    if not len(v):
+        return float("nan")
+    x = float(np.quantile(np.minimum(v, 1e300), p))  # np.quantile cannot interpolate with inf
+    return float("inf") if x >= 1e299 else x
+
+
 def _log_basic(name: str, point: float, world: float, boot: np.ndarray, alpha: float) -> dict[str, float]:
     """Basic bootstrap interval on the log scale (a multiplicative pivot, for positive ratios):
-    ``[θ̂·θ_w/q_{1−α}(θ*), θ̂·θ_w/q_α(θ*)]`` with θ_w the bootstrap world's (plug-in) value."""
-    v = boot[np.isfinite(boot) & (boot > 0)]
+    ``[θ̂·θ_w/q_{1−α}(θ*), θ̂·θ_w/q_α(θ*)]`` with θ_w the bootstrap world's (plug-in) value; a replicate whose
+    denominator is ≤ 0 counts as +∞."""
+    v = np.where(np.isnan(boot), np.inf, boot)
+    v = v[v > 0]
     if not (point > 0 and world > 0 and len(v)):
         return {f"{name}_lo": float("nan"), f"{name}_hi": float("nan")}
     return {
-        f"{name}_lo": float(point * world / np.quantile(v, 1 - alpha)),
-        f"{name}_hi": float(point * world / np.quantile(v, alpha)),
+        f"{name}_lo": float(point * world / _quantile(v, 1 - alpha)),
+        f"{name}_hi": float(point * world / _quantile(v, alpha)),
     }
 
 
