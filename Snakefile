@@ -1,4 +1,4 @@
-# The whole study as one DAG: data -> base (SFT) -> train -> eval -> analysis -> figures (+ the estimator lab;
+# The whole study as one DAG: data -> base (SFT) -> train -> eval -> analysis -> figures (+ estimator lab;
 # + the gradient-fidelity probe when asked for: `snakemake --cores all probe` or workflow.probe: true).
 #
 #   snakemake --cores all                                    # the embedded tiny study (experiments/tiny.yaml)
@@ -16,6 +16,10 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+envvars:
+    "PATH",
+
+
 # Run the `ctpo` of the Python that runs Snakemake, even when its virtual environment is not activated.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
@@ -24,7 +28,9 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/mlflow.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/preflight.smk"
 include: "workflow/rules/base.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"

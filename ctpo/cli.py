@@ -15,6 +15,10 @@ from ctpo import __version__
 
 # name -> (module, one-line help). Order is the order of a study.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "preflight": (
+        "ctpo.commands.preflight",
+        "will this study run here? versions, GPUs, data, models, MLflow, sandbox, disk, one VERL step",
+    ),
     "data": (
         "ctpo.commands.data",
         "build or fetch a dataset split into the normalised schema (JSONL / VERL parquet)",
@@ -34,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "probe": (
         "ctpo.commands.probe",
-        "the gradient-fidelity probe: bias and variance of every ratio design on the tiny policy vs staleness",
+        "the gradient-fidelity probe: every ratio design's gradient bias and variance vs staleness",
     ),
     "analyze": ("ctpo.commands.analyze", "build the paper's tables and figure data from run outputs"),
     "figures": ("ctpo.commands.figures", "draw the paper's figures from analysis outputs"),

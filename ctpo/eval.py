@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from ctpo.tir.episode import SamplingParams, run_episodes
+
 DEFAULT_EVAL_SEED = 1234
 """Sampling seed of evaluation when the config gives none: every eval of a model samples the same way."""
 
@@ -74,6 +76,7 @@ def run_eval_many(
     params=None,
     seed: int = DEFAULT_EVAL_SEED,
     batched: bool = True,
+    with_ids: bool = False,
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Evaluate several benchmarks with one generator, pool and grader; returns ``{name: (summary,
     per-sample records)}`` in the order of ``benchmarks``, each exactly as `run_eval` would report it.
@@ -83,8 +86,8 @@ def run_eval_many(
     split back by position and graded per benchmark. ``rollout_s`` / ``eval_s`` of each summary are then the
     wall time of the *shared* call, and ``batched_with`` names the benchmarks that shared it. This is the
     right shape for a backend that batches without padding (vLLM). The HF loop left-pads a batch to its
-    longest context, so on CPU a mixed batch costs more per token than one batch per benchmark (measured
-    on tiny-s: benchmarks/bench_eval_merge.py, numbers in benchmarks/README.md).
+    longest context, so on CPU a mixed batch costs more per token than one batch per benchmark
+    (docs/findings/2026-11-26-eval-batching.md).
 
     ``batched=False``: one `run_episodes` call per benchmark, one after another (``batched_with`` empty);
     the samples are then the same as evaluating each benchmark on its own.
@@ -93,10 +96,12 @@ def run_eval_many(
     A sample depends on the whole batch it was drawn in (the HF backend seeds each call from the seed and
     all of its prompts), so a benchmark batched with others draws different, equally valid samples than
     it does alone. ``params`` (SamplingParams) defaults to T=1, no truncation.
+
+    ``with_ids``: each sample record also holds its token ids, response mask and behaviour log-probs
+    (``prompt_ids``, ``response_ids``, ``response_mask``, ``behaviour_logprobs``), for checks that need
+    the exact tokens (a backend's log-probs against a reference scoring, the masking of observations).
     """
     from dataclasses import replace
-
-    from ctpo.tir.episode import SamplingParams
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -109,20 +114,26 @@ def run_eval_many(
     if params.seed is None:
         params = replace(params, seed=seed)
     if batched:
-        return _run_batch(generator, tokenizer, benchmarks, k, cfg, pool, grader, params)
+        return _run_batch(generator, tokenizer, benchmarks, k, cfg, pool, grader, params, with_ids)
     out = {}
     for name, records in benchmarks.items():
-        out.update(_run_batch(generator, tokenizer, {name: records}, k, cfg, pool, grader, params))
+        out.update(_run_batch(generator, tokenizer, {name: records}, k, cfg, pool, grader, params, with_ids))
     return out
 
 
 def _run_batch(
-    generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any]]], k: int, cfg, pool, grader, params
+    generator,
+    tokenizer,
+    benchmarks: Mapping[str, list[dict]],
+    k: int,
+    cfg,
+    pool,
+    grader,
+    params,
+    with_ids: bool,
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """One `run_episodes` call over all ``benchmarks`` (benchmark after benchmark, problem after problem, k
     copies each), one grading call, then samples and a summary per benchmark."""
-    from ctpo.tir.episode import run_episodes
-
     spans: dict[str, tuple[int, int]] = {}
     problems: list[str] = []
     golds: list[str] = []
@@ -140,7 +151,7 @@ def _run_batch(
     out = {}
     for name, records in benchmarks.items():
         lo, hi = spans[name]
-        samples = _sample_records(records, k, episodes[lo:hi], grades[lo:hi])
+        samples = _sample_records(records, k, episodes[lo:hi], grades[lo:hi], with_ids)
         summary = _summarize_samples(samples, len(records), k)
         summary.update(
             {
@@ -155,8 +166,11 @@ def _run_batch(
     return out
 
 
-def _sample_records(records: list[dict[str, Any]], k: int, episodes, grades) -> list[dict[str, Any]]:
-    """One record per sample: episode ``i`` is sample ``i % k`` of ``records[i // k]``."""
+def _sample_records(
+    records: list[dict[str, Any]], k: int, episodes, grades, with_ids: bool = False
+) -> list[dict[str, Any]]:
+    """One record per sample: episode ``i`` is sample ``i % k`` of ``records[i // k]`` (with its token ids,
+    mask and behaviour log-probs when ``with_ids``)."""
     samples = []
     for i, (ep, g) in enumerate(zip(episodes, grades, strict=True)):
         r = records[i // k]
@@ -178,6 +192,15 @@ def _sample_records(records: list[dict[str, Any]], k: int, episodes, grades) -> 
                 "response": ep.response_text,
             }
         )
+        if with_ids:
+            samples[-1].update(
+                {
+                    "prompt_ids": list(ep.prompt_ids),
+                    "response_ids": list(ep.response_ids),
+                    "response_mask": list(ep.response_mask),
+                    "behaviour_logprobs": ep.behaviour_logprobs,
+                }
+            )
     return samples
 
 
@@ -237,9 +260,8 @@ def evaluate(
 
 
 def sampling_from_config(eval_cfg: dict[str, Any]):
-    """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens, seed)."""
-    from ctpo.tir.episode import SamplingParams
-
+    """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens,
+    seed)."""
     return SamplingParams(
         temperature=float(eval_cfg.get("temperature", 1.0)),
         top_p=float(eval_cfg.get("top_p", 1.0)),

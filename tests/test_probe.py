@@ -64,7 +64,7 @@ def test_an_unresolved_target_gives_unbounded_relative_intervals_and_resolved_va
 
 
 def test_two_sample_bias_removes_both_noise_terms():
-    """Gaussian units with a known mean difference: the estimate is centred on the truth, the raw error is not."""
+    """Gaussian units with a known mean difference: the estimate centres on the truth, the raw error not."""
     rng = np.random.default_rng(0)
     D, M = 400, 64
     g = np.zeros(D)
@@ -159,7 +159,7 @@ def test_other_seeds_move_the_numbers_only_within_the_intervals(mdp_runs):
 def _micro_batch(seed: int = 1):
     from test_train_local import micro_model
 
-    from ctpo.train.local import pack
+    from ctpo.train.batch import pack
 
     g = torch.Generator().manual_seed(seed)
     lens = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
@@ -171,7 +171,7 @@ def _micro_batch(seed: int = 1):
 
 def _autograd_per_episode(model, batch, coef, params):
     """Σ_t c_{i,t} ∇ log π(a_{i,t}) for each episode i by its own backward pass (the reference)."""
-    from ctpo.train.local import response_log_probs
+    from ctpo.train.batch import response_log_probs
 
     out = []
     for i in range(batch.input_ids.shape[0]):
@@ -184,7 +184,7 @@ def _autograd_per_episode(model, batch, coef, params):
 def test_subset_scores_from_one_backward_equal_autograd_per_episode():
     """Per-token factorisation of the position-wise subset: one backward for all episodes and tables."""
     from ctpo.probe.llm import ScoreSubset
-    from ctpo.train.local import response_log_probs
+    from ctpo.train.batch import response_log_probs
 
     model, batch, g = _micro_batch()
     sub = ScoreSubset(model, sketch_dim=0)
@@ -204,7 +204,7 @@ def test_subset_scores_from_one_backward_equal_autograd_per_episode():
 
 def test_kronecker_projection_is_the_exact_gradient_projected_by_a_kron_b():
     from ctpo.probe.llm import ScoreSubset
-    from ctpo.train.local import response_log_probs
+    from ctpo.train.batch import response_log_probs
 
     model, batch, g = _micro_batch(2)
     exact, proj = ScoreSubset(model, sketch_dim=0), ScoreSubset(model, sketch_dim=4, seed=3)

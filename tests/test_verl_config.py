@@ -65,11 +65,12 @@ def test_overrides_carry_the_paper_setup(tmp_path):
     assert d["trainer.default_local_dir"] == str(tmp_path / "run" / "checkpoints")
     assert d["trainer.logger"] == "[console,mlflow,file]"
     assert d["trainer.total_training_steps"] == "200" and d["trainer.test_freq"] == "10"
-    assert d["ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID"] == "abc"
+    assert d["ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID"] == "'abc'"  # Ray wants strings
     assert (
-        d["ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] == "ctpo.backends.verl.losses"
+        d["ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"]
+        == "'ctpo.backends.verl.losses'"
     )
-    assert d["ray_kwargs.ray_init.runtime_env.env_vars.CTPO_SANDBOX_WORKERS"] == "32"
+    assert d["ray_kwargs.ray_init.runtime_env.env_vars.CTPO_SANDBOX_WORKERS"] == "'32'"
     assert d["reward.custom_reward_function.path"] == "pkg://ctpo.backends.verl.reward"
     assert d["data.val_files"].endswith("aime25.parquet")
 
@@ -197,7 +198,8 @@ from verl.utils.config import omega_conf_to_dataclass
 assert "ctpo" not in core_algos.POLICY_LOSS_REGISTRY
 cfg = compose({overrides!r})
 omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-assert {{"ctpo", "ctpo_fixed", "seq"}} <= set(core_algos.POLICY_LOSS_REGISTRY), sorted(core_algos.POLICY_LOSS_REGISTRY)
+registry = set(core_algos.POLICY_LOSS_REGISTRY)
+assert {{"ctpo", "ctpo_fixed", "seq"}} <= registry, sorted(registry)
 print("registered")
 """
     env = {"VERL_USE_EXTERNAL_PLUGINS": "none", "PATH": "/usr/bin:/bin"}

@@ -21,14 +21,13 @@ FAKE_MAIN_PPO = r"""
 import json, os, sys
 from pathlib import Path
 import torch
-from ctpo import losses
 from ctpo.backends.verl.metrics import position_scalars
 
 ov = dict(a.lstrip("+").split("=", 1) for a in sys.argv[1:])
 ckpt = Path(ov["trainer.default_local_dir"])
 ckpt.mkdir(parents=True, exist_ok=True)
 seen = {"MLFLOW_RUN_ID": os.environ.get("MLFLOW_RUN_ID"),
-        "forwarded": ov.get("ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID"),
+        "forwarded": ov.get("ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID", "").strip("'"),
         "steps": ov.get("trainer.total_training_steps")}
 (ckpt.parent / "fake_seen.json").write_text(json.dumps(seen))
 g = torch.Generator().manual_seed(0)
@@ -37,8 +36,8 @@ new = old + 0.1 * torch.randn(4, 64, generator=g)
 mask = torch.ones(4, 64)
 with open(os.environ["VERL_FILE_LOGGER_PATH"], "w") as f:
     for step in (1, 2):
-        data = {"actor/clip/frac": 0.01 * step, "critic/score/mean": 0.5, "timing_s/gen": 3.0, "perf/mfu": 0.4,
-                **position_scalars(old, new, mask, None, losses.PolicyLossConfig(method="ctpo"))}
+        data = {"actor/clip/frac": 0.01 * step, "critic/score/mean": 0.5, "timing_s/gen": 3.0,
+                "perf/mfu": 0.4, **position_scalars(old, new, mask, reference=None)}
         f.write(json.dumps({"step": step, "data": data}) + "\n")
 (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
 """

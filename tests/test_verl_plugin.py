@@ -174,7 +174,7 @@ def test_position_diagnostics_survive_verl_metric_averaging():
     assert diag and all(k.startswith("actor/diag/pos/b") for k in diag)
     averaged = {k: (parts[0][k] + parts[1][k]) / 2 for k in diag}  # Metric(MEAN) over micro-batches
     rebuilt = plugin.figure1_data(averaged).to_frame()
-    direct = plugin.position_stats(core.PolicyLossConfig(method="ctpo"))
+    direct = plugin.position_stats()  # the paper's ranges: actor_config carries no reference
     direct.update(old, new.detach(), mask)
     expected = direct.to_frame()
     assert isinstance(direct, PositionStats) and len(rebuilt) == len(expected)

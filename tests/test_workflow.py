@@ -23,7 +23,7 @@ from ctpo.config import ConfigError, load_config, run_matrix, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "Snakefile"
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = REPO / "ctpo" / "schemas" / "config.schema.yaml"
 HAS_SLURM_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
 
 
@@ -119,6 +119,7 @@ def _fields(cls) -> set[str]:
 
 def test_schema_sections_match_the_modules_config_fields():
     """Strict sections list exactly their module's fields: adding a field means adding it to the schema."""
+    from ctpo.diagnostics import ClipRanges
     from ctpo.lab import LabSettings
     from ctpo.losses import PolicyLossConfig
     from ctpo.probe.settings import ProbeSettings
@@ -134,10 +135,27 @@ def test_schema_sections_match_the_modules_config_fields():
     assert _schema_props("verl") == set(VERL_DEFAULTS)
     assert _schema_props("lab") == _fields(LabSettings)
     assert _schema_props("probe") == _fields(ProbeSettings)
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert set(schema["properties"]["diagnostics"]["properties"]) == _fields(ClipRanges)
     from ctpo.tir.sandbox import SandboxPool
 
     sandbox = yaml.safe_load(SCHEMA.read_text())["properties"]["sandbox"]["properties"]
     assert set(sandbox) == set(inspect.signature(SandboxPool.__init__).parameters) - {"self"}
+
+
+def test_the_schema_ships_in_the_wheel(tmp_path):
+    """An installed ctpo validates configs too: the schema is package data, not a file of the checkout."""
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(REPO / "ctpo", src / "ctpo", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src)]
+    subprocess.run([*pip, "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("ctpo-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("ctpo/schemas/config.schema.yaml") == SCHEMA.read_bytes()
 
 
 def test_snakemake_stops_on_a_bad_key_naming_it(tmp_path):
@@ -173,6 +191,9 @@ def _expected_counts(config: dict) -> dict[str, int]:
     }
     if (config.get("workflow") or {}).get("lab", True):
         counts["lab"] = 1
+    preflight = (config.get("workflow") or {}).get("preflight")
+    if preflight or (preflight is None and (config.get("train") or {}).get("backend") == "verl"):
+        counts["preflight"] = 1
     return {k: v for k, v in counts.items() if v}
 
 
@@ -207,6 +228,7 @@ HAND_COUNTS = {
     "paper": {
         "mlflow_init": 1,
         "data": 5,
+        "preflight": 1,  # VERL training: `ctpo preflight` before every training and evaluation
         "train": 7,
         "eval_run": 7,
         "eval_base": 2,
@@ -276,6 +298,32 @@ def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
     assert all("--parquet " in c for c in data)  # VERL reads parquet
     resolved = yaml.safe_load((tmp_path / "results/paper/config.resolved.yaml").read_text())
     assert resolved["train"]["backend"] == "verl" and resolved["eval"] == {"backend": "vllm", "k": 32}
+
+
+def test_paper_dag_runs_preflight_before_work_left_only(tmp_path):
+    out = _dry_run(tmp_path, "paper")
+    r = "results/paper"
+    assert shell_commands(out, "preflight") == [
+        f"ctpo preflight --config {r}/config.resolved.yaml --out {r}/preflight.json"
+        f" > {r}/logs/preflight.log 2>&1"
+    ]
+    (pre,) = [b for b in out.split("\n\n") if re.search(r"^rule preflight:", b, re.M)]
+    assert re.search(r"resources: .*gpu=8, nodes=1", pre) and "data/train.jsonl" in pre  # after the data
+    jobs = [b for b in out.split("\n\n") if re.search(r"^rule (train|eval_run|eval_base):", b, re.M)]
+    assert len(jobs) == 16 and all(f"{r}/preflight.json" in b.split("output:")[0] for b in jobs)
+    # a finished training neither waits for a new preflight nor is rerun because of one
+    (tmp_path / r / "data").mkdir(parents=True, exist_ok=True)
+    for name in ("train", "aime25", "aime26", "brumo25", "hmmt25"):
+        for ext in ("jsonl", "parquet"):
+            (tmp_path / r / "data" / f"{name}.{ext}").write_text("{}\n")
+    (tmp_path / r / "mlflow.json").write_text("{}\n")
+    time.sleep(0.05)
+    done = tmp_path / r / "runs/qwen3-4b/grpo/s0/DONE.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}\n")
+    out = _dry_run(tmp_path, "paper")
+    assert job_counts(out)["train"] == 6 and job_counts(out)["preflight"] == 1
+    assert not any("--model qwen3-4b --method grpo " in c for c in shell_commands(out, "train"))
 
 
 @pytest.mark.skipif(
@@ -392,6 +440,13 @@ def test_smoke_study_end_to_end(tmp_path):
     counts = job_counts(out.stdout + out.stderr)
     assert "train" not in counts and "base" not in counts and "data" not in counts
     assert counts["eval_run"] == len(matrix) and counts["eval_base"] == 1 and counts["analyze"] == 1
+    # Figure 1's reference γ is every training's diagnostics, whatever the method: all of them rerun
+    changed = yaml.safe_load((tmp_path / "smoke.yaml").read_text())
+    changed["diagnostics"] = {"gamma": 0.6}
+    (tmp_path / "smoke_gamma.yaml").write_text(yaml.safe_dump(changed))
+    out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "smoke_gamma.yaml"))
+    counts = job_counts(out.stdout + out.stderr)
+    assert counts["train"] == len(matrix) and "base" not in counts and "data" not in counts
 
     # The HTML report with the figures and tables
     report = tmp_path / "report.html"

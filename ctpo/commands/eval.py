@@ -6,7 +6,7 @@ The model, the sandbox pool and the grader start once for all benchmarks (`ctpo.
 episode loop, so each turn is one generate call for all of them, and splits the results back per
 benchmark; ``apart`` runs one batch per benchmark, one after another. The default is ``apart`` for the
 ``hf`` backend (its batches are left-padded to the longest context, so on CPU a mixed batch is slower:
-benchmarks/bench_eval_merge.py) and ``together`` for the others (vLLM batches without padding).
+docs/findings/2026-11-26-eval-batching.md) and ``together`` for the others (vLLM batches without padding).
 
 Where the files go:
 
@@ -27,9 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from ctpo import atomic, tracking
+from ctpo import data as datasets
+from ctpo.config import load_config
+from ctpo.eval import run_eval_many, sampling_from_config
+from ctpo.generation import make_generator
+from ctpo.reward import Grader
+from ctpo.tir.protocol import TIRConfig
+from ctpo.tir.sandbox import SandboxPool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=None, help="generation backend: hf | vllm (default: eval.backend)"
     )
     parser.add_argument("--n", type=int, help="evaluate only the first N problems (smoke tests)")
+    parser.add_argument(
+        "--save-token-ids",
+        action="store_true",
+        help="also write each sample's prompt/response token ids, response mask and behaviour log-probs "
+        "to samples.jsonl",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
         "--model", dest="model_name", help="label for the summary (default: from RUN or the Base)"
@@ -131,22 +145,11 @@ def batch_together(backend: str, choice: str | None) -> bool:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from ctpo import data as datasets
-    from ctpo import tracking
-    from ctpo.config import load_config
-    from ctpo.eval import run_eval_many, sampling_from_config
-    from ctpo.generation import make_generator
-    from ctpo.reward import Grader
-    from ctpo.tir.protocol import TIRConfig
-    from ctpo.tir.sandbox import SandboxPool
 
     torch.set_num_threads(max(1, args.threads))
     config = load_config(args.config)
@@ -202,7 +205,16 @@ def run(args: argparse.Namespace) -> int:
         Grader(workers=int(eval_cfg.get("grader_workers", 1))) as grader,
     ):
         results = run_eval_many(
-            generator, tokenizer, benchmarks, k, tir_cfg, pool, grader, params=params, batched=together
+            generator,
+            tokenizer,
+            benchmarks,
+            k,
+            tir_cfg,
+            pool,
+            grader,
+            params=params,
+            batched=together,
+            with_ids=args.save_token_ids,
         )
         gen_stats = getattr(generator, "stats", None)  # of the whole call: the same in every summary
         summaries = {}

@@ -116,8 +116,8 @@ def estimators(methods: Iterable[str] | None = None) -> list[Estimator]:
 def estimator_coefficients(
     old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cfg: Any
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``c`` with ``−∇ compute_policy_loss = (1/N) Σ_i Σ_t c_{i,t} ∇ log π(a_{i,t}|s_{i,t})``: autograd through the
-    real loss to each token's log-prob (the lab's `token_coefficients`, for log-probs of any policy)."""
+    """``c`` with ``−∇ compute_policy_loss = (1/N) Σ_i Σ_t c_{i,t} ∇ log π(a_{i,t}|s_{i,t})``: autograd
+    through the real loss to each token's log-prob (the lab's `token_coefficients`, for any policy)."""
     lp = log_prob.detach().to(torch.float64).requires_grad_(True)
     n = lp.shape[0]  # every row counts, empty ones too: c is the single-episode estimator's coefficient
     loss, metrics = compute_policy_loss(
@@ -242,7 +242,8 @@ def measure(
         rows += new
         r = {x["estimator"]: x for x in new}
         progress(
-            f"probe: k={k}: KL/token {new[0]['kl_per_token']:.2e}, target rel. SE {new[0]['target_rel_se']:.2f}; "
+            f"probe: k={k}: KL/token {new[0]['kl_per_token']:.2e}, "
+            f"target rel. SE {new[0]['target_rel_se']:.2f}; "
             + ", ".join(f"{n} bias {r[n]['rel_bias']:.2f}" for n in list(r)[:6])
         )
     return rows

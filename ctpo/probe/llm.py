@@ -35,6 +35,8 @@ from ctpo.probe.core import CoefFn, Episodes
 from ctpo.probe.settings import DEFAULT_SUBSET
 from ctpo.train import local
 from ctpo.train.advantages import group_advantages
+from ctpo.train.batch import micro_batches, pack, response_log_probs
+from ctpo.train.rollout import rollout
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +193,7 @@ class LLMPolicy:
         self.model, self.world, self.subset = model, world, subset
 
     def sample(self, n_units: int, seed: int) -> Episodes:
-        """``n_units`` prompts drawn from the train split, G episodes each, through `ctpo.train.local.rollout`."""
+        """``n_units`` prompts drawn from the train split, G episodes each (`ctpo.train.rollout.rollout`)."""
         import time
 
         w = self.world
@@ -202,7 +204,7 @@ class LLMPolicy:
         t0 = time.perf_counter()
         for start in range(0, n_units, w.sample_chunk_units):
             problems = [w.problems[int(i)] for i in idx[start : start + w.sample_chunk_units]]
-            ro = local.rollout(
+            ro = rollout(
                 self.model,
                 w.tokenizer,
                 problems,
@@ -222,9 +224,7 @@ class LLMPolicy:
         w.timings["sample_s"] = w.timings.get("sample_s", 0.0) + time.perf_counter() - t0
         w.timings["episodes"] = w.timings.get("episodes", 0.0) + len(episodes)
         pad = w.tokenizer.pad_token_id if w.tokenizer.pad_token_id is not None else 0
-        batch = local.pack(
-            [ep.prompt_ids for ep in episodes], [ep.response_ids for ep in episodes], masks, pad
-        )
+        batch = pack([ep.prompt_ids for ep in episodes], [ep.response_ids for ep in episodes], masks, pad)
         return Episodes(
             mask=batch.response_mask.to(torch.float64),
             reward=torch.cat(rewards).to(torch.float64),
@@ -244,17 +244,17 @@ class LLMPolicy:
         logp_all = torch.zeros(n, R, dtype=torch.float64)
         grads: dict[str, torch.Tensor] = {}
         self.model.eval()
-        for rows in local.micro_batches(batch, torch.arange(n), self.world.eval_chunk):
+        for rows in micro_batches(batch, torch.arange(n), self.world.eval_chunk):
             sub = batch.select(rows)
             r = sub.response_mask.shape[1]
             mask = sub.response_mask
             if coefficients is None or self.subset is None:
                 with torch.no_grad():
-                    logp, _ = local.response_log_probs(self.model, sub, self.world.temperature)
+                    logp, _ = response_log_probs(self.model, sub, self.world.temperature)
                 logp_all[rows, :r] = logp.to(torch.float64) * mask
                 continue
             with self.subset.capture(self.model) as store:
-                logp, _ = local.response_log_probs(self.model, sub, self.world.temperature)
+                logp, _ = response_log_probs(self.model, sub, self.world.temperature)
                 logp_all[rows, :r] = logp.detach().to(torch.float64) * mask
                 tables = coefficients(rows, logp_all[rows])
                 coef = torch.stack([c[:, :r] for c in tables.values()])
@@ -314,7 +314,7 @@ class FullGradientPolicy:
             sub = batch.select(rows)
             r, mask = sub.response_mask.shape[1], sub.response_mask
             with torch.enable_grad():
-                logp, _ = local.response_log_probs(model, sub, self.policy.world.temperature)
+                logp, _ = response_log_probs(model, sub, self.policy.world.temperature)
                 logp_all[rows, :r] = logp.detach().to(torch.float64) * mask
                 tables = coefficients(rows, logp_all[rows])
                 for j, (name, c) in enumerate(tables.items()):

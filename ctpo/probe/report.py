@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctpo import atomic
+from ctpo.atomic import atomic_path
 from ctpo.probe.core import UNCORRECTED
 
 #: Columns of the headline table, in order: (column, label, format).
@@ -24,12 +24,6 @@ _CELLS = (
     ("msep_vs_onpolicy", "MSE ÷ fresh", ".3g"),
     ("var_vs_uncorrected", "var ÷ no ratio", ".3g"),
 )
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _cell(r: pd.Series, col: str, fmt: str) -> str:
@@ -51,7 +45,8 @@ def _setting_line(g: pd.DataFrame) -> str:
         f"KL(μ‖π)/token {r.kl_per_token:.2e} [{r.kl_per_token_lo:.2e}, {r.kl_per_token_hi:.2e}]; "
         f"ESS of ρ_1:T {r.seq_ratio_ess:.2f}; target rel. SE {r.target_rel_se:.2f}; "
         f"bias resolution {g.rel_bias_resolution.median():.2f} (target's share "
-        f"{g.rel_bias_resolution_target.median():.2f}); fresh on-policy batch var/‖g*‖² {r.onpolicy_rel_var:.3g}; "
+        f"{g.rel_bias_resolution_target.median():.2f}); "
+        f"fresh on-policy batch var/‖g*‖² {r.onpolicy_rel_var:.3g}; "
         f"reward μ {r.reward_behaviour:.2f}, π {r.reward_target:.2f}"
     )
 
@@ -165,8 +160,9 @@ def write_outputs(
     from ctpo.probe.run import OUTPUT_FILES
 
     frame, check_frame = pd.DataFrame(rows), pd.DataFrame(check)
-    _atomic(out / "probe_rows.csv", lambda p: frame.to_csv(p, index=False, float_format="%.6g"))
-    _atomic(out / "probe_full_check.csv", lambda p: check_frame.to_csv(p, index=False, float_format="%.6g"))
+    for name, table_ in (("probe_rows.csv", frame), ("probe_full_check.csv", check_frame)):
+        with atomic_path(out / name) as tmp:
+            table_.to_csv(tmp, index=False, float_format="%.6g")
     summary = summary_json(frame, check_frame, meta)
     summary["files"] = list(OUTPUT_FILES)
     text = "\n".join(
@@ -185,10 +181,9 @@ def write_outputs(
             *(["## Full-gradient check", "", table(_as_rows(check_frame))] if len(check_frame) else []),
         ]
     )
-    _atomic(out / "probe_table.md", lambda p: p.write_text(text))
+    atomic.write_text(out / "probe_table.md", text)
     plot(frame, out)
-    text = json.dumps(_strict_json(summary), indent=2, allow_nan=False)
-    _atomic(out / "probe_summary.json", lambda p: p.write_text(text))
+    atomic.write_json(out / "probe_summary.json", _strict_json(summary), allow_nan=False)
     return summary
 
 
@@ -237,7 +232,7 @@ def _kl_label(k: int, kl: float) -> str:
 
 
 def plot(rows: pd.DataFrame, out: Path, style: str | Path | None = None) -> None:
-    """Bias², variance and MSE of one batch relative to a fresh on-policy batch's variance, vs k: one line per method
+    """Bias², variance and MSE of one batch over a fresh on-policy batch's variance, vs k: one line per method
     (uncorrected grey, dashed), 95% CI bands; a row per checkpoint and clipping (pure IS / as registered);
     the x ticks carry the measured KL(μ‖π) per token. Unbounded intervals are cut at the panel's top."""
     import matplotlib
@@ -306,5 +301,6 @@ def plot(rows: pd.DataFrame, out: Path, style: str | Path | None = None) -> None
             axes[i, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=6)
         fig.tight_layout()
         for ext in ("png", "pdf"):
-            _atomic(out / f"probe_figure.{ext}", lambda p, ext=ext: fig.savefig(p, format=ext))
+            with atomic_path(out / f"probe_figure.{ext}") as tmp:
+                fig.savefig(tmp, format=ext)
         plt.close(fig)

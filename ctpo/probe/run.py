@@ -173,7 +173,7 @@ def probe_checkpoint(
     full_check: bool = False,
     progress=log.info,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows of one θ₀ (and of the full-gradient check when ``full_check``); timings go to ``world.timings``."""
+    """Rows of one θ₀ (and of the full-gradient check when ``full_check``); timings in ``world.timings``."""
     t0 = time.perf_counter()
     subset = ScoreSubset(model, settings.subset, settings.sketch_dim, seed=settings.seed)
     policy = LLMPolicy(model, world, subset)

@@ -32,7 +32,7 @@ class ProbeSettings:
     update_method: str | None = None
     """The config method whose loss drives θ_k (default: ``trained_method``)."""
     ks: tuple[int, ...] = (0, 1, 2, 4, 8, 16)
-    """Staleness: AdamW steps from θ₀ to π = θ_k (16: the authors' updates per rollout batch; 2: the study's)."""
+    """Staleness: AdamW steps from θ₀ to π = θ_k (16: the authors' updates per batch; 2: the study's)."""
     units_behaviour: int = 64
     """Prompts (× G episodes) sampled from μ for the estimators."""
     units_target: int = 32
@@ -40,7 +40,7 @@ class ProbeSettings:
     group_size: int | None = None
     """G, episodes per prompt (default: ``train.group_size``)."""
     batch_units: float | None = None
-    """Prompts per optimizer step whose variance is reported (default: train.prompts_per_step / minibatches)."""
+    """Prompts per optimizer step whose variance is reported (default: prompts_per_step / minibatches)."""
     baseline: str = "loo"
     """Advantage baseline of target and estimators alike: ``loo`` (the mean reward of the prompt's other
     G − 1 episodes; the target stays exactly the policy gradient) or ``mean`` (one b, the driver batch's mean
@@ -92,7 +92,8 @@ class ProbeSettings:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if not set(overrides) <= set(fields):
             raise ConfigError(
-                f"probe section: unknown key(s) {sorted(set(overrides) - set(fields))}; known: {sorted(fields)}"
+                f"probe section: unknown key(s) {sorted(set(overrides) - set(fields))}; "
+                f"known: {sorted(fields)}"
             )
         given = {**overrides, **{k: v for k, v in kw.items() if v is not None}}
         settings = (cls.quick if quick else cls)(

@@ -18,7 +18,8 @@ truth is the plug-in value (e.g. ‖x̄ − ȳ‖²/‖ȳ‖², as in the lab): 
 statistic is off by the very noise term removed (‖ȳ*‖² centres on ‖ȳ‖² = ‖g*‖² + tr Σ_y/M_y). Relative bias²
 and cosine on their own scale, relative variance and MSE on the log scale (positive ratios); the absolute
 variance keeps the lab's percentile interval. Both samples are resampled by batch, independently.
-With a fixed target (``target`` an array) the target's noise terms are zero and the numbers are those of `ctpo.lab.mc_bias_variance` (tests/test_probe.py checks it to rounding).
+With a fixed target (``target`` an array) the target's noise terms are zero and the numbers are those of
+`ctpo.lab.mc_bias_variance` (tests/test_probe.py checks it to rounding).
 
 Resolution: ``rel_bias_resolution`` is the smallest relative bias whose interval would exclude 0 at these
 sample sizes; ``rel_bias_resolution_target`` the same with only the target resampled (the estimator's mean
@@ -46,7 +47,8 @@ class BatchMoments:
 
     @classmethod
     def from_units(cls, units: np.ndarray | torch.Tensor, n_batches: int | None = None) -> BatchMoments:
-        """Batch moments of ``units`` (U, D) in ``n_batches`` equal consecutive batches (default: one per unit)."""
+        """Batch moments of ``units`` (U, D) in ``n_batches`` equal consecutive batches (default: one per
+        unit)."""
         x = torch.as_tensor(units, dtype=torch.float64)
         U = x.shape[0]
         K = U if n_batches is None else int(n_batches)

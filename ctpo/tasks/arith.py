@@ -37,6 +37,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from ctpo.tir.protocol import build_prompt, find_code_block, format_observation
+
 DATA_SOURCE = "arith"
 
 # split -> (default size, generator settings). ``rules``: weights over the number of rules after the start
@@ -112,7 +114,10 @@ def rule_text(rule: str, params: dict[str, int], x: str) -> str:
     if rule == "threshold":
         return f"If {x} is greater than {params['t']}, subtract {params['k']}; otherwise add {params['k']}."
     if rule == "last_digit":
-        return f"If the last digit of {x} is less than 5, multiply it by {params['m']}; otherwise subtract {params['k']}."
+        return (
+            f"If the last digit of {x} is less than 5, multiply it by {params['m']}; "
+            f"otherwise subtract {params['k']}."
+        )
     if rule == "mul_add":
         return f"Multiply {x} by {params['m']} and add {params['k']}."
     if rule == "mod":
@@ -462,8 +467,6 @@ def demonstrations(
     whose EOS the tokenizer step appends) alternating with observations produced by
     `protocol.format_observation` from really running each code block in ``pool``.
     """
-    from ctpo.tir.protocol import build_prompt, find_code_block, format_observation
-
     rng = random.Random(f"ctpo.arith.demos/{seed}")
     styles = demonstration_styles(len(records), rng, mix or DEFAULT_MIX, cfg.max_turns, records)
     planned = [demonstration_turns(r, s, rng) for r, s in zip(records, styles)]

@@ -28,9 +28,9 @@ The study config's ``verl:`` section (all optional; defaults are the paper's sin
       gpu_memory_utilization: 0.6
       total_epochs: 1                # train.steps, when set, caps the run (trainer.total_training_steps)
       save_freq: 20                  # train.checkpoint_every wins when set
-      val_n: 8                       # samples per problem of the in-training eval (train.eval_every, Figure 2)
+      val_n: 8                       # samples per problem of the in-training eval (Figure 2)
       val_temperature: 0.7
-      builtin_losses: true           # grpo/gspo on VERL's vanilla/gspo; false: the plug-in's ctpo_grpo/ctpo_gspo
+      builtin_losses: true           # grpo/gspo on VERL's vanilla/gspo; false: the plug-in's ctpo_grpo/..
       strategy: fsdp2
       env: {}                        # extra env vars for every Ray worker
       overrides: []                  # raw Hydra overrides appended last (escape hatch)
@@ -40,6 +40,7 @@ The study config's ``verl:`` section (all optional; defaults are the paper's sin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -50,7 +51,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctpo import atomic, data, losses, tracking
+from ctpo.backends.verl.metrics import figure1_data
 from ctpo.config import ConfigError, results_dir, section, train_section
+from ctpo.diagnostics import reference_ranges
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "backends" / "verl"
 TOOL_CONFIG = PACKAGE_DIR / "tool_config.yaml"
@@ -112,7 +116,22 @@ FORWARDED_ENV = (
     "PYTHONPATH",
 )
 
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:@+\-]*$")
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_./:@+\-]*")
+# Unquoted text Hydra's grammar reads as something other than a string: numbers (with `_` separators and
+# exponents), booleans, null, inf / nan.
+_NON_STRING = re.compile(r"[+-]?([0-9_.]*([eE][+-]?[0-9_]*)?|inf|nan)", re.IGNORECASE)
+
+
+def hydra_string(text: str) -> str:
+    """``text`` as a quoted Hydra override value: Hydra and OmegaConf hand back exactly ``text``, a string.
+
+    In Hydra's quoted strings a backslash escapes only a quote or another backslash that runs up to a
+    quote or the end; OmegaConf then resolves ``${...}``, which a backslash escapes (backslashes right
+    before it doubled).
+    """
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    text = re.sub(r"(\\+)(?='|\Z)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def hydra_value(value: Any) -> str:
@@ -125,10 +144,13 @@ def hydra_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
     text = str(value)
-    if text and _SAFE_VALUE.match(text) and text.lower() not in {"null", "true", "false"}:
+    unquoted = _SAFE_VALUE.fullmatch(text) and not _NON_STRING.fullmatch(text)
+    if unquoted and text.lower() not in {"null", "true", "false"}:
         return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return hydra_string(text)
 
 
 def verl_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
@@ -182,19 +204,19 @@ def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: b
     ]
     params = {k: v for k, v in spec.items() if k not in ("method", "loss_agg_mode")}
     if plugin:
-        from ctpo import losses
-
         known = {f for f in losses.PolicyLossConfig.__dataclass_fields__} - {"method", "loss_agg_mode"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(f"methods.{method}: unknown loss option(s) {unknown}; known: {sorted(known)}")
         out.append(f"{a}.policy_loss._target_={POLICY_LOSS_TARGET}")
         out += [f"+{a}.policy_loss.{k}={hydra_value(v)}" for k, v in sorted(params.items())]
+        # Figure 1's reference ranges: the study's, the same for every method (ctpo.diagnostics)
+        reference = dataclasses.asdict(reference_ranges(config.get("diagnostics")))
+        out.append(f"+{a}.policy_loss.diagnostics_reference={hydra_value(reference)}")
         return out
     # Built-in VERL losses: the core's registered defaults, expressed in VERL's actor fields. They
     # implement only a fixed ratio-space clip (and, for vanilla, a constant dual clip); anything else
     # needs the plug-in's adapters.
-    from ctpo import losses
 
     resolved = losses.PolicyLossConfig.from_dict({"method": name, **params}).resolved()
     default = losses.PolicyLossConfig(method=name).resolved()
@@ -353,7 +375,7 @@ def build_overrides(
         f"+data.apply_chat_template_kwargs.{k}={hydra_value(x)}" for k, x in sorted(template_kwargs.items())
     ]
     ov += [
-        f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(x)}"
+        f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_string(x)}"  # Ray wants str values
         for k, x in sorted(workers_env.items())
     ]
     ov += [str(x) for x in (v["overrides"] or [])]
@@ -373,7 +395,6 @@ def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
     """Write the VERL parquet of data entry ``name`` if the workflow has not already."""
     if path.is_file():
         return path
-    from ctpo import data
 
     jsonl = path.with_suffix(".jsonl")
     records = data.read_jsonl(jsonl) if jsonl.is_file() else data.load_entry(config, name)
@@ -382,8 +403,6 @@ def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
 
 def run_from_args(args: Any, config: dict[str, Any]) -> int:
     """``ctpo train --backend verl``: launch VERL for one cell and collect its outputs into RUN/."""
-    from ctpo import tracking
-
     out = Path(args.out)
     seed = int(args.seed)
     # ctpo/backends/verl/ray_slurm.sh exports the allocation's shape; otherwise the config's verl section
@@ -403,7 +422,8 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
         return 0
     if (out / "DONE.json").is_file():
         print(
-            f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished (delete the folder to retrain)",
+            f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished "
+            "(delete the folder to retrain)",
             file=sys.stderr,
         )
         return 0
@@ -455,9 +475,7 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
         "wall_s": round(time.time() - t0, 1),
         "backend": "verl",
     }
-    tmp = out / "DONE.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    tmp.replace(out / "DONE.json")
+    atomic.write_json(out / "DONE.json", done)
     return 0
 
 
@@ -517,18 +535,21 @@ def collect_outputs(out: Path) -> int:
             if line.strip():
                 rec = json.loads(line)
                 by_step[int(rec["step"])] = rec["data"]  # a later attempt wins for a re-run step
+    from ctpo.backends.verl.metrics import TOKEN_WEIGHTED_PREFIX, token_weighted_metrics
+
     lines = []
     diag_dir = out / "diagnostics"
     for step in sorted(by_step):
-        data = by_step[step]
-        row = {"step": step, **{ours_metric_key(k): v for k, v in data.items() if isinstance(v, int | float)}}
+        data = {**by_step[step], **token_weighted_metrics(by_step[step])}  # exact token means, not VERL's
+        nums = {
+            k: v
+            for k, v in data.items()
+            if isinstance(v, int | float) and not k.startswith(TOKEN_WEIGHTED_PREFIX)
+        }
+        row = {"step": step, **{ours_metric_key(k): v for k, v in nums.items()}}
         lines.append(json.dumps(row))
         if any(k.startswith("actor/diag/") for k in data):
-            from ctpo.backends.verl.metrics import figure1_data
-
             diag_dir.mkdir(exist_ok=True)
             figure1_data(data).to_frame().to_csv(diag_dir / f"step_{step:05d}.csv", index=False)
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
-    tmp.replace(out / "metrics.jsonl")
+    atomic.write_text(out / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     return max(by_step) if by_step else 0

@@ -1,6 +1,7 @@
 # avg@k / pass@k of every trained run and of every Base checkpoint on every benchmark of the config.
 # One job per checkpoint: `ctpo eval` loads the model once for all benchmarks (vLLM: one batched episode loop
-# whose turns serve every benchmark; hf: one batch per benchmark in turn) and writes one summary per benchmark.
+# whose turns serve every benchmark; hf: one batch per benchmark in turn) and writes one summary per
+# benchmark.
 
 
 rule eval_run:
@@ -10,12 +11,13 @@ rule eval_run:
         done=f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json",
         data=expand(f"{R}/data/{{benchmark}}.jsonl", benchmark=BENCHMARKS),
         store=STORE,
+        preflight=needs_preflight(*eval_outputs(f"{R}/eval/{{model}}/{{method}}/s{{seed}}")),
     output:
         eval_outputs(f"{R}/eval/{{model}}/{{method}}/s{{seed}}"),
     params:
         config=RESOLVED,
-        run=f"{R}/runs/{{model}}/{{method}}/s{{seed}}",
-        out=f"{R}/eval/{{model}}/{{method}}/s{{seed}}",
+        run=lambda w, input: os.path.dirname(input.done),
+        out=lambda w, output: os.path.dirname(os.path.dirname(output[0])),  # OUT/<benchmark>/summary.json
         benchmarks=",".join(BENCHMARKS),
         cfg=lambda w: digest(section("eval"), section("tir"), section("sandbox")),
     log:
@@ -23,6 +25,8 @@ rule eval_run:
     threads: threads_for("eval")
     resources:
         **resources_for("eval"),
+    conda:
+        SOFTWARE
     shell:
         "ctpo eval --config {params.config} --model-path {params.run}/final --benchmark {params.benchmarks}"
         " --out {params.out} --out-per-benchmark --run {params.run} --threads {threads} > {log} 2>&1"
@@ -33,12 +37,13 @@ rule eval_base:
         base=base_inputs,
         data=expand(f"{R}/data/{{benchmark}}.jsonl", benchmark=BENCHMARKS),
         store=STORE,
+        preflight=needs_preflight(*eval_outputs(f"{R}/eval/{{model}}/base/s{{seed}}")),
     output:
         eval_outputs(f"{R}/eval/{{model}}/base/s{{seed}}"),
     params:
         config=RESOLVED,
         base=lambda w: base_path(w.model),
-        out=f"{R}/eval/{{model}}/base/s{{seed}}",
+        out=lambda w, output: os.path.dirname(os.path.dirname(output[0])),
         benchmarks=",".join(BENCHMARKS),
         cfg=lambda w: digest(section("eval"), section("tir"), section("sandbox")),
     log:
@@ -46,7 +51,10 @@ rule eval_base:
     threads: threads_for("eval")
     resources:
         **resources_for("eval"),
+    conda:
+        SOFTWARE
     shell:
         "ctpo eval --config {params.config} --model-path {params.base} --benchmark {params.benchmarks}"
-        " --out {params.out} --out-per-benchmark --model {wildcards.model} --method base --seed {wildcards.seed}"
+        " --out {params.out} --out-per-benchmark --model {wildcards.model} --method base"
+        " --seed {wildcards.seed}"
         " --threads {threads} > {log} 2>&1"

@@ -35,18 +35,20 @@ rule probe:
         ),
     params:
         config=RESOLVED,
-        out=PROBE_DIR,
+        out=lambda w, output: os.path.dirname(output.summary),
         base=lambda w: base_path(_PROBE.model),
         trained=run_dir(_PROBE.model, _PROBE.trained_method, _PROBE.trained_seed),
         cfg=lambda w: digest(
             section("probe"), section("models", _PROBE.model), section("methods"), section("train"),
-            section("tir"), section("sandbox"),
+            section("tir"), section("sandbox"), section("data", "train"),
         ),
     log:
         f"{LOGS}/probe.log",
     threads: threads_for("probe")
     resources:
         **resources_for("probe"),
+    conda:
+        SOFTWARE
     shell:
-        "ctpo probe --config {params.config} --out {params.out} --base {params.base} --trained {params.trained}"
-        " --threads {threads} > {log} 2>&1"
+        "ctpo probe --config {params.config} --out {params.out} --base {params.base}"
+        " --trained {params.trained} --threads {threads} > {log} 2>&1"
