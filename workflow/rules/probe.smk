@@ -3,22 +3,6 @@
 # behaviour policy falls k AdamW steps behind (docs/probe.md). Not in the default target unless
 # `workflow.probe: true`; `snakemake --cores all probe` runs it (and whatever of the study it needs).
 
-from ctpo.probe.settings import ProbeSettings
-
-_PROBE = ProbeSettings.from_mapping(dict(config.get("probe") or {}))
-PROBE_DIR = f"{R}/probe"
-
-
-def probe_inputs(wildcards):
-    model, method, seed = _PROBE.model, _PROBE.trained_method, _PROBE.trained_seed
-    if (model, method, seed) not in RUNS:
-        raise WorkflowError(
-            f"probe: the trained run {model}/{method}/s{seed} is not in this study's `runs` matrix; set "
-            "probe.model, probe.trained_method and probe.trained_seed to one of its runs"
-        )
-    base = [f"{R}/base/{model}/sft_summary.json"] if is_tiny(model) else []
-    return [*base, f"{run_dir(model, method, seed)}/DONE.json"]
-
 
 rule probe:
     input:
