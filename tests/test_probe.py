@@ -86,6 +86,18 @@ def test_two_sample_bias_removes_both_noise_terms():
     assert out["rel_var_lo"] < D * 0.16 / 2 < out["rel_var_hi"]  # tr Σ / batch_units, ‖g‖ = 1
 
 
+def test_leave_one_out_and_fixed_baselines_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    eps = core.Episodes(torch.ones(6, 2, dtype=torch.float64), rewards, group_size=3)
+    # unit 1: R = (1, 0, 0): b_i = mean of the other two = (0, 0.5, 0.5); unit 2: all 1 -> advantages 0
+    assert core.advantages(eps, 0.25, "loo").tolist() == [1.0, -0.5, -0.5, 0.0, 0.0, 0.0]
+    assert core.advantages(eps, 0.25, "mean").tolist() == [0.75, -0.25, -0.25, 0.75, 0.75, 0.75]
+    single = core.Episodes(torch.ones(2, 2, dtype=torch.float64), rewards[:2], group_size=1)
+    assert core.advantages(single, 0.25, "loo").tolist() == [0.75, -0.25]  # no other episode: the fixed b
+    with pytest.raises(ValueError, match="baseline"):
+        core.MeasureSettings(baseline="median")
+
+
 # ------------------------------------------------------------------------------------------------
 # Two worlds, one code path: the lab's MDP as a probe policy
 # ------------------------------------------------------------------------------------------------
@@ -298,6 +310,7 @@ def test_ctpo_probe_quick_writes_every_output_and_one_mlflow_run(micro_base, tmp
         assert (out / name).is_file(), name
     summary = json.loads((out / "probe_summary.json").read_text())
     assert summary["checks"]["k0_max_diff_to_onpolicy"] == 0.0  # every method = on-policy estimator at k = 0
+    assert summary["checks"]["k0_bias_ci_covers_0"] is True
     assert set(summary["results"]["base"]) == {"0", "1", "2"}
     kl = [summary["results"]["base"][k]["kl_per_token"][0] for k in ("0", "1", "2")]
     assert kl[0] == 0.0 and kl[1] > 0 and kl[2] > 0  # μ is behind after AdamW steps
