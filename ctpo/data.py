@@ -327,6 +327,20 @@ def _source(spec: DatasetSpec, path: str | Path | None) -> str | Path:
 _BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
 
 
+def _import_datasets(purpose: str):
+    """The ``datasets`` module, imported here only: it is heavy (pyarrow, fsspec), and the embedded study
+    (``arith``, built in code) runs without it. It comes with the ``verl`` and ``gpu`` extras (VERL depends
+    on it); a core-only install gets a clear error naming the fix."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(
+            f"{purpose} needs the `datasets` package, which this environment lacks: "
+            "pip install -c constraints-cpu.txt -e '.[verl]' (or pip install 'datasets>=4')"
+        ) from e
+    return datasets
+
+
 def load_hub_dataset(spec: DatasetSpec, split: str, path: str | Path | None = None):
     """Split ``split`` of a hub dataset as a `datasets.Dataset`, through ``datasets.load_dataset``.
 
@@ -336,8 +350,7 @@ def load_hub_dataset(spec: DatasetSpec, split: str, path: str | Path | None = No
     ``Dataset.save_to_disk`` is read with ``datasets.load_from_disk``. A miss fails with the commands that
     pre-fetch the dataset.
     """
-    import datasets  # heavy (pyarrow, fsspec): imported only when a hub dataset is loaded
-
+    datasets = _import_datasets(f"loading {spec.hub_id}")
     source = _source(spec, path)
     try:
         if isinstance(source, Path) and source.is_dir() and _saved_to_disk(source):
@@ -452,8 +465,7 @@ def to_verl_parquet(
     agent_name: str | None = "ctpo_tir_agent",
 ) -> Path:
     """Write records as a VERL training / validation parquet file (atomically)."""
-    import datasets  # heavy (pyarrow, fsspec): imported only when VERL's parquet is written
-
+    datasets = _import_datasets("writing VERL's parquet")
     if not records:
         raise DataError(f"refusing to write an empty VERL parquet file to {path}")
     path = Path(path)

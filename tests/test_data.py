@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -153,6 +154,19 @@ def test_an_unsupported_file_is_a_clear_error(tmp_path):
 def test_missing_local_path_is_a_clear_error(tmp_path):
     with pytest.raises(data.DataError, match="does not exist"):
         data.load("brumo_2025", path=tmp_path / "nope.parquet")
+
+
+def test_without_datasets_a_hub_load_says_how_to_install_it(data_dir, monkeypatch, tmp_path):
+    """A core-only install (no `verl` extra) has no `datasets`: hub sets and VERL's parquet then fail
+    naming the package and the install command, while the embedded arith set still loads."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(
+        data.DataError, match=r"loading math-ai/aime25 needs the `datasets` package.*\[verl\]"
+    ):
+        data.load("aime25")
+    with pytest.raises(data.DataError, match="writing VERL's parquet needs the `datasets` package"):
+        data.to_verl_parquet([{"problem": "1+1", "answer": "2"}], tmp_path / "x.parquet", system_prompt="S")
+    assert len(data.load("arith", split="easy", n=3, seed=0)) == 3
 
 
 def test_verl_parquet_has_verl_schema(data_dir, tmp_path):
