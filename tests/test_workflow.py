@@ -377,6 +377,14 @@ def test_smoke_study_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-5000:] + logs
     print(f"smoke study: {wall:.0f} s")
+    # every long job's log says where it got to (ctpo.progress): the warm-up, each training, each evaluation
+    job_logs = sorted((tmp_path / "results" / "smoke" / "logs").glob("[bte]*/*.log"))
+    assert {p.parent.name for p in job_logs} == {"base", "train", "eval"}
+    for p in job_logs:
+        finals = [
+            line for line in p.read_text().splitlines() if line.startswith("[") and line.endswith("| done")
+        ]
+        assert finals, f"{p} has no final progress line"
 
     results = tmp_path / "results" / "smoke"
     config = load_config(results / "config.resolved.yaml")

@@ -179,11 +179,13 @@ def run_episodes(
     cfg: TIRConfig,
     pool: SandboxPoolLike | None,
     params: SamplingParams,
+    on_turn: Callable[[int, int], None] | None = None,
 ) -> list[Episode]:
     """Run one TIR episode per problem (repeat a problem for several samples), batched.
 
     ``pool`` may be None only if no turn ever asks to run code (a ValueError says so otherwise).
-    See the module docstring for budgets and the token/text boundary.
+    ``on_turn(finished, total)`` is called after every turn with the number of finished episodes
+    (progress reporting). See the module docstring for budgets and the token/text boundary.
     """
     if params.n != 1:
         raise ValueError(
@@ -253,6 +255,8 @@ def run_episodes(
 
         # ---- 3. one pool.map over every code block; append observations (mask 0) --------------
         if not to_run:
+            if on_turn is not None:
+                on_turn(sum(not s.active for s in states), len(states))
             continue
         if pool is None:
             raise ValueError("a turn asked to run code but run_episodes got pool=None; pass a SandboxPool")
@@ -275,6 +279,8 @@ def run_episodes(
             ep.response_mask += [0] * len(obs_ids)
             if ep.behaviour_logprobs is not None:
                 ep.behaviour_logprobs += [0.0] * len(obs_ids)
+        if on_turn is not None:
+            on_turn(sum(not s.active for s in states), len(states))
 
     for s in states:
         ep = s.ep
