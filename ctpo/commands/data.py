@@ -51,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
     data.write_jsonl(records, args.out)
     line = f"ctpo data: {args.dataset} ({source}, split {records[0]['split']}): {len(records)} records -> {args.out}"
     if args.parquet:
-        data.to_verl_parquet(records, args.parquet, system_prompt=data.tir_system_prompt(config))
+        data.to_verl_parquet(
+            records,
+            args.parquet,
+            system_prompt=data.tir_system_prompt(config),
+            agent_name=data.tir_agent_name(config),
+        )
         line += f", {args.parquet}"
     print(line)
     return 0

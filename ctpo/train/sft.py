@@ -93,14 +93,16 @@ class Example:
 
 def tokenize_demonstration(demo: dict[str, Any], tokenizer, cfg) -> Example:
     """Token ids + policy mask of a demonstration, laid out exactly like an RL episode: the prompt by
-    `protocol.encode_prompt`, each segment encoded on its own, EOS after the final policy turn."""
-    from ctpo.tir.protocol import encode_prompt
+    the tool protocol's ``encode_prompt``, each segment encoded on its own, EOS after the final policy
+    turn (unless the turn already ends with it, as every turn of the native protocol does)."""
+    from ctpo.tir.protocols import get_protocol
 
-    ids = list(encode_prompt(demo["problem"], tokenizer, cfg))
+    ids = list(get_protocol(cfg).encode_prompt(demo["problem"], tokenizer))
     mask = [0] * len(ids)
     for i, seg in enumerate(demo["segments"]):
         seg_ids = list(tokenizer.encode(seg["text"], add_special_tokens=False))
-        if seg["policy"] and i == len(demo["segments"]) - 1:
+        last = seg_ids[-1] if seg_ids else None
+        if seg["policy"] and i == len(demo["segments"]) - 1 and last != tokenizer.eos_token_id:
             seg_ids.append(tokenizer.eos_token_id)
         ids += seg_ids
         mask += [1 if seg["policy"] else 0] * len(seg_ids)
@@ -317,8 +319,17 @@ def build_examples(
     records = datasets.load(
         source, split=train_spec.get("split", "train"), n=n, seed=int(train_spec.get("seed", 0))
     )
-    demos = arith.demonstrations(records, tir_cfg, pool, mix=sft.mix, seed=sft.seed)
-    tokenizer = tiny.build_tokenizer(corpus(demos), vocab_size=sft.vocab_size)
+    if tir_cfg.protocol == "native":  # Qwen3's chat format: the tokenizer gets the template and tag tokens
+        from ctpo.tir import native
+
+        chat = {"chat_template": tiny.CHAT_TEMPLATE, "added_tokens": native.TOKENS}
+        demos = arith.demonstrations(
+            records, tir_cfg, pool, mix=sft.mix, seed=sft.seed, render=tiny.render_chat
+        )
+    else:
+        chat = {}
+        demos = arith.demonstrations(records, tir_cfg, pool, mix=sft.mix, seed=sft.seed)
+    tokenizer = tiny.build_tokenizer(corpus(demos), vocab_size=sft.vocab_size, **chat)
     examples = [tokenize_demonstration(d, tokenizer, tir_cfg) for d in demos]
     return demos, tokenizer, examples
 
