@@ -47,7 +47,7 @@ with open(os.environ["VERL_FILE_LOGGER_PATH"], "w") as f:
 def test_run_from_args_launches_and_collects(tmp_path, monkeypatch):
     cfg = yaml.safe_load((ROOT / "experiments" / "paper.yaml").read_text())
     cfg["results_dir"] = str(tmp_path / "results")
-    cfg["data"]["benchmarks"] = {"aime25": {"source": "aime25"}}
+    cfg["data"]["benchmarks"] = {"aime25": {"source": "aime25"}, "aime26": {"source": "aime26"}}
     monkeypatch.setenv("CTPO_DATA_DIR", str(FIXTURES))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fake = tmp_path / "fake_main_ppo.py"
@@ -64,7 +64,9 @@ def test_run_from_args_launches_and_collects(tmp_path, monkeypatch):
 
     data_dir = tmp_path / "results" / "data"
     assert len(pd.read_parquet(data_dir / "train.parquet")) == 4  # DeepScaleR fixture minus 2 without answers
-    assert len(pd.read_parquet(data_dir / "aime25.parquet")) == 3
+    aime25 = pd.read_parquet(data_dir / "aime25.parquet")
+    assert len(aime25) == 3 and (data_dir / "aime26.parquet").is_file()  # verl.val_benchmarks: both
+    assert set(aime25["agent_name"]) == {"ctpo_tool_agent"}  # the native protocol's VERL agent loop
     done = json.loads((out / "DONE.json").read_text())
     run_id = (out / "mlflow_run_id").read_text().strip()
     assert done["mlflow_run_id"] == run_id and done["final_step"] == 2 and done["backend"] == "verl"
