@@ -67,7 +67,9 @@ token mean; ``seq-mean-token-sum`` mean over sequences of the per-sequence token
 T of the tensor); ``token-sum`` Σ m·loss. verl's distributed normalisers pass through
 ``compute_policy_loss(..., global_batch_info=config.global_batch_info)``: ``dp_size``,
 ``batch_num_tokens`` (global token count), ``global_batch_size`` (global number of non-empty
-sequences), ``loss_scale_factor``.
+sequences), ``loss_scale_factor``. verl's rollout-correction weights (``rollout_is_weights``: the
+truncated trainer-vs-rollout-engine importance weights, no gradient) multiply each token's loss before
+aggregation, as in verl's built-in losses: ``loss_t ← ρ̂_t · loss_t``.
 
 Implementation. The default (``grad="current"``) path computes value, gradient and metrics in one
 no-grad pass over (B, T) and keeps a single tensor for backward: the per-token gradient factor
@@ -87,7 +89,7 @@ Public surface (stable)::
                      max_log_weight=20.0, ratio_quantiles=(.05, .25, .5, .75, .95), quantile_sample=16384)
     PolicyLossConfig.from_dict(d) / .to_dict() / .resolved()      # None fields -> the method's defaults
     compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cfg=None,
-                        *, global_batch_info=None) -> (loss, metrics: dict[str, float])
+                        *, global_batch_info=None, rollout_is_weights=None) -> (loss, metrics)
     register_method(name, log_weight, *, clip_mode=..., clip_low=..., ..., overwrite=False)
     METHODS                                                         # name -> RatioMethod
     agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None,
@@ -668,7 +670,9 @@ def _compute_dtype(log_prob: torch.Tensor) -> torch.dtype:
     return torch.promote_types(log_prob.dtype, torch.float32)
 
 
-def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, with_metrics=True):
+def _current_token_loss(
+    old_log_prob, log_prob, advantages, response_mask, cfg, gbi, with_metrics=True, weights=None
+):
     """``grad="current"``: one no-grad pass over (B, T) computing value, gradient factor and metrics.
 
     Per token, in log space: x = L_t (the method's log-weight), y = x clamped to the sign-dependent
@@ -725,13 +729,15 @@ def _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, 
             metrics = _clip_fractions(unclipped, below, mask, pos, adv < 0, n) + metrics
             metrics += [-log_ratio_sum / n.clamp(min=1.0), n]
         val = y.exp_().mul_(row_factor).mul_(mask)  # c_b·m_t·(−A)·exp(y_t)
+        if weights is not None:
+            val.mul_(weights)  # ρ̂_t·c_b·m_t·(−A)·exp(y_t): rollout correction, a constant factor
         loss_value = val.sum()
         grad_factor = val.mul_(unclipped)  # c_b·m_t·(−A)·exp(x_t)·[unclipped] (unclipped is masked)
     loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
     return loss, [*metrics, loss_value] if with_metrics else metrics
 
 
-def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
+def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=None):
     """``grad="prefix"``: plain autograd through w_t = exp(L_t) (the whole prefix gets gradient)."""
     method = METHODS[cfg.method]
     cdt = _compute_dtype(log_prob)
@@ -753,7 +759,8 @@ def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
     lower = lo_const if lo_coef is None else lo_coef * scale + lo_const
     upper = (up_const if up_coef is None else up_coef * scale + up_const).clamp(max=cfg.max_log_weight)
     y = torch.minimum(torch.maximum(x, lower), upper)  # the gradient is 0 where a bound binds
-    loss = (torch.exp(y) * row_factor * mask).sum()
+    per_token = torch.exp(y) * row_factor * mask
+    loss = (per_token if weights is None else per_token * weights).sum()
     with torch.no_grad():
         xd, yd = x.detach(), y.detach()
         scratch = torch.empty_like(mask)
@@ -764,6 +771,22 @@ def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
     return loss, metrics
 
 
+def _rollout_weights(weights: torch.Tensor | None, log_prob: torch.Tensor) -> torch.Tensor | None:
+    """Rollout-correction weights as a detached tensor of the compute dtype, broadcastable to (B, T)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"rollout_is_weights must be a torch.Tensor, got {type(weights).__name__}")
+    b, t = log_prob.shape
+    if weights.shape not in ((b, t), (b, 1), (b,)):
+        raise ValueError(
+            f"rollout_is_weights has shape {tuple(weights.shape)}; expected (batch, response_len)={(b, t)}, "
+            f"(batch, 1) or (batch,)"
+        )
+    w = weights.detach().to(_compute_dtype(log_prob))
+    return w.unsqueeze(-1) if w.dim() == 1 else w
+
+
 def compute_policy_loss(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -772,6 +795,7 @@ def compute_policy_loss(
     cfg: PolicyLossConfig | Mapping[str, Any] | None = None,
     *,
     global_batch_info: Mapping[str, Any] | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped importance-weighted policy-gradient loss of ``cfg.method``; returns ``(loss, metrics)``.
 
@@ -784,6 +808,8 @@ def compute_policy_loss(
         cfg: a :class:`PolicyLossConfig` (or a mapping of its fields); default ``PolicyLossConfig()``.
         global_batch_info: verl's ``config.global_batch_info`` (dp_size, batch_num_tokens,
             global_batch_size, loss_scale_factor) for distributed-invariant normalisation.
+        rollout_is_weights: (B, T), (B, 1) or (B,) non-negative weights multiplying each token's loss
+            before aggregation (verl's rollout correction, ``rollout_corr_helper``); treated as constants.
 
     Returns:
         loss: scalar float32 tensor (differentiable w.r.t. ``log_prob``; backward once).
@@ -805,10 +831,15 @@ def compute_policy_loss(
         raise ValueError(
             f"unknown global_batch_info key(s) {unknown}; expected a subset of {list(_GLOBAL_BATCH_KEYS)}"
         )
+    weights = _rollout_weights(rollout_is_weights, log_prob)
     if cfg.grad == "current":
-        loss, parts = _current_token_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
+        loss, parts = _current_token_loss(
+            old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=weights
+        )
     else:
-        loss, parts = _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
+        loss, parts = _prefix_loss(
+            old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=weights
+        )
     vals = torch.stack([p.reshape(()).to(torch.float64) for p in parts]).tolist()  # one host transfer
     if not math.isfinite(vals[-1]):
         raise FloatingPointError(
