@@ -122,8 +122,12 @@ def test_every_paper_cell_carries_the_release_settings(tmp_path):
             "aime25.parquet",
             "aime26.parquet",
         ]  # VAL_FILES
-        assert Path(d["actor_rollout_ref.rollout.multi_turn.tool_config_path"]).name == "tool_config_native.yaml"
-        assert "trainer.total_epochs" not in d  # VERL's 30 (the release's): 305 steps are ~4 DeepScaleR epochs
+        assert (
+            Path(d["actor_rollout_ref.rollout.multi_turn.tool_config_path"]).name == "tool_config_native.yaml"
+        )
+        assert (
+            "trainer.total_epochs" not in d
+        )  # VERL's 30 (the release's): 305 steps are ~4 DeepScaleR epochs
 
 
 def test_overrides_carry_the_paper_setup(tmp_path):
@@ -253,7 +257,7 @@ def test_metric_names_map_to_the_study_namespaces():
     assert tv.ours_metric_key("critic/score/mean") == "train/reward_mean"
     assert tv.ours_metric_key("timing_s/gen") == "time/gen"
     assert tv.ours_metric_key("perf/mfu") == "verl/perf/mfu"
-    assert tv.ours_metric_key("val-core/aime25/reward/mean@8") == "eval/avg_at_k"
+    assert tv.ours_metric_key("val-core/aime25/reward/mean@8") == "eval/aime25/avg_at_k"
     assert tv.ours_metric_key("val-aux/aime25/reward/std@8") == "verl/val-aux/aime25/reward/std@8"
 
 
@@ -287,7 +291,9 @@ def test_overrides_compose_and_validate_with_verl(model, method, tmp_path):
     assert rollout.multi_turn.enable and rollout.multi_turn.format == "ctpo_hermes_fallback"
     assert rollout.n == 8 and rollout.prompt_length == 16000 and rollout.response_length == 8000
     assert rollout.multi_turn.max_tool_response_length == 256
-    assert rollout.val_kwargs.n == 32 and rollout.val_kwargs.temperature == 0.7 and rollout.calculate_log_probs
+    assert (
+        rollout.val_kwargs.n == 32 and rollout.val_kwargs.temperature == 0.7 and rollout.calculate_log_probs
+    )
     # the release's settings, as VERL's own dataclasses read them
     assert actor.ppo_mini_batch_size == 32  # prompts: 512 / 32 = 16 optimizer updates per rollout batch
     assert actor.ppo_micro_batch_size_per_gpu == 1 and not actor.use_dynamic_bsz

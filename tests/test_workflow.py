@@ -258,7 +258,10 @@ def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
     assert all("--parquet " in c for c in data)  # VERL reads parquet
     resolved = yaml.safe_load((tmp_path / "results/paper/config.resolved.yaml").read_text())
     assert resolved["train"]["backend"] == "verl" and resolved["eval"]["backend"] == "vllm"
-    assert (resolved["eval"]["k"], resolved["eval"]["temperature"]) == (32, 0.7)  # the release's N_VAL, VAL_TEMPERATURE
+    assert (resolved["eval"]["k"], resolved["eval"]["temperature"]) == (
+        32,
+        0.7,
+    )  # the release's N_VAL, VAL_TEMPERATURE
 
 
 @pytest.mark.skipif(

@@ -405,6 +405,14 @@ def val_benchmarks(config: dict[str, Any], v: dict[str, Any]) -> list[str]:
     return list(names)
 
 
+def primary_val_source(config: dict[str, Any], model: str) -> str | None:
+    """The data source of the first in-training eval benchmark (Figure 2's curve)."""
+    from ctpo import data
+
+    names = val_benchmarks(config, verl_settings(config, model))
+    return data.resolve_name(data.dataset_entry(config, names[0])["source"]).name if names else None
+
+
 def val_before_train(v: dict[str, Any], eval_every: int) -> bool:
     return bool(v["val_before_train"]) if v["val_before_train"] is not None else eval_every > 0
 
@@ -527,7 +535,7 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
                 file=sys.stderr,
             )
             return rc
-        final_step = collect_outputs(out)
+        final_step = collect_outputs(out, primary=primary_val_source(config, args.model))
         merge_final(out, final_step)
     done = {
         "mlflow_run_id": run_id,
@@ -574,10 +582,8 @@ def ours_metric_key(key: str) -> str:
             return key[len("actor/") :]
     if key.startswith("timing_s/"):
         return "time/" + key[len("timing_s/") :]
-    if (
-        key.startswith("val-core/") and "/mean@" in key
-    ):  # the in-training eval (Figure 2): mean reward = avg@n
-        return "eval/avg_at_k"
+    if key.startswith("val-core/") and "/mean@" in key:  # the in-training eval: mean reward = avg@n
+        return f"eval/{key.split('/')[1]}/avg_at_k"  # val-core/<data source>/reward/mean@n
     named = {
         "critic/score/mean": "train/reward_mean",
         "critic/rewards/mean": "train/reward_mean",
@@ -589,8 +595,11 @@ def ours_metric_key(key: str) -> str:
     return named.get(key, "verl/" + key)
 
 
-def collect_outputs(out: Path) -> int:
-    """VERL's file-logger records (all attempts) -> ``RUN/metrics.jsonl`` and ``RUN/diagnostics/``."""
+def collect_outputs(out: Path, primary: str | None = None) -> int:
+    """VERL's file-logger records (all attempts) -> ``RUN/metrics.jsonl`` and ``RUN/diagnostics/``.
+
+    The in-training eval of each validation data source is ``eval/<source>/avg_at_k``; ``primary`` (the
+    first validation benchmark's data source, Figure 2's) is also ``eval/avg_at_k``."""
     by_step: dict[int, dict[str, Any]] = {}
     for f in sorted(out.glob("verl_metrics.*.jsonl")):
         for line in f.read_text().splitlines():
@@ -602,6 +611,8 @@ def collect_outputs(out: Path) -> int:
     for step in sorted(by_step):
         data = by_step[step]
         row = {"step": step, **{ours_metric_key(k): v for k, v in data.items() if isinstance(v, int | float)}}
+        if primary and f"eval/{primary}/avg_at_k" in row:
+            row["eval/avg_at_k"] = row[f"eval/{primary}/avg_at_k"]
         lines.append(json.dumps(row))
         if any(k.startswith("actor/diag/") for k in data):
             from ctpo.backends.verl.metrics import figure1_data
