@@ -217,29 +217,37 @@ _PREFIX = [
 ]
 
 
-def _tool_chat(observation: str, render: Render, cfg: TIRConfig) -> tuple[str, str]:
-    kwargs = {"tools": [TOOL_SCHEMA], **template_kwargs(cfg)}
-    prefix = render(_PREFIX, add_generation_prompt=False, **kwargs)
-    full = render([*_PREFIX, {"role": "tool", "content": observation}], add_generation_prompt=True, **kwargs)
-    return prefix, full
+def _tool_prefix(render: Render, cfg: TIRConfig) -> str:
+    return render(_PREFIX, add_generation_prompt=False, tools=[TOOL_SCHEMA], **template_kwargs(cfg))
+
+
+def _tool_chat(observation: str, render: Render, cfg: TIRConfig) -> str:
+    messages = [*_PREFIX, {"role": "tool", "content": observation}]
+    return render(messages, add_generation_prompt=True, tools=[TOOL_SCHEMA], **template_kwargs(cfg))
 
 
 def tool_turn_text(observation: str, render: Render, cfg: TIRConfig) -> str:
     """The text of a tool turn after a policy turn's ``<|im_end|>``: the newline the template puts after
     every turn, the tool message and the next generation prompt (``\n<|im_start|>user\n<tool_response>...``)."""
-    prefix, full = _tool_chat(observation, render, cfg)
+    prefix, full = _tool_prefix(render, cfg), _tool_chat(observation, render, cfg)
     if not full.startswith(prefix) or not prefix.endswith(END_OF_TURN + "\n"):
         raise ValueError("the chat template does not render a tool message by appending to the chat")
     return "\n" + full[len(prefix) :]
 
 
-def tool_turn_ids(tokenizer: Any, observation: str, cfg: TIRConfig, after_eos: bool) -> list[int]:
+def tool_turn_ids(
+    tokenizer: Any, observation: str, cfg: TIRConfig, after_eos: bool, prefix_ids: dict | None = None
+) -> list[int]:
     """Token ids of a tool turn as VERL 0.9.1 builds them for a Qwen model (``QwenContinuousTokenBuilder``):
-    ``\n`` when the policy turn ended with ``<|im_end|>`` (generation stops before the template's
-    newline), then the token suffix that the tool message and the generation prompt add to the chat."""
-    prefix, full = _tool_chat(observation, renderer(tokenizer), cfg)
-    a = list(tokenizer.encode(prefix, add_special_tokens=False))
-    b = list(tokenizer.encode(full, add_special_tokens=False))
+    a newline when the policy turn ended with ``<|im_end|>`` (generation stops before the template's
+    newline), then the token suffix that the tool message and the generation prompt add to the chat.
+    ``prefix_ids``: a dict the caller keeps (one per ``cfg``) to render and encode the prefix once."""
+    render = renderer(tokenizer)
+    cache = {} if prefix_ids is None else prefix_ids
+    if id(tokenizer) not in cache:
+        cache[id(tokenizer)] = list(tokenizer.encode(_tool_prefix(render, cfg), add_special_tokens=False))
+    a = cache[id(tokenizer)]
+    b = list(tokenizer.encode(_tool_chat(observation, render, cfg), add_special_tokens=False))
     if b[: len(a)] != a:
         raise ValueError("the chat template does not render a tool message by appending to the chat")
     newline = list(tokenizer.encode("\n", add_special_tokens=False)) if after_eos else []
