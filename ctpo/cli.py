@@ -15,6 +15,10 @@ from ctpo import __version__
 
 # name -> (module, one-line help). Order is the order of a study.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "preflight": (
+        "ctpo.commands.preflight",
+        "will this study run here? versions, GPUs, data, models, MLflow, sandbox, disk, one VERL step",
+    ),
     "data": (
         "ctpo.commands.data",
         "build or fetch a dataset split into the normalised schema (JSONL / VERL parquet)",

@@ -142,12 +142,13 @@ def test_overrides_carry_the_paper_setup(tmp_path):
     assert d["trainer.resume_mode"] == "auto"
     assert d["trainer.default_local_dir"] == str(tmp_path / "run" / "checkpoints")
     assert d["trainer.logger"] == "[console,mlflow,file]"
-    assert d["ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID"] == "abc"
+    assert d["ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID"] == "'abc'"  # Ray wants strings
     assert (
-        d["ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] == "ctpo.backends.verl.losses"
+        d["ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"]
+        == "'ctpo.backends.verl.losses'"
     )
-    assert d["ray_kwargs.ray_init.runtime_env.env_vars.CTPO_SANDBOX_WORKERS"] == "32"
-    assert d["ray_kwargs.ray_init.runtime_env.env_vars.CTPO_TOOL_TIMEOUT_S"] == "30.0"
+    assert d["ray_kwargs.ray_init.runtime_env.env_vars.CTPO_SANDBOX_WORKERS"] == "'32'"
+    assert d["ray_kwargs.ray_init.runtime_env.env_vars.CTPO_TOOL_TIMEOUT_S"] == "'30.0'"
     assert d["reward.custom_reward_function.path"] == "pkg://ctpo.backends.verl.reward"
 
 

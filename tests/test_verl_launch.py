@@ -28,7 +28,7 @@ ov = dict(a.lstrip("+").split("=", 1) for a in sys.argv[1:])
 ckpt = Path(ov["trainer.default_local_dir"])
 ckpt.mkdir(parents=True, exist_ok=True)
 seen = {"MLFLOW_RUN_ID": os.environ.get("MLFLOW_RUN_ID"),
-        "forwarded": ov.get("ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID"),
+        "forwarded": ov.get("ray_kwargs.ray_init.runtime_env.env_vars.MLFLOW_RUN_ID", "").strip("'"),
         "steps": ov.get("trainer.total_training_steps")}
 (ckpt.parent / "fake_seen.json").write_text(json.dumps(seen))
 g = torch.Generator().manual_seed(0)

@@ -171,6 +171,9 @@ def _expected_counts(config: dict) -> dict[str, int]:
     }
     if (config.get("workflow") or {}).get("lab", True):
         counts["lab"] = 1
+    preflight = (config.get("workflow") or {}).get("preflight")
+    if preflight or (preflight is None and (config.get("train") or {}).get("backend") == "verl"):
+        counts["preflight"] = 1
     return {k: v for k, v in counts.items() if v}
 
 
@@ -205,6 +208,7 @@ HAND_COUNTS = {
     "paper": {
         "mlflow_init": 1,
         "data": 5,
+        "preflight": 1,  # VERL training: `ctpo preflight` before every training and evaluation
         "train": 7,
         "eval_run": 7,
         "eval_base": 2,
@@ -262,6 +266,32 @@ def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
         32,
         0.7,
     )  # the release's N_VAL, VAL_TEMPERATURE
+
+
+def test_paper_dag_runs_preflight_before_work_left_only(tmp_path):
+    out = _dry_run(tmp_path, "paper")
+    r = "results/paper"
+    assert shell_commands(out, "preflight") == [
+        f"ctpo preflight --config {r}/config.resolved.yaml --out {r}/preflight.json"
+        f" > {r}/logs/preflight.log 2>&1"
+    ]
+    (pre,) = [b for b in out.split("\n\n") if re.search(r"^rule preflight:", b, re.M)]
+    assert re.search(r"resources: .*gpu=8, nodes=1", pre) and "data/train.jsonl" in pre  # after the data
+    jobs = [b for b in out.split("\n\n") if re.search(r"^rule (train|eval_run|eval_base):", b, re.M)]
+    assert len(jobs) == 16 and all(f"{r}/preflight.json" in b.split("output:")[0] for b in jobs)
+    # a finished training neither waits for a new preflight nor is rerun because of one
+    (tmp_path / r / "data").mkdir(parents=True, exist_ok=True)
+    for name in ("train", "aime25", "aime26", "brumo25", "hmmt25"):
+        for ext in ("jsonl", "parquet"):
+            (tmp_path / r / "data" / f"{name}.{ext}").write_text("{}\n")
+    (tmp_path / r / "mlflow.json").write_text("{}\n")
+    time.sleep(0.05)
+    done = tmp_path / r / "runs/qwen3-4b/grpo/s0/DONE.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}\n")
+    out = _dry_run(tmp_path, "paper")
+    assert job_counts(out)["train"] == 6 and job_counts(out)["preflight"] == 1
+    assert not any("--model qwen3-4b --method grpo " in c for c in shell_commands(out, "train"))
 
 
 @pytest.mark.skipif(

@@ -136,7 +136,22 @@ FORWARDED_ENV = (
     "PYTHONPATH",
 )
 
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9_./:@+\-]*$")
+_SAFE_VALUE = re.compile(r"[A-Za-z0-9_./:@+\-]*")
+# Unquoted text Hydra's grammar reads as something other than a string: numbers (with `_` separators and
+# exponents), booleans, null, inf / nan.
+_NON_STRING = re.compile(r"[+-]?([0-9_.]*([eE][+-]?[0-9_]*)?|inf|nan)", re.IGNORECASE)
+
+
+def hydra_string(text: str) -> str:
+    """``text`` as a quoted Hydra override value: Hydra and OmegaConf hand back exactly ``text``, a string.
+
+    In Hydra's quoted strings a backslash escapes only a quote or another backslash that runs up to a
+    quote or the end; OmegaConf then resolves ``${...}``, which a backslash escapes (backslashes right
+    before it doubled).
+    """
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    text = re.sub(r"(\\+)(?='|\Z)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def hydra_value(value: Any) -> str:
@@ -150,9 +165,10 @@ def hydra_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
     text = str(value)
-    if text and _SAFE_VALUE.match(text) and text.lower() not in {"null", "true", "false"}:
+    unquoted = _SAFE_VALUE.fullmatch(text) and not _NON_STRING.fullmatch(text)
+    if unquoted and text.lower() not in {"null", "true", "false"}:
         return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return hydra_string(text)
 
 
 def verl_settings(config: dict[str, Any], model: str) -> dict[str, Any]:
@@ -381,7 +397,7 @@ def build_overrides(
         f"+data.apply_chat_template_kwargs.{k}={hydra_value(x)}" for k, x in sorted(template_kwargs.items())
     ]
     ov += [
-        f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_value(x)}"
+        f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={hydra_string(x)}"  # Ray wants str values
         for k, x in sorted(workers_env.items())
     ]
     ov += [str(x) for x in (v["overrides"] or [])]

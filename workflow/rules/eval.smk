@@ -10,6 +10,7 @@ rule eval_run:
         done=f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json",
         data=expand(f"{R}/data/{{benchmark}}.jsonl", benchmark=BENCHMARKS),
         store=STORE,
+        preflight=needs_preflight(*eval_outputs(f"{R}/eval/{{model}}/{{method}}/s{{seed}}")),
     output:
         eval_outputs(f"{R}/eval/{{model}}/{{method}}/s{{seed}}"),
     params:
@@ -33,6 +34,7 @@ rule eval_base:
         base=base_inputs,
         data=expand(f"{R}/data/{{benchmark}}.jsonl", benchmark=BENCHMARKS),
         store=STORE,
+        preflight=needs_preflight(*eval_outputs(f"{R}/eval/{{model}}/base/s{{seed}}")),
     output:
         eval_outputs(f"{R}/eval/{{model}}/base/s{{seed}}"),
     params:

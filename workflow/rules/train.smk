@@ -21,6 +21,7 @@ rule train:
         base=base_inputs,
         data=f"{R}/data/train.jsonl",
         store=STORE,
+        preflight=needs_preflight(f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json"),
     output:
         f"{R}/runs/{{model}}/{{method}}/s{{seed}}/DONE.json",
     params:
