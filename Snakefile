@@ -1,4 +1,4 @@
-# The whole study as one DAG: data -> base (SFT) -> train -> eval -> analysis -> figures (+ the estimator lab).
+# The whole study as one DAG: data -> base (SFT) -> train -> eval -> analysis -> figures (+ estimator lab).
 #
 #   snakemake --cores all                                    # the embedded tiny study (experiments/tiny.yaml)
 #   snakemake --cores all --configfile experiments/smoke.yaml  # the CI-sized study
@@ -15,6 +15,10 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+envvars:
+    "PATH",
+
+
 # Run the `ctpo` of the Python that runs Snakemake, even when its virtual environment is not activated.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
@@ -23,6 +27,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/mlflow.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/preflight.smk"
 include: "workflow/rules/base.smk"

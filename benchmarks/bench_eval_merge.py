@@ -21,7 +21,8 @@ store is left alone. Relative paths in the config (and ``--model-path``) resolve
 directory, as they do for the workflow. Each mode costs one to two minutes of CPU on a tiny-s Base.
 
     cd /path/to/a/study && python /path/to/ctpo/benchmarks/bench_eval_merge.py \\
-        --config results/tiny/config.resolved.yaml --model-path results/tiny/base/tiny-s [--modes separate,apart]
+        --config results/tiny/config.resolved.yaml --model-path results/tiny/base/tiny-s \\
+        [--modes separate,apart]
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_losses.py            # batch 64 x 8,192 tokens, CPU
     python benchmarks/bench_losses.py --quick    # batch 16 x 2,048
+    python benchmarks/bench_losses.py --against a411071   # also time ctpo/losses.py of that commit
 
 What is measured, all in one run so the ratios are comparable on a noisy shared machine:
 
@@ -10,9 +11,11 @@ What is measured, all in one run so the ratios are comparable on a noisy shared 
   counted) for forward + backward of ``compute_policy_loss`` (loss and metrics, as a trainer calls
   it) on the same inputs, cases interleaved round by round; we report the median over rounds of
   each case's time and the median of the per-round ratios. ``surrogate only`` repeats it without the
-  metrics (the private ``_current_token_loss(..., with_metrics=False)``) to show where time goes. The diagnostics row times
-  a fresh ``PositionStats`` (as the VERL adapter makes per micro-batch) and its ``update`` on the
-  same tokens; its ratio is against the ctpo loss call.
+  metrics (the private ``_fused_loss(..., with_metrics=False)``) to show where time goes. ``--against REV``
+  adds the loss + metrics cases of ``ctpo/losses.py`` as committed at REV (loaded from git beside the
+  current one), interleaved with the others, and prints the current / REV time ratio of each method.
+  The diagnostics row times a fresh ``PositionStats`` (as the VERL adapter makes per micro-batch) and
+  its ``update`` on the same tokens; its ratio is against the ctpo loss call.
 * peak memory (CPU): each case runs in a fresh subprocess whose glibc allocator hands every buffer of
   >= 64 KiB straight to ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so resident memory tracks the bytes
   torch actually holds. After one warm-up call the kernel's high-water mark is reset
@@ -36,17 +39,21 @@ sequence. Threads default to 1 for stable ratios (``--threads`` to change).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import types
+from pathlib import Path
 
 import torch
 
 from ctpo.diagnostics import PositionStats
-from ctpo.losses import PolicyLossConfig, compute_policy_loss
+from ctpo.losses import PolicyLossConfig, _fused_loss, compute_policy_loss
 
 CASES = {
     "grpo": PolicyLossConfig(method="grpo", clip_mode="fixed"),
@@ -69,20 +76,44 @@ def make_inputs(batch: int, length: int, dtype: torch.dtype, seed: int = 0):
     return old.to(dtype), new.to(dtype), adv, mask.bool()
 
 
+AGAINST: dict[str, types.ModuleType] = {}  # "@REV" -> ctpo/losses.py as committed at REV
+
+
+def load_losses_at(rev: str) -> types.ModuleType:
+    """``ctpo/losses.py`` as committed at ``rev``, imported as a separate module (its own registry)."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+    source = subprocess.run(
+        ["git", "show", f"{rev}:ctpo/losses.py"],
+        cwd=root.stdout.strip(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / f"losses_at_{rev}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_case(name: str, inputs, with_metrics: bool = True) -> None:
     old, new, adv, mask = inputs
     if name == "diagnostics":
         PositionStats().update(old, new, mask)
         return
     log_prob = new.detach().clone().requires_grad_(True) if not new.requires_grad else new
-    if with_metrics:
+    method, _, rev = name.partition("@")
+    if rev:
+        module = AGAINST[rev]
+        loss, _ = module.compute_policy_loss(
+            old, log_prob, adv, mask, module.PolicyLossConfig(**CASES[method].to_dict())
+        )
+    elif with_metrics:
         loss, _ = compute_policy_loss(old, log_prob, adv, mask, CASES[name])
     else:
-        from ctpo.losses import _current_token_loss
-
-        loss, _ = _current_token_loss(
-            old, log_prob, adv, mask, CASES[name].resolved(), {}, with_metrics=False
-        )
+        loss, _ = _fused_loss(old, log_prob, adv, mask, CASES[name].resolved(), {}, with_metrics=False)
     loss.backward()
 
 
@@ -180,6 +211,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--against", default=None, help="a git revision whose ctpo/losses.py is timed too")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -199,7 +231,11 @@ def main() -> None:
     )
 
     names = ["grpo", "ctpo", "diagnostics"]
-    full = time_cases(inputs, args.rounds, True, names)
+    against = []
+    if args.against:
+        AGAINST[args.against] = load_losses_at(args.against)
+        against = [f"grpo@{args.against}", f"ctpo@{args.against}"]
+    full = time_cases(inputs, args.rounds, True, names + against)
     core = time_cases(inputs, args.rounds, False, ["grpo", "ctpo"])
     med = {n: statistics.median(v) for n, v in full.items()}
 
@@ -212,6 +248,8 @@ def main() -> None:
     print(f"{'grpo  surrogate only fwd+bwd':34s} {statistics.median(core['grpo']) * 1e3:10.2f}")
     print(f"{'ctpo  surrogate only fwd+bwd':34s} {statistics.median(core['ctpo']) * 1e3:10.2f}")
     print(f"{'diagnostics update':34s} {med['diagnostics'] * 1e3:10.2f}")
+    for name in against:
+        print(f"{name + '  loss+metrics fwd+bwd':34s} {med[name] * 1e3:10.2f}")
 
     if args.device == "cuda":
         peaks = {n: cuda_peak(n, inputs) for n in names}
@@ -231,6 +269,9 @@ def main() -> None:
     print(f"  time   ctpo / grpo, surrogate only {ratio('ctpo', 'grpo', core):5.2f}")
     print(f"  memory ctpo / grpo                 {peaks['ctpo'] / max(peaks['grpo'], 1):5.2f}   (<= 1.25)")
     print(f"  time   diagnostics / ctpo loss     {ratio('diagnostics', 'ctpo', full):5.2f}   (<= 0.25)")
+    for name in against:
+        method = name.partition("@")[0]
+        print(f"  time   {method} now / {name:22s} {ratio(method, name, full):5.2f}   (~ 1: kept its speed)")
 
 
 if __name__ == "__main__":

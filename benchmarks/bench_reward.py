@@ -134,12 +134,14 @@ def main() -> None:
 
     naive_rate = {r[1]: r[2] / r[3] for r in rows if r[0].startswith("naive")}
     print(
-        f"{'path':38s} {'set':>8s} {'items':>6s} {'seconds':>8s} {'answers/s':>10s} {'vs naive':>9s} {'correct':>8s}"
+        f"{'path':38s} {'set':>8s} {'items':>6s} {'seconds':>8s} {'answers/s':>10s} {'vs naive':>9s} "
+        f"{'correct':>8s}"
     )
     for name, kind, n, sec, correct in rows:
         rate = n / sec
         print(
-            f"{name:38s} {kind:>8s} {n:6d} {sec:8.2f} {rate:10.1f} {rate / naive_rate[kind]:8.1f}x {correct:5d}/{n}"
+            f"{name:38s} {kind:>8s} {n:6d} {sec:8.2f} {rate:10.1f} {rate / naive_rate[kind]:8.1f}x "
+            f"{correct:5d}/{n}"
         )
     disagree = sum(r.correct != v for r, v in zip(out_pool, out_naive))
     print(

@@ -98,10 +98,12 @@ def main() -> None:
         f"{1e3 * _pct(base_lat, 0.99):8.1f}"
     )
     print(
-        f"{'SandboxPool (full isolation)':28s} {rate:8.2f} {1e3 * _pct(lat, 0.5):8.1f} {1e3 * _pct(lat, 0.99):8.1f}"
+        f"{'SandboxPool (full isolation)':28s} {rate:8.2f} {1e3 * _pct(lat, 0.5):8.1f} "
+        f"{1e3 * _pct(lat, 0.99):8.1f}"
     )
     print(
-        f"throughput ratio: {rate / base_rate:.1f}x overall, median of rounds {statistics.median(ratios):.1f}x "
+        f"throughput ratio: {rate / base_rate:.1f}x overall, "
+        f"median of rounds {statistics.median(ratios):.1f}x "
         f"(workers={args.workers}, pool start-up {startup:.2f}s)"
     )
 

@@ -69,7 +69,8 @@ def main() -> None:
         t32, t16 = min(best["fp32"]), min(best["bf16"])
         print(
             f"preset {preset}: fp32 {batch * length / t32:,.0f} tok/s ({1000 * t32:.0f} ms/step), "
-            f"bf16 {batch * length / t16:,.0f} tok/s ({1000 * t16:.0f} ms/step), bf16/fp32 speed {t32 / t16:.2f}x"
+            f"bf16 {batch * length / t16:,.0f} tok/s ({1000 * t16:.0f} ms/step), "
+            f"bf16/fp32 speed {t32 / t16:.2f}x"
         )
 
 

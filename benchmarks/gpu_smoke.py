@@ -202,7 +202,8 @@ def rl_in_process(args, device: torch.device) -> dict[str, float]:
             phases["update_s"].append(t3 - t2)
             print(
                 f"  step {step}: reward {rewards.mean():.3f}  loss {loss.item():+.4f}  "
-                f"clip {metrics['clip/frac']:.3f}  rollout {t1 - t0:.2f}s  grade {t2 - t1:.2f}s  update {t3 - t2:.2f}s"
+                f"clip {metrics['clip/frac']:.3f}  rollout {t1 - t0:.2f}s  grade {t2 - t1:.2f}s  "
+                f"update {t3 - t2:.2f}s"
             )
     return {k: statistics.median(v) for k, v in phases.items()}
 
@@ -282,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_rl:
         via_cli = cli_has_device_flag()
         print(
-            f"part 1: RL steps on {device} ({'ctpo CLI' if via_cli else 'in-process: ctpo train has no --device flag'})"
+            f"part 1: RL steps on {device} "
+            f"({'ctpo CLI' if via_cli else 'in-process: ctpo train has no --device flag'})"
         )
         try:
             results.update(rl_via_cli(args, device) if via_cli else rl_in_process(args, device))

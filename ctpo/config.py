@@ -1,18 +1,21 @@
 """Experiment configs: load a YAML study config and pick out its parts by name.
 
-The workflow validates configs with ``workflow/schemas/config.schema.yaml``; `load_config` applies the
-same schema when it is present, so `ctpo <step> --config experiments/tiny.yaml` by hand fails the same
-way on a bad key.
+The schema ships inside the package (``ctpo/schemas/config.schema.yaml``): the workflow validates with it,
+and so does `load_config`, so `ctpo <step> --config experiments/tiny.yaml` by hand, from a checkout or an
+installed wheel, fails the same way on a bad key.
 """
 
 from __future__ import annotations
 
+import functools
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = resources.files("ctpo") / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
@@ -29,17 +32,20 @@ def load_config(path: str | Path, validate: bool = True) -> dict[str, Any]:
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(config).__name__}")
-    if validate and SCHEMA_PATH.is_file():
+    if validate:
         validate_config(config, source=str(path))
     return config
 
 
-def validate_config(config: dict[str, Any], source: str = "config") -> None:
-    import jsonschema
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The study-config schema (JSON Schema, as YAML), from the package."""
+    return yaml.safe_load(SCHEMA.read_text())
 
-    with SCHEMA_PATH.open() as f:
-        schema = yaml.safe_load(f)
-    validator = jsonschema.validators.validator_for(schema)(schema)  # the draft the schema names
+
+def validate_config(config: dict[str, Any], source: str = "config") -> None:
+    """Check ``config`` against the schema; a `ConfigError` lists each problem with the key it is at."""
+    validator = jsonschema.validators.validator_for(schema())(schema())  # the draft the schema names
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = []

@@ -6,10 +6,10 @@ A normalised record (docs/interfaces.md) is
 
 | name | source | split | notes |
 |---|---|---|---|
-| ``arith`` | ``ctpo.tasks.arith`` (synthetic, built in code) | train/easy/medium/hard/... | the embedded default |
-| ``deepscaler`` | ``agentica-org/DeepScaleR-Preview-Dataset`` | train | rows without an answer are dropped (logged) |
-| ``aime25``, ``aime26`` | ``math-ai/aime25``, ``math-ai/aime26`` | test | columns problem / answer / id |
-| ``hmmt_nov_2025``, ``brumo_2025`` | ``MathArena/...`` | train | columns problem_idx / problem / answer (bare LaTeX) |
+| ``arith`` | ``ctpo.tasks.arith`` (built in code) | train/easy/medium/hard/... | the embedded default |
+| ``deepscaler`` | ``agentica-org/DeepScaleR-Preview-Dataset`` | train | rows without an answer dropped |
+| ``aime25``, ``aime26`` | ``math-ai/aime25``, ``math-ai/aime26`` | test | problem / answer / id |
+| ``hmmt_nov_2025``, ``brumo_2025`` | ``MathArena/...`` | train | problem_idx / problem / answer (LaTeX) |
 
 Hub datasets are read as raw files (parquet / JSON / JSONL) with pandas, so the core path needs neither
 network nor the ``datasets`` library: a local file or a pre-fetched folder (``path=``), a folder of
@@ -28,6 +28,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ctpo.atomic import atomic_path
+from ctpo.tasks import arith
+from ctpo.tir import protocol
+from ctpo.tir.protocols import get_protocol
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +264,6 @@ def load(
 
 
 def _load_arith(split: str, n: int | None, seed: int, **kw: Any) -> list[dict[str, Any]]:
-    from ctpo.tasks import arith  # the task's own module builds the problems
-
     args = dict(kw)
     if n is not None:
         args["n"] = n
@@ -413,11 +416,9 @@ def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write records atomically (temp name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
     return path
 
 
@@ -434,8 +435,9 @@ def to_verl_rows(
 ) -> list[dict[str, Any]]:
     """Records -> rows of VERL's RL dataset schema (``verl.utils.dataset.rl_dataset.RLHFDataset``).
 
-    ``prompt`` is the chat (system = the TIR system prompt, omitted when empty; user = the problem); ``reward_model.ground_truth``
-    is what VERL hands to ``compute_score``; ``agent_name`` picks VERL's multi-turn tool agent loop per row.
+    ``prompt`` is the chat (system = the TIR system prompt, omitted when empty; user = the problem);
+    ``reward_model.ground_truth`` is what VERL hands to ``compute_score``; ``agent_name`` picks VERL's
+    multi-turn tool agent loop per row.
     """
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []  # "" = no system turn
     rows = []
@@ -473,15 +475,12 @@ def to_verl_parquet(
         raise DataError(f"refusing to write an empty VERL parquet file to {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(to_verl_rows(records, system_prompt, agent_name)), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(to_verl_rows(records, system_prompt, agent_name)), tmp)
     return path
 
 
-def _tir_config(config: dict[str, Any] | None):
-    from ctpo.tir import protocol
-
+def _tir_config(config: dict[str, Any] | None) -> protocol.TIRConfig:
     tir = dict((config or {}).get("tir") or {})
     return protocol.TIRConfig(
         **{k: v for k, v in tir.items() if k in protocol.TIRConfig.__dataclass_fields__}
@@ -496,8 +495,6 @@ def tir_system_prompt(config: dict[str, Any] | None = None) -> str:
 
 def tir_agent_name(config: dict[str, Any] | None = None) -> str:
     """VERL's agent loop for a study config's tool protocol (the parquet's ``agent_name``)."""
-    from ctpo.tir.protocols import get_protocol
-
     return get_protocol(_tir_config(config)).verl.agent
 
 

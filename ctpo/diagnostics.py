@@ -5,21 +5,9 @@ sequences with a fitted c·√t curve (top row), and the clip rate under the fix
 position-adaptive range (bottom row). :class:`PositionStats` accumulates both for any training
 method, streaming and mergeable, in memory O(number of position buckets).
 
-Public surface (stable; the local trainer and the VERL adapter call it)::
-
-    stats = PositionStats(exact_limit=256, spacing="log", per_octave=16, width=256, max_position=32768,
-                          clip_low=0.2, clip_high=0.2, eps_low=0.025, eps_high=0.05, gamma=0.5,
-                          position="policy", max_tokens=32768)
-    stats.update(old_log_prob, log_prob, response_mask)   # (B, T) tensors, any float dtype; no grad
-    stats.merge(other)                                    # same configuration; returns self
-    stats.state_dict(); PositionStats.from_state_dict(state)  # exact copy (checkpoints), no rounding
-    stats.to_frame()          # pandas.DataFrame, one row per non-empty bucket (columns below)
-    stats.fit_sqrt()          # (c, r2): least-squares std ≈ c·√t over buckets, and its R²
-    stats.to_scalars("diag/pos")                          # dict[str, float], flat, additive
-    PositionStats.from_scalars(scalars, "diag/pos", count_scale=1.0, **same_config)
-    stats.config()            # the constructor arguments, for from_scalars / a fresh instance
-    stats.n_tokens            # tokens seen
-    stats.n_sequences         # sequences seen (tokens at position 1)
+Figure 1 compares *reference* ranges, the same for every trained method so that all runs' panels are
+comparable: a study config's ``diagnostics:`` section names them (default: the paper's ranges), and
+:func:`reference_ranges` resolves that section for both trainers (the local one and the VERL adapter).
 
 Positions t follow ``ctpo.losses``: ``policy`` counts response-mask tokens up to and including
 the current one (tool-output tokens and padding neither contribute nor advance t); ``absolute`` is
@@ -29,8 +17,8 @@ buckets are ``width`` positions wide (``spacing="linear"``) or ``per_octave`` pe
 buckets depends only on the configuration, so every worker emits the same keys.
 
 Per bucket, over the mask tokens whose position falls in it: token count, mean and std (population,
-ddof 0) of log ρ_{1:t}, the mean position, and four clip counts on the *same* tokens:
-fixed range log ρ ∉ [log(1−clip_low), log(1+clip_high)] (below / above) and adaptive range
+ddof 0) of log ρ_{1:t}, the mean position, and four clip counts on the *same* tokens under the
+reference ranges: fixed, log ρ ∉ [log(1−clip_low), log(1+clip_high)] (below / above), and adaptive,
 log ρ ∉ [−eps_low·t^γ, eps_high·t^γ] (below / above). A token counts as clipped when it lies
 outside the range on either side (the side that binds in the loss depends on the advantage's sign,
 which the statistics leave out), so the rates are comparable for any training method.
@@ -44,8 +32,8 @@ Cost: the statistics need the prefix sum, the position and a scatter per token, 
 much work as the loss itself. An update therefore looks at a deterministic subset of whole
 sequences, rows 0, k, 2k, … with k = ceil(B·T / max_tokens), so at most ``max_tokens`` token slots
 or one row, whichever is more (default 32,768: 1/16 of a 64 × 8,192 batch; a batch with
-B·T ≤ max_tokens is seen whole, so micro-batch-sized updates lose little). Every statistic stays exact for the rows it sees;
-``max_tokens=None`` sees every row.
+B·T ≤ max_tokens is seen whole, so micro-batch-sized updates lose little). Every statistic stays exact
+for the rows it sees; ``max_tokens=None`` sees every row.
 
 Scalars (``to_scalars``/``from_scalars``): for bucket ``i`` (3 digits, zero-padded) the keys
 ``{prefix}/b{i}/count``, ``/sum``, ``/sumsq``, ``/tsum`` (Σ t), ``/fixed_low``, ``/fixed_high``,
@@ -54,25 +42,46 @@ Scalars (``to_scalars``/``from_scalars``): for bucket ``i`` (3 digits, zero-padd
 same *linear* way across micro-batches and ranks: summed (counts are totals) or averaged (counts are
 per-micro-batch averages; pass ``count_scale`` = number of averaged items to restore totals). Means,
 stds and rates do not depend on which. Only the bucket arguments (exact_limit, spacing, per_octave,
-width, max_position) of ``from_scalars`` must match the emitter's; the clip settings play no part. Σ(log ρ)² loses relative precision only as
-1e-16·mean²/variance, negligible for log-ratios.
+width, max_position) of ``from_scalars`` must match the emitter's; the reference ranges play no part.
+Σ(log ρ)² loses relative precision only as 1e-16·mean²/variance, negligible for log-ratios.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ctpo.losses import fixed_clip_bounds, position_index
+from ctpo.config import ConfigError
+from ctpo.losses import ClipRanges, fixed_clip_bounds, position_index, position_power
+from ctpo.stats import fit_sqrt, populated_count
 
-__all__ = ["PositionStats"]
+__all__ = ["ClipRanges", "DiagnosticWindows", "PositionStats", "diagnostic_summary", "reference_ranges"]
 
 _SCALAR_FIELDS = ("count", "sum", "sumsq", "tsum", "fixed_low", "fixed_high", "adaptive_low", "adaptive_high")
+
+
+def reference_ranges(section: Mapping[str, Any] | ClipRanges | None = None) -> ClipRanges:
+    """Figure 1's reference ranges from a study config's ``diagnostics:`` section (keys: the fields of
+    `ClipRanges`; a missing key is the paper's value). Both trainers call this, so every run of a study,
+    whatever method it trains and on whichever backend, reports its clip rates against the same ranges."""
+    if isinstance(section, ClipRanges):
+        return section
+    values = dict(section or {})
+    known = [f.name for f in dataclasses.fields(ClipRanges)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"diagnostics: unknown key(s) {unknown}; known: {known}")
+    try:
+        return ClipRanges(**values)
+    except ValueError as exc:
+        raise ConfigError(f"diagnostics: {exc}") from None
 
 
 @functools.lru_cache(maxsize=32)
@@ -109,19 +118,23 @@ class PositionStats:
 
     def __init__(
         self,
+        reference: ClipRanges | None = None,
+        *,
         exact_limit: int = 256,
         spacing: str = "log",
         per_octave: int = 16,
         width: int = 256,
         max_position: int = 32768,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        eps_low: float = 0.025,
-        eps_high: float = 0.05,
-        gamma: float = 0.5,
-        position: str = "policy",
         max_tokens: int | None = 32768,
     ) -> None:
+        """``reference``: the ranges the clip counts use (default: the paper's; see `reference_ranges`);
+        the other arguments set the position buckets and the row subsampling (module docstring)."""
+        reference = ClipRanges() if reference is None else reference
+        if not isinstance(reference, ClipRanges):
+            raise TypeError(
+                f"reference must be a ClipRanges (see ctpo.diagnostics.reference_ranges), got "
+                f"{type(reference).__name__}"
+            )
         if spacing not in ("log", "linear"):
             raise ValueError(f"spacing={spacing!r}: choose 'log' or 'linear'")
         if exact_limit < 1 or max_position < exact_limit or per_octave < 1 or width < 1:
@@ -129,27 +142,20 @@ class PositionStats:
                 "need exact_limit >= 1, max_position >= exact_limit, per_octave >= 1, width >= 1; got "
                 f"{exact_limit=}, {max_position=}, {per_octave=}, {width=}"
             )
-        if position not in ("policy", "absolute"):
-            raise ValueError(f"position={position!r}: choose 'policy' or 'absolute'")
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1 or None (every row), got {max_tokens}")
-        self._config = dict(
+        self.reference = reference
+        self._buckets = dict(
             exact_limit=exact_limit,
             spacing=spacing,
             per_octave=per_octave,
             width=width,
             max_position=max_position,
-            clip_low=clip_low,
-            clip_high=clip_high,
-            eps_low=eps_low,
-            eps_high=eps_high,
-            gamma=gamma,
-            position=position,
-            max_tokens=max_tokens,
         )
+        self._max_tokens = max_tokens
         self.t_lo, self._bucket_of = _buckets(exact_limit, spacing, per_octave, width, max_position)
         nb = len(self.t_lo)
-        self._fixed = fixed_clip_bounds(clip_low, clip_high)
+        self._fixed = fixed_clip_bounds(reference.clip_low, reference.clip_high)
         self.count = np.zeros(nb, dtype=np.float64)
         self.mean = np.zeros(nb, dtype=np.float64)
         self.m2 = np.zeros(nb, dtype=np.float64)
@@ -158,8 +164,18 @@ class PositionStats:
 
     # -- configuration ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The constructor arguments (pass them to ``from_scalars`` or a fresh instance)."""
-        return dict(self._config)
+        """The constructor arguments, as plain values (``from_state_dict`` rebuilds from them)."""
+        return {
+            "reference": dataclasses.asdict(self.reference),
+            **self._buckets,
+            "max_tokens": self._max_tokens,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> PositionStats:
+        """An empty accumulator from ``config()``'s output."""
+        config = dict(config)
+        return cls(reference_ranges(config.pop("reference", None)), **config)
 
     @property
     def n_buckets(self) -> int:
@@ -194,14 +210,14 @@ class PositionStats:
         b, t_len = log_prob.shape
         if b == 0 or t_len == 0:
             return self
-        cfg = self._config
-        step = 1 if cfg["max_tokens"] is None else max(1, math.ceil(b * t_len / cfg["max_tokens"]))
+        ref, max_tokens = self.reference, self._max_tokens
+        step = 1 if max_tokens is None else max(1, math.ceil(b * t_len / max_tokens))
         cdt = torch.promote_types(log_prob.dtype, torch.float32)  # float64 stays float64
         mask = response_mask[::step].to(cdt)
         log_rho = (log_prob[::step].detach().to(cdt) - old_log_prob[::step].to(cdt)).mul_(mask).cumsum_(-1)
-        t = position_index(mask, cfg["position"], cdt).expand_as(mask)
-        tpos = t.mul(mask).clamp_(max=cfg["max_position"] + 1).reshape(-1)  # 0 on mask-0 tokens
-        z = t.pow(-cfg["gamma"]).mul_(log_rho)  # log ρ / t^γ, compared with the adaptive range's ±eps
+        t = position_index(mask, ref.position, cdt).expand_as(mask)
+        tpos = t.mul(mask).clamp_(max=self._buckets["max_position"] + 1).reshape(-1)  # 0 on mask-0 tokens
+        scale = position_power(t, ref.gamma)  # the adaptive range is [−eps_low·t^γ, eps_high·t^γ]
         lo_f, hi_f = self._fixed
         # Clip state of each range ∈ {0 inside, 1 below, 2 above}, folded with the bucket into one
         # code per token (9·bucket + 3·fixed + adaptive), so one bincount yields the token count and
@@ -210,8 +226,8 @@ class PositionStats:
         code = torch.lt(log_rho, lo_f, out=torch.empty_like(log_rho))
         code += torch.gt(log_rho, hi_f, out=buf).mul_(2.0)
         code *= 3.0
-        code += torch.lt(z, -cfg["eps_low"], out=buf)
-        code += torch.gt(z, cfg["eps_high"], out=buf).mul_(2.0)
+        code += torch.lt(log_rho, scale * -ref.eps_low, out=buf)
+        code += torch.gt(log_rho, scale * ref.eps_high, out=buf).mul_(2.0)
         dev, f64, nb = log_rho.device, torch.float64, self.n_buckets
         bucket = self._bucket_of.to(dev)[tpos.long()]
         code = code.reshape(-1).to(torch.int32).add_(bucket, alpha=9)
@@ -277,7 +293,7 @@ class PositionStats:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> PositionStats:
         """The accumulator `state_dict` described, exactly."""
-        stats = cls(**state["config"])
+        stats = cls.from_config(state["config"])
         for name in ("count", "mean", "m2", "tsum", "clips"):
             value = np.array(state[name], dtype=np.float64)
             if value.shape != getattr(stats, name).shape:
@@ -318,10 +334,8 @@ class PositionStats:
     def fit_sqrt(self, min_count: int = 2) -> tuple[float, float]:
         """Least-squares fit std_b ≈ c·√t_b over buckets with ≥ ``min_count`` tokens (t_b the bucket's
         mean position, one point per bucket, the overflow bucket left out); returns ``(c, r2)``, NaN
-        when fewer than two buckets qualify. The fit itself is ``ctpo.analysis.fit_sqrt``, so the logged
+        when fewer than two buckets qualify. The fit itself is ``ctpo.stats.fit_sqrt``, so the logged
         ``diag/sqrt_fit_*`` and the figures' legends are one computation."""
-        from ctpo.analysis import fit_sqrt  # torch-free module; imported here, where it is used
-
         keep = self.count >= max(min_count, 1)
         keep[-1] = False
         if keep.sum() < 2:
@@ -342,14 +356,20 @@ class PositionStats:
 
     @classmethod
     def from_scalars(
-        cls, scalars: dict[str, float], prefix: str = "diag/pos", count_scale: float = 1.0, **config: Any
+        cls,
+        scalars: dict[str, float],
+        prefix: str = "diag/pos",
+        count_scale: float = 1.0,
+        reference: ClipRanges | None = None,
+        **buckets: Any,
     ) -> PositionStats:
-        """Rebuild from (reduced) ``to_scalars`` output; ``config`` must match the emitter's.
+        """Rebuild from (reduced) ``to_scalars`` output; ``buckets`` must match the emitter's (the counts
+        already hold its clip decisions, so ``reference`` only labels the result).
 
         All keys must have been reduced the same linear way (summed, or averaged: then
         ``count_scale`` = number of averaged items restores total counts). Missing keys are an error.
         """
-        stats = cls(**config)
+        stats = cls(reference, **buckets)
         nb = stats.n_buckets
         try:
             cols = (
@@ -371,4 +391,91 @@ class PositionStats:
         return stats
 
     def __repr__(self) -> str:
-        return f"PositionStats(n_tokens={self.n_tokens}, n_buckets={self.n_buckets}, {self._config})"
+        return f"PositionStats(n_tokens={self.n_tokens}, n_buckets={self.n_buckets}, {self.config()})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pooling over training steps, and the logged summary
+# ----------------------------------------------------------------------------------------------------------
+class DiagnosticWindows:
+    """The statistics behind ``RUN/diagnostics/step_NNNNN.csv``: for each diagnostic step d, the
+    `PositionStats` of steps d-window+1..d pooled (`PositionStats.merge` combines counts, means and M2
+    exactly, as if the sequences had been one batch). One step of the tiny study has 32 sequences, and
+    those of its first minibatch are on-policy (log ρ = 0): a per-position std over so few is mostly noise
+    (a few large token log-ratios make a staircase, not a curve); pooling adds sequences.
+
+    Windows still open at a checkpoint go into it (`state_dict`), so a run resumed between pooled steps
+    writes the same file as one that ran through.
+    """
+
+    def __init__(self, diag_steps: Sequence[int], window: int, make: Callable[[], PositionStats]) -> None:
+        self.diag_steps = sorted(set(diag_steps))
+        self.window = window
+        self.make = make  # a fresh, empty PositionStats
+        # diagnostic step -> (pooled stats, steps pooled so far)
+        self.open: dict[int, tuple[PositionStats, list[int]]] = {}
+
+    def targets(self, step: int) -> list[int]:
+        """The diagnostic steps whose window contains ``step``."""
+        return [d for d in self.diag_steps if d - self.window < step <= d]
+
+    def collector(self, step: int) -> PositionStats | None:
+        """A fresh accumulator for ``step`` when some window needs it, else None."""
+        return self.make() if self.targets(step) else None
+
+    def add(self, step: int, stats: PositionStats) -> None:
+        """Pool one step's statistics into every window that contains it (the first one keeps the object)."""
+        for i, d in enumerate(self.targets(step)):
+            if d in self.open:
+                self.open[d][0].merge(stats)
+                self.open[d][1].append(step)
+            else:
+                self.open[d] = (
+                    stats if i == 0 else PositionStats.from_state_dict(stats.state_dict()),
+                    [step],
+                )
+
+    def pop(self, step: int) -> tuple[PositionStats, list[int]] | None:
+        """(pooled stats, steps pooled) of diagnostic step ``step``, closing its window; None if not one."""
+        return self.open.pop(step, None)
+
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        return {
+            d: {"stats": stats.state_dict(), "steps": list(steps)} for d, (stats, steps) in self.open.items()
+        }
+
+    def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
+        self.open = {
+            int(d): (PositionStats.from_state_dict(w["stats"]), list(w["steps"])) for d, w in state.items()
+        }
+
+
+def diagnostic_summary(diag: PositionStats, steps: Sequence[int] | None = None) -> dict[str, float]:
+    """``diag/`` scalars: the c·√t fit of std log ρ_{1:t}, clip rates early vs late in the response, and
+    what the statistics pooled (sequences; the steps of the window, ``steps``)."""
+    frame = diag.to_frame()
+    if frame.empty:
+        return {}
+    # ``diag/sqrt_fit_*_populated`` (the reported fit) uses the positions reached by enough of the
+    # sequences seen at t = 1 (ctpo.stats); ``diag/sqrt_fit_*`` every position with >= 2 tokens
+    populated = math.ceil(populated_count(frame["count"].iloc[0]))
+    c, r2 = diag.fit_sqrt()
+    c_pop, r2_pop = diag.fit_sqrt(min_count=populated)
+    reached = frame[frame["count"] >= populated]
+    out = {
+        "diag/sqrt_fit_c": float(c),
+        "diag/sqrt_fit_r2": float(r2),
+        "diag/sqrt_fit_c_populated": float(c_pop),
+        "diag/sqrt_fit_r2_populated": float(r2_pop),
+        "diag/populated_positions": float(len(reached)),
+        "diag/n_sequences": float(diag.n_sequences),
+    }
+    if steps:
+        out["diag/window_first_step"] = float(min(steps))
+        out["diag/window_steps"] = float(len(steps))
+    half = len(reached) // 2
+    for name, part in (("early", reached.iloc[:half]), ("late", reached.iloc[half:])):
+        weights = part["count"] / max(1, part["count"].sum())
+        for kind in ("fixed", "adaptive"):
+            out[f"diag/clip_{kind}_{name}"] = float((part[f"clip_{kind}"] * weights).sum())
+    return out

@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from ctpo.tir.episode import SamplingParams, run_episodes
+
 DEFAULT_EVAL_SEED = 1234
 """Sampling seed of evaluation when the config gives none: every eval of a model samples the same way."""
 
@@ -83,8 +85,8 @@ def run_eval_many(
     split back by position and graded per benchmark. ``rollout_s`` / ``eval_s`` of each summary are then the
     wall time of the *shared* call, and ``batched_with`` names the benchmarks that shared it. This is the
     right shape for a backend that batches without padding (vLLM). The HF loop left-pads a batch to its
-    longest context, so on CPU a mixed batch costs more per token than one batch per benchmark (measured
-    on tiny-s: benchmarks/bench_eval_merge.py, numbers in benchmarks/README.md).
+    longest context, so on CPU a mixed batch costs more per token than one batch per benchmark
+    (docs/findings/2026-11-26-eval-batching.md).
 
     ``batched=False``: one `run_episodes` call per benchmark, one after another (``batched_with`` empty);
     the samples are then the same as evaluating each benchmark on its own.
@@ -95,8 +97,6 @@ def run_eval_many(
     it does alone. ``params`` (SamplingParams) defaults to T=1, no truncation.
     """
     from dataclasses import replace
-
-    from ctpo.tir.episode import SamplingParams
 
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -121,8 +121,6 @@ def _run_batch(
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """One `run_episodes` call over all ``benchmarks`` (benchmark after benchmark, problem after problem, k
     copies each), one grading call, then samples and a summary per benchmark."""
-    from ctpo.tir.episode import run_episodes
-
     spans: dict[str, tuple[int, int]] = {}
     problems: list[str] = []
     golds: list[str] = []
@@ -237,9 +235,8 @@ def evaluate(
 
 
 def sampling_from_config(eval_cfg: dict[str, Any]):
-    """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens, seed)."""
-    from ctpo.tir.episode import SamplingParams
-
+    """`SamplingParams` of the config's ``eval:`` section (temperature, top_p, top_k, max_new_tokens,
+    seed)."""
     return SamplingParams(
         temperature=float(eval_cfg.get("temperature", 1.0)),
         top_p=float(eval_cfg.get("top_p", 1.0)),

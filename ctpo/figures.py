@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ctpo.analysis import METHOD_LABELS, DiagColumns, ctpo_pair, diag_columns
+from ctpo.atomic import atomic_path
 from ctpo.config import run_matrix
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,8 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     paths = []
     for ext in ("png", "pdf"):
         path = out / f"{name}.{ext}"
-        tmp = path.with_name(f".{name}.tmp.{ext}")
-        fig.savefig(tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
         paths.append(path)
     return paths
 
@@ -311,8 +311,8 @@ def figure2(
                         ax.plot(x + dx, scale * y, color=colors[method], marker="o", label=_label(method))
                         eval_se = _eval_se(g, x)
                         if eval_se is not None:
-                            ax.errorbar(x + dx, scale * y, yerr=scale * eval_se, fmt="none",
-                                        ecolor=colors[method], elinewidth=0.8, capsize=2, alpha=0.6)  # fmt: skip
+                            bars = {"ecolor": colors[method], "elinewidth": 0.8, "capsize": 2, "alpha": 0.6}
+                            ax.errorbar(x + dx, scale * y, yerr=scale * eval_se, fmt="none", **bars)
                     if np.any(se > 0):
                         ax.fill_between(
                             x, scale * (y - se), scale * (y + se), color=colors[method], alpha=0.2, lw=0

@@ -29,6 +29,9 @@ from typing import Any
 
 import torch
 
+from ctpo.tiny import load_pretrained
+from ctpo.tir.episode import Continuation
+
 
 @dataclass
 class _Sampling:
@@ -43,31 +46,21 @@ class _Sampling:
     seed: int | None = None
 
 
-def _continuation_cls():
-    try:
-        from ctpo.tir.episode import Continuation
-    except ImportError:  # the episode module is the contract's home; fall back to a plain record
-        return _Continuation
-    return Continuation
-
-
-@dataclass
-class _Continuation:
-    token_ids: list[int]
-    logprobs: list[float] | None
-    finish_reason: str
-
-
 class _FinishRecorder:
     """Stopping criterion that ends a row on EOS or a stop string and records *when* it ended.
 
     HF pads finished rows with ``pad_token_id`` without telling the caller where they stopped; this
-    records the sequence length at which each row first finished and why.
+    records the sequence length at which each row first finished and why. Stop strings are matched in
+    the tokens after ``prompt_width`` only (as vLLM does): a prompt ending in ``"\n"`` must not let a
+    generated ``"```\n"`` complete the stop string ``"\n```\n"``.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...], eos_ids: list[int], batch: int):
+    def __init__(
+        self, tokenizer, stop: tuple[str, ...], eos_ids: list[int], batch: int, prompt_width: int = 0
+    ):
         from transformers.generation.stopping_criteria import StopStringCriteria
 
+        self.prompt_width = prompt_width
         self.stop_criteria = StopStringCriteria(tokenizer, list(stop)) if stop else None
         self.eos = torch.tensor(eos_ids, dtype=torch.long) if eos_ids else None
         self.done_len = torch.full((batch,), -1, dtype=torch.long)
@@ -79,8 +72,8 @@ class _FinishRecorder:
         if self.eos is not None:
             is_eos = torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))
         is_stop = torch.zeros_like(is_eos)
-        if self.stop_criteria is not None:
-            is_stop = self.stop_criteria(input_ids, scores)
+        if self.stop_criteria is not None and input_ids.shape[1] > self.prompt_width:
+            is_stop = self.stop_criteria(input_ids[:, self.prompt_width :], scores)
         done = (is_eos | is_stop).cpu()
         new = done & (self.done_len < 0)
         for i in torch.nonzero(new).flatten().tolist():
@@ -115,10 +108,10 @@ class HFGenerator:
 
     ``engine``: ``"loop"`` (default) is a sampling loop over the model's forward with the HF KV cache that
     drops finished rows from the batch (and their cache) as soon as they stop; ``"generate"`` calls
-    ``model.generate``. Both sample from the same distribution and return the same kind of log-probs; on
-    the tiny study the loop is ~2-3x faster, because turns end at very different lengths (a code turn
-    ~40 tokens, a worked answer ~120) and ``generate`` keeps computing every finished row until the
-    longest is done (profile in the module tests' notes / the final report).
+    ``model.generate``. Both sample from the same distribution and return the same kind of log-probs; the
+    loop is the faster one when turns end at very different lengths (a code turn or a worked answer), as
+    ``generate`` keeps computing every finished row until the longest is done (not re-measured:
+    docs/findings/2026-11-26-eval-batching.md).
     ``max_batch_size`` splits a call into chunks (memory on GPU); None = one call for everything.
     ``stats`` accumulates per-call timings and token counts for profiling.
     """
@@ -149,8 +142,6 @@ class HFGenerator:
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu", **kw) -> HFGenerator:
-        from ctpo.tiny import load_pretrained
-
         model, tokenizer = load_pretrained(path, device=device)
         model.eval()
         return cls(model, tokenizer, device=device, **kw)
@@ -194,11 +185,13 @@ class HFGenerator:
         max_new = 256 if max_new is None else int(max_new)
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        # a call's stop token ids (VERL's tool parsers send them) end a row like EOS, and stay in it
+        eos_ids = [*self.eos_ids, *(int(t) for t in getattr(params, "stop_token_ids", ()) or ())]
         if self.engine == "loop":
-            results = self._loop(input_ids, attention_mask, temperature, top_k, top_p, max_new, stop)
+            results = self._loop(input_ids, attention_mask, temperature, top_k, top_p, max_new, stop, eos_ids)
             self._account(results, t0)
             return results
-        recorder = _FinishRecorder(self.tokenizer, stop, self.eos_ids, b)
+        recorder = _FinishRecorder(self.tokenizer, stop, eos_ids, b, prompt_width=width)
         from transformers import StoppingCriteriaList
 
         sampling: dict[str, Any]
@@ -212,7 +205,7 @@ class HFGenerator:
             max_new_tokens=max_new,
             stopping_criteria=StoppingCriteriaList([recorder]),
             pad_token_id=self.pad_id,
-            eos_token_id=self.eos_ids or None,
+            eos_token_id=eos_ids or None,
             use_cache=True,
             return_dict_in_generate=True,
             output_scores=True,
@@ -229,12 +222,11 @@ class HFGenerator:
             logp = logp.squeeze(-1).cpu()
         else:
             logp = torch.zeros((b, 0))
-        cls = _continuation_cls()
         results = []
         for i in range(b):
             end = int(recorder.done_len[i]) - width if recorder.done_len[i] >= 0 else steps
             results.append(
-                cls(
+                Continuation(
                     token_ids=new_tokens[i, :end].tolist(),
                     logprobs=logp[i, :end].tolist(),
                     finish_reason=recorder.reason[i] if recorder.done_len[i] >= 0 else "length",
@@ -259,6 +251,7 @@ class HFGenerator:
         top_p: float,
         max_new: int,
         stop: tuple[str, ...],
+        eos_ids: list[int],
     ) -> list[Any]:
         """Sample with the KV cache, removing each row from the batch (and the cache) once it stops."""
         model = self.model
@@ -285,7 +278,7 @@ class HFGenerator:
             from transformers.generation.stopping_criteria import StopStringCriteria
 
             stop_crit = StopStringCriteria(self.tokenizer, list(stop))
-        eos = torch.tensor(self.eos_ids or [-1], device=dev)
+        eos = torch.tensor(eos_ids or [-1], device=dev)
         tokens: list[list[int]] = [[] for _ in range(b)]
         logps: list[list[float]] = [[] for _ in range(b)]
         reasons = ["length"] * b
@@ -344,8 +337,9 @@ class HFGenerator:
                 tokens[r].append(ti)
                 logps[r].append(li)
         self.stats["steps"] += len(step_tok)
-        cls = _continuation_cls()
-        return [cls(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(b)]
+        return [
+            Continuation(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(b)
+        ]
 
 
 @torch.no_grad()

@@ -71,30 +71,15 @@ sequences), ``loss_scale_factor``. verl's rollout-correction weights (``rollout_
 truncated trainer-vs-rollout-engine importance weights, no gradient) multiply each token's loss before
 aggregation, as in verl's built-in losses: ``loss_t ← ρ̂_t · loss_t``.
 
-Implementation. The default (``grad="current"``) path computes value, gradient and metrics in one
-no-grad pass over (B, T) and keeps a single tensor for backward: the per-token gradient factor
-∂loss/∂log π_θ(a_t) = c_t·(−A_t)·w_t·[token t not clipped] (c_t the aggregation weight). A tiny
-``autograd.Function`` returns the loss and hands that factor back in backward (scaled in place, so
-backward allocates nothing and runs once: ``retain_graph`` double backward is not supported). The
-pass works in place on three (B, T) buffers (log-weight, clipped log-weight, position scale or clip
-indicator) plus the float mask when the given mask is not already float, for ``grpo`` and ``ctpo``
-alike; ``ctpo`` adds two prefix sums (ℓ and the mask) and the bound scaling. ``grad="prefix"`` is
-plain autograd (a research option).
-
-Public surface (stable)::
-
-    PolicyLossConfig(method="ctpo", clip_mode=None, clip_low=None, clip_high=None, eps_low=None,
-                     eps_high=None, gamma=None, dual_clip_c=None, dual_clip_eps=None,
-                     loss_agg_mode="token-mean", grad="current", position="policy",
-                     max_log_weight=20.0, ratio_quantiles=(.05, .25, .5, .75, .95), quantile_sample=16384)
-    PolicyLossConfig.from_dict(d) / .to_dict() / .resolved()      # None fields -> the method's defaults
-    compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cfg=None,
-                        *, global_batch_info=None, rollout_is_weights=None) -> (loss, metrics)
-    register_method(name, log_weight, *, clip_mode=..., clip_low=..., ..., overwrite=False)
-    METHODS                                                         # name -> RatioMethod
-    agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None,
-             global_batch_size=None, loss_scale_factor=None)        # verl 0.9.1's, standalone
-    position_index, fixed_clip_bounds, adaptive_clip_bounds         # shared with ctpo.diagnostics
+Implementation. `reference_policy_loss` writes the loss as the paper does, step by step with plain
+autograd (ratio → bounds → surrogate → aggregate); it is the yardstick of the tests and serves
+``grad="prefix"``. `compute_policy_loss` with ``grad="current"`` (the default, what every trainer runs)
+gives the same value and gradient from one no-grad pass over (B, T) that keeps a single tensor for
+backward: the per-token gradient factor ∂loss/∂log π_θ(a_t) = c_t·(−A_t)·w_t·[token t not clipped]
+(c_t the aggregation weight), handed back by a tiny ``autograd.Function`` (scaled in place, so backward
+allocates nothing and runs once: ``retain_graph`` double backward is not supported). The pass works in
+place on three (B, T) buffers for ``grpo`` and ``ctpo`` alike; ``ctpo`` adds two prefix sums (ℓ and the
+mask) and the bound scaling.
 
 Add your own ratio design (see ``docs/add_your_own_ratio.md``)::
 
@@ -132,7 +117,9 @@ __all__ = [
     "GRAD_MODES",
     "LOSS_AGG_MODES",
     "METHODS",
+    "PAPER_RANGES",
     "POSITION_MODES",
+    "ClipRanges",
     "PolicyLossConfig",
     "RatioMethod",
     "adaptive_clip_bounds",
@@ -142,6 +129,8 @@ __all__ = [
     "fixed_clip_bounds",
     "length_normalised_log_ratio",
     "position_index",
+    "position_power",
+    "reference_policy_loss",
     "register_method",
     "sequence_log_ratio",
     "token_log_ratio",
@@ -192,17 +181,53 @@ def cumulative_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.T
 
 
 @dataclass(frozen=True)
+class ClipRanges:
+    """The two clip ranges the paper compares (§3.3): PPO/GRPO's fixed ratio-space range and CTPO's
+    position-adaptive log-space range. The defaults are the paper's (and the public CTPO release's), written
+    here once: every registered method's default clipping and Figure 1's reference ranges start from them."""
+
+    clip_low: float = 0.2
+    """Fixed range: ratio ≥ 1 − clip_low."""
+    clip_high: float = 0.2
+    """Fixed range: ratio ≤ 1 + clip_high."""
+    eps_low: float = 0.025
+    """Adaptive range: log-ratio ≥ −eps_low·t^γ."""
+    eps_high: float = 0.05
+    """Adaptive range: log-ratio ≤ eps_high·t^γ."""
+    gamma: float = 0.5
+    """Position exponent γ of the adaptive range (½ matches std log ρ_{1:t} ∝ √t)."""
+    position: str = "policy"
+    """How t counts: ``policy`` (response-mask tokens) or ``absolute`` (column index + 1)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
+            raise ValueError(
+                f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={self.clip_low}, "
+                f"clip_high={self.clip_high}"
+            )
+        if self.eps_low < 0.0 or self.eps_high < 0.0 or self.gamma < 0.0:
+            raise ValueError(
+                f"need eps_low, eps_high, gamma >= 0, got {self.eps_low}, {self.eps_high}, {self.gamma}"
+            )
+        if self.position not in POSITION_MODES:
+            raise ValueError(f"position={self.position!r} is not one of {POSITION_MODES}")
+
+
+PAPER_RANGES = ClipRanges()
+
+
+@dataclass(frozen=True)
 class RatioMethod:
     """A registered ratio design: its log-weight function and its default clipping."""
 
     name: str
     log_weight: LogWeightFn
     clip_mode: str = "fixed"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    eps_low: float = 0.025
-    eps_high: float = 0.05
-    gamma: float = 0.5
+    clip_low: float = PAPER_RANGES.clip_low
+    clip_high: float = PAPER_RANGES.clip_high
+    eps_low: float = PAPER_RANGES.eps_low
+    eps_high: float = PAPER_RANGES.eps_high
+    gamma: float = PAPER_RANGES.gamma
     dual_clip_c: float | None = None
     dual_clip_eps: float | None = None
     description: str = ""
@@ -216,11 +241,11 @@ def register_method(
     log_weight: LogWeightFn,
     *,
     clip_mode: str = "fixed",
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    eps_low: float = 0.025,
-    eps_high: float = 0.05,
-    gamma: float = 0.5,
+    clip_low: float = PAPER_RANGES.clip_low,
+    clip_high: float = PAPER_RANGES.clip_high,
+    eps_low: float = PAPER_RANGES.eps_low,
+    eps_high: float = PAPER_RANGES.eps_high,
+    gamma: float = PAPER_RANGES.gamma,
     dual_clip_c: float | None = None,
     dual_clip_eps: float | None = None,
     description: str = "",
@@ -260,7 +285,7 @@ def register_method(
 
 # The defaults mirror verl 0.9.1 (clip_ratio 0.2, dual clip_ratio_c 3.0 in its vanilla loss; no
 # dual clip in its GSPO loss; GSPO paper's 3e-4 / 4e-4) and the public CTPO release
-# (log-space 0.025 / 0.05, γ = 0.5, position-scaled dual clip 0.05).
+# (its log-space ranges are PAPER_RANGES; its position-scaled dual clip is 0.05).
 register_method(
     "grpo",
     token_log_ratio,
@@ -317,9 +342,9 @@ class PolicyLossConfig:
     clip_high: float | None = None
     """Fixed mode: upper ratio bound 1 + clip_high (verl ``clip_ratio_high``)."""
     eps_low: float | None = None
-    """Adaptive mode: log-space lower bound −eps_low·t^γ (CTPO release: 0.025)."""
+    """Adaptive mode: log-space lower bound −eps_low·t^γ."""
     eps_high: float | None = None
-    """Adaptive mode: log-space upper bound eps_high·t^γ (CTPO release: 0.05)."""
+    """Adaptive mode: log-space upper bound eps_high·t^γ."""
     gamma: float | None = None
     """Adaptive mode (and dual_clip_eps): position exponent γ (½ matches std ∝ √t)."""
     dual_clip_c: float | None = None
@@ -434,11 +459,18 @@ def fixed_clip_bounds(clip_low: float, clip_high: float) -> tuple[float, float]:
     return (math.log1p(-clip_low) if clip_low < 1.0 else -math.inf), math.log1p(clip_high)
 
 
+def position_power(t: torch.Tensor, gamma: float, *, inplace: bool = False) -> torch.Tensor:
+    """t^γ, the scale of the adaptive range (§3.3); every t^γ of the loss and the diagnostics is this one."""
+    if gamma == 0.5:  # the paper's γ, and sqrt is cheaper than pow
+        return t.sqrt_() if inplace else t.sqrt()
+    return t.pow_(gamma) if inplace else t.pow(gamma)
+
+
 def adaptive_clip_bounds(
     t: torch.Tensor, eps_low: float, eps_high: float, gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CTPO's position-adaptive log-space range (§3.3): [−eps_low·t^γ, eps_high·t^γ]."""
-    scale = t.pow(gamma)
+    scale = position_power(t, gamma)
     return scale * -eps_low, scale * eps_high
 
 
@@ -503,7 +535,93 @@ def agg_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# The loss
+# The loss, readable: ratio -> bounds -> surrogate -> aggregate, with plain autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=None):
+    """The clipped surrogate of §3 step by step; returns (loss, metrics as 0-d tensors)."""
+    cdt = _compute_dtype(log_prob)
+    mask = response_mask.to(cdt)
+    adv = advantages.to(cdt)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
+    logp = log_prob.to(cdt)
+    log_ratio = (logp - old_log_prob.to(cdt)) * mask  # ℓ_t, 0 on mask-0 tokens
+
+    # 1. ratio: the method's log-weight L_t. With grad="current" (Prop. 1) its value, with the gradient
+    #    of the current token's log π only; with grad="prefix" autograd runs through the whole L_t.
+    x = METHODS[cfg.method].log_weight(log_ratio.clone(), mask).expand_as(mask)
+    if cfg.grad == "current":
+        x = x.detach() + (logp - logp.detach())
+
+    # 2. bounds on L_t (log space): PPO's fixed [log(1 − clip_low), log(1 + clip_high)], CTPO's adaptive
+    #    [−eps_low·t^γ, eps_high·t^γ], or none; and the dual clip's threshold for A < 0
+    lower, upper, dual = _reference_bounds(cfg, position_index(mask, cfg.position, cdt))
+
+    # 3. surrogate: PPO's pessimistic max of the unclipped and clipped terms, then the dual clip (A < 0).
+    #    L_t is capped at max_log_weight before exp (verl's guard: beyond it, no gradient).
+    capped = torch.clamp(x, max=cfg.max_log_weight)
+    weight, clipped_weight = torch.exp(capped), torch.exp(torch.clamp(capped, lower, upper))
+    surrogate = torch.maximum(-adv * weight, -adv * clipped_weight)
+    surrogate = torch.where(adv < 0, torch.minimum(surrogate, -adv * torch.exp(dual)), surrogate)
+
+    # 4. rollout correction (verl's): each token's loss times its constant weight
+    if weights is not None:
+        surrogate = surrogate * weights
+    # 5. aggregate over tokens and sequences (verl's agg_loss)
+    loss = agg_loss(surrogate, mask, cfg.loss_agg_mode, **gbi)
+    with torch.no_grad():
+        metrics = _reference_metrics(cfg, x.detach(), log_ratio.detach(), mask, adv, lower, upper, dual)
+    return loss, metrics
+
+
+def _reference_bounds(cfg: PolicyLossConfig, t: torch.Tensor):
+    """(lower, upper, dual) log-space bounds at positions t, each broadcastable to (B, T)."""
+    inf = torch.full_like(t, math.inf)
+    if cfg.clip_mode == "fixed":
+        lo, hi = fixed_clip_bounds(cfg.clip_low, cfg.clip_high)
+        lower, upper = torch.full_like(t, lo), torch.full_like(t, hi)
+    elif cfg.clip_mode == "adaptive":
+        lower, upper = adaptive_clip_bounds(t, cfg.eps_low, cfg.eps_high, cfg.gamma)
+    else:
+        lower, upper = -inf, inf
+    if cfg.dual_clip_c:
+        dual = torch.full_like(t, math.log(cfg.dual_clip_c))
+    elif cfg.dual_clip_eps:
+        dual = cfg.dual_clip_eps * position_power(t, cfg.gamma)
+    else:
+        dual = inf
+    return lower, upper, dual
+
+
+def _reference_metrics(cfg, x, log_ratio, mask, adv, lower, upper, dual) -> dict[str, torch.Tensor]:
+    """The metrics of the module docstring, each by its definition (``x``: the uncapped log-weight)."""
+    cap, kept = cfg.max_log_weight, mask > 0
+    denom = mask.sum().clamp(min=1.0)
+    neg, pos = (adv < 0).expand_as(mask) & kept, (adv > 0).expand_as(mask) & kept
+    low = (neg & (x < lower)).sum() / denom  # pushed up to the lower bound
+    high = (pos & (x > upper.clamp(max=cap))).sum() / denom  # held at the upper bound (or the guard)
+    dual_hit = (neg & (x > dual.clamp(max=cap))).sum() / denom  # held at the dual threshold (or the guard)
+    weight = torch.exp(x.clamp(max=cap))
+    out = {
+        "clip/frac_low": low,
+        "clip/frac_high": high,
+        "clip/frac_dual": dual_hit,
+        "clip/frac": low + high + dual_hit,
+        "ratio/mean": (weight * mask).sum() / denom,
+        "ratio/max": weight[kept].max() if kept.any() else torch.zeros((), dtype=x.dtype),
+        "ratio/log_mean": (x * mask).sum() / denom,
+    }
+    sample = _quantile_sample(cfg, x, mask).clamp(max=cap).exp()
+    for q in cfg.ratio_quantiles:
+        out[_quantile_key(q)] = torch.quantile(sample, q) if sample.numel() else torch.zeros(())
+    out["ratio/approx_kl"] = -log_ratio.sum() / denom
+    out["ratio/tokens"] = mask.sum()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss, fused: the same value and gradient in one no-grad pass (what every trainer runs)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -612,7 +730,18 @@ def _position_scale(mask: torch.Tensor, position: str, gamma: float) -> torch.Te
         if position == "policy"
         else position_index(mask, position, mask.dtype).expand_as(mask).clone()
     )
-    return t.sqrt_() if gamma == 0.5 else t.pow_(gamma)
+    return position_power(t, gamma, inplace=True)
+
+
+def _quantile_key(q: float) -> str:
+    return f"ratio/p{round(q * 100):02d}"
+
+
+def _quantile_sample(cfg: PolicyLossConfig, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mask tokens' log-weights the quantiles are over: every k-th token, at most quantile_sample."""
+    flat_x, flat_m = x.reshape(-1), mask.reshape(-1)
+    stride = max(1, math.ceil(flat_x.numel() / max(cfg.quantile_sample, 1)))
+    return flat_x[::stride][flat_m[::stride] > 0]
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -620,8 +749,8 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> torch.T
     return torch.mul(a, b, out=scratch).sum(-1)
 
 
-def _weight_stats(cfg, x, mask, n, scratch) -> list[torch.Tensor]:
-    """ratio/mean, ratio/max, ratio/log_mean and the quantiles of the unclipped weight w = exp(x)."""
+def _weight_stats(cfg, x, mask, n, scratch) -> dict[str, torch.Tensor]:
+    """``ratio/mean``, ``ratio/max``, ``ratio/log_mean``, ``ratio/pXX`` of the unclipped weight w = exp(x)."""
     cap = cfg.max_log_weight
     denom = n.clamp(min=1.0)
     log_mean = _row_dot(x, mask, scratch).sum() / denom
@@ -630,27 +759,24 @@ def _weight_stats(cfg, x, mask, n, scratch) -> list[torch.Tensor]:
     else:
         ratio_max = torch.sub(mask, 1.0, out=scratch).mul_(_BIG).add_(x).amax().clamp(max=cap).exp()
     ratio_mean = _row_dot(torch.clamp(x, max=cap, out=scratch).exp_(), mask, scratch).sum() / denom
-    quantiles = []
-    if cfg.ratio_quantiles:
-        flat_x, flat_m = x.reshape(-1), mask.reshape(-1)
-        stride = max(1, math.ceil(flat_x.numel() / max(cfg.quantile_sample, 1)))
-        sample = flat_x[::stride][flat_m[::stride] > 0]
-        k = sample.numel()
-        for q in cfg.ratio_quantiles:  # linear interpolation between order statistics (= torch.quantile)
-            if k == 0:
-                quantiles.append(torch.zeros((), device=x.device))
-                continue
-            pos = q * (k - 1)
-            lo_k, frac = math.floor(pos), pos - math.floor(pos)
-            lo_w = sample.kthvalue(lo_k + 1).values.clamp(max=cap).exp()  # exp is monotone: rank in log space
-            hi_w = sample.kthvalue(min(lo_k + 2, k)).values.clamp(max=cap).exp() if frac > 0 else lo_w
-            quantiles.append(lo_w + (hi_w - lo_w) * frac)
-    return [ratio_mean, ratio_max, log_mean, *quantiles]
+    out = {"ratio/mean": ratio_mean, "ratio/max": ratio_max, "ratio/log_mean": log_mean}
+    sample = _quantile_sample(cfg, x, mask)
+    k = sample.numel()
+    for q in cfg.ratio_quantiles:  # linear interpolation between order statistics (= torch.quantile)
+        if k == 0:
+            out[_quantile_key(q)] = torch.zeros((), device=x.device)
+            continue
+        pos = q * (k - 1)
+        lo_k, frac = math.floor(pos), pos - math.floor(pos)
+        lo_w = sample.kthvalue(lo_k + 1).values.clamp(max=cap).exp()  # exp is monotone: rank in log space
+        hi_w = sample.kthvalue(min(lo_k + 2, k)).values.clamp(max=cap).exp() if frac > 0 else lo_w
+        out[_quantile_key(q)] = lo_w + (hi_w - lo_w) * frac
+    return out
 
 
-def _clip_fractions(kept, below, mask, pos, neg, n) -> list[torch.Tensor]:
-    """clip/frac_low, frac_high, frac_dual, frac from masked per-token indicators (``kept``: no bound
-    binds; ``below``: pushed up to the lower bound; both already multiplied by the mask)."""
+def _clip_fractions(kept, below, mask, pos, neg, n) -> dict[str, torch.Tensor]:
+    """``clip/frac_low``, ``frac_high``, ``frac_dual``, ``frac`` from masked per-token indicators (``kept``:
+    no bound binds; ``below``: pushed up to the lower bound; both already multiplied by the mask)."""
     denom = n.clamp(min=1.0)
     if pos.shape[-1] == 1:  # one advantage per sequence: count per row, then weight by the row's sign
         clipped = mask.sum(-1, keepdim=True) - kept.sum(-1, keepdim=True)
@@ -662,7 +788,12 @@ def _clip_fractions(kept, below, mask, pos, neg, n) -> list[torch.Tensor]:
     low = (below * neg).sum() / denom
     high = (above * pos).sum() / denom
     dual = (above * neg).sum() / denom
-    return [low, high, dual, low + high + dual]
+    return {
+        "clip/frac_low": low,
+        "clip/frac_high": high,
+        "clip/frac_dual": dual,
+        "clip/frac": low + high + dual,
+    }
 
 
 def _compute_dtype(log_prob: torch.Tensor) -> torch.dtype:
@@ -670,10 +801,9 @@ def _compute_dtype(log_prob: torch.Tensor) -> torch.dtype:
     return torch.promote_types(log_prob.dtype, torch.float32)
 
 
-def _current_token_loss(
-    old_log_prob, log_prob, advantages, response_mask, cfg, gbi, with_metrics=True, weights=None
-):
-    """``grad="current"``: one no-grad pass over (B, T) computing value, gradient factor and metrics.
+def _fused_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, with_metrics=True, weights=None):
+    """`reference_loss` with ``grad="current"`` in one no-grad pass over (B, T): value, gradient factor
+    and metrics, with a single (B, T) tensor kept for backward.
 
     Per token, in log space: x = L_t (the method's log-weight), y = x clamped to the sign-dependent
     bounds (A > 0: x ≤ hi; A ≤ 0: lo ≤ x ≤ dual; always ≤ max_log_weight), loss_t = c·(−A)·exp(y)
@@ -697,7 +827,7 @@ def _current_token_loss(
         x = x.expand_as(mask)
         own_x = x.is_contiguous() and x.data_ptr() != mask.data_ptr()
         y = torch.empty_like(mask)
-        metrics = _weight_stats(cfg, x, mask, n, scratch=y) if with_metrics else []
+        ratio_stats = _weight_stats(cfg, x, mask, n, scratch=y) if with_metrics else {}
 
         lower_b, upper_b, dual_b = _side_bounds(cfg)
         pos = adv > 0
@@ -724,67 +854,18 @@ def _current_token_loss(
                 upper.clamp_(max=cap)
         torch.minimum(y, upper, out=y)
         unclipped = torch.eq(y, x, out=scale if scale is not None else torch.empty_like(mask)).mul_(mask)
+        metrics = {}
         if with_metrics:
             below = torch.gt(y, x, out=x if own_x else torch.empty_like(mask)).mul_(mask)  # x is dead now
-            metrics = _clip_fractions(unclipped, below, mask, pos, adv < 0, n) + metrics
-            metrics += [-log_ratio_sum / n.clamp(min=1.0), n]
+            metrics = _clip_fractions(unclipped, below, mask, pos, adv < 0, n) | ratio_stats
+            metrics |= {"ratio/approx_kl": -log_ratio_sum / n.clamp(min=1.0), "ratio/tokens": n}
         val = y.exp_().mul_(row_factor).mul_(mask)  # c_b·m_t·(−A)·exp(y_t)
         if weights is not None:
             val.mul_(weights)  # ρ̂_t·c_b·m_t·(−A)·exp(y_t): rollout correction, a constant factor
         loss_value = val.sum()
         grad_factor = val.mul_(unclipped)  # c_b·m_t·(−A)·exp(x_t)·[unclipped] (unclipped is masked)
     loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
-    return loss, [*metrics, loss_value] if with_metrics else metrics
-
-
-def _prefix_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=None):
-    """``grad="prefix"``: plain autograd through w_t = exp(L_t) (the whole prefix gets gradient)."""
-    method = METHODS[cfg.method]
-    cdt = _compute_dtype(log_prob)
-    mask = response_mask.to(cdt)
-    adv = advantages.to(cdt)
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(-1)
-    row_factor = -adv * _row_coefficients(mask, cfg.loss_agg_mode, **gbi)
-    n = mask.sum()
-    log_ratio = (log_prob.to(cdt) - old_log_prob.to(cdt)) * mask
-    x = method.log_weight(log_ratio.clone(), mask).expand_as(mask)
-    lower_b, upper_b, dual_b = _side_bounds(cfg)
-    pos = adv > 0
-    lo_const, lo_coef = _row_bound(pos, (-math.inf, 0.0), lower_b, cdt)
-    up_const, up_coef = _row_bound(pos, upper_b, dual_b, cdt)
-    scale = None
-    if lo_coef is not None or up_coef is not None:
-        scale = _position_scale(mask, cfg.position, cfg.gamma)
-    lower = lo_const if lo_coef is None else lo_coef * scale + lo_const
-    upper = (up_const if up_coef is None else up_coef * scale + up_const).clamp(max=cfg.max_log_weight)
-    y = torch.minimum(torch.maximum(x, lower), upper)  # the gradient is 0 where a bound binds
-    per_token = torch.exp(y) * row_factor * mask
-    loss = (per_token if weights is None else per_token * weights).sum()
-    with torch.no_grad():
-        xd, yd = x.detach(), y.detach()
-        scratch = torch.empty_like(mask)
-        metrics = _weight_stats(cfg, xd, mask, n, scratch)
-        kept, below = (yd == xd).to(cdt) * mask, (yd > xd).to(cdt) * mask
-        metrics = _clip_fractions(kept, below, mask, pos, adv < 0, n) + metrics
-        metrics += [-log_ratio.detach().sum() / n.clamp(min=1.0), n, loss.detach()]
     return loss, metrics
-
-
-def _rollout_weights(weights: torch.Tensor | None, log_prob: torch.Tensor) -> torch.Tensor | None:
-    """Rollout-correction weights as a detached tensor of the compute dtype, broadcastable to (B, T)."""
-    if weights is None:
-        return None
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"rollout_is_weights must be a torch.Tensor, got {type(weights).__name__}")
-    b, t = log_prob.shape
-    if weights.shape not in ((b, t), (b, 1), (b,)):
-        raise ValueError(
-            f"rollout_is_weights has shape {tuple(weights.shape)}; expected (batch, response_len)={(b, t)}, "
-            f"(batch, 1) or (batch,)"
-        )
-    w = weights.detach().to(_compute_dtype(log_prob))
-    return w.unsqueeze(-1) if w.dim() == 1 else w
 
 
 def compute_policy_loss(
@@ -799,6 +880,9 @@ def compute_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped importance-weighted policy-gradient loss of ``cfg.method``; returns ``(loss, metrics)``.
 
+    The value and gradient of `reference_policy_loss`, computed by the fused pass (``grad="current"``)
+    or by the reference itself (``grad="prefix"``, a research option).
+
     Args:
         old_log_prob: (B, T) log μ(a_t|s_t) of the sampled tokens (behaviour / old policy).
         log_prob: (B, T) log π_θ(a_t|s_t), requires grad; the gradient flows only into it.
@@ -812,9 +896,51 @@ def compute_policy_loss(
             before aggregation (verl's rollout correction, ``rollout_corr_helper``); treated as constants.
 
     Returns:
-        loss: scalar float32 tensor (differentiable w.r.t. ``log_prob``; backward once).
+        loss: scalar tensor (differentiable w.r.t. ``log_prob``; backward once).
         metrics: dict of plain floats (see the module docstring).
     """
+    cfg, gbi = _prepare(old_log_prob, log_prob, advantages, response_mask, cfg, global_batch_info)
+    weights = _rollout_weights(rollout_is_weights, log_prob)
+    loss_fn = _fused_loss if cfg.grad == "current" else _reference_loss
+    loss, metrics = loss_fn(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=weights)
+    return loss, _to_floats(loss, metrics)
+
+
+def reference_policy_loss(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    cfg: PolicyLossConfig | Mapping[str, Any] | None = None,
+    *,
+    global_batch_info: Mapping[str, Any] | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`compute_policy_loss` written step by step with plain autograd (slower; the tests' yardstick)."""
+    cfg, gbi = _prepare(old_log_prob, log_prob, advantages, response_mask, cfg, global_batch_info)
+    weights = _rollout_weights(rollout_is_weights, log_prob)
+    loss, metrics = _reference_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights)
+    return loss, _to_floats(loss, metrics)
+
+
+def _rollout_weights(weights: torch.Tensor | None, log_prob: torch.Tensor) -> torch.Tensor | None:
+    """Rollout-correction weights as a detached tensor of the compute dtype, broadcastable to (B, T)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"rollout_is_weights must be a torch.Tensor, got {type(weights).__name__}")
+    b, t = log_prob.shape
+    if weights.shape not in ((b, t), (b, 1), (b,)):
+        raise ValueError(
+            f"rollout_is_weights has shape {tuple(weights.shape)}; expected (batch, response_len)={(b, t)}, "
+            "(batch, 1) or (batch,)"
+        )
+    w = weights.detach().to(_compute_dtype(log_prob))
+    return w.unsqueeze(-1) if w.dim() == 1 else w
+
+
+def _prepare(old_log_prob, log_prob, advantages, response_mask, cfg, global_batch_info):
+    """The resolved config and the global batch info, after checking every input (errors name the fix)."""
     if cfg is None:
         cfg = PolicyLossConfig()
     elif isinstance(cfg, Mapping):
@@ -823,7 +949,6 @@ def compute_policy_loss(
         raise TypeError(
             f"cfg must be a PolicyLossConfig or a mapping of its fields, got {type(cfg).__name__}"
         )
-    cfg = cfg.resolved()
     _check_inputs(old_log_prob, log_prob, advantages, response_mask)
     gbi = dict(global_batch_info or {})
     unknown = sorted(set(gbi) - set(_GLOBAL_BATCH_KEYS))
@@ -831,31 +956,16 @@ def compute_policy_loss(
         raise ValueError(
             f"unknown global_batch_info key(s) {unknown}; expected a subset of {list(_GLOBAL_BATCH_KEYS)}"
         )
-    weights = _rollout_weights(rollout_is_weights, log_prob)
-    if cfg.grad == "current":
-        loss, parts = _current_token_loss(
-            old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=weights
-        )
-    else:
-        loss, parts = _prefix_loss(
-            old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=weights
-        )
-    vals = torch.stack([p.reshape(()).to(torch.float64) for p in parts]).tolist()  # one host transfer
-    if not math.isfinite(vals[-1]):
+    return cfg.resolved(), gbi
+
+
+def _to_floats(loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The metrics as plain floats, in one device-to-host transfer; a non-finite loss is an error."""
+    parts = [*metrics.values(), loss.detach()]
+    values = torch.stack([p.reshape(()).to(torch.float64) for p in parts]).tolist()
+    if not math.isfinite(values[-1]):
         raise FloatingPointError(
-            f"policy loss is {vals[-1]}: an input holds inf/nan (log_prob, old_log_prob or advantages, "
+            f"policy loss is {values[-1]}: an input holds inf/nan (log_prob, old_log_prob or advantages, "
             "including at mask-0 positions, which must be finite); check the rollout log-probs and padding"
         )
-    keys = [
-        "clip/frac_low",
-        "clip/frac_high",
-        "clip/frac_dual",
-        "clip/frac",
-        "ratio/mean",
-        "ratio/max",
-        "ratio/log_mean",
-        *(f"ratio/p{round(q * 100):02d}" for q in cfg.ratio_quantiles),
-        "ratio/approx_kl",
-        "ratio/tokens",
-    ]
-    return loss, dict(zip(keys, vals[:-1]))
+    return dict(zip(metrics, values[:-1]))

@@ -430,7 +430,8 @@ _default_lock = threading.Lock()
 
 
 def default_grader() -> Grader:
-    """The process-wide ``Grader(workers=1, timeout_s=5)`` behind ``compute_score`` (its ``stats`` count every call)."""
+    """The process-wide ``Grader(workers=1, timeout_s=5)`` behind ``compute_score`` (its ``stats`` count
+    every call)."""
     global _default
     with _default_lock:
         if _default is None:

@@ -2,14 +2,14 @@
 
 Nothing is downloaded. The model is `transformers.Qwen3ForCausalLM` with a config built here (random
 init, seeded); the tokenizer is a byte-level BPE trained with `tokenizers` on the task's own corpus.
+The measurements behind the tokenizer and the presets: docs/findings/2026-11-27-tiny-warmup.md.
 
 Numbers are split into groups of up to three digits from the left (``33823`` -> ``338`` ``23``), and every
 such group is one token (1,110 of them: the BPE trainer is shown each once more than its threshold), never
 glued to a space or symbol (see `WORD_PATTERN`). Why: the task is mostly *copying* numbers (from the
 problem into code, from a tool output into the next step). With one token per digit, or with a bare space
 token before every number, a tiny model can only copy with multi-token matching circuits, which it learns
-slowly (a 1M-parameter model trained 800 warm-up steps on single-digit tokens still copied numbers
-wrongly); with distinct group tokens that look the same wherever they appear, plain one-token induction
+slowly; with distinct group tokens that look the same wherever they appear, plain one-token induction
 copies a number in 2–3 tokens, responses are shorter, and each group token still carries what the rules
 read (parity and last digit of the last group, the order of groups for comparisons). A copying error is
 still a one-token event the diagnostics can see. Both are saved in one folder that
@@ -25,11 +25,8 @@ arith corpus, tied embeddings):
 | ``s`` | 128 | 4 | 4 (2) | 384 | ≈1.0M |
 | ``m`` | 192 | 4 | 6 (3) | 512 | ≈2.0M |
 
-``m`` is ~2x ``s`` (the paper's 14B/4B is 3.5x) rather than the ~5M first planned: the warm-up has to
-teach a random-init model to copy numbers, which takes ~2,000 steps, and a 5M model at that many steps
-does not fit the tiny study's minutes on 2 cores. Width pays more than depth here: a 6-layer ``m``
-(≈2.8M) warmed up 1,400 steps scored avg@4 52 / 21 / 2 % on arith easy / medium / old hard, *below* ``s``;
-this 4-layer one, 1,600 steps, scores 69 / 50 / 26 % (new hard) at ~0.7x the 6-layer compute per token.
+``m`` is ~2x ``s`` (the paper's 14B/4B is 3.5x): a bigger model's warm-up does not fit the tiny study's
+minutes on 2 cores, and width pays more than depth at this size.
 """
 
 from __future__ import annotations
@@ -49,11 +46,15 @@ CHAT_TEMPLATE = (
     "{%- set no_think = enable_thinking is defined and enable_thinking is false %}"
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
-    "{%- if messages[0].role == 'system' and messages[0].content %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{%- if messages[0].role == 'system' and messages[0].content %}"
+    "{{- messages[0].content + '\\n\\n' }}"
+    "{%- endif %}"
     "{{- '# Tools\\n\\nThese functions can be called; their signatures are in <tools></tools>:\\n<tools>' }}"
     "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
-    "{{- '\\n</tools>\\n\\nTo call one, write its name and arguments as JSON inside <tool_call></tool_call>:\\n'"
-    ' + \'<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
+    "{{- '\\n</tools>\\n\\nTo call one, write its name and arguments as JSON inside '"
+    "+ '<tool_call></tool_call>:\\n'"
+    ' + \'<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n\''
+    " + '</tool_call><|im_end|>\\n' }}"
     "{%- elif messages[0].role == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
     "{%- endif %}"

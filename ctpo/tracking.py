@@ -39,6 +39,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ctpo import atomic
 from ctpo.config import results_dir
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,7 @@ def init_store(config: Mapping[str, Any]) -> dict[str, str]:
                 client.restore_experiment(exp_id)
         info = {"tracking_uri": uri, "experiment_id": str(exp_id), "experiment_name": name}
         path = store_file(config)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic.write_json(path, info)
     log.info("MLflow store %s, experiment %r (id %s) -> %s", uri, name, exp_id, path)
     return info
 
@@ -167,7 +166,8 @@ def store_info(config: Mapping[str, Any]) -> dict[str, str]:
     if info.get("tracking_uri") != uri:
         raise TrackingError(
             f"{path} was written for the MLflow store {info.get('tracking_uri')!r}, but this job resolves "
-            f"{uri!r} (MLFLOW_TRACKING_URI / mlflow.tracking_uri changed?). Run `ctpo mlflow-init --config ...` "
+            f"{uri!r} (MLFLOW_TRACKING_URI / mlflow.tracking_uri changed?). "
+            "Run `ctpo mlflow-init --config ...` "
             f"again with the store you mean, or delete {path}."
         )
     return info
@@ -398,9 +398,7 @@ def start_run(
         run_id = created.info.run_id
         if id_path is not None:
             id_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = id_path.with_name(f".{id_path.name}.tmp")
-            tmp.write_text(run_id + "\n")
-            os.replace(tmp, id_path)
+            atomic.write_text(id_path, run_id + "\n")
 
     run = Run(client, run_id, flush_every=flush_every)
     run.set_tags(all_tags)
@@ -424,7 +422,8 @@ def start_run(
 
 
 def find_runs(config: Mapping[str, Any], filter_string: str = "") -> list[Any]:
-    """Every run of the study's experiment matching an MLflow search filter (e.g. ``tags.`ctpo.kind` = 'eval'``)."""
+    """Every run of the study's experiment matching an MLflow search filter
+    (e.g. ``tags.`ctpo.kind` = 'eval'``)."""
     from mlflow.tracking import MlflowClient
 
     info = store_info(config)

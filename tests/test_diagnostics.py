@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from ctpo.diagnostics import PositionStats
+from ctpo.diagnostics import ClipRanges, PositionStats
 
-CFG = dict(
-    exact_limit=8,
-    per_octave=4,
-    width=5,
-    max_position=40,
-    clip_low=0.2,
-    clip_high=0.25,
-    eps_low=0.1,
-    eps_high=0.15,
-    gamma=0.5,
-    max_tokens=None,
-)
+RANGES = dict(clip_low=0.2, clip_high=0.25, eps_low=0.1, eps_high=0.15, gamma=0.5)
+BUCKETS = dict(exact_limit=8, per_octave=4, width=5, max_position=40, max_tokens=None)
+CFG = {**RANGES, **BUCKETS}
+
+
+def make(**cfg) -> PositionStats:
+    """A PositionStats from one flat dict: ClipRanges fields go into its reference, the rest are buckets."""
+    ranges = {k: cfg.pop(k) for k in [*RANGES, "position"] if k in cfg}
+    return PositionStats(ClipRanges(**ranges), **cfg)
 
 
 def make_batch(b=6, t=60, seed=0, noise=0.25, dtype=torch.float32):
@@ -101,7 +98,7 @@ def frames_equal(a: PositionStats, b: PositionStats) -> None:
 def test_matches_brute_force(spacing, position):
     old, new, mask = make_batch()
     cfg = {**CFG, "spacing": spacing, "position": position}
-    stats = PositionStats(**cfg).update(old, new, mask)
+    stats = make(**cfg).update(old, new, mask)
     ref = brute_force(old, new, mask, **cfg)
     frame = stats.to_frame().set_index("bucket")
     assert sorted(frame.index) == sorted(ref)
@@ -148,9 +145,9 @@ def test_bucket_edges():
 
 def test_merge_equals_one_big_update():
     old, new, mask = make_batch(b=8, seed=1)
-    whole = PositionStats(**CFG).update(old, new, mask)
-    a = PositionStats(**CFG).update(old[:3], new[:3], mask[:3])
-    b = PositionStats(**CFG).update(old[3:5], new[3:5], mask[3:5]).update(old[5:], new[5:], mask[5:])
+    whole = make(**CFG).update(old, new, mask)
+    a = make(**CFG).update(old[:3], new[:3], mask[:3])
+    b = make(**CFG).update(old[3:5], new[3:5], mask[3:5]).update(old[5:], new[5:], mask[5:])
     frames_equal(whole, a.merge(b))
     assert whole.fit_sqrt() == pytest.approx(a.fit_sqrt())
 
@@ -158,7 +155,7 @@ def test_merge_equals_one_big_update():
 def test_state_dict_round_trip_is_exact(torch_roundtrip):
     """A checkpoint keeps an open accumulator: restored, it continues bit for bit as if never saved."""
     old, new, mask = make_batch(b=8, seed=6)
-    through = PositionStats(**CFG).update(old[:4], new[:4], mask[:4])
+    through = make(**CFG).update(old[:4], new[:4], mask[:4])
     saved = torch_roundtrip(through.state_dict())  # as save_checkpoint does
     restored = PositionStats.from_state_dict(saved)
     assert restored.config() == through.config() and restored.n_sequences == 4
@@ -177,7 +174,7 @@ def test_streaming_is_stable_for_a_large_offset():
     shift = torch.zeros_like(new)
     shift[:, 0] = 1e4  # every log ρ_{1:t} of a row whose first token is a policy token gets +1e4
     mask[:, 0] = True
-    one = PositionStats(**CFG)
+    one = make(**CFG)
     for i in range(8):
         one.update(old[i : i + 1], new[i : i + 1] + shift[i : i + 1], mask[i : i + 1])
     ref = brute_force(old, new + shift, mask, spacing="log", position="policy", **CFG)
@@ -188,32 +185,34 @@ def test_streaming_is_stable_for_a_large_offset():
 
 def test_max_tokens_looks_at_every_kth_row():
     old, new, mask = make_batch(b=10, seed=3)
-    sampled = PositionStats(**{**CFG, "max_tokens": 3 * 60}).update(old, new, mask)  # k = ceil(600/180) = 4
-    rows = PositionStats(**CFG).update(old[::4], new[::4], mask[::4])
+    sampled = make(**{**CFG, "max_tokens": 3 * 60}).update(old, new, mask)  # k = ceil(600/180) = 4
+    rows = make(**CFG).update(old[::4], new[::4], mask[::4])
     frames_equal(sampled, rows)
 
 
 def test_scalars_round_trip_under_sum_and_mean_reduction():
     old, new, mask = make_batch(b=9, seed=4)
-    parts = [PositionStats(**CFG).update(old[i::3], new[i::3], mask[i::3]) for i in range(3)]
+    parts = [make(**CFG).update(old[i::3], new[i::3], mask[i::3]) for i in range(3)]
     scalars = [p.to_scalars("diag/pos") for p in parts]
     assert not any("min" in k or "max" in k for k in scalars[0])
     assert all(isinstance(v, float) for v in scalars[0].values())
     assert set(scalars[0]) == set(scalars[1])  # every bucket is always emitted
-    merged = PositionStats(**CFG)
+    merged = make(**CFG)
     for p in parts:
         merged.merge(p)
     summed = {k: sum(s[k] for s in scalars) for k in scalars[0]}
-    frames_equal(PositionStats.from_scalars(summed, "diag/pos", **CFG), merged)
+    frames_equal(PositionStats.from_scalars(summed, "diag/pos", **BUCKETS), merged)
     averaged = {k: v / 3 for k, v in summed.items()}
-    frames_equal(PositionStats.from_scalars(averaged, "diag/pos", count_scale=3, **CFG), merged)
+    frames_equal(PositionStats.from_scalars(averaged, "diag/pos", count_scale=3, **BUCKETS), merged)
     # without count_scale only the counts change
-    fa = PositionStats.from_scalars(averaged, "diag/pos", **CFG).to_frame()
+    fa = PositionStats.from_scalars(averaged, "diag/pos", **BUCKETS).to_frame()
     fm = merged.to_frame()
     np.testing.assert_allclose(fa["std"], fm["std"], rtol=1e-9)
     np.testing.assert_allclose(fa["clip_adaptive"], fm["clip_adaptive"], rtol=1e-9)
     with pytest.raises(KeyError, match="missing"):
-        PositionStats.from_scalars({k: v for k, v in summed.items() if "/b003/" not in k}, "diag/pos", **CFG)
+        PositionStats.from_scalars(
+            {k: v for k, v in summed.items() if "/b003/" not in k}, "diag/pos", **BUCKETS
+        )
 
 
 def test_fit_sqrt_exact_synthetic():
@@ -263,9 +262,9 @@ def test_fit_sqrt_on_a_random_walk():
 
 def test_bfloat16_inputs_and_empty_batches():
     old, new, mask = make_batch(dtype=torch.bfloat16)
-    ref = PositionStats(**CFG).update(old.float(), new.float(), mask)
-    frames_equal(PositionStats(**CFG).update(old, new, mask), ref)
-    s = PositionStats(**CFG)
+    ref = make(**CFG).update(old.float(), new.float(), mask)
+    frames_equal(make(**CFG).update(old, new, mask), ref)
+    s = make(**CFG)
     s.update(old, new, torch.zeros_like(mask))
     s.update(old[:0], new[:0], mask[:0])
     assert s.n_tokens == 0 and s.to_frame().empty
@@ -281,7 +280,9 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="spacing"):
         PositionStats(spacing="quadratic")
     with pytest.raises(ValueError, match="position"):
-        PositionStats(position="column")
+        PositionStats(ClipRanges(position="column"))
+    with pytest.raises(TypeError, match="ClipRanges"):
+        PositionStats({"gamma": 0.5})
     with pytest.raises(TypeError, match="PositionStats"):
         PositionStats().merge({})
 
@@ -290,8 +291,8 @@ def test_bad_input_is_a_clear_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     old, new, mask = make_batch()
-    cpu = PositionStats(**CFG).update(old, new, mask)
-    gpu = PositionStats(**CFG).update(old.cuda(), new.cuda(), mask.cuda())
+    cpu = make(**CFG).update(old, new, mask)
+    gpu = make(**CFG).update(old.cuda(), new.cuda(), mask.cuda())
     fa, fb = cpu.to_frame(), gpu.to_frame()
     np.testing.assert_array_equal(fa["count"], fb["count"])
     for col in fa.columns:

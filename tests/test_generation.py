@@ -177,3 +177,13 @@ def test_registry(tokenizer, peaked_model, tmp_path):
     assert isinstance(gen, HFGenerator)
     with pytest.raises(ValueError, match="available: hf, vllm"):
         make_generator("nope", tmp_path / "m")
+
+
+def test_finish_recorder_matches_stop_strings_in_the_generated_tokens_only(tokenizer):
+    """The prompt ends in a newline, the first generated text is "```\\n": together they end in the stop
+    string "\\n```\\n", but no generated text does (vLLM's rule), so the row goes on."""
+    prompt = tokenizer.encode("Solution:\n", add_special_tokens=False)
+    ids = torch.tensor([prompt + tokenizer.encode("```\n", add_special_tokens=False)])
+    assert _FinishRecorder(tokenizer, ("\n```\n",), [], 1)(ids, None).item()  # the whole sequence matches
+    rec = _FinishRecorder(tokenizer, ("\n```\n",), [], 1, prompt_width=len(prompt))
+    assert not rec(ids, None).item() and rec.done_len.tolist() == [-1]

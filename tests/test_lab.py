@@ -294,3 +294,46 @@ def test_ctpo_lab_quick_writes_every_output_and_includes_user_registered_methods
     on_policy = table[(table.off_policy == 0) & (table.experiment == "offpolicy")]
     assert on_policy.exact_rel_bias.max() < 1e-5
     assert "half_prefix" in (out / "lab_bias_variance.md").read_text()
+
+
+# The public names of ctpo/lab.py before it became a package: code built on it imports them from ctpo.lab.
+LAB_NAMES_BEFORE_THE_SPLIT = [
+    "LOSS_AGG_MODE",
+    "OUTPUT_FILES",
+    "GradientMoments",
+    "LabSettings",
+    "TreeMDP",
+    "all_sequences",
+    "depth_offsets",
+    "divergence",
+    "exact_bias_variance",
+    "exact_moments",
+    "exact_token_gradient",
+    "log",
+    "loss_config",
+    "make_mdp",
+    "mc_bias_variance",
+    "mc_moments",
+    "outcome_study",
+    "outcome_targets",
+    "plot_lab",
+    "prefix_probs",
+    "q_values",
+    "ratio_variance_exact",
+    "ratio_variance_independent",
+    "ratio_variance_mc",
+    "ratio_variance_study",
+    "registered_methods",
+    "run_lab",
+    "sample_sequences",
+    "score_gradient",
+    "sequence_index",
+    "token_coefficients",
+    "token_level_study",
+    "write_outputs",
+]
+
+
+def test_every_name_of_the_old_module_is_importable_from_the_package():
+    missing = [name for name in LAB_NAMES_BEFORE_THE_SPLIT if not hasattr(lab, name)]
+    assert not missing and sorted(lab.__all__) == sorted(LAB_NAMES_BEFORE_THE_SPLIT)

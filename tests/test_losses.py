@@ -16,6 +16,7 @@ from ctpo.losses import (
     PolicyLossConfig,
     agg_loss,
     compute_policy_loss,
+    reference_policy_loss,
     register_method,
 )
 
@@ -24,7 +25,8 @@ METHOD_NAMES = ["grpo", "seq", "gspo", "ctpo", "ctpo_fixed"]
 
 # ---------------------------------------------------------------------------------------------
 # Reference implementation: loops over tokens, float64, ratio space where the formula is in ratio
-# space. Written from DESIGN.md / the paper, not from ctpo.losses.
+# space. Written from the paper's formulas (§2-3, restated in ctpo.losses' module docstring), not from
+# ctpo.losses' code.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -757,3 +759,70 @@ def test_cuda_matches_cpu(method):
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(new.grad.float()).all()
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused pass against ctpo.losses' own readable implementation, for every registered method
+# ---------------------------------------------------------------------------------------------
+
+
+def _off_policy_batch(dtype, per_token_adv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, t = 7, 48
+    old = -torch.rand(b, t, generator=g, dtype=F64) * 3
+    new = old + 0.15 * torch.randn(b, t, generator=g, dtype=F64)
+    new[0, 3] += 25.0  # beyond max_log_weight: the guard
+    adv = torch.randn(b, t if per_token_adv else 1, generator=g, dtype=F64).squeeze(-1)
+    adv[1] = 0.0  # a zero advantage: no gradient, no clip counted
+    mask = torch.ones(b, t, dtype=torch.bool)
+    for i in range(b):
+        mask[i, t - 5 * i :] = False
+        mask[i, 8 + i : 12 + i] = False
+    mask[-1] = False  # an empty row
+    return old.to(dtype), new.to(dtype), adv.to(dtype), mask
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"clip_mode": "fixed"},
+        {"clip_mode": "adaptive", "gamma": 0.7},
+        {"clip_mode": "none"},
+        {"dual_clip_c": 2.0, "loss_agg_mode": "seq-mean-token-mean"},
+        {"dual_clip_eps": 0.05, "clip_mode": "adaptive", "loss_agg_mode": "seq-mean-token-sum-norm"},
+        {"position": "absolute", "loss_agg_mode": "token-sum"},
+    ],
+)
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_fused_pass_equals_the_readable_reference(method, options, per_token_adv):
+    """Value, gradient and every metric of compute_policy_loss equal reference_policy_loss (float64)."""
+    old, new, adv, mask = _off_policy_batch(F64, per_token_adv)
+    cfg = PolicyLossConfig(method=method, **options)
+    gbi = {"dp_size": 2, "batch_num_tokens": 150.0} if options.get("loss_agg_mode") is None else None
+    results = []
+    for fn in (compute_policy_loss, reference_policy_loss):
+        log_prob = new.clone().requires_grad_(True)
+        loss, metrics = fn(old, log_prob, adv, mask, cfg, global_batch_info=gbi)
+        loss.backward()
+        results.append((loss.detach(), log_prob.grad, metrics))
+    (fused, fused_grad, fused_m), (ref, ref_grad, ref_m) = results
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert list(fused_m) == list(ref_m)
+    assert fused_m == pytest.approx(ref_m, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fused_pass_equals_the_reference_in_float32_and_bfloat16(method):
+    for dtype in (torch.float32, torch.bfloat16):
+        old, new, adv, mask = _off_policy_batch(dtype, per_token_adv=False, seed=1)
+        grads, losses = [], []
+        for fn in (compute_policy_loss, reference_policy_loss):
+            log_prob = new.clone().requires_grad_(True)
+            loss, _ = fn(old, log_prob, adv, mask, PolicyLossConfig(method=method))
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(log_prob.grad.float())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

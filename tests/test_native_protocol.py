@@ -137,7 +137,10 @@ def test_episode_masks_policy_turns_1_and_tool_turns_0(tok, pool):
     assert tok.decode(policy) == "".join(
         turns
     )  # exactly the model's tokens, each turn ending with <|im_end|>
-    tool_turn = "\n<|im_start|>user\n<tool_response>\n413\n\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    tool_turn = (
+        "\n<|im_start|>user\n<tool_response>\n413\n\n</tool_response><|im_end|>"
+        "\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
     assert tok.decode(tool) == tool_turn
     assert ep.response_mask == [1] * len(tok.encode(turns[0])) + [0] * len(tool) + [1] * len(
         tok.encode(turns[1])

@@ -9,6 +9,7 @@ import pytest
 from ctpo.tir.protocol import (
     OBS_CLOSE,
     OBS_OPEN,
+    PLAIN_CHAT_TEMPLATE,
     PLAIN_TEMPLATE,
     TIR_SYSTEM_PROMPT,
     TIRConfig,
@@ -27,7 +28,8 @@ from ctpo.tir.protocol import (
 CHAT_TEMPLATE = (
     r"{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
     r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-    r"{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    r"{% if enable_thinking is defined and enable_thinking is false %}"
+    r"{{ '<think>\n\n</think>\n\n' }}{% endif %}"
     r"{% endif %}"
 )
 
@@ -82,6 +84,28 @@ def test_plain_prompt_for_tokenizer_without_template(tokenizer):
     assert build_prompt("what is 2+3?", tokenizer, cfg) == "Be brief.\n\nProblem: what is 2+3?\n\nSolution:\n"
     assert build_prompt("x", tokenizer, TIRConfig(system_prompt="")) == "Problem: x\n\nSolution:\n"
     assert PLAIN_TEMPLATE.format(system="S", problem="P") == "S\n\nProblem: P\n\nSolution:\n"
+
+
+def test_plain_chat_template_renders_the_plain_prompt(tokenizer):
+    """A chat-message consumer (VERL's agent loop) given PLAIN_CHAT_TEMPLATE builds the plain prompt."""
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    try:
+        for system in ("Be brief.", ""):
+            cfg = TIRConfig(system_prompt=system)
+            text = tokenizer.apply_chat_template(
+                build_messages("what is 2+3?", cfg), tokenize=False, add_generation_prompt=True
+            )
+            assert text == PLAIN_TEMPLATE.format(system=system, problem="what is 2+3?").lstrip("\n")
+        assert (
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenize=False
+            )
+            == "Problem: x\n\ny"
+        )
+        with pytest.raises(Exception, match="no tool role"):
+            tokenizer.apply_chat_template([{"role": "tool", "content": "1"}], tokenize=False)
+    finally:
+        tokenizer.chat_template = None
 
 
 def test_chat_template_prompt(tokenizer):

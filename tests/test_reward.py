@@ -69,7 +69,8 @@ def test_extract_answer(text, answer):
 def test_tool_output_and_code_are_not_the_answer():
     resp = (
         "Let me compute.\n```python\nprint('\\\\boxed{41}')\n```\n```output\n\\boxed{41}\n```\n"
-        "The printout is a decoy; my answer is \\boxed{42}.\n```python\nprint(1)\n```\n```output\n\\boxed{43}\n```\n"
+        "The printout is a decoy; my answer is \\boxed{42}.\n"
+        "```python\nprint(1)\n```\n```output\n\\boxed{43}\n```\n"
     )
     assert extract_answer(resp) == "42"
     assert extract_answer("```output\n\\boxed{5}\n```\n") is None
@@ -301,7 +302,8 @@ def test_compute_score_off_the_main_thread():
 )
 def test_percentages_grade_the_same_under_any_antlr_runtime(gold, answer, correct):
     """math-verify reads ``50\\%`` as 50 or 0.5 only with the antlr4 4.13 runtime; with the 4.9.3 one
-    that VERL's omegaconf pins it parses to a bare string. The grader must not depend on which is installed."""
+    that VERL's omegaconf pins it parses to a bare string. The grader must not depend on which is
+    installed."""
     from ctpo.reward import Grader
 
     with Grader(workers=0) as g:

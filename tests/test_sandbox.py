@@ -413,7 +413,10 @@ print("parent exits")
 
 
 def test_non_daemon_thread_runs_into_timeout_then_dies(pool):
-    code = "import os, threading, time\nprint(os.getuid(), flush=True)\nthreading.Thread(target=time.sleep, args=(100,)).start()"
+    code = (
+        "import os, threading, time\nprint(os.getuid(), flush=True)\n"
+        "threading.Thread(target=time.sleep, args=(100,)).start()"
+    )
     r = run(pool, code, timeout_s=1.0)
     assert r.status == "timeout"
     assert _uid_procs(int(r.stdout.split()[0])) == []
@@ -500,7 +503,8 @@ for path in ("/proc/sysrq-trigger", "/proc/sys/kernel/hostname", "/proc/self/oom
 res["chroot"] = libc.chroot(b"/tmp")
 res["setuid0"] = libc.setuid(0)
 status = open("/proc/self/status").read()
-res["capeff"] = [l.split()[1] for l in status.splitlines() if l.startswith(("CapEff", "CapBnd", "NoNewPrivs", "Seccomp:"))]
+keys = ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp:")
+res["capeff"] = [l.split()[1] for l in status.splitlines() if l.startswith(keys)]
 res["uid"] = os.getuid()
 res["uid_map"] = open("/proc/self/uid_map").read().split()
 print(json.dumps(res))
@@ -793,7 +797,8 @@ def test_sympy_numpy_and_scratch_usable(pool):
     code = """
 import sympy as sp, numpy as np, fractions, itertools
 x = sp.symbols('x')
-print(sp.solve(x**2 - 4, x), np.arange(4).sum(), fractions.Fraction(1, 3) * 3, len(list(itertools.permutations(range(4)))))
+print(sp.solve(x**2 - 4, x), np.arange(4).sum(), fractions.Fraction(1, 3) * 3,
+      len(list(itertools.permutations(range(4)))))
 open('/tmp/a.txt', 'w').write('hi'); print(open('/tmp/a.txt').read())
 """
     r = run(pool, code)

@@ -1,4 +1,4 @@
-"""The tiny Qwen3 models and the offline tokenizer: round-trip, digits, presets, save/load via Auto classes."""
+"""The tiny Qwen3 models and the offline tokenizer: round-trip, digits, presets, save/load (Auto classes)."""
 
 from __future__ import annotations
 

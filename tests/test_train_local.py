@@ -88,8 +88,7 @@ def _run_windows(windows, steps, stop_after=None):
 
 
 def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint(torch_roundtrip):
-    from ctpo.diagnostics import PositionStats
-    from ctpo.train.local import DiagnosticWindows
+    from ctpo.diagnostics import DiagnosticWindows, PositionStats
 
     def make():
         return PositionStats(exact_limit=80, spacing="linear", max_position=80, max_tokens=None)
@@ -110,7 +109,7 @@ def test_diagnostic_windows_pool_steps_exactly_and_survive_a_checkpoint(torch_ro
             assert frame.loc[t, "mean"] == pytest.approx(mean, rel=1e-10, abs=1e-12)
             assert frame.loc[t, "std"] == pytest.approx(std, rel=1e-10, abs=1e-12)
 
-    # a checkpoint after step 4 (windows 5 and 6 open), restored in a fresh process: the same files, bit for bit
+    # a checkpoint after step 4 (windows 5 and 6 open), restored in a fresh process: the same files, exactly
     first = DiagnosticWindows([2, 5, 6], 3, make)
     _run_windows(first, range(1, 8), stop_after=4)
     state = torch_roundtrip(first.state_dict())
@@ -155,7 +154,7 @@ def micro_model(vocab: int = 40, seed: int = 0):
 
 
 def test_packed_log_probs_equal_unpadded_forward():
-    from ctpo.train.local import pack, response_log_probs
+    from ctpo.train.batch import pack, response_log_probs
 
     model = micro_model()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
@@ -196,7 +195,8 @@ def test_batch_indices_cover_each_epoch_once():
 @pytest.mark.parametrize("method", ["grpo", "seq", "gspo", "ctpo", "ctpo_fixed"])
 def test_update_moves_log_probs_with_advantage_sign(method):
     from ctpo.losses import PolicyLossConfig
-    from ctpo.train.local import TrainConfig, old_log_probs, pack, response_log_probs, update_policy
+    from ctpo.train.batch import pack, response_log_probs
+    from ctpo.train.local import TrainConfig, old_log_probs, update_policy
 
     model = micro_model(seed=1)
     prompts = [[3, 4, 5], [3, 4, 5], [6, 7], [6, 7]]
@@ -234,7 +234,8 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(agg):
     import copy
 
     from ctpo.losses import PolicyLossConfig
-    from ctpo.train.local import TrainConfig, old_log_probs, pack, update_policy
+    from ctpo.train.batch import pack
+    from ctpo.train.local import TrainConfig, old_log_probs, update_policy
 
     prompts = [[3, 4, 5], [6, 7], [8], [9, 10, 11, 12], [3, 5], [7, 7, 7]]
     responses = [[13, 14], [15, 16, 17, 18, 19], [20], [21, 22, 23], [24, 25, 26, 27, 28, 29], [30, 31]]
@@ -259,7 +260,8 @@ def test_micro_batches_accumulate_to_the_minibatch_gradient(agg):
 def test_on_policy_first_step_is_vanilla_policy_gradient():
     """On-policy (old == current) every method's gradient is the vanilla policy gradient (Prop. 1)."""
     from ctpo.losses import PolicyLossConfig, compute_policy_loss
-    from ctpo.train.local import old_log_probs, pack, response_log_probs
+    from ctpo.train.batch import pack, response_log_probs
+    from ctpo.train.local import old_log_probs
 
     batch = pack([[3, 4], [5, 6, 7]], [[8, 9, 10], [11, 12]], [[1, 0, 1], [1, 1]], pad_id=0)
     adv = torch.tensor([0.5, -1.5])
@@ -309,7 +311,7 @@ MICRO_STUDY = {
         "eval_k": 2,
         "eval_problems": 2,
         "diag_steps": [2, 4],
-        "diag_window": 3,  # step 4 pools steps 2-4, across the step-2 checkpoint the resume test restarts from
+        "diag_window": 3,  # step 4 pools steps 2-4, across the step-2 checkpoint the resume test uses
         "checkpoint_every": 2,
         "threads": 1,
     },
@@ -349,10 +351,12 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture
 def parity_grader(monkeypatch):
     import ctpo.reward
+    import ctpo.train.local
 
     namespace: dict = {}
     exec(PARITY_GRADER, namespace)
-    monkeypatch.setattr(ctpo.reward, "Grader", namespace["ParityGrader"])
+    for module in (ctpo.reward, ctpo.train.local):  # the trainer holds its own reference to the class
+        monkeypatch.setattr(module, "Grader", namespace["ParityGrader"])
 
 
 def _train_in_process(study, out, method="grpo", seed=0, config=None, **train_overrides):
@@ -562,7 +566,8 @@ def test_verl_backend_missing_gives_a_clear_error(monkeypatch, tmp_path, capsys)
 
 def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     """A run rerun under a changed config starts fresh; the same config (or only more steps) resumes."""
-    from ctpo.train.local import _discard_stale_checkpoints, run_fingerprint
+    from ctpo.train.checkpoint import discard_stale_checkpoints
+    from ctpo.train.local import run_fingerprint
 
     config = {
         "models": {"m": {"preset": "xs"}},
@@ -576,17 +581,22 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     changed = {**config, "methods": {"ctpo": {"method": "ctpo", "gamma": 0.3}}}
     assert run_fingerprint(changed, "m", "ctpo", 0, "base") != fp
     assert run_fingerprint(config, "m", "ctpo", 1, "base") != fp
+    # Figure 1's reference ranges are part of every run's identity, whatever its method
+    assert run_fingerprint({**config, "diagnostics": {"gamma": 0.6}}, "m", "ctpo", 0, "base") != fp
+    assert (
+        run_fingerprint({**config, "diagnostics": {"gamma": 0.5}}, "m", "ctpo", 0, "base") == fp
+    )  # the default
 
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "step_00002.pt").write_bytes(b"x")
     (out / "mlflow_run_id").write_text("abc")
     messages = []
-    _discard_stale_checkpoints(out, fp, messages.append)  # first attempt: nothing recorded yet, keep
-    _discard_stale_checkpoints(out, fp, messages.append)  # same config: keep
+    discard_stale_checkpoints(out, fp, messages.append)  # first attempt: nothing recorded yet, keep
+    discard_stale_checkpoints(out, fp, messages.append)  # same config: keep
     assert (out / "checkpoints" / "step_00002.pt").exists() and (out / "mlflow_run_id").exists()
     assert messages == []
-    _discard_stale_checkpoints(out, run_fingerprint(changed, "m", "ctpo", 0, "base"), messages.append)
+    discard_stale_checkpoints(out, run_fingerprint(changed, "m", "ctpo", 0, "base"), messages.append)
     assert not (out / "checkpoints").exists() and not (out / "mlflow_run_id").exists()
     assert len(messages) == 1 and "config changed" in messages[0]
 

@@ -326,7 +326,8 @@ from verl.utils.config import omega_conf_to_dataclass
 assert "ctpo" not in core_algos.POLICY_LOSS_REGISTRY
 cfg = compose({overrides!r})
 omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-assert {{"ctpo", "ctpo_fixed", "seq"}} <= set(core_algos.POLICY_LOSS_REGISTRY), sorted(core_algos.POLICY_LOSS_REGISTRY)
+registry = set(core_algos.POLICY_LOSS_REGISTRY)
+assert {{"ctpo", "ctpo_fixed", "seq"}} <= registry, sorted(registry)
 print("registered")
 """
     env = {"VERL_USE_EXTERNAL_PLUGINS": "none", "PATH": "/usr/bin:/bin"}

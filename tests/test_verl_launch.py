@@ -21,7 +21,6 @@ FAKE_MAIN_PPO = r"""
 import json, os, sys
 from pathlib import Path
 import torch
-from ctpo import losses
 from ctpo.backends.verl.metrics import position_scalars
 
 ov = dict(a.lstrip("+").split("=", 1) for a in sys.argv[1:])
@@ -37,9 +36,10 @@ new = old + 0.1 * torch.randn(4, 64, generator=g)
 mask = torch.ones(4, 64)
 with open(os.environ["VERL_FILE_LOGGER_PATH"], "w") as f:
     for step in (1, 2):
-        data = {"actor/clip/frac": 0.01 * step, "critic/score/mean": 0.5, "timing_s/gen": 3.0, "perf/mfu": 0.4,
-                "val-core/aime26/reward/mean@32": 0.2, "val-core/aime25/reward/mean@32": 0.1 * step,
-                **position_scalars(old, new, mask, None, losses.PolicyLossConfig(method="ctpo"))}
+        data = {"actor/clip/frac": 0.01 * step, "critic/score/mean": 0.5, "timing_s/gen": 3.0,
+                "perf/mfu": 0.4, "val-core/aime26/reward/mean@32": 0.2,
+                "val-core/aime25/reward/mean@32": 0.1 * step,
+                **position_scalars(old, new, mask, reference=None)}
         f.write(json.dumps({"step": step, "data": data}) + "\n")
 (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
 """

@@ -174,7 +174,7 @@ def test_position_diagnostics_survive_verl_metric_averaging():
     assert diag and all(k.startswith("actor/diag/pos/b") for k in diag)
     averaged = {k: (parts[0][k] + parts[1][k]) / 2 for k in diag}  # Metric(MEAN) over micro-batches
     rebuilt = plugin.figure1_data(averaged).to_frame()
-    direct = plugin.position_stats(core.PolicyLossConfig(method="ctpo"))
+    direct = plugin.position_stats()  # the paper's ranges: actor_config carries no reference
     direct.update(old, new.detach(), mask)
     expected = direct.to_frame()
     assert isinstance(direct, PositionStats) and len(rebuilt) == len(expected)
@@ -251,7 +251,7 @@ def test_rollout_correction_in_ctpo_grpo_equals_verl_vanilla(agg, global_info):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_rollout_correction_in_ctpo_equals_the_float64_reference_times_the_weights(method, agg):
     """VERL's weights through our VERL adapter = a float64 loop over tokens of (the method's clipped
-    surrogate x the token's weight), aggregated (tests/test_losses.py's reference, written from the formulas)."""
+    surrogate x the token's weight), aggregated (tests/test_losses.py's reference, from the formulas)."""
     from test_losses import cfg_kwargs, reference
 
     old, new, adv, mask = batch(23, b=8, t=40)

@@ -23,7 +23,7 @@ from ctpo.config import ConfigError, load_config, run_matrix, validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "Snakefile"
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = REPO / "ctpo" / "schemas" / "config.schema.yaml"
 HAS_SLURM_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
 
 
@@ -119,6 +119,7 @@ def _fields(cls) -> set[str]:
 
 def test_schema_sections_match_the_modules_config_fields():
     """Strict sections list exactly their module's fields: adding a field means adding it to the schema."""
+    from ctpo.diagnostics import ClipRanges
     from ctpo.lab import LabSettings
     from ctpo.losses import PolicyLossConfig
     from ctpo.tir.protocol import TIRConfig
@@ -132,10 +133,27 @@ def test_schema_sections_match_the_modules_config_fields():
     assert _schema_props("sft") == _fields(SFTConfig)
     assert _schema_props("verl") == set(VERL_DEFAULTS)
     assert _schema_props("lab") == _fields(LabSettings)
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert set(schema["properties"]["diagnostics"]["properties"]) == _fields(ClipRanges)
     from ctpo.tir.sandbox import SandboxPool
 
     sandbox = yaml.safe_load(SCHEMA.read_text())["properties"]["sandbox"]["properties"]
     assert set(sandbox) == set(inspect.signature(SandboxPool.__init__).parameters) - {"self"}
+
+
+def test_the_schema_ships_in_the_wheel(tmp_path):
+    """An installed ctpo validates configs too: the schema is package data, not a file of the checkout."""
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    shutil.copytree(REPO / "ctpo", src / "ctpo", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src)]
+    subprocess.run([*pip, "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("ctpo-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("ctpo/schemas/config.schema.yaml") == SCHEMA.read_bytes()
 
 
 def test_snakemake_stops_on_a_bad_key_naming_it(tmp_path):
@@ -408,6 +426,13 @@ def test_smoke_study_end_to_end(tmp_path):
     counts = job_counts(out.stdout + out.stderr)
     assert "train" not in counts and "base" not in counts and "data" not in counts
     assert counts["eval_run"] == len(matrix) and counts["eval_base"] == 1 and counts["analyze"] == 1
+    # Figure 1's reference γ is every training's diagnostics, whatever the method: all of them rerun
+    changed = yaml.safe_load((tmp_path / "smoke.yaml").read_text())
+    changed["diagnostics"] = {"gamma": 0.6}
+    (tmp_path / "smoke_gamma.yaml").write_text(yaml.safe_dump(changed))
+    out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "smoke_gamma.yaml"))
+    counts = job_counts(out.stdout + out.stderr)
+    assert counts["train"] == len(matrix) and "base" not in counts and "data" not in counts
 
     # The HTML report with the figures and tables
     report = tmp_path / "report.html"

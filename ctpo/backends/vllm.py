@@ -22,6 +22,8 @@ import zlib
 from collections import Counter
 from typing import Any
 
+from ctpo.tir.episode import Continuation
+
 DEFAULT_MAX_NEW_TOKENS = 8000
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "stop")
 
@@ -73,8 +75,6 @@ def vllm_sampling_kwargs(
 
 def continuation_from_output(completion: Any, eos_ids: list[int]):
     """One vLLM ``CompletionOutput`` -> ``ctpo.tir.episode.Continuation``."""
-    from ctpo.tir.episode import Continuation
-
     token_ids = list(completion.token_ids)
     logprobs = None
     if completion.logprobs is not None:

@@ -15,6 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
+from ctpo import tracking
+from ctpo.analysis import AnalysisError, analyze
+from ctpo.config import ConfigError, load_config, results_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -25,10 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctpo import tracking
-    from ctpo.analysis import AnalysisError, analyze
-    from ctpo.config import ConfigError, load_config, results_dir
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)

@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 
+from ctpo import data
+from ctpo.config import load_config
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -31,9 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctpo import data
-    from ctpo.config import load_config
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)
     try:
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"ctpo data: {args.dataset} ({source}) produced no records", file=sys.stderr)
         return 2
     data.write_jsonl(records, args.out)
-    line = f"ctpo data: {args.dataset} ({source}, split {records[0]['split']}): {len(records)} records -> {args.out}"
+    split = records[0]["split"]
+    line = f"ctpo data: {args.dataset} ({source}, split {split}): {len(records)} records -> {args.out}"
     if args.parquet:
         data.to_verl_parquet(
             records,

@@ -6,7 +6,7 @@ The model, the sandbox pool and the grader start once for all benchmarks (`ctpo.
 episode loop, so each turn is one generate call for all of them, and splits the results back per
 benchmark; ``apart`` runs one batch per benchmark, one after another. The default is ``apart`` for the
 ``hf`` backend (its batches are left-padded to the longest context, so on CPU a mixed batch is slower:
-benchmarks/bench_eval_merge.py) and ``together`` for the others (vLLM batches without padding).
+docs/findings/2026-11-26-eval-batching.md) and ``together`` for the others (vLLM batches without padding).
 
 Where the files go:
 
@@ -27,9 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from ctpo import atomic, tracking
+from ctpo import data as datasets
+from ctpo.config import load_config
+from ctpo.eval import run_eval_many, sampling_from_config
+from ctpo.generation import make_generator
+from ctpo.reward import Grader
+from ctpo.tir.protocol import TIRConfig
+from ctpo.tir.sandbox import SandboxPool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,22 +139,11 @@ def batch_together(backend: str, choice: str | None) -> bool:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
-    from ctpo import data as datasets
-    from ctpo import tracking
-    from ctpo.config import load_config
-    from ctpo.eval import run_eval_many, sampling_from_config
-    from ctpo.generation import make_generator
-    from ctpo.reward import Grader
-    from ctpo.tir.protocol import TIRConfig
-    from ctpo.tir.sandbox import SandboxPool
 
     torch.set_num_threads(max(1, args.threads))
     config = load_config(args.config)

@@ -13,6 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
+from ctpo import tracking
+from ctpo.analysis import AnalysisError
+from ctpo.config import ConfigError, load_config
+from ctpo.figures import FigureError, draw_all
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analysis", required=True, help="the `ctpo analyze` output folder")
@@ -24,11 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctpo import tracking
-    from ctpo.analysis import AnalysisError
-    from ctpo.config import ConfigError, load_config
-    from ctpo.figures import FigureError, draw_all
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config) if args.config else None

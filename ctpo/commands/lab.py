@@ -13,6 +13,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ctpo import lab, tracking
+from ctpo.config import load_config
+
 log = logging.getLogger("ctpo.lab")
 
 
@@ -35,13 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from ctpo import lab
 
     config = None
     overrides: dict[str, Any] = {}
     if args.config is not None:
-        from ctpo.config import load_config
-
         config = load_config(args.config)
         overrides = dict(config.get("lab") or {})
     if args.seed is not None:
@@ -68,7 +68,6 @@ def log_to_mlflow(config: dict[str, Any] | None, out: Path, summary: dict[str, A
     if config is None and not os.environ.get("MLFLOW_TRACKING_URI"):
         log.info("lab: no MLflow store configured (pass --config or set MLFLOW_TRACKING_URI); not logging")
         return
-    from ctpo import tracking
 
     config = config or {"study": "lab", "results_dir": str(out)}
     metrics = {"lab/wall_s": summary["wall_s"]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ctpo import tracking
 from ctpo.config import load_config
 
 
@@ -18,8 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctpo import tracking
-
     config = load_config(args.config)
     if not tracking.enabled(config):
         path = tracking.store_file(config)

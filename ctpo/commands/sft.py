@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ctpo.config import load_config
+from ctpo.train.sft import run_sft
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -49,9 +52,6 @@ def _parse_overrides(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import logging
-
-    from ctpo.config import load_config
-    from ctpo.train.sft import run_sft
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = load_config(args.config)

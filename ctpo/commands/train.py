@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from ctpo.config import ConfigError, load_config, train_section
+from ctpo.train.local import TrainConfig, loss_config, train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +65,6 @@ def run(args: argparse.Namespace) -> int:
     if backend != "local":
         print(f"ctpo train: unknown backend {backend!r}; use local or verl", file=sys.stderr)
         return 2
-
-    from ctpo.train.local import TrainConfig, loss_config, train
 
     if args.dry_run:
         import dataclasses

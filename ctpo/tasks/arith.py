@@ -37,6 +37,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from ctpo.tir import native
+from ctpo.tir.protocol import build_prompt, find_code_block
+from ctpo.tir.protocols import get_protocol
+
 DATA_SOURCE = "arith"
 
 # split -> (default size, generator settings). ``rules``: weights over the number of rules after the start
@@ -112,7 +116,10 @@ def rule_text(rule: str, params: dict[str, int], x: str) -> str:
     if rule == "threshold":
         return f"If {x} is greater than {params['t']}, subtract {params['k']}; otherwise add {params['k']}."
     if rule == "last_digit":
-        return f"If the last digit of {x} is less than 5, multiply it by {params['m']}; otherwise subtract {params['k']}."
+        return (
+            f"If the last digit of {x} is less than 5, multiply it by {params['m']}; "
+            f"otherwise subtract {params['k']}."
+        )
     if rule == "mul_add":
         return f"Multiply {x} by {params['m']} and add {params['k']}."
     if rule == "mod":
@@ -472,10 +479,6 @@ def demonstrations(
       (``ctpo.tiny.render_chat`` before a tokenizer exists); a code turn is its reasoning and one
       ``<tool_call>`` block, every policy turn ends with ``<|im_end|>``, every observation is a tool turn.
     """
-    from ctpo.tir import native
-    from ctpo.tir.protocol import build_prompt, find_code_block
-    from ctpo.tir.protocols import get_protocol
-
     protocol = get_protocol(cfg)
     is_native = protocol.name == "native"
     if is_native and render is None:

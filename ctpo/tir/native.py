@@ -6,8 +6,8 @@ assistant turns (policy tokens, mask 1) and tool-role turns (tool output, mask 0
     <|im_start|>system ... # Tools ... <tools>{code_interpreter schema}</tools> ...<|im_end|>
     <|im_start|>user <problem><|im_end|>
     <|im_start|>assistant <think></think>          <- generation prompt (enable_thinking=false)
-    [reasoning ... <tool_call>{"name": "code_interpreter", "arguments": {"code": "..."}}</tool_call><|im_end|>]
-    [\\n<|im_start|>user\\n<tool_response>\\n<stdout+stderr>\\n</tool_response><|im_end|>\\n<|im_start|>assistant ...]
+    [reasoning ... <tool_call>{"name": "code_interpreter", "arguments": {"code": ...}}</tool_call><|im_end|>]
+    [\\n<|im_start|>user\\n<tool_response>\\nstdout+stderr\\n</tool_response><|im_end|> ...]
     [reasoning ... \\boxed{answer}<|im_end|>]
 
 - A turn runs until the model's EOS (``<|im_end|>``); no stop strings, nothing is cut.
@@ -228,7 +228,7 @@ def _tool_chat(observation: str, render: Render, cfg: TIRConfig) -> str:
 
 def tool_turn_text(observation: str, render: Render, cfg: TIRConfig) -> str:
     """The text of a tool turn after a policy turn's ``<|im_end|>``: the newline the template puts after
-    every turn, the tool message and the next generation prompt (``\n<|im_start|>user\n<tool_response>...``)."""
+    every turn, the tool message and the next generation prompt (``<|im_start|>user ... assistant``)."""
     prefix, full = _tool_prefix(render, cfg), _tool_chat(observation, render, cfg)
     if not full.startswith(prefix) or not prefix.endswith(END_OF_TURN + "\n"):
         raise ValueError("the chat template does not render a tool message by appending to the chat")

@@ -55,6 +55,20 @@ turn (the tiny study), ``native`` Qwen3 function calls with tool-role turns (the
 PLAIN_TEMPLATE = "{system}\n\nProblem: {problem}\n\nSolution:\n"
 """Prompt layout for tokenizers without a chat template (the tiny model); ``{system}`` may be empty."""
 
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ m['content'] + '\n\n' }}"
+    "{%- elif m['role'] == 'user' -%}{{ 'Problem: ' + m['content'] + '\n\n' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ m['content'] }}"
+    "{%- else -%}{{ raise_exception('the plain TIR template has no ' + m['role'] + ' role') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Solution:\n' }}{%- endif -%}"
+)
+"""``PLAIN_TEMPLATE`` as a Jinja chat template: what a chat-message consumer (VERL's agent loop, through
+``actor_rollout_ref.model.custom_chat_template``) needs to build the same prompt for a tokenizer without
+one (system turn omitted when absent, as ``build_prompt`` drops an empty system)."""
+
 OBS_OPEN = "```output\n"
 """Opening delimiter of an observation (tool output) block."""
 

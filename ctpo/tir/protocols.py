@@ -4,13 +4,14 @@
 (``ctpo.tir.episode``: training, ``ctpo eval`` with HF or vLLM), the SFT demonstrations and the VERL
 launcher (``ctpo.train.verl``) all take it from there:
 
-| | ``fenced`` (tiny study) | ``native`` (paper scale, the authors' release) |
-|---|---|---|
-| prompt | plain layout or chat template, no tool list | chat template with the ``code_interpreter`` tool |
-| a call | a fenced ```` ```python ```` block (turn cut after it) | a ``<tool_call>`` JSON block (turn ends at EOS) |
-| the result | an ```` ```output ```` block inside the same assistant turn | a tool-role turn |
-| module | ``ctpo.tir.protocol`` | ``ctpo.tir.native`` |
-| VERL | ``ctpo_tir_agent`` loop, ``ctpo_code`` parser, ``python`` tool | VERL's ``ToolAgentLoop``, ``ctpo_hermes`` parser, ``code_interpreter`` tool |
+- ``fenced`` (the tiny study; ``ctpo.tir.protocol``): plain layout or chat template without a tool list;
+  a call is a fenced ```` ```python ```` block (the turn is cut after it); the result is an
+  ```` ```output ```` block inside the same assistant turn. VERL: the ``ctpo_tir_agent`` loop, the
+  ``ctpo_code`` parser, the ``python`` tool.
+- ``native`` (the paper scale, as the authors' release ran it; ``ctpo.tir.native``): chat template with
+  the ``code_interpreter`` tool listed; a call is a ``<tool_call>`` JSON block (the turn ends at EOS); the
+  result is a tool-role turn. VERL: its own ``ToolAgentLoop``, the ``ctpo_hermes`` parser, the
+  ``code_interpreter`` tool.
 
 Both mask exactly the policy's tokens with 1 and every tool-output (and template) token with 0.
 """

@@ -29,9 +29,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -39,15 +37,44 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
+from ctpo import atomic, data, tracking
+from ctpo.atomic import atomic_path
 from ctpo.config import ConfigError, section, train_section
+from ctpo.diagnostics import (
+    ClipRanges,
+    DiagnosticWindows,
+    PositionStats,
+    diagnostic_summary,
+    reference_ranges,
+)
+from ctpo.eval import evaluate, sampling_from_config
+from ctpo.generation import HFGenerator
+from ctpo.losses import PolicyLossConfig, compute_policy_loss
+from ctpo.reward import Grader
+from ctpo.tir.protocol import TIRConfig
+from ctpo.tir.sandbox import SandboxPool
 from ctpo.train.advantages import group_advantages
-from ctpo.train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from ctpo.train.batch import PolicyBatch, masked_mean, micro_batches, response_log_probs
+from ctpo.train.checkpoint import (
+    MetricsLog,
+    discard_stale_checkpoints,
+    load_latest,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ctpo.train.rollout import Rollout, rollout
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded
+    from transformers import PreTrainedTokenizerBase
+
+TrackedRun = tracking.Run | tracking.NullRun
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,7 +132,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Newest checkpoints kept on disk."""
     threads: int = 1
-    """torch intra-op threads (set explicitly: oversubscribed cores run 5-15x slower)."""
+    """torch intra-op threads (set explicitly: jobs that oversubscribe the cores all run slower)."""
     grader_workers: int = 1
     """Processes grading answers."""
 
@@ -151,206 +178,7 @@ def batch_indices(n_data: int, batch_size: int, step: int, seed: int) -> list[in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Batches of token ids
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class PolicyBatch:
-    """Sequences laid out as [left-padded prompt | right-padded response], VERL's layout.
-
-    The response of every row starts at column ``prompt_len``, so per-token tensors are (N, R).
-    """
-
-    input_ids: torch.Tensor  # (N, P + R) long
-    attention_mask: torch.Tensor  # (N, P + R) long
-    position_ids: torch.Tensor  # (N, P + R) long
-    response_mask: torch.Tensor  # (N, R) float: 1 on policy tokens, 0 on tool output and padding
-    prompt_len: int
-
-    def select(self, rows: torch.Tensor) -> PolicyBatch:
-        """Rows ``rows``, with padding columns that every selected row shares trimmed away."""
-        attn = self.attention_mask[rows]
-        prompt_pad = int(attn[:, : self.prompt_len].sum(1).max())
-        resp_len = int(attn[:, self.prompt_len :].sum(1).max())
-        lo, hi = self.prompt_len - prompt_pad, self.prompt_len + max(resp_len, 1)
-        return PolicyBatch(
-            self.input_ids[rows, lo:hi],
-            attn[:, lo:hi],
-            self.position_ids[rows, lo:hi],
-            self.response_mask[rows, : hi - self.prompt_len],
-            prompt_pad,
-        )
-
-
-def pack(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], masks, pad_id: int
-) -> PolicyBatch:
-    n = len(prompts)
-    p_len = max(len(p) for p in prompts)
-    r_len = max(1, max(len(r) for r in responses))
-    ids = torch.full((n, p_len + r_len), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, p_len + r_len), dtype=torch.long)
-    rmask = torch.zeros((n, r_len), dtype=torch.float32)
-    for i, (p, r, m) in enumerate(zip(prompts, responses, masks)):
-        ids[i, p_len - len(p) : p_len] = torch.as_tensor(p, dtype=torch.long)
-        attn[i, p_len - len(p) : p_len] = 1
-        if len(r):
-            ids[i, p_len : p_len + len(r)] = torch.as_tensor(r, dtype=torch.long)
-            attn[i, p_len : p_len + len(r)] = 1
-            rmask[i, : len(r)] = torch.as_tensor(m, dtype=torch.float32)
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    return PolicyBatch(ids, attn, pos, rmask, p_len)
-
-
-def micro_batches(batch: PolicyBatch, rows: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """``rows`` in chunks of <= ``size`` sequences of similar length, so little compute goes to padding.
-
-    Only the order of the forward passes inside one minibatch changes; which sequences share an
-    optimizer step (the minibatch) stays random.
-    """
-    lengths = batch.attention_mask[rows].sum(1)
-    by_length = rows[torch.argsort(lengths, stable=True)]
-    return list(by_length.split(max(1, size)))
-
-
-def response_log_probs(
-    model: torch.nn.Module, batch: PolicyBatch, temperature: float = 1.0, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log π(a_t|s_t) of every response token, (N, R), and optionally the policy entropy at each one."""
-    r_len = batch.response_mask.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        logits_to_keep=r_len + 1,
-    )
-    logits = out.logits[:, :-1].float()  # position P-1+t predicts response token t
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    targets = batch.input_ids[:, batch.prompt_len :]
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 1. Rollout
-# ----------------------------------------------------------------------------------------------------------
-class _Timed:
-    """Wraps an object and adds the wall time of calls to ``methods`` into ``self.seconds``."""
-
-    def __init__(self, inner: Any, methods: Sequence[str]) -> None:
-        self._inner, self._methods, self.seconds = inner, set(methods), 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        if name not in self._methods:
-            return attr
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return attr(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t0
-
-        return timed
-
-
-@dataclass
-class Rollout:
-    """G responses per prompt, graded, packed for the policy."""
-
-    batch: PolicyBatch
-    rewards: torch.Tensor  # (N,)
-    behaviour_logprobs: torch.Tensor | None  # (N, R), 0 where mask 0
-    episodes: list[Any]
-    metrics: dict[str, float]
-
-
-def rollout(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    problems: Sequence[dict[str, Any]],
-    group_size: int,
-    tir_cfg: Any,
-    pool: Any,
-    grader: Any,
-    temperature: float,
-    seed: int,
-) -> Rollout:
-    """Sample ``group_size`` TIR episodes per problem (contiguous per problem) and grade them."""
-    from ctpo.generation import HFGenerator
-    from ctpo.tir.episode import SamplingParams, run_episodes
-    from ctpo.tir.protocol import exclude_from_loss
-
-    generator = _Timed(HFGenerator(model, tokenizer), ["generate"])
-    timed_pool = _Timed(pool, ["map"])
-    texts = [p["problem"] for p in problems for _ in range(group_size)]
-    golds = [p["answer"] for p in problems for _ in range(group_size)]
-    params = SamplingParams(temperature=temperature, seed=seed)
-    t0 = time.perf_counter()
-    model.eval()
-    with torch.no_grad():
-        episodes = run_episodes(generator, tokenizer, texts, tir_cfg, timed_pool, params)
-    t_episodes = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    graded = grader.grade_batch([ep.final_text for ep in episodes], golds)
-    t_grade = time.perf_counter() - t0
-    rewards = torch.tensor([float(g.correct) for g in graded])
-
-    # SimpleTIR's void-turn filter (off unless tir.mask_void_turn_trajectories): such episodes keep
-    # their reward (they count in the group statistics) but contribute no token to the loss.
-    excluded = [exclude_from_loss(ep.num_void_turns, tir_cfg) for ep in episodes]
-    n_excluded = sum(excluded)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = pack(
-        [ep.prompt_ids for ep in episodes],
-        [ep.response_ids for ep in episodes],
-        [[0] * len(ep.response_mask) if ex else ep.response_mask for ep, ex in zip(episodes, excluded)],
-        pad_id,
-    )
-    behaviour = None
-    if all(ep.behaviour_logprobs is not None for ep in episodes):
-        behaviour = torch.zeros_like(batch.response_mask)
-        for i, ep in enumerate(episodes):
-            behaviour[i, : len(ep.behaviour_logprobs)] = torch.as_tensor(ep.behaviour_logprobs)
-        behaviour = behaviour * batch.response_mask
-
-    policy_tokens = batch.response_mask.sum(1)
-    n = len(episodes)
-    metrics = {
-        "train/reward_mean": float(rewards.mean()),
-        "train/accuracy": sum(bool(g.correct) for g in graded) / n,
-        "train/no_answer_frac": sum(g.extracted is None for g in graded) / n,
-        "train/excluded_void_frac": n_excluded / n,
-        "train/response_length": float(policy_tokens.mean()),
-        "train/response_length_max": float(policy_tokens.max()),
-        "train/response_tokens_with_tools": sum(len(ep.response_ids) for ep in episodes) / n,
-        "train/num_turns": sum(ep.num_turns for ep in episodes) / n,
-        "train/tool_calls": sum(ep.num_tool_calls for ep in episodes) / n,
-        "train/tool_errors": sum(ep.num_tool_errors for ep in episodes) / n,
-        "train/void_turns": sum(ep.num_void_turns for ep in episodes) / n,
-        "time/generate": generator.seconds,
-        "time/tool": timed_pool.seconds,
-        "time/episode_other": t_episodes - generator.seconds - timed_pool.seconds,
-        "time/grade": t_grade,
-    }
-    for finish in ("answer", "no_code", "max_turns", "max_tokens"):
-        metrics[f"train/finish_{finish}"] = sum(ep.finish == finish for ep in episodes) / n
-    return Rollout(batch, rewards, behaviour, list(episodes), metrics)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. Advantages  (ctpo.train.advantages.group_advantages)
+# 1. Rollout (ctpo.train.rollout.rollout)  2. Advantages (ctpo.train.advantages.group_advantages)
 # 3. Old log-probs
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -381,11 +209,11 @@ def update_policy(
     batch: PolicyBatch,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
-    loss_cfg: Any,
+    loss_cfg: PolicyLossConfig,
     cfg: TrainConfig,
     shuffle: torch.Generator,
-    diagnostics: Any = None,
-    scheduler: Any = None,
+    diagnostics: PositionStats | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """``ppo_epochs`` x ``minibatches`` AdamW steps on the clipped surrogate of ``loss_cfg.method``.
 
@@ -395,8 +223,6 @@ def update_policy(
     Returns the mean over optimizer steps of the loss metrics (token-weighted over micro-batches;
     ``max`` keys take the max), entropy, grad norm and loss.
     """
-    from ctpo.losses import compute_policy_loss
-
     model.train()
     n = batch.input_ids.shape[0]
     n_mb = max(1, min(cfg.minibatches, n))
@@ -450,12 +276,10 @@ def update_policy(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The training loop
+# The run around the loop: config, files, evaluation, checkpoints
 # ----------------------------------------------------------------------------------------------------------
 def load_eval_problems(config: dict[str, Any], cfg: TrainConfig) -> tuple[str, list[dict[str, Any]]]:
     """The in-training eval set: the first ``eval_problems`` of ``eval_benchmark`` (default: the first)."""
-    from ctpo import data
-
     benchmarks = (config.get("data") or {}).get("benchmarks") or {}
     if not benchmarks:
         raise ConfigError("train.eval_every > 0 needs data.benchmarks; set train.eval_every: 0 to disable")
@@ -465,192 +289,47 @@ def load_eval_problems(config: dict[str, Any], cfg: TrainConfig) -> tuple[str, l
     return name, records[: cfg.eval_problems] if cfg.eval_problems else records
 
 
-def loss_config(config: dict[str, Any], method: str) -> Any:
+def loss_config(config: dict[str, Any], method: str) -> PolicyLossConfig:
     """``methods[method]`` as a resolved `ctpo.losses.PolicyLossConfig` (unknown keys are an error)."""
-    from ctpo.losses import PolicyLossConfig
-
     try:
         return PolicyLossConfig.from_dict(section(config, "methods", method)).resolved()
     except ValueError as exc:
         raise ConfigError(f"methods.{method}: {exc}") from None
 
 
-def tir_config(config: dict[str, Any]) -> Any:
-    from ctpo.tir.protocol import TIRConfig
-
+def tir_config(config: dict[str, Any]) -> TIRConfig:
     try:
         return TIRConfig.from_dict(config.get("tir"))
     except ValueError as exc:
         raise ConfigError(f"tir section: {exc}") from None
 
 
-def position_stats(cfg: TrainConfig, config: dict[str, Any]) -> Any:
-    """A `PositionStats` measuring log ρ_{1:t} against the study's cumulative-ratio clip ranges.
-
-    Figure 1 compares, on the same tokens, the fixed range of the ``ctpo_fixed`` ablation with the
-    adaptive range of ``ctpo``, whatever method is being trained, so every run's panels are comparable.
-    The ranges are those of the config's methods using ``ctpo_fixed`` / ``ctpo`` (registry defaults when
-    the config has none); GSPO's range is for a length-normalised ratio and would mean nothing here.
-    """
-    from ctpo.diagnostics import PositionStats
-    from ctpo.losses import PolicyLossConfig
-
-    def reference(method: str) -> Any:
-        for fields in (config.get("methods") or {}).values():
-            if (fields or {}).get("method") == method:
-                return PolicyLossConfig.from_dict(fields).resolved()
-        return PolicyLossConfig(method=method).resolved()
-
-    fixed, adaptive = reference("ctpo_fixed"), reference("ctpo")
+def position_stats(cfg: TrainConfig, reference: ClipRanges) -> PositionStats:
+    """An empty `PositionStats` over every position up to ``diag_max_position``, clip counts against the
+    study's reference ranges (`ctpo.diagnostics.reference_ranges`: the same for every trained method)."""
     return PositionStats(
+        reference,
         exact_limit=cfg.diag_max_position,
         spacing="linear",
         max_position=cfg.diag_max_position,
-        clip_low=fixed.clip_low,
-        clip_high=fixed.clip_high,
-        eps_low=adaptive.eps_low,
-        eps_high=adaptive.eps_high,
-        gamma=adaptive.gamma,
-        position=adaptive.position,
         max_tokens=None,
     )
 
 
-class DiagnosticWindows:
-    """The statistics behind ``RUN/diagnostics/step_NNNNN.csv``: for each diagnostic step d, the
-    `PositionStats` of steps d-window+1..d pooled (`PositionStats.merge` combines counts, means and M2
-    exactly, as if the sequences had been one batch). One step of the tiny study has 32 sequences, and
-    those of its first minibatch are on-policy (log ρ = 0): a per-position std over so few is mostly noise
-    (a few large token log-ratios make a staircase, not a curve); pooling adds sequences.
-
-    Windows still open at a checkpoint go into it (`state_dict`), so a run resumed between pooled steps
-    writes the same file as one that ran through.
-    """
-
-    def __init__(self, diag_steps: Sequence[int], window: int, make: Callable[[], Any]) -> None:
-        self.diag_steps = sorted(set(diag_steps))
-        self.window = window
-        self.make = make  # a fresh, empty PositionStats
-        self.open: dict[int, tuple[Any, list[int]]] = {}  # diag step -> (pooled stats, steps pooled so far)
-
-    def targets(self, step: int) -> list[int]:
-        """The diagnostic steps whose window contains ``step``."""
-        return [d for d in self.diag_steps if d - self.window < step <= d]
-
-    def collector(self, step: int) -> Any:
-        """A fresh accumulator for ``step`` when some window needs it, else None."""
-        return self.make() if self.targets(step) else None
-
-    def add(self, step: int, stats: Any) -> None:
-        """Pool one step's statistics into every window that contains it (the first one keeps the object)."""
-        from ctpo.diagnostics import PositionStats
-
-        for i, d in enumerate(self.targets(step)):
-            if d in self.open:
-                self.open[d][0].merge(stats)
-                self.open[d][1].append(step)
-            else:
-                self.open[d] = (
-                    stats if i == 0 else PositionStats.from_state_dict(stats.state_dict()),
-                    [step],
-                )
-
-    def pop(self, step: int) -> tuple[Any, list[int]] | None:
-        """(pooled stats, steps pooled) of diagnostic step ``step``, closing its window; None if not one."""
-        return self.open.pop(step, None)
-
-    def state_dict(self) -> dict[int, dict[str, Any]]:
-        return {
-            d: {"stats": stats.state_dict(), "steps": list(steps)} for d, (stats, steps) in self.open.items()
-        }
-
-    def load_state_dict(self, state: dict[int, dict[str, Any]]) -> None:
-        from ctpo.diagnostics import PositionStats
-
-        self.open = {
-            int(d): (PositionStats.from_state_dict(w["stats"]), list(w["steps"])) for d, w in state.items()
-        }
-
-
-def diagnostic_summary(diag: Any, steps: Sequence[int] | None = None) -> dict[str, float]:
-    """``diag/`` scalars: the c·√t fit of std log ρ_{1:t}, clip rates early vs late in the response, and
-    what the statistics pooled (sequences; the steps of the window, ``steps``)."""
-    from ctpo.analysis import POPULATED_FRACTION  # one rule for the logged and the reported fit
-
-    frame = diag.to_frame()
-    if frame.empty:
-        return {}
-    # ``diag/sqrt_fit_*_populated`` (the reported fit) uses the positions reached by >= POPULATED_FRACTION
-    # of the sequences seen at t = 1; ``diag/sqrt_fit_*`` every position with >= 2 tokens, for comparison
-    populated = max(2, math.ceil(POPULATED_FRACTION * frame["count"].iloc[0]))
-    c, r2 = diag.fit_sqrt()
-    c_pop, r2_pop = diag.fit_sqrt(min_count=populated)
-    reached = frame[frame["count"] >= populated]
-    out = {
-        "diag/sqrt_fit_c": float(c),
-        "diag/sqrt_fit_r2": float(r2),
-        "diag/sqrt_fit_c_populated": float(c_pop),
-        "diag/sqrt_fit_r2_populated": float(r2_pop),
-        "diag/populated_positions": float(len(reached)),
-        "diag/n_sequences": float(diag.n_sequences),
-    }
-    if steps:
-        out["diag/window_first_step"] = float(min(steps))
-        out["diag/window_steps"] = float(len(steps))
-    half = len(reached) // 2
-    for name, part in (("early", reached.iloc[:half]), ("late", reached.iloc[half:])):
-        weights = part["count"] / max(1, part["count"].sum())
-        for kind in ("fixed", "adaptive"):
-            out[f"diag/clip_{kind}_{name}"] = float((part[f"clip_{kind}"] * weights).sum())
-    return out
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _append_row(
-    out: Path, history: list[dict[str, Any]], pending: list[dict[str, Any]], row: dict[str, Any]
-) -> None:
-    """One step's metrics: kept for the next checkpoint, appended to metrics.jsonl, queued for MLflow."""
-    history.append(row)
-    pending.append(row)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _flush_to_mlflow(run: Any, pending: list[dict[str, Any]]) -> None:
-    """Send the queued rows once a checkpoint holds them. MLflow cannot take a logged metric back, so rows
-    are sent only when a checkpoint covers them: a run killed between checkpoints re-runs those steps after
-    resuming and logs them once (metrics.jsonl, which can be rewritten, shows every step as it happens)."""
-    for row in pending:
-        run.log_metrics(row, step=int(row["train/step"]))
-    pending.clear()
-    flush = getattr(run, "flush", None)  # written now, not left in the tracking buffer for a kill to lose
-    if flush is not None:
-        flush()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def in_training_eval(
-    model, tokenizer, problems, cfg: TrainConfig, config, tir_cfg, pool, grader
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[dict[str, Any]],
+    cfg: TrainConfig,
+    config: dict[str, Any],
+    tir_cfg: TIRConfig,
+    pool: SandboxPool,
+    grader: Grader,
 ) -> dict[str, float]:
     """avg@k on the eval problems through `ctpo.eval.evaluate`: the sampling of ``ctpo eval`` (the
-    config's ``eval`` section) with a fixed seed, so every step and every method see the same draws."""
-    from ctpo.eval import evaluate, sampling_from_config
-    from ctpo.generation import HFGenerator
-
+    config's ``eval`` section) with a fixed seed, so every step and every method see the same draws;
+    ``time/eval`` is its wall time."""
+    t0 = time.perf_counter()
     params = sampling_from_config(config.get("eval") or {})
     if cfg.eval_seed is not None:
         params = dataclasses.replace(params, seed=cfg.eval_seed)
@@ -673,6 +352,7 @@ def in_training_eval(
         "eval/mean_policy_tokens": summary["mean_policy_tokens"],
         "eval/tool_calls": summary["mean_tool_calls"],
         "eval/no_answer_rate": summary["no_answer_rate"],
+        "time/eval": time.perf_counter() - t0,
     }
 
 
@@ -685,6 +365,7 @@ def run_fingerprint(config: dict[str, Any], model_name: str, method: str, seed: 
         "method": (config.get("methods") or {}).get(method),
         "train": train,
         "tir": config.get("tir"),
+        "diagnostics": dataclasses.asdict(reference_ranges(config.get("diagnostics"))),
         "data": (config.get("data") or {}).get("train"),
         "seed": seed,
         "base": str(base),
@@ -692,21 +373,110 @@ def run_fingerprint(config: dict[str, Any], model_name: str, method: str, seed: 
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _discard_stale_checkpoints(out: Path, fingerprint: str, log: Callable[[str], None]) -> None:
-    """Resume only a run of the same config: checkpoints written under another one are discarded.
+def _load_policy(base: str | Path, cfg: TrainConfig):
+    """Tokenizer, model (float32), AdamW and its linear warm-up schedule."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    Without this, a job that the workflow reruns because its config changed would silently continue
-    the old run (and its MLflow run) instead of training the new one.
-    """
-    fp_file = out / "run_fingerprint"
-    if fp_file.is_file() and fp_file.read_text().strip() != fingerprint:
-        log(f"{out}: the config changed since its checkpoints were written; starting a fresh run")
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "mlflow_run_id").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    fp_file.write_text(fingerprint + "\n")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+    )
+    warmup = max(1, cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
+    return tokenizer, model, optimizer, scheduler
 
 
+def _resume(ckpt_dir: Path, model, optimizer, scheduler, windows: DiagnosticWindows, metrics_log: MetricsLog):
+    """Load the newest checkpoint, if any, into the training state; returns (its step, its wall time)."""
+    state = load_latest(ckpt_dir)
+    if state is None:
+        metrics_log.restart([])
+        return 0, 0.0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    windows.load_state_dict(state.get("diagnostics", {}))
+    metrics_log.restart(state["metrics"])
+    return state["step"], state["wall_s"]
+
+
+def _save(ckpt_dir: Path, step_no: int, model, optimizer, scheduler, cfg: TrainConfig, state: dict) -> None:
+    """Everything the next step depends on, atomically (``ctpo.train.checkpoint``)."""
+    save_checkpoint(
+        ckpt_dir,
+        step_no,
+        {
+            "step": step_no,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "data_position": step_no * cfg.prompts_per_step,
+            **state,  # metrics history, open diagnostic windows, wall time
+        },
+        keep=cfg.keep_checkpoints,
+    )
+
+
+def _write_diagnostics(
+    windows: DiagnosticWindows, step_no: int, stats: PositionStats | None, folder: Path, run: TrackedRun
+) -> dict[str, float]:
+    """Pool this step's statistics; at a diagnostic step write its window as ``step_NNNNN.csv`` (Figure 1)
+    and return the ``diag/`` summary."""
+    if stats is not None:
+        windows.add(step_no, stats)
+    pooled = windows.pop(step_no)
+    if pooled is None:
+        return {}
+    stats, steps = pooled
+    frame = stats.to_frame()
+    frame["n_sequences"] = stats.n_sequences
+    frame["window_first_step"] = min(steps)
+    frame["window_steps"] = len(steps)
+    path = folder / f"step_{step_no:05d}.csv"
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    run.log_artifact(path, "diagnostics")
+    return diagnostic_summary(stats, steps)
+
+
+def _behaviour_gap(ro: Rollout, old_logp: torch.Tensor) -> dict[str, float]:
+    """How far the generator's behaviour log-probs are from the recomputed old ones (0 when they agree)."""
+    if ro.behaviour_logprobs is None:
+        return {}
+    mask = ro.batch.response_mask
+    diff = (old_logp - ro.behaviour_logprobs) * mask
+    return {
+        "train/behaviour_logprob_absdiff_mean": masked_mean(diff.abs(), mask),
+        "train/behaviour_logprob_absdiff_max": float(diff.abs().max()),
+        "train/kl_behaviour_old": masked_mean(diff.exp() - 1 - diff, mask),  # k3 estimator of KL(beh || old)
+    }
+
+
+def _start_run(config, model_name, method, seed, cfg, loss_cfg, pool: SandboxPool, base, out: Path) -> Any:
+    """The run's MLflow run (resumed from ``RUN/mlflow_run_id`` after a kill)."""
+    isolation = pool.isolation
+    isolation = dataclasses.asdict(isolation) if dataclasses.is_dataclass(isolation) else isolation
+    return tracking.start_run(
+        config,
+        tracking.run_name(config, model_name, method, seed),
+        tags={"model": model_name, "method": method, "seed": seed, "study": config.get("study", "")},
+        params={
+            "train_resolved": dataclasses.asdict(cfg),
+            "loss": dataclasses.asdict(loss_cfg),
+            "sandbox_isolation": isolation,
+            "base": str(base),
+        },
+        kind="train",
+        id_file=out / "mlflow_run_id",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------------------
 def train(
     config: dict[str, Any],
     model_name: str,
@@ -723,12 +493,6 @@ def train(
 
     Returns the DONE.json record.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ctpo import data, tracking
-    from ctpo.reward import Grader
-    from ctpo.tir.sandbox import SandboxPool
-
     t_start = time.perf_counter()
     out = Path(out)
     done_path = out / "DONE.json"
@@ -737,200 +501,105 @@ def train(
         return json.loads(done_path.read_text())
 
     cfg = TrainConfig.from_section(train_section(config, model_name))
-    if threads is not None:
-        cfg.threads = threads
-    if max_steps is not None:
-        cfg.steps = max_steps
+    cfg.threads = cfg.threads if threads is None else threads
+    cfg.steps = cfg.steps if max_steps is None else max_steps
     torch.set_num_threads(cfg.threads)
-    loss_cfg = loss_config(config, method)
-    tir_cfg = tir_config(config)
-    sandbox_cfg = {"workers": 2, **(config.get("sandbox") or {})}
+    loss_cfg, tir_cfg = loss_config(config, method), tir_config(config)
     section(config, "models", model_name)  # fail early on an unknown model name
-
     problems = data.load_entry(config, "train")
-    eval_name, eval_problems = (None, [])
-    if cfg.eval_every > 0:
-        eval_name, eval_problems = load_eval_problems(config, cfg)
+    eval_name, eval_problems = load_eval_problems(config, cfg) if cfg.eval_every > 0 else (None, [])
 
     # Model, optimizer, and -- if a previous attempt was killed -- its newest checkpoint.
     seed_everything(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-    )
-    warmup = max(1, cfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / warmup))
-    ckpt_dir = out / "checkpoints"
-    (out / "diagnostics").mkdir(parents=True, exist_ok=True)
-    windows = DiagnosticWindows(cfg.diag_steps, cfg.diag_window, lambda: position_stats(cfg, config))
-    history: list[dict[str, Any]] = []
-    pending: list[dict[str, Any]] = []  # rows not yet in MLflow (see _flush_to_mlflow)
-    start_step = 0
-    wall_before = 0.0
-    _discard_stale_checkpoints(out, run_fingerprint(config, model_name, method, seed, base), log)
-    state = load_latest(ckpt_dir)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step, history, wall_before = state["step"], state["metrics"], state["wall_s"]
-        windows.load_state_dict(state.get("diagnostics", {}))
+    tokenizer, model, optimizer, scheduler = _load_policy(base, cfg)
+    reference = reference_ranges(config.get("diagnostics"))  # Figure 1's ranges, the same for every method
+    windows = DiagnosticWindows(cfg.diag_steps, cfg.diag_window, lambda: position_stats(cfg, reference))
+    discard_stale_checkpoints(out, run_fingerprint(config, model_name, method, seed, base), log)
+    (out / "diagnostics").mkdir(exist_ok=True)
+    metrics_log = MetricsLog(out / "metrics.jsonl")
+    start_step, wall_before = _resume(out / "checkpoints", model, optimizer, scheduler, windows, metrics_log)
+    if start_step:
         log(f"resuming {out} from checkpoint step {start_step}")
-    _write_jsonl(out / "metrics.jsonl", history)  # drop rows logged after the checkpoint we resume from
 
-    tags = {"model": model_name, "method": method, "seed": seed, "study": config.get("study", "")}
     with ExitStack() as stack:
-        pool = stack.enter_context(SandboxPool(**sandbox_cfg))
+        pool = stack.enter_context(SandboxPool(**{"workers": 2, **(config.get("sandbox") or {})}))
         grader = stack.enter_context(Grader(workers=cfg.grader_workers))
-        isolation = pool.isolation
-        isolation = dataclasses.asdict(isolation) if dataclasses.is_dataclass(isolation) else isolation
         run = stack.enter_context(
-            tracking.start_run(
-                config,
-                tracking.run_name(config, model_name, method, seed),
-                tags=tags,
-                params={
-                    "train_resolved": dataclasses.asdict(cfg),
-                    "loss": dataclasses.asdict(loss_cfg),
-                    "sandbox_isolation": isolation,
-                    "base": str(base),
-                },
-                kind="train",
-                id_file=out / "mlflow_run_id",
-            )
+            _start_run(config, model_name, method, seed, cfg, loss_cfg, pool, base, out)
         )
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        bar = tqdm(
+            total=cfg.steps, initial=start_step, desc=f"{model_name}/{method}/s{seed}", disable=not progress
+        )
+        stack.enter_context(bar)
 
-            bar = stack.enter_context(
-                tqdm(
-                    total=cfg.steps,
-                    initial=start_step,
-                    desc=f"{model_name}/{method}/s{seed}",
-                    file=sys.stderr,
-                )
-            )
+        def evaluate_now() -> dict[str, float]:
+            return in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader)
 
-        if start_step == 0 and cfg.eval_every > 0:
-            # Figure 2 starts at the Base policy: a step-0 row with only the evaluation in it.
-            t0 = time.perf_counter()
+        if start_step == 0 and cfg.eval_every > 0:  # Figure 2 starts at the Base policy: a step-0 row
             seed_everything(step_seed(seed, 0, "eval-before-training"))
-            row = {"train/step": 0}
-            row.update(in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader))
-            row["time/eval"] = time.perf_counter() - t0
-            _append_row(out, history, pending, row)
+            metrics_log.append({"train/step": 0, **evaluate_now()})
 
         for step in range(start_step, cfg.steps):
-            step_no = step + 1
+            step_no, last = step + 1, step + 1 == cfg.steps
             t_step = time.perf_counter()
-            seed_everything(step_seed(seed, step, "step"))
+            seed_everything(step_seed(seed, step, "step"))  # a step's randomness depends on (seed, step) only
             shuffle = torch.Generator().manual_seed(step_seed(seed, step, "minibatch-order"))
 
-            # 1. rollout
-            batch_problems = [
-                problems[i] for i in batch_indices(len(problems), cfg.prompts_per_step, step, seed)
-            ]
+            # 1. rollout: group_size TIR episodes per prompt, graded
+            prompts = [problems[i] for i in batch_indices(len(problems), cfg.prompts_per_step, step, seed)]
+            sampling_seed = step_seed(seed, step, "sampling")
             ro = rollout(
                 model,
                 tokenizer,
-                batch_problems,
+                prompts,
                 cfg.group_size,
                 tir_cfg,
                 pool,
                 grader,
                 cfg.temperature,
-                step_seed(seed, step, "sampling"),
+                sampling_seed,
             )
-            metrics = {"train/step": step_no, **ro.metrics}
-            metrics["time/rollout"] = time.perf_counter() - t_step
+            metrics = {"train/step": step_no, **ro.metrics, "time/rollout": time.perf_counter() - t_step}
 
-            # 2. advantages
+            # 2. advantages: group-relative, one per response
             advantages, n_flat = group_advantages(ro.rewards, cfg.group_size, cfg.normalize_adv_std)
             metrics["train/degenerate_groups_frac"] = n_flat / cfg.prompts_per_step
             metrics["train/adv_abs_mean"] = float(advantages.abs().mean())
 
-            # 3. old log-probs (and how far the generator's behaviour log-probs are from them)
+            # 3. old log-probs of the policy that sampled (and the generator's distance from them)
             t0 = time.perf_counter()
             old_logp = old_log_probs(model, ro.batch, cfg.temperature, cfg.logprob_batch_size)
             metrics["time/old_logprob"] = time.perf_counter() - t0
-            if ro.behaviour_logprobs is not None:
-                diff = (old_logp - ro.behaviour_logprobs) * ro.batch.response_mask
-                metrics["train/behaviour_logprob_absdiff_mean"] = masked_mean(
-                    diff.abs(), ro.batch.response_mask
-                )
-                metrics["train/behaviour_logprob_absdiff_max"] = float(diff.abs().max())
-                # k3 estimator of KL(behaviour || old) on the sampled tokens
-                metrics["train/kl_behaviour_old"] = masked_mean(diff.exp() - 1 - diff, ro.batch.response_mask)
+            metrics |= _behaviour_gap(ro, old_logp)
 
-            # 4. update
+            # 4. update: AdamW steps on the clipped surrogate; after the first minibatch they are off-policy
             diag = windows.collector(step_no)
             t0 = time.perf_counter()
-            metrics.update(
-                update_policy(
-                    model, optimizer, ro.batch, old_logp, advantages, loss_cfg, cfg, shuffle, diag, scheduler
-                )
+            metrics |= update_policy(
+                model, optimizer, ro.batch, old_logp, advantages, loss_cfg, cfg, shuffle, diag, scheduler
             )
             metrics["time/update"] = time.perf_counter() - t0
             metrics["train/lr"] = scheduler.get_last_lr()[0]
-            if diag is not None:
-                windows.add(step_no, diag)
-            pooled = windows.pop(step_no)
-            if pooled is not None:  # a diagnostic step: its window (steps pooled) is complete
-                stats, pooled_steps = pooled
-                path = out / "diagnostics" / f"step_{step_no:05d}.csv"
-                frame = stats.to_frame()
-                frame["n_sequences"] = stats.n_sequences
-                frame["window_first_step"] = min(pooled_steps)
-                frame["window_steps"] = len(pooled_steps)
-                frame.to_csv(path.with_suffix(".tmp"), index=False)
-                os.replace(path.with_suffix(".tmp"), path)
-                metrics.update(diagnostic_summary(stats, pooled_steps))
-                run.log_artifact(path, "diagnostics")
 
-            # periodic evaluation (Figure 2: accuracy vs step)
-            last = step_no == cfg.steps
+            # Figure 1 at diagnostic steps, Figure 2 at evaluation steps, a checkpoint every few steps
+            metrics |= _write_diagnostics(windows, step_no, diag, out / "diagnostics", run)
             if cfg.eval_every > 0 and (step_no % cfg.eval_every == 0 or last):
-                t0 = time.perf_counter()
-                metrics.update(
-                    in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader)
-                )
-                metrics["time/eval"] = time.perf_counter() - t0
+                metrics |= evaluate_now()
             metrics["time/step"] = time.perf_counter() - t_step
-
-            _append_row(out, history, pending, metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['train/reward_mean']:.2f}", s=f"{metrics['time/step']:.1f}")
-
+            metrics_log.append(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['train/reward_mean']:.2f}", s=f"{metrics['time/step']:.1f}")
             if step_no % cfg.checkpoint_every == 0 or last:
-                save_checkpoint(
-                    ckpt_dir,
-                    step_no,
-                    {
-                        "step": step_no,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(),
-                        "data_position": step_no * cfg.prompts_per_step,
-                        "metrics": history,
-                        "diagnostics": windows.state_dict(),  # windows still being pooled
-                        "wall_s": wall_before + time.perf_counter() - t_start,
-                    },
-                    keep=cfg.keep_checkpoints,
-                )
-                _flush_to_mlflow(run, pending)
+                wall = wall_before + time.perf_counter() - t_start
+                state = {"metrics": metrics_log.history, "diagnostics": windows.state_dict(), "wall_s": wall}
+                _save(out / "checkpoints", step_no, model, optimizer, scheduler, cfg, state)
+                metrics_log.send(run)
 
-        _flush_to_mlflow(run, pending)  # a run with no steps still logs its step-0 evaluation
+        metrics_log.send(run)  # a run with no steps still logs its step-0 evaluation
         # Final outputs: the HF folder, then the marker (last, so its presence means "complete").
-        final = out / "final"
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        model.save_pretrained(out / "final")
+        tokenizer.save_pretrained(out / "final")
         wall = wall_before + time.perf_counter() - t_start
-        final_metrics = {k: v for row in history for k, v in row.items() if not k.startswith("time/")}
         run.log_metrics({"time/total_wall_s": wall}, step=cfg.steps)
         record = {
             "mlflow_run_id": run.run_id,
@@ -940,8 +609,10 @@ def train(
             "eval_benchmark": eval_name,
             "final_step": cfg.steps,
             "wall_s": wall,
-            "final_metrics": final_metrics,
+            "final_metrics": {
+                k: v for row in metrics_log.history for k, v in row.items() if not k.startswith("time/")
+            },
         }
-        _write_json(done_path, record)
+        atomic.write_json(done_path, record)
     log(f"done: {out} ({cfg.steps} steps, {wall:.1f}s)")
     return record

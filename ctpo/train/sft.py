@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ctpo import atomic, tiny, tracking
+from ctpo import data as datasets
+from ctpo.config import section
+from ctpo.tasks import arith
+from ctpo.tir import native
+from ctpo.tir.protocol import TIRConfig
+from ctpo.tir.protocols import get_protocol
+from ctpo.tir.sandbox import SandboxPool
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +70,9 @@ class SFTConfig:
     precision: str = "fp32"
     """Matmul precision of the warm-up: ``"fp32"``, ``"bf16"`` (autocast; fp32 master weights, optimizer
     state and loss) or ``"auto"`` (bf16 where the CPU has native bf16, AVX512-BF16 / AMX, or on a bf16 GPU).
-    bf16 is 1.55x (tiny-s) / 1.68x (tiny-m) the fp32 tokens/s on a 2-core AMD EPYC with AVX512-BF16
-    (`benchmarks/bench_sft_precision.py`), but the tiny models pay for it: tiny-s warmed up in bf16 ends at
-    loss 0.121 instead of 0.100 and its Base scores avg@4 43-45 % / 5-8 % / 2 % (easy / medium / hard)
-    instead of 61 % / 33 % / 11 %; bf16 for the first 70 % of steps and fp32 for the rest did no better
-    (0.121). Exact copying of 3-digit number tokens is what suffers. Hence fp32 by default; bf16 is for
-    bigger models, where it is the norm. RL never uses it: its importance ratios need fp32."""
+    fp32 by default: bf16 is faster but cost the tiny Bases most of their accuracy, as exact copying of
+    number tokens suffers (docs/findings/2026-11-27-tiny-warmup.md); bf16 is for bigger models, where it
+    is the norm. RL never uses it: its importance ratios need fp32."""
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -95,8 +100,6 @@ def tokenize_demonstration(demo: dict[str, Any], tokenizer, cfg) -> Example:
     """Token ids + policy mask of a demonstration, laid out exactly like an RL episode: the prompt by
     the tool protocol's ``encode_prompt``, each segment encoded on its own, EOS after the final policy
     turn (unless the turn already ends with it, as every turn of the native protocol does)."""
-    from ctpo.tir.protocols import get_protocol
-
     ids = list(get_protocol(cfg).encode_prompt(demo["problem"], tokenizer))
     mask = [0] * len(ids)
     for i, seg in enumerate(demo["segments"]):
@@ -301,14 +304,22 @@ def train(
     }
 
 
+def protocol_options(tir_cfg: TIRConfig) -> dict[str, dict[str, Any]]:
+    """What the tool protocol asks of the demonstrations and the tokenizer: for ``native``, Qwen3's chat
+    format (the demonstrations rendered with `tiny.render_chat`; the tokenizer given `tiny.CHAT_TEMPLATE`,
+    Qwen3's tag tokens and ``<|im_end|>`` as EOS); nothing for ``fenced``."""
+    if tir_cfg.protocol != "native":
+        return {"demos": {}, "tokenizer": {}}
+    return {
+        "demos": {"render": tiny.render_chat},
+        "tokenizer": {"chat_template": tiny.CHAT_TEMPLATE, "added_tokens": native.TOKENS},
+    }
+
+
 def build_examples(
     config: dict[str, Any], sft: SFTConfig, tir_cfg, pool
 ) -> tuple[list[dict], Any, list[Example]]:
     """Demonstrations, the tokenizer trained on them, and the tokenised examples."""
-    from ctpo import data as datasets
-    from ctpo import tiny
-    from ctpo.tasks import arith
-
     train_spec = dict((config.get("data") or {}).get("train") or {})
     source = train_spec.pop("source", "arith")
     if datasets.resolve_name(source).name != "arith":
@@ -319,25 +330,18 @@ def build_examples(
     records = datasets.load(
         source, split=train_spec.get("split", "train"), n=n, seed=int(train_spec.get("seed", 0))
     )
-    if tir_cfg.protocol == "native":  # Qwen3's chat format: the tokenizer gets the template and tag tokens
-        from ctpo.tir import native
-
-        chat = {"chat_template": tiny.CHAT_TEMPLATE, "added_tokens": native.TOKENS}
-        demos = arith.demonstrations(
-            records, tir_cfg, pool, mix=sft.mix, seed=sft.seed, render=tiny.render_chat
-        )
-    else:
-        chat = {}
-        demos = arith.demonstrations(records, tir_cfg, pool, mix=sft.mix, seed=sft.seed)
-    tokenizer = tiny.build_tokenizer(corpus(demos), vocab_size=sft.vocab_size, **chat)
+    demos = arith.demonstrations(
+        records, tir_cfg, pool, mix=sft.mix, seed=sft.seed, **protocol_options(tir_cfg)["demos"]
+    )
+    tokenizer = tiny.build_tokenizer(
+        corpus(demos), vocab_size=sft.vocab_size, **protocol_options(tir_cfg)["tokenizer"]
+    )
     examples = [tokenize_demonstration(d, tokenizer, tir_cfg) for d in demos]
     return demos, tokenizer, examples
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, sort_keys=True)
 
 
 def run_sft(
@@ -350,10 +354,6 @@ def run_sft(
     pool=None,
 ) -> dict[str, Any]:
     """The whole ``ctpo sft`` step; returns the summary also written to ``out_dir/sft_summary.json``."""
-    from ctpo import tiny, tracking
-    from ctpo.config import section
-    from ctpo.tir.protocol import TIRConfig
-
     if threads:
         torch.set_num_threads(int(threads))
     t_start = time.perf_counter()
@@ -370,8 +370,6 @@ def run_sft(
 
     t0 = time.perf_counter()
     if pool is None:
-        from ctpo.tir.sandbox import SandboxPool
-
         sandbox = config.get("sandbox") or {}
         with SandboxPool(
             workers=int(sandbox.get("workers", 2)),
@@ -424,7 +422,8 @@ def run_sft(
             copy_stats = copy_warmup(model, vocab, sft, progress=progress)
             if copy_stats["copy_accuracy"] < 0.9:
                 log.warning(
-                    "sft %s: the copy pre-phase ended at %.0f%% copy accuracy, so the model has not learned to "
+                    "sft %s: the copy pre-phase ended at %.0f%% copy accuracy, "
+                    "so the model has not learned to "
                     "copy and the warm-up will mostly fail to copy numbers; lower sft.copy_lr (wider models "
                     "need less: m copies at 1e-3, not 3e-3) or raise sft.copy_steps",
                     model_name,
@@ -468,7 +467,8 @@ def run_sft(
         _atomic_json(out / "sft_summary.json", summary)
         run.log_artifact(out / "sft_summary.json")
     print(
-        f"sft {model_name}: {stats['steps']} steps, loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, "
-        f"{summary['wall_s']:.1f}s ({stats['tokens_per_s']:.0f} tok/s, {torch.get_num_threads()} threads) -> {out}"
+        f"sft {model_name}: {stats['steps']} steps, "
+        f"loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}, {summary['wall_s']:.1f}s "
+        f"({stats['tokens_per_s']:.0f} tok/s, {torch.get_num_threads()} threads) -> {out}"
     )
     return summary

@@ -32,12 +32,12 @@ The study config's ``verl:`` section (all optional; defaults are the paper's sin
       gpu_memory_utilization: 0.6
       total_epochs: null             # null: VERL's own (30); train.steps caps the run (total_training_steps)
       save_freq: 20                  # train.checkpoint_every wins when set
-      val_n: 8                       # samples per problem of the in-training eval (train.eval_every, Figure 2)
+      val_n: 8                       # samples per problem of the in-training eval (Figure 2)
       val_temperature: 0.7
       val_before_train: null         # null: when there is an in-training eval
       val_benchmarks: null           # benchmarks of the in-training eval; null: the first one (Figure 2's)
       rollout_correction: {}         # algorithm.rollout_correction.* (rollout_is, rollout_is_threshold, ...)
-      builtin_losses: true           # grpo/gspo on VERL's vanilla/gspo; false: the plug-in's ctpo_grpo/ctpo_gspo
+      builtin_losses: true           # grpo/gspo on VERL's vanilla/gspo; false: the plug-in's ctpo_grpo/..
       strategy: fsdp2
       env: {}                        # extra env vars for every Ray worker
       overrides: []                  # raw Hydra overrides appended last (escape hatch)
@@ -47,6 +47,7 @@ The study config's ``verl:`` section (all optional; defaults are the paper's sin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -57,7 +58,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ctpo import atomic, data, losses, tracking
+from ctpo.backends.verl.metrics import figure1_data
 from ctpo.config import ConfigError, results_dir, section, train_section
+from ctpo.diagnostics import reference_ranges
 from ctpo.tir.protocol import TIRConfig
 from ctpo.tir.protocols import get_protocol
 
@@ -112,7 +116,7 @@ ROLLOUT_CORRECTION_KEYS = (
     "bypass_mode",
     "loss_type",
 )
-"""VERL 0.9.1's ``algorithm.rollout_correction`` fields (``verl/trainer/config/algorithm/rollout_correction.yaml``)."""
+"""VERL 0.9.1's ``algorithm.rollout_correction`` fields (its ``algorithm/rollout_correction.yaml``)."""
 TRAIN_DEFAULTS = {
     "prompts_per_step": 512,
     "group_size": 8,
@@ -164,6 +168,8 @@ def hydra_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
     text = str(value)
     unquoted = _SAFE_VALUE.fullmatch(text) and not _NON_STRING.fullmatch(text)
     if unquoted and text.lower() not in {"null", "true", "false"}:
@@ -222,19 +228,19 @@ def policy_loss_overrides(config: dict[str, Any], method: str, builtin_losses: b
     ]
     params = {k: v for k, v in spec.items() if k not in ("method", "loss_agg_mode")}
     if plugin:
-        from ctpo import losses
-
         known = {f for f in losses.PolicyLossConfig.__dataclass_fields__} - {"method", "loss_agg_mode"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ConfigError(f"methods.{method}: unknown loss option(s) {unknown}; known: {sorted(known)}")
         out.append(f"{a}.policy_loss._target_={POLICY_LOSS_TARGET}")
         out += [f"+{a}.policy_loss.{k}={hydra_value(v)}" for k, v in sorted(params.items())]
+        # Figure 1's reference ranges: the study's, the same for every method (ctpo.diagnostics)
+        reference = dataclasses.asdict(reference_ranges(config.get("diagnostics")))
+        out.append(f"+{a}.policy_loss.diagnostics_reference={hydra_value(reference)}")
         return out
     # Built-in VERL losses: the core's registered defaults, expressed in VERL's actor fields. They
     # implement only a fixed ratio-space clip (and, for vanilla, a constant dual clip); anything else
     # needs the plug-in's adapters.
-    from ctpo import losses
 
     resolved = losses.PolicyLossConfig.from_dict({"method": name, **params}).resolved()
     default = losses.PolicyLossConfig(method=name).resolved()
@@ -423,8 +429,6 @@ def val_benchmarks(config: dict[str, Any], v: dict[str, Any]) -> list[str]:
 
 def primary_val_source(config: dict[str, Any], model: str) -> str | None:
     """The data source of the first in-training eval benchmark (Figure 2's curve)."""
-    from ctpo import data
-
     names = val_benchmarks(config, verl_settings(config, model))
     return data.resolve_name(data.dataset_entry(config, names[0])["source"]).name if names else None
 
@@ -457,7 +461,8 @@ def rollout_correction_overrides(v: dict[str, Any]) -> list[str]:
     unknown = sorted(set(rc) - set(ROLLOUT_CORRECTION_KEYS))
     if unknown:
         raise ConfigError(
-            f"unknown verl.rollout_correction key(s) {unknown}; VERL 0.9.1 has {list(ROLLOUT_CORRECTION_KEYS)}"
+            f"unknown verl.rollout_correction key(s) {unknown}; "
+            f"VERL 0.9.1 has {list(ROLLOUT_CORRECTION_KEYS)}"
         )
     return [f"algorithm.rollout_correction.{k}={hydra_value(x)}" for k, x in rc.items()]
 
@@ -475,7 +480,6 @@ def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
     """Write the VERL parquet of data entry ``name`` if the workflow has not already."""
     if path.is_file():
         return path
-    from ctpo import data
 
     jsonl = path.with_suffix(".jsonl")
     records = data.read_jsonl(jsonl) if jsonl.is_file() else data.load_entry(config, name)
@@ -486,8 +490,6 @@ def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
 
 def run_from_args(args: Any, config: dict[str, Any]) -> int:
     """``ctpo train --backend verl``: launch VERL for one cell and collect its outputs into RUN/."""
-    from ctpo import tracking
-
     out = Path(args.out)
     seed = int(args.seed)
     # ctpo/backends/verl/ray_slurm.sh exports the allocation's shape; otherwise the config's verl section
@@ -507,7 +509,8 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
         return 0
     if (out / "DONE.json").is_file():
         print(
-            f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished (delete the folder to retrain)",
+            f"ctpo train (verl): {out / 'DONE.json'} exists: run already finished "
+            "(delete the folder to retrain)",
             file=sys.stderr,
         )
         return 0
@@ -559,9 +562,7 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
         "wall_s": round(time.time() - t0, 1),
         "backend": "verl",
     }
-    tmp = out / "DONE.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    tmp.replace(out / "DONE.json")
+    atomic.write_json(out / "DONE.json", done)
     return 0
 
 
@@ -622,20 +623,23 @@ def collect_outputs(out: Path, primary: str | None = None) -> int:
             if line.strip():
                 rec = json.loads(line)
                 by_step[int(rec["step"])] = rec["data"]  # a later attempt wins for a re-run step
+    from ctpo.backends.verl.metrics import TOKEN_WEIGHTED_PREFIX, token_weighted_metrics
+
     lines = []
     diag_dir = out / "diagnostics"
     for step in sorted(by_step):
-        data = by_step[step]
-        row = {"step": step, **{ours_metric_key(k): v for k, v in data.items() if isinstance(v, int | float)}}
+        data = {**by_step[step], **token_weighted_metrics(by_step[step])}  # exact token means, not VERL's
+        nums = {
+            k: v
+            for k, v in data.items()
+            if isinstance(v, int | float) and not k.startswith(TOKEN_WEIGHTED_PREFIX)
+        }
+        row = {"step": step, **{ours_metric_key(k): v for k, v in nums.items()}}
         if primary and f"eval/{primary}/avg_at_k" in row:
             row["eval/avg_at_k"] = row[f"eval/{primary}/avg_at_k"]
         lines.append(json.dumps(row))
         if any(k.startswith("actor/diag/") for k in data):
-            from ctpo.backends.verl.metrics import figure1_data
-
             diag_dir.mkdir(exist_ok=True)
             figure1_data(data).to_frame().to_csv(diag_dir / f"step_{step:05d}.csv", index=False)
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("\n".join(lines) + ("\n" if lines else ""))
-    tmp.replace(out / "metrics.jsonl")
+    atomic.write_text(out / "metrics.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     return max(by_step) if by_step else 0

@@ -39,13 +39,15 @@ rule analyze:
         other=[f for f in ANALYSIS_OUTPUTS if not f.endswith(".html")],
     params:
         config=RESOLVED,
-        results=R,
-        out=ANALYSIS,
+        results=lambda w, input: os.path.dirname(input.store),  # R: the runs, evaluations and store
+        out=lambda w, output: os.path.dirname(output.table2),
         cfg=lambda w: digest(section("runs"), section("seeds"), section("eval"), section("data")),
     log:
         f"{LOGS}/analyze.log",
     threads: threads_for("analyze")
     resources:
         **resources_for("analyze"),
+    conda:
+        SOFTWARE
     shell:
         "ctpo analyze --config {params.config} --results {params.results} --out {params.out} > {log} 2>&1"

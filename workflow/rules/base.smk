@@ -10,7 +10,7 @@ rule base:
         f"{R}/base/{{model}}/sft_summary.json",
     params:
         config=RESOLVED,
-        out=f"{R}/base/{{model}}",
+        out=lambda w, output: os.path.dirname(output[0]),
         cfg=lambda w: digest(section("models", w.model), section("tir")),
     log:
         f"{LOGS}/base/{{model}}.log",
@@ -18,6 +18,8 @@ rule base:
     priority: 20  # the warm-ups head the longest chains of the DAG
     resources:
         **resources_for("sft"),
+    conda:
+        SOFTWARE
     shell:
         "ctpo sft --config {params.config} --model {wildcards.model} --out {params.out} --threads {threads}"
         " --no-progress > {log} 2>&1"

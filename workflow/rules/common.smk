@@ -7,10 +7,12 @@ from pathlib import Path
 import yaml
 from snakemake.utils import update_config, validate
 
+from ctpo import atomic
+from ctpo import config as ctpo_config
 from ctpo.config import ConfigError, run_matrix, validate_config
 
 REPO = Path(workflow.basedir)
-SCHEMA = "../schemas/config.schema.yaml"  # relative to this file; ctpo.config applies the same file
+SCHEMA = str(ctpo_config.SCHEMA)  # package data: `ctpo <step> --config` by hand applies the same file
 
 # No --configfile: the embedded default. (A `configfile:` directive would be *merged* with a
 # --configfile, so the paper study would inherit the tiny models and benchmarks.)
@@ -41,9 +43,7 @@ def _write_resolved():
     if path.is_file() and path.read_text() == text:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic.write_text(path, text)
 
 
 _write_resolved()
@@ -150,7 +150,9 @@ def resources_for(step):
 # ---- rerun triggers ---------------------------------------------------------------------------------------
 # Steps read the whole resolved config, but it is deliberately *not* an input file: a changed eval setting
 # must not retrain. Instead each rule's params carry a digest of the config parts that step depends on, and
-# Snakemake's `params` rerun trigger reruns exactly the steps whose parts changed.
+# Snakemake's `params` rerun trigger reruns exactly the steps whose parts changed. Training also reads the
+# `diagnostics:` section (Figure 1's reference ranges, the same for every method), so editing it reruns every
+# training, not only the method whose loss shares those numbers.
 
 
 def digest(*parts):
@@ -166,12 +168,51 @@ def section(key, name=None):
 STORE = ancient(f"{R}/mlflow.json")  # a prerequisite, never a reason to rerun
 
 
-rule mlflow_init:
-    output:
-        f"{R}/mlflow.json",
-    params:
-        config=RESOLVED,
-    log:
-        f"{LOGS}/mlflow_init.log",
-    shell:
-        "ctpo mlflow-init --config {params.config} > {log} 2>&1"
+# ---- functions the rules call -----------------------------------------------------------------------------
+# The software each job runs (`ctpo` and its dependencies) as a conda environment, environment.yml (the GPU
+# nodes' environment), used with `--sdm conda`. Without that flag, as in the Quickstart, jobs run in the
+# environment that runs Snakemake. (profiles/default leaves `software-env` out of the rerun triggers.)
+SOFTWARE = str(REPO / "environment.yml")
+
+
+def dataset_section(name):
+    """The config entry of a dataset: data.train, or the benchmark of that name."""
+    return section("data", "train") if name == "train" else section("data")["benchmarks"][name]
+
+
+def data_outputs():
+    """The dataset step's files: JSONL, plus VERL's parquet when the study trains with VERL."""
+    out = {"jsonl": f"{R}/data/{{dataset}}.jsonl"}
+    if TRAIN_BACKEND == "verl":
+        out["parquet"] = f"{R}/data/{{dataset}}.parquet"
+    return out
+
+
+RAY_LAUNCHER = str(REPO / "ctpo" / "backends" / "verl" / "ray_slurm.sh")
+
+
+def train_launcher():
+    """The VERL multi-node launcher in front of `ctpo train`, when one is needed (see train.smk)."""
+    nodes = int(resources_for("train").get("nodes", 1) or 1)
+    return f"{RAY_LAUNCHER} " if TRAIN_BACKEND == "verl" and nodes > 1 else ""
+
+
+# `ctpo preflight` (workflow/rules/preflight.smk): on by default where training runs on VERL.
+def preflight_enabled():
+    value = (config.get("workflow") or {}).get("preflight")
+    return TRAIN_BACKEND == "verl" if value is None else bool(value)
+
+
+PREFLIGHT = f"{R}/preflight.json"
+
+
+def needs_preflight(*outputs):
+    """Input function: the preflight marker, for a job whose ``outputs`` (patterns) are not all there."""
+
+    def inputs(wildcards):
+        if not preflight_enabled():
+            return []
+        values = dict(wildcards.items())
+        return [] if all(Path(o.format(**values)).exists() for o in outputs) else [PREFLIGHT]
+
+    return inputs

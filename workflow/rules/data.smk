@@ -2,24 +2,20 @@
 # With the VERL trainer the same step also writes VERL's parquet (chat prompt with the TIR system prompt).
 
 
-def data_outputs():
-    out = {"jsonl": f"{R}/data/{{dataset}}.jsonl"}
-    if TRAIN_BACKEND == "verl":
-        out["parquet"] = f"{R}/data/{{dataset}}.parquet"
-    return out
-
-
 rule data:
     output:
         **data_outputs(),
     params:
         config=RESOLVED,
-        cfg=lambda w: digest(section("data", "train") if w.dataset == "train" else section("data")["benchmarks"][w.dataset], section("tir")),
+        cfg=lambda w: digest(dataset_section(w.dataset), section("tir")),
         parquet=lambda w, output: f"--parquet {output.parquet}" if "parquet" in output.keys() else "",
     log:
         f"{LOGS}/data/{{dataset}}.log",
     threads: threads_for("data")
     resources:
         **resources_for("data"),
+    conda:
+        SOFTWARE
     shell:
-        "ctpo data --config {params.config} --dataset {wildcards.dataset} --out {output.jsonl} {params.parquet} > {log} 2>&1"
+        "ctpo data --config {params.config} --dataset {wildcards.dataset} --out {output.jsonl} {params.parquet}"
+        " > {log} 2>&1"

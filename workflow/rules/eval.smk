@@ -1,6 +1,7 @@
 # avg@k / pass@k of every trained run and of every Base checkpoint on every benchmark of the config.
 # One job per checkpoint: `ctpo eval` loads the model once for all benchmarks (vLLM: one batched episode loop
-# whose turns serve every benchmark; hf: one batch per benchmark in turn) and writes one summary per benchmark.
+# whose turns serve every benchmark; hf: one batch per benchmark in turn) and writes one summary per
+# benchmark.
 
 
 rule eval_run:
@@ -15,8 +16,8 @@ rule eval_run:
         eval_outputs(f"{R}/eval/{{model}}/{{method}}/s{{seed}}"),
     params:
         config=RESOLVED,
-        run=f"{R}/runs/{{model}}/{{method}}/s{{seed}}",
-        out=f"{R}/eval/{{model}}/{{method}}/s{{seed}}",
+        run=lambda w, input: os.path.dirname(input.done),
+        out=lambda w, output: os.path.dirname(os.path.dirname(output[0])),  # OUT/<benchmark>/summary.json
         benchmarks=",".join(BENCHMARKS),
         cfg=lambda w: digest(section("eval"), section("tir"), section("sandbox")),
     log:
@@ -24,6 +25,8 @@ rule eval_run:
     threads: threads_for("eval")
     resources:
         **resources_for("eval"),
+    conda:
+        SOFTWARE
     shell:
         "ctpo eval --config {params.config} --model-path {params.run}/final --benchmark {params.benchmarks}"
         " --out {params.out} --out-per-benchmark --run {params.run} --threads {threads} > {log} 2>&1"
@@ -40,7 +43,7 @@ rule eval_base:
     params:
         config=RESOLVED,
         base=lambda w: base_path(w.model),
-        out=f"{R}/eval/{{model}}/base/s{{seed}}",
+        out=lambda w, output: os.path.dirname(os.path.dirname(output[0])),
         benchmarks=",".join(BENCHMARKS),
         cfg=lambda w: digest(section("eval"), section("tir"), section("sandbox")),
     log:
@@ -48,7 +51,10 @@ rule eval_base:
     threads: threads_for("eval")
     resources:
         **resources_for("eval"),
+    conda:
+        SOFTWARE
     shell:
         "ctpo eval --config {params.config} --model-path {params.base} --benchmark {params.benchmarks}"
-        " --out {params.out} --out-per-benchmark --model {wildcards.model} --method base --seed {wildcards.seed}"
+        " --out {params.out} --out-per-benchmark --model {wildcards.model} --method base"
+        " --seed {wildcards.seed}"
         " --threads {threads} > {log} 2>&1"

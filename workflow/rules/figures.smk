@@ -28,13 +28,16 @@ rule figures:
         pdf=[f"{FIGURES}/fig1.pdf", f"{FIGURES}/fig2.pdf"],
     params:
         config=RESOLVED,
-        analysis=ANALYSIS,
-        out=FIGURES,
+        analysis=lambda w, input: os.path.dirname(input.fig1),
+        out=lambda w, output: os.path.dirname(output.fig1),
     log:
         f"{LOGS}/figures.log",
     threads: threads_for("figures")
     resources:
         **resources_for("figures"),
+    conda:
+        SOFTWARE
     shell:
-        "ctpo figures --analysis {params.analysis} --out {params.out} --style {input.style} --config {params.config}"
+        "ctpo figures --analysis {params.analysis} --out {params.out} --style {input.style}"
+        " --config {params.config}"
         " > {log} 2>&1"

@@ -15,12 +15,14 @@ rule lab:
         ),
     params:
         config=RESOLVED,
-        out=f"{R}/lab",
+        out=lambda w, output: os.path.dirname(output.summary),
         cfg=lambda w: digest(section("lab")),
     log:
         f"{LOGS}/lab.log",
     threads: threads_for("lab")
     resources:
         **resources_for("lab"),
+    conda:
+        SOFTWARE
     shell:
         "ctpo lab --config {params.config} --out {params.out} > {log} 2>&1"

@@ -10,28 +10,6 @@
 # Quickstart's `.[dev]`) has no VERL, whose data and models are built in code, and whose 15-minute budget
 # has no room for a VERL step. `workflow: {preflight: true|false}` overrides.
 
-from pathlib import Path
-
-
-def preflight_enabled():
-    value = (config.get("workflow") or {}).get("preflight")
-    return TRAIN_BACKEND == "verl" if value is None else bool(value)
-
-
-PREFLIGHT = f"{R}/preflight.json"
-
-
-def needs_preflight(*outputs):
-    """Input function: the preflight marker, for a job whose ``outputs`` (patterns) are not all there."""
-
-    def inputs(wildcards):
-        if not preflight_enabled():
-            return []
-        values = dict(wildcards.items())
-        return [] if all(Path(o.format(**values)).exists() for o in outputs) else [PREFLIGHT]
-
-    return inputs
-
 
 rule preflight:
     input:
@@ -46,5 +24,7 @@ rule preflight:
     threads: threads_for("train")
     resources:
         **{**resources_for("train"), "nodes": 1, "runtime": 30},
+    conda:
+        SOFTWARE
     shell:
         "ctpo preflight --config {params.config} --out {output} > {log} 2>&1"

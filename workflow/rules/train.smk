@@ -7,13 +7,6 @@
 #
 # A VERL job over several nodes (resources.train.nodes > 1) runs under ctpo/backends/verl/ray_slurm.sh,
 # which starts a Ray cluster over the SLURM allocation first; on one node VERL starts its own.
-RAY_LAUNCHER = str(REPO / "ctpo" / "backends" / "verl" / "ray_slurm.sh")
-
-
-def train_launcher():
-    nodes = int(resources_for("train").get("nodes", 1) or 1)
-    return f"{RAY_LAUNCHER} " if TRAIN_BACKEND == "verl" and nodes > 1 else ""
-
 
 
 rule train:
@@ -28,10 +21,10 @@ rule train:
         config=RESOLVED,
         launcher=train_launcher(),
         base=lambda w: base_path(w.model),
-        out=f"{R}/runs/{{model}}/{{method}}/s{{seed}}",
+        out=lambda w, output: os.path.dirname(output[0]),
         cfg=lambda w: digest(
             section("models", w.model), section("methods", w.method), section("train"),
-            section("tir"), section("sandbox"), section("verl"),
+            section("tir"), section("sandbox"), section("verl"), section("diagnostics"),
         ),
     log:
         f"{LOGS}/train/{{model}}__{{method}}__s{{seed}}.log",
@@ -41,7 +34,10 @@ rule train:
     priority: 10
     resources:
         **resources_for("train"),
+    conda:
+        SOFTWARE
     shell:
-        "{params.launcher}ctpo train --config {params.config} --model {wildcards.model} --method {wildcards.method}"
+        "{params.launcher}ctpo train --config {params.config} --model {wildcards.model}"
+        " --method {wildcards.method}"
         " --seed {wildcards.seed} --base {params.base} --out {params.out} --threads {threads} --no-progress"
         " >> {log} 2>&1"

@@ -16,8 +16,8 @@ from verl.workers.config import PolicyLossConfig
 
 from ctpo import losses as core
 
-# Fields VERL already owns elsewhere: the method is `policy_loss.loss_mode`, aggregation is `actor.loss_agg_mode`.
-OWNED_BY_VERL = ("method", "loss_agg_mode")
+# Selecting this config is enough to bring the losses in: Hydra imports this module in each worker.
+from ctpo.backends.verl.losses import OWNED_BY_VERL
 
 
 def _core_fields() -> list[tuple[str, typing.Any, dataclasses.Field]]:
@@ -34,30 +34,19 @@ def _core_fields() -> list[tuple[str, typing.Any, dataclasses.Field]]:
     return out
 
 
+# The plug-in's own fields: whether to log the per-position diagnostics, and the study's reference ranges
+# they count clips against (the config's `diagnostics:` section, read by ctpo.diagnostics.reference_ranges).
+PLUGIN_FIELDS = [
+    ("diagnostics", bool, dataclasses.field(default=True)),
+    ("diagnostics_reference", dict[str, typing.Any], dataclasses.field(default_factory=dict)),
+]
+
 CTPOPolicyLossConfig = dataclasses.make_dataclass(
-    "CTPOPolicyLossConfig",
-    [*_core_fields(), ("diagnostics", bool, dataclasses.field(default=True))],
-    bases=(PolicyLossConfig,),
+    "CTPOPolicyLossConfig", [*_core_fields(), *PLUGIN_FIELDS], bases=(PolicyLossConfig,)
 )
 CTPOPolicyLossConfig.__module__ = __name__  # picklable by reference across Ray workers
 CTPOPolicyLossConfig.__doc__ = (
     "VERL PolicyLossConfig extended with ctpo.losses.PolicyLossConfig's fields "
-    f"({', '.join(n for n, _, _ in _core_fields())}) and `diagnostics` (per-position scalars in the metrics)."
+    f"({', '.join(n for n, _, _ in _core_fields())}), `diagnostics` (per-position scalars in the metrics) "
+    "and `diagnostics_reference` (Figure 1's reference ranges, the study's `diagnostics:` section)."
 )
-
-CORE_FIELDS = tuple(n for n, _, _ in _core_fields())
-
-
-def core_config(method: str, policy_loss: typing.Any, loss_agg_mode: str) -> core.PolicyLossConfig:
-    """The ``ctpo.losses.PolicyLossConfig`` for ``method`` from a VERL policy-loss config (our subclass,
-    VERL's base class, or a DictConfig): core fields it carries are passed on, the rest keep defaults."""
-    values = {"method": method, "loss_agg_mode": loss_agg_mode}
-    for name in CORE_FIELDS:
-        value = policy_loss.get(name, None) if policy_loss is not None else None
-        if value is not None:
-            values[name] = list(value) if name == "ratio_quantiles" else value
-    return core.PolicyLossConfig.from_dict(values)
-
-
-# Selecting this config is enough to bring the losses in (Hydra imports this module in each worker).
-from ctpo.backends.verl import losses as _losses  # noqa: E402, F401

@@ -17,27 +17,30 @@ engine's (vLLM's numerics differ from FSDP's). They correct a different mismatch
 weight before aggregation, exactly as VERL's ``vanilla`` loss does (the authors' release does the same).
 
 Metrics: the core's (``actor/clip/...``, ``actor/ratio/...``), VERL's usual three (``actor/pg_clipfrac``,
-``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) and the per-position diagnostics (``actor/diag/pos/...``);
-see ``ctpo.backends.verl.metrics`` for why they survive VERL's averaging.
+``actor/ppo_kl``, ``actor/pg_clipfrac_lower``), token-share-weighted copies of the token means
+(``actor/tokw/...``) and the per-position diagnostics (``actor/diag/pos/...``); see
+``ctpo.backends.verl.metrics`` for how the last two survive VERL's averaging.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from ctpo import losses as core
-from ctpo.backends.verl.config import core_config
 from ctpo.backends.verl.metrics import (
     DIAG_BUCKETS,
     DIAG_PREFIX,
     figure1_data,
     position_scalars,
     position_stats,
+    token_weighted_scalars,
     verl_metric_key,
 )
+from ctpo.diagnostics import reference_ranges
 
 __all__ = [
     "DIAG_BUCKETS",
@@ -58,6 +61,24 @@ PLUGIN_LOSSES = {
 """VERL loss name -> ``ctpo.losses`` method. The ratio designs VERL lacks keep their names; GRPO and GSPO
 normally run on VERL's own ``vanilla`` / ``gspo`` (same numbers, tested), and are also available as
 ``ctpo_grpo`` / ``ctpo_gspo`` for runs that want the per-position diagnostics of this adapter."""
+
+
+# Fields VERL owns elsewhere: the method is `policy_loss.loss_mode`, aggregation is `actor.loss_agg_mode`.
+OWNED_BY_VERL = ("method", "loss_agg_mode")
+
+
+def core_config(method: str, policy_loss: Any, loss_agg_mode: str) -> core.PolicyLossConfig:
+    """The ``ctpo.losses.PolicyLossConfig`` for ``method`` from a VERL policy-loss config (our
+    ``CTPOPolicyLossConfig``, VERL's base class, or a DictConfig): the core fields it carries are passed
+    on, the rest keep the method's defaults."""
+    values = {"method": method, "loss_agg_mode": loss_agg_mode}
+    for f in dataclasses.fields(core.PolicyLossConfig):
+        value = (
+            policy_loss.get(f.name, None) if policy_loss is not None and f.name not in OWNED_BY_VERL else None
+        )
+        if value is not None:
+            values[f.name] = list(value) if f.name == "ratio_quantiles" else value
+    return core.PolicyLossConfig.from_dict(values)
 
 
 def _policy_loss_config(config: Any) -> Any:
@@ -103,8 +124,12 @@ def make_policy_loss(method: str):
         metrics["actor/pg_clipfrac"] = core_metrics["clip/frac"]
         metrics["actor/ppo_kl"] = core_metrics["ratio/approx_kl"]
         metrics["actor/pg_clipfrac_lower"] = core_metrics["clip/frac_dual"]
+        metrics.update(
+            token_weighted_scalars(core_metrics, _global_batch_info(config).get("batch_num_tokens"))
+        )
         if pl is None or pl.get("diagnostics", True):
-            metrics.update(position_scalars(old_log_prob, log_prob, response_mask, advantages, cfg))
+            reference = reference_ranges(pl.get("diagnostics_reference") if pl is not None else None)
+            metrics.update(position_scalars(old_log_prob, log_prob, response_mask, reference))
         return loss, metrics
 
     policy_loss.__name__ = f"compute_policy_loss_{method}"

@@ -21,14 +21,15 @@ from typing import Any
 from verl.tools.base_tool import BaseTool
 from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 
+from ctpo.tir.protocol import TIRConfig, format_observation, is_tool_error
+from ctpo.tir.sandbox import SandboxPool
+
 _POOLS: dict[tuple[int, bool], Any] = {}
 _LOCK = threading.Lock()
 
 
 def shared_pool(workers: int, allow_weaker_isolation: bool):
     """The process-wide sandbox pool (started once, closed at interpreter exit by the pool itself)."""
-    from ctpo.tir.sandbox import SandboxPool
-
     key = (workers, allow_weaker_isolation)
     with _LOCK:
         if key not in _POOLS:
@@ -44,9 +45,8 @@ class SandboxPythonTool(BaseTool):
 
     def __init__(self, config: dict, tool_schema: OpenAIFunctionToolSchema | None):
         super().__init__(config, tool_schema)
-        from ctpo.tir.protocol import TIRConfig
 
-        # The study config reaches the Ray workers as env vars (set by ctpo.train.verl), over the YAML defaults.
+        # The study config reaches the Ray workers as env vars (set by ctpo.train.verl) over the YAML's.
         self.workers = int(os.environ.get("CTPO_SANDBOX_WORKERS", config.get("workers", 4)))
         self.timeout_s = float(os.environ.get("CTPO_TOOL_TIMEOUT_S", config.get("timeout_s", 5.0)))
         obs_max_chars = int(os.environ.get("CTPO_OBS_MAX_CHARS", config.get("obs_max_chars", 512)))
@@ -62,7 +62,6 @@ class SandboxPythonTool(BaseTool):
     async def execute(
         self, instance_id: str, parameters: dict[str, Any], **kwargs
     ) -> tuple[ToolResponse, float, dict]:
-        from ctpo.tir.protocol import format_observation, is_tool_error
 
         code = parameters.get("code", "") if isinstance(parameters, dict) else ""
         if not isinstance(code, str) or not code.strip():
