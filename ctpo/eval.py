@@ -76,6 +76,7 @@ def run_eval_many(
     params=None,
     seed: int = DEFAULT_EVAL_SEED,
     batched: bool = True,
+    with_ids: bool = False,
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Evaluate several benchmarks with one generator, pool and grader; returns ``{name: (summary,
     per-sample records)}`` in the order of ``benchmarks``, each exactly as `run_eval` would report it.
@@ -95,6 +96,10 @@ def run_eval_many(
     A sample depends on the whole batch it was drawn in (the HF backend seeds each call from the seed and
     all of its prompts), so a benchmark batched with others draws different, equally valid samples than
     it does alone. ``params`` (SamplingParams) defaults to T=1, no truncation.
+
+    ``with_ids``: each sample record also holds its token ids, response mask and behaviour log-probs
+    (``prompt_ids``, ``response_ids``, ``response_mask``, ``behaviour_logprobs``), for checks that need
+    the exact tokens (a backend's log-probs against a reference scoring, the masking of observations).
     """
     from dataclasses import replace
 
@@ -109,15 +114,23 @@ def run_eval_many(
     if params.seed is None:
         params = replace(params, seed=seed)
     if batched:
-        return _run_batch(generator, tokenizer, benchmarks, k, cfg, pool, grader, params)
+        return _run_batch(generator, tokenizer, benchmarks, k, cfg, pool, grader, params, with_ids)
     out = {}
     for name, records in benchmarks.items():
-        out.update(_run_batch(generator, tokenizer, {name: records}, k, cfg, pool, grader, params))
+        out.update(_run_batch(generator, tokenizer, {name: records}, k, cfg, pool, grader, params, with_ids))
     return out
 
 
 def _run_batch(
-    generator, tokenizer, benchmarks: Mapping[str, list[dict[str, Any]]], k: int, cfg, pool, grader, params
+    generator,
+    tokenizer,
+    benchmarks: Mapping[str, list[dict]],
+    k: int,
+    cfg,
+    pool,
+    grader,
+    params,
+    with_ids: bool,
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """One `run_episodes` call over all ``benchmarks`` (benchmark after benchmark, problem after problem, k
     copies each), one grading call, then samples and a summary per benchmark."""
@@ -138,7 +151,7 @@ def _run_batch(
     out = {}
     for name, records in benchmarks.items():
         lo, hi = spans[name]
-        samples = _sample_records(records, k, episodes[lo:hi], grades[lo:hi])
+        samples = _sample_records(records, k, episodes[lo:hi], grades[lo:hi], with_ids)
         summary = _summarize_samples(samples, len(records), k)
         summary.update(
             {
@@ -153,8 +166,11 @@ def _run_batch(
     return out
 
 
-def _sample_records(records: list[dict[str, Any]], k: int, episodes, grades) -> list[dict[str, Any]]:
-    """One record per sample: episode ``i`` is sample ``i % k`` of ``records[i // k]``."""
+def _sample_records(
+    records: list[dict[str, Any]], k: int, episodes, grades, with_ids: bool = False
+) -> list[dict[str, Any]]:
+    """One record per sample: episode ``i`` is sample ``i % k`` of ``records[i // k]`` (with its token ids,
+    mask and behaviour log-probs when ``with_ids``)."""
     samples = []
     for i, (ep, g) in enumerate(zip(episodes, grades, strict=True)):
         r = records[i // k]
@@ -176,6 +192,15 @@ def _sample_records(records: list[dict[str, Any]], k: int, episodes, grades) -> 
                 "response": ep.response_text,
             }
         )
+        if with_ids:
+            samples[-1].update(
+                {
+                    "prompt_ids": list(ep.prompt_ids),
+                    "response_ids": list(ep.response_ids),
+                    "response_mask": list(ep.response_mask),
+                    "behaviour_logprobs": ep.behaviour_logprobs,
+                }
+            )
     return samples
 
 

@@ -96,6 +96,36 @@ def test_run_eval_with_scripted_generator(pool):
     assert summary["finish"] == {"answer": 6}
 
 
+def test_records_with_ids_hold_the_episode_tokens_mask_and_logprobs(pool):
+    """``with_ids``: each record carries its exact tokens; the observation is mask 0 with log-prob 0.0."""
+    from ctpo.reward import Grader
+    from ctpo.tir.episode import ScriptedGenerator
+    from ctpo.tir.protocol import TIRConfig, encode_prompt
+
+    records = [{"id": "p0", "problem": "What is 12 * 34?", "answer": "408"}]
+    turns = ["Compute.\n```python\nprint(12 * 34)\n```\n", "So \\boxed{408}.\x00"]
+    gen = ScriptedGenerator(_Tok(), {"What is 12 * 34?": turns}, logprob_fn=lambda ctx, t: -0.5)
+    cfg = TIRConfig(max_response_tokens=400)
+    with Grader(workers=0) as grader:
+        (_, plain), (_, full) = (
+            run_eval_many(gen, _Tok(), {"b": records}, 1, cfg, pool, grader, with_ids=w)["b"]
+            for w in (False, True)
+        )
+    assert "response_ids" not in plain[0]
+    r = full[0]
+    assert r["prompt_ids"] == encode_prompt(records[0]["problem"], _Tok(), cfg)
+    assert _Tok().decode(r["response_ids"]) == r["response"]
+    obs = "```output\n408\n```\n"
+    n1, n2 = len(_Tok().encode(turns[0])), len(_Tok().encode(turns[1]))
+    assert r["response_mask"] == [1] * n1 + [0] * len(obs) + [1] * n2
+    assert r["behaviour_logprobs"] == [-0.5] * n1 + [0.0] * len(obs) + [-0.5] * n2
+    assert {
+        k: v
+        for k, v in r.items()
+        if k not in ("prompt_ids", "response_ids", "response_mask", "behaviour_logprobs")
+    } == plain[0]
+
+
 def _copies_script(answers: dict[str, list[str]], tool: dict[str, str]):
     """A scripted model whose j-th copy of a problem answers ``answers[problem][j]`` by hand; problems in
     ``tool`` first run its code, then answer its answer. Copies are told apart by counting calls per problem

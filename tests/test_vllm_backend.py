@@ -110,6 +110,33 @@ def test_unknown_options_are_an_error_naming_them():
         backend.VLLMGenerator("m", llm=_FakeLLM(), tensor_parallel=2)
 
 
+def test_cpu_engine_defaults_fill_only_what_is_unset(monkeypatch):
+    monkeypatch.setattr(backend, "on_cpu_only", lambda: True)
+    for key in backend.CPU_ENGINE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # an exported value wins
+    args = backend.cpu_engine_setup({"dtype": "bfloat16", "enforce_eager": None, "seed": 3})
+    assert args == {**backend.CPU_ENGINE_ARGS, "dtype": "bfloat16", "seed": 3}
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4" and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+    assert os.environ["TORCH_COMPILE_DISABLE"] == "1"
+    monkeypatch.setattr(backend, "on_cpu_only", lambda: False)  # GPUs: nothing added
+    assert backend.cpu_engine_setup({"dtype": None}) == {"dtype": None}
+
+
+def test_max_tokens_are_capped_to_the_engine_context(monkeypatch):
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.SamplingParams = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    llm = _FakeLLM()
+    llm.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=10))
+    gen = backend.VLLMGenerator("m", llm=llm)
+    assert gen.max_model_len == 10
+    gen.generate([[1] * 7, [1] * 2], SamplingParams(max_new_tokens=5, seed=0))
+    assert [s["max_tokens"] for s in llm.calls[0][1]] == [3, 5]
+    with pytest.raises(ValueError, match="max_model_len=10"):
+        gen.generate([[1] * 10], SamplingParams(max_new_tokens=5))
+
+
 @pytest.mark.vllm
 @pytest.mark.gpu
 def test_real_engine_generates_with_logprobs():

@@ -87,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", choices=None, help="generation backend: hf | vllm (default: eval.backend)"
     )
     parser.add_argument("--n", type=int, help="evaluate only the first N problems (smoke tests)")
+    parser.add_argument(
+        "--save-token-ids",
+        action="store_true",
+        help="also write each sample's prompt/response token ids, response mask and behaviour log-probs "
+        "to samples.jsonl",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument(
         "--model", dest="model_name", help="label for the summary (default: from RUN or the Base)"
@@ -199,7 +205,16 @@ def run(args: argparse.Namespace) -> int:
         Grader(workers=int(eval_cfg.get("grader_workers", 1))) as grader,
     ):
         results = run_eval_many(
-            generator, tokenizer, benchmarks, k, tir_cfg, pool, grader, params=params, batched=together
+            generator,
+            tokenizer,
+            benchmarks,
+            k,
+            tir_cfg,
+            pool,
+            grader,
+            params=params,
+            batched=together,
+            with_ids=args.save_token_ids,
         )
         gen_stats = getattr(generator, "stats", None)  # of the whole call: the same in every summary
         summaries = {}
