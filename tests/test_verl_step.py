@@ -304,6 +304,49 @@ def check_step_against_local(result, config, method):
     return table
 
 
+def check_tool_turns(result, config, pool):
+    """Every tool turn of VERL's rollout is the protocol's: the policy turn before it holds a call (native:
+    read by VERL's own ``hermes`` parser; fenced: a python block), and its tokens (mask 0) are what the
+    local loop appends for that code's sandbox output. Returns the number of tool turns."""
+    import asyncio
+
+    from verl.experimental.agent_loop.tool_parser import ToolParser
+
+    from ctpo.tir.protocol import find_code_block
+
+    b = result.batch.batch
+    tok = _tokenizer(result.model_path)
+    tir = TIRConfig.from_dict(config["tir"])
+    protocol = get_protocol(tir)
+    hermes = ToolParser.get_tool_parser("hermes", tok)
+    prompt_len = b["prompts"].shape[1]
+    n_tool = 0
+    for i in range(len(result.batch)):
+        n = int(b["attention_mask"][i, prompt_len:].sum())
+        ids, mask = b["responses"][i, :n].tolist(), b["response_mask"][i, :n].tolist()
+        spans = []  # maximal runs of equal mask: [mask, start, end]
+        for j, m in enumerate(mask):
+            if spans and spans[-1][0] == m:
+                spans[-1][2] = j + 1
+            else:
+                spans.append([m, j, j + 1])
+        assert spans[0][0] == 1 and spans[-1][0] == 1, "a response starts and ends with policy tokens"
+        for k in range(1, len(spans), 2):
+            turn_ids = ids[spans[k - 1][1] : spans[k - 1][2]]
+            turn_text = tok.decode(turn_ids)
+            if tir.protocol == "native":
+                _, calls = asyncio.run(hermes.extract_tool_calls(turn_ids))
+                assert [c.name for c in calls] == ["code_interpreter"], turn_text
+                code = json.loads(calls[0].arguments)["code"]
+            else:
+                code = find_code_block(turn_text).code
+            (res,) = pool.map([code], timeout_s=tir.tool_timeout_s)
+            want = protocol.observation_ids(tok, protocol.observation(res), turn_text, turn_ids)
+            assert ids[spans[k][1] : spans[k][2]] == want, (tok.decode(ids[spans[k][1] : spans[k][2]]), want)
+            n_tool += 1
+    return n_tool
+
+
 def _verl_key(key: str) -> str:
     return {"train/grad_norm": "actor/grad_norm"}.get(key) or plugin_metrics.verl_metric_key(key)
 
@@ -314,7 +357,7 @@ def _tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def test_verl_step_equals_the_local_trainer_on_the_same_batch(two_answer_model, tmp_path):
+def test_verl_step_equals_the_local_trainer_on_the_same_batch(two_answer_model, tmp_path, pool):
     """2 problems x 4 samples, 2 mini-batches of 2 micro-batches each, ctpo loss; once with each tool
     protocol (fenced: ctpo_tir_agent; native: VERL's own ToolAgentLoop with Qwen3 tool calls)."""
     protocol = TIRConfig.from_dict(two_answer_model["tir"]).protocol
@@ -326,6 +369,7 @@ def test_verl_step_equals_the_local_trainer_on_the_same_batch(two_answer_model, 
     )
     table = check_step_against_local(result, two_answer_model, "ctpo")
     print(json.dumps({k: [v, o, rel(v, o) if o else math.nan] for k, (v, o) in table.items()}))
+    assert check_tool_turns(result, two_answer_model, pool) >= len(result.batch)  # the model uses the tool
     m = result.metrics
     assert m["server"] == "hf" and m["train/responses"] == 8
     assert 0 < m["train/reward_mean"] < 1 and m["train/grad_norm"] > 0
