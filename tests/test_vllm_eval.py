@@ -30,9 +30,11 @@ the max norm, plus the subtracted logit), so 1e-4 leaves a 10x margin; a wrong t
 or distribution (raw instead of processed, bf16 instead of fp32) is off by 1e-2 to 1, far outside it."""
 
 
-def _eval(config: Path, base: Path, backend: str, out: Path) -> float:
+def _eval(config: Path, base: Path, backend: str, out: Path, n: int = N_PROBLEMS, k: int = K) -> float:
+    """Run the real `ctpo eval` on arith-easy (its first ``n`` problems, ``k`` samples each) with the token
+    ids saved; returns the wall seconds."""
     cmd = [sys.executable, "-m", "ctpo", "eval", "--config", str(config), "--model-path", str(base)]
-    cmd += ["--benchmark", "arith-easy", "--n", str(N_PROBLEMS), "--k", str(K), "--backend", backend]
+    cmd += ["--benchmark", "arith-easy", "--n", str(n), "--k", str(k), "--backend", backend]
     t0 = time.perf_counter()
     r = subprocess.run(
         [*cmd, "--out", str(out), "--save-token-ids"], capture_output=True, text=True, timeout=1800
