@@ -14,6 +14,7 @@ Needs the `verl` extra; skipped otherwise.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 
@@ -324,12 +325,8 @@ def check_tool_turns(result, config, pool):
     for i in range(len(result.batch)):
         n = int(b["attention_mask"][i, prompt_len:].sum())
         ids, mask = b["responses"][i, :n].tolist(), b["response_mask"][i, :n].tolist()
-        spans = []  # maximal runs of equal mask: [mask, start, end]
-        for j, m in enumerate(mask):
-            if spans and spans[-1][0] == m:
-                spans[-1][2] = j + 1
-            else:
-                spans.append([m, j, j + 1])
+        ends = list(itertools.accumulate(len(list(g)) for _, g in itertools.groupby(mask)))
+        spans = [(mask[e - 1], s, e) for s, e in zip([0, *ends], ends)]  # maximal runs of equal mask
         assert spans[0][0] == 1 and spans[-1][0] == 1, "a response starts and ends with policy tokens"
         for k in range(1, len(spans), 2):
             turn_ids = ids[spans[k - 1][1] : spans[k - 1][2]]

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_vllm_eval import LOGPROB_TOL, _eval
+from test_vllm_eval import LOGPROB_TOL, _eval, mask_spans
 
 from ctpo import data, tiny
 from ctpo.tir import native
@@ -102,12 +102,7 @@ def test_vllm_episodes_are_native_episodes(runs, pool):
     n_tool = 0
     for s in samples:
         ids, mask, lps = s["response_ids"], s["response_mask"], s["behaviour_logprobs"]
-        spans = []  # maximal runs of equal mask: [mask, start, end]
-        for i, m in enumerate(mask):
-            if spans and spans[-1][0] == m:
-                spans[-1][2] = i + 1
-            else:
-                spans.append([m, i, i + 1])
+        spans = mask_spans(mask)
         assert spans[0][0] == 1
         for j, (m, a, b) in enumerate(spans):
             if m == 1:
