@@ -122,6 +122,7 @@ def test_schema_sections_match_the_modules_config_fields():
     from ctpo.diagnostics import ClipRanges
     from ctpo.lab import LabSettings
     from ctpo.losses import PolicyLossConfig
+    from ctpo.probe.settings import ProbeSettings
     from ctpo.tir.protocol import TIRConfig
     from ctpo.train.local import TrainConfig
     from ctpo.train.sft import SFTConfig
@@ -133,6 +134,7 @@ def test_schema_sections_match_the_modules_config_fields():
     assert _schema_props("sft") == _fields(SFTConfig)
     assert _schema_props("verl") == set(VERL_DEFAULTS)
     assert _schema_props("lab") == _fields(LabSettings)
+    assert _schema_props("probe") == _fields(ProbeSettings)
     schema = yaml.safe_load(SCHEMA.read_text())
     assert set(schema["properties"]["diagnostics"]["properties"]) == _fields(ClipRanges)
     from ctpo.tir.sandbox import SandboxPool
@@ -266,6 +268,22 @@ def test_dry_run_schedules_the_whole_matrix(tmp_path, name):
     assert all(f" --benchmark {benchmarks} " in c and " --out-per-benchmark " in c for c in evals)
     assert all(" --run " in c and "/final " in c for c in shell_commands(out, "eval_run"))
     assert (tmp_path / results / "config.resolved.yaml").is_file()  # every step reads the resolved copy
+
+
+def test_the_probe_is_opt_in_and_runs_on_the_studys_own_checkpoints(tmp_path):
+    out = _dry_run(tmp_path, "tiny", "probe")
+    assert job_counts(out) == {"mlflow_init": 1, "data": 1, "base": 1, "train": 1, "probe": 1}
+    (cmd,) = shell_commands(out, "probe")
+    assert "--base results/tiny/base/tiny-s " in cmd and "--trained results/tiny/runs/tiny-s/ctpo/s0 " in cmd
+    bad = _config("smoke")
+    bad["probe"] = {"model": "tiny-xs", "trained_method": "gspo"}  # not a run of the smoke matrix
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = snakemake(tmp_path, "-n", "probe", "--configfile", str(path))
+    assert (
+        proc.returncode != 0
+        and "tiny-xs/gspo/s0 is not in this study's `runs` matrix" in proc.stdout + proc.stderr
+    )
 
 
 def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
