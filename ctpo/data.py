@@ -32,6 +32,7 @@ from typing import Any
 from ctpo.atomic import atomic_path
 from ctpo.tasks import arith
 from ctpo.tir import protocol
+from ctpo.tir.protocols import get_protocol
 
 log = logging.getLogger(__name__)
 
@@ -475,13 +476,22 @@ def to_verl_parquet(
     return path
 
 
-def tir_system_prompt(config: dict[str, Any] | None = None) -> str:
-    """The TIR system prompt of ``ctpo.tir.protocol`` for a study config's ``tir`` section."""
+def _tir_config(config: dict[str, Any] | None) -> protocol.TIRConfig:
     tir = dict((config or {}).get("tir") or {})
-    cfg = protocol.TIRConfig(**{k: v for k, v in tir.items() if k in protocol.TIRConfig.__dataclass_fields__})
-    if hasattr(protocol, "system_prompt"):
-        return protocol.system_prompt(cfg)
-    return cfg.system_prompt
+    return protocol.TIRConfig(
+        **{k: v for k, v in tir.items() if k in protocol.TIRConfig.__dataclass_fields__}
+    )
+
+
+def tir_system_prompt(config: dict[str, Any] | None = None) -> str:
+    """The TIR system prompt for a study config's ``tir`` section (``tir.system_prompt``, or the tool
+    protocol's default)."""
+    return _tir_config(config).system_prompt
+
+
+def tir_agent_name(config: dict[str, Any] | None = None) -> str:
+    """VERL's agent loop for a study config's tool protocol (the parquet's ``agent_name``)."""
+    return get_protocol(_tir_config(config)).verl.agent
 
 
 # --------------------------------------------------------------------------------------------------

@@ -297,7 +297,11 @@ def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
     data = shell_commands(out, "data")
     assert all("--parquet " in c for c in data)  # VERL reads parquet
     resolved = yaml.safe_load((tmp_path / "results/paper/config.resolved.yaml").read_text())
-    assert resolved["train"]["backend"] == "verl" and resolved["eval"] == {"backend": "vllm", "k": 32}
+    assert resolved["train"]["backend"] == "verl" and resolved["eval"]["backend"] == "vllm"
+    assert (resolved["eval"]["k"], resolved["eval"]["temperature"]) == (
+        32,
+        0.7,
+    )  # the release's N_VAL, VAL_TEMPERATURE
 
 
 def test_paper_dag_runs_preflight_before_work_left_only(tmp_path):

@@ -28,7 +28,9 @@ from ctpo import data as datasets
 from ctpo.config import section
 from ctpo.progress import Progress
 from ctpo.tasks import arith
-from ctpo.tir.protocol import TIRConfig, encode_prompt
+from ctpo.tir import native
+from ctpo.tir.protocol import TIRConfig
+from ctpo.tir.protocols import get_protocol
 from ctpo.tir.sandbox import SandboxPool
 
 log = logging.getLogger(__name__)
@@ -97,12 +99,14 @@ class Example:
 
 def tokenize_demonstration(demo: dict[str, Any], tokenizer, cfg) -> Example:
     """Token ids + policy mask of a demonstration, laid out exactly like an RL episode: the prompt by
-    `protocol.encode_prompt`, each segment encoded on its own, EOS after the final policy turn."""
-    ids = list(encode_prompt(demo["problem"], tokenizer, cfg))
+    the tool protocol's ``encode_prompt``, each segment encoded on its own, EOS after the final policy
+    turn (unless the turn already ends with it, as every turn of the native protocol does)."""
+    ids = list(get_protocol(cfg).encode_prompt(demo["problem"], tokenizer))
     mask = [0] * len(ids)
     for i, seg in enumerate(demo["segments"]):
         seg_ids = list(tokenizer.encode(seg["text"], add_special_tokens=False))
-        if seg["policy"] and i == len(demo["segments"]) - 1:
+        last = seg_ids[-1] if seg_ids else None
+        if seg["policy"] and i == len(demo["segments"]) - 1 and last != tokenizer.eos_token_id:
             seg_ids.append(tokenizer.eos_token_id)
         ids += seg_ids
         mask += [1 if seg["policy"] else 0] * len(seg_ids)
@@ -318,6 +322,18 @@ def train(
     }
 
 
+def protocol_options(tir_cfg: TIRConfig) -> dict[str, dict[str, Any]]:
+    """What the tool protocol asks of the demonstrations and the tokenizer: for ``native``, Qwen3's chat
+    format (the demonstrations rendered with `tiny.render_chat`; the tokenizer given `tiny.CHAT_TEMPLATE`,
+    Qwen3's tag tokens and ``<|im_end|>`` as EOS); nothing for ``fenced``."""
+    if tir_cfg.protocol != "native":
+        return {"demos": {}, "tokenizer": {}}
+    return {
+        "demos": {"render": tiny.render_chat},
+        "tokenizer": {"chat_template": tiny.CHAT_TEMPLATE, "added_tokens": native.TOKENS},
+    }
+
+
 def build_examples(
     config: dict[str, Any], sft: SFTConfig, tir_cfg, pool
 ) -> tuple[list[dict], Any, list[Example]]:
@@ -332,8 +348,12 @@ def build_examples(
     records = datasets.load(
         source, split=train_spec.get("split", "train"), n=n, seed=int(train_spec.get("seed", 0))
     )
-    demos = arith.demonstrations(records, tir_cfg, pool, mix=sft.mix, seed=sft.seed)
-    tokenizer = tiny.build_tokenizer(corpus(demos), vocab_size=sft.vocab_size)
+    demos = arith.demonstrations(
+        records, tir_cfg, pool, mix=sft.mix, seed=sft.seed, **protocol_options(tir_cfg)["demos"]
+    )
+    tokenizer = tiny.build_tokenizer(
+        corpus(demos), vocab_size=sft.vocab_size, **protocol_options(tir_cfg)["tokenizer"]
+    )
     examples = [tokenize_demonstration(d, tokenizer, tir_cfg) for d in demos]
     return demos, tokenizer, examples
 
