@@ -1,4 +1,5 @@
-# The whole study as one DAG: data -> base (SFT) -> train -> eval -> analysis -> figures (+ estimator lab).
+# The whole study as one DAG: data -> base (SFT) -> train -> eval -> analysis -> figures (+ estimator lab;
+# + the gradient-fidelity probe when asked for: `snakemake --cores all probe` or workflow.probe: true).
 #
 #   snakemake --cores all                                    # the embedded tiny study (experiments/tiny.yaml)
 #   snakemake --cores all --configfile experiments/smoke.yaml  # the CI-sized study
@@ -34,6 +35,7 @@ include: "workflow/rules/base.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
 include: "workflow/rules/lab.smk"
+include: "workflow/rules/probe.smk"
 include: "workflow/rules/analysis.smk"
 include: "workflow/rules/figures.smk"
 

@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ctpo.commands.lab",
         "the estimator lab: bias and variance of every ratio design on an enumerable MDP",
     ),
+    "probe": (
+        "ctpo.commands.probe",
+        "the gradient-fidelity probe: every ratio design's gradient bias and variance vs staleness",
+    ),
     "analyze": ("ctpo.commands.analyze", "build the paper's tables and figure data from run outputs"),
     "figures": ("ctpo.commands.figures", "draw the paper's figures from analysis outputs"),
     "mlflow-init": ("ctpo.commands.mlflow_init", "create the MLflow store and the study's experiment once"),

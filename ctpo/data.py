@@ -11,11 +11,11 @@ A normalised record (docs/interfaces.md) is
 | ``aime25``, ``aime26`` | ``math-ai/aime25``, ``math-ai/aime26`` | test | problem / answer / id |
 | ``hmmt_nov_2025``, ``brumo_2025`` | ``MathArena/...`` | train | problem_idx / problem / answer (LaTeX) |
 
-Hub datasets are read as raw files (parquet / JSON / JSONL) with pandas, so the core path needs neither
-network nor the ``datasets`` library: a local file or a pre-fetched folder (``path=``), a folder of
-pre-fetched repositories (``$CTPO_DATA_DIR/<owner>/<name>``), or the Hugging Face cache, in that order.
-``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1`` keep the cache look-up local; a miss fails with the exact
-command that pre-fetches the dataset.
+Hub datasets are loaded with ``datasets.load_dataset`` (`load_hub_dataset`): a local file or a pre-fetched
+folder (``path=``), a folder of pre-fetched repositories (``$CTPO_DATA_DIR/<owner>/<name>``), or the hub id
+(the ``datasets`` cache), in that order, all through the same call. ``HF_DATASETS_OFFLINE=1`` /
+``HF_HUB_OFFLINE=1`` keep it local; a miss fails with the exact commands that pre-fetch the dataset. VERL's
+parquet is written from a `datasets.Dataset`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 from ctpo.atomic import atomic_path
 from ctpo.tasks import arith
 from ctpo.tir import protocol
+from ctpo.tir.protocols import get_protocol
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ class DatasetSpec:
     """The split the paper uses."""
     normalise: Callable[[list[dict[str, Any]], DatasetSpec, str], list[dict[str, Any]]] | None = None
     """Raw rows (as the hub files hold them) -> normalised records."""
-    files: tuple[str, ...] = ()
-    """Glob patterns (``{split}`` substituted) locating the split's files inside a repository snapshot."""
     aliases: tuple[str, ...] = field(default=())
     description: str = ""
 
@@ -174,7 +173,6 @@ register(
         "agentica-org/DeepScaleR-Preview-Dataset",
         "train",
         _normalise_deepscaler,
-        files=("deepscaler.json", "**/{split}-*.parquet", "**/*.json"),
         aliases=("deepscaler-preview",),
         description="~40K competition problems; the paper's RL training set",
     )
@@ -185,7 +183,6 @@ register(
         "math-ai/aime25",
         "test",
         _normalise_math_ai,
-        files=("{split}.jsonl", "**/{split}-*.parquet", "**/{split}.jsonl"),
         aliases=("aime2025", "aime_2025"),
         description="AIME 2025 I+II, 30 problems",
     )
@@ -196,7 +193,6 @@ register(
         "math-ai/aime26",
         "test",
         _normalise_math_ai,
-        files=("{split}.jsonl", "**/{split}-*.parquet", "**/{split}.jsonl"),
         aliases=("aime2026", "aime_2026"),
         description="AIME 2026 I+II, 30 problems",
     )
@@ -207,7 +203,6 @@ register(
         "MathArena/hmmt_nov_2025",
         "train",
         _normalise_matharena,
-        files=("data/{split}-*.parquet", "**/{split}-*.parquet"),
         aliases=("hmmt25", "hmmt-nov-2025", "hmmt_nov25"),
         description="HMMT November 2025",
     )
@@ -218,7 +213,6 @@ register(
         "MathArena/brumo_2025",
         "train",
         _normalise_matharena,
-        files=("data/{split}-*.parquet", "**/{split}-*.parquet"),
         aliases=("brumo25", "brumo-2025"),
         description="BRUMO 2025, 30 problems",
     )
@@ -253,7 +247,7 @@ def load(
             f"dataset {spec.name!r} takes no options {sorted(kw)}; "
             "only split, n, seed and path apply to hub datasets"
         )
-    rows = read_rows(_locate(spec, split, path), spec, split)
+    rows = read_rows(load_hub_dataset(spec, split, path), spec)
     assert spec.normalise is not None
     records = spec.normalise(rows, spec, split)
     if n is not None and n < len(records):
@@ -302,8 +296,20 @@ def prefetch_command(spec: DatasetSpec, local_dir: str | None = None) -> str:
     return f"{cmd} --local-dir {local_dir}" if local_dir else cmd
 
 
-def _locate(spec: DatasetSpec, split: str, path: str | Path | None) -> list[Path]:
-    """The files that hold ``split`` of ``spec``: from ``path``, ``$CTPO_DATA_DIR`` or the HF cache."""
+def _prefetch_help(spec: DatasetSpec, split: str) -> str:
+    load_call = f"datasets.load_dataset('{spec.hub_id}', split='{split}')"
+    return (
+        f"Pre-fetch it on a machine with network access, then copy it here:\n"
+        f"    {prefetch_command(spec, f'$CTPO_DATA_DIR/{spec.hub_id}')}   # and set {DATA_DIR_ENV}\n"
+        f'or  python -c "import datasets; {load_call}"   # fills ~/.cache/huggingface/datasets\n'
+        f"    (copy that folder over; HF_DATASETS_OFFLINE=1 then reads it without the network)\n"
+        f"or give the data entry a `path:` to a local parquet/JSON/JSONL file or a pre-fetched folder."
+    )
+
+
+def _source(spec: DatasetSpec, path: str | Path | None) -> str | Path:
+    """Where ``load_dataset`` reads from: ``path``, ``$CTPO_DATA_DIR/<hub id>`` when present, else the
+    hub id."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.exists():
@@ -311,99 +317,92 @@ def _locate(spec: DatasetSpec, split: str, path: str | Path | None) -> list[Path
                 f"{spec.name}: local path {str(p)!r} does not exist; point `path:` at a parquet/JSON/JSONL "
                 f"file or at a folder made by `{prefetch_command(spec, str(p))}`"
             )
-        return [p] if p.is_file() else _files_in(p, spec, split)
+        return p
     data_dir = os.environ.get(DATA_DIR_ENV)
     if data_dir and spec.hub_id and (Path(data_dir) / spec.hub_id).is_dir():
-        return _files_in(Path(data_dir) / spec.hub_id, spec, split)
-    return _files_in(_hub_snapshot(spec), spec, split)
+        return Path(data_dir) / spec.hub_id
+    assert spec.hub_id is not None
+    return spec.hub_id
 
 
-def _hub_snapshot(spec: DatasetSpec) -> Path:
-    offline = hf_offline()
+_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".arrow": "arrow"}
+
+
+def _import_datasets(purpose: str):
+    """The ``datasets`` module, imported here only: it is heavy (pyarrow, fsspec), and the embedded study
+    (``arith``, built in code) runs without it. It comes with the ``verl`` and ``gpu`` extras (VERL depends
+    on it); a core-only install gets a clear error naming the fix."""
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=spec.hub_id, repo_type="dataset", local_files_only=offline))
-    except Exception as exc:  # no network, not cached, no huggingface_hub: one actionable message
-        where = "the Hugging Face cache (offline mode is on)" if offline else "the Hugging Face Hub"
+        import datasets
+    except ImportError as e:
         raise DataError(
-            f"{spec.name}: could not read {spec.hub_id!r} from {where}: {type(exc).__name__}: {exc}\n"
-            f"Pre-fetch it on a machine with network access:\n"
-            f"    {prefetch_command(spec)}            # fills ~/.cache/huggingface; copy it over\n"
-            f"or  {prefetch_command(spec, f'$CTPO_DATA_DIR/{spec.hub_id}')}\n"
-            f"and set {DATA_DIR_ENV}, or give the data entry a `path:` to a local parquet/JSON/JSONL file."
+            f"{purpose} needs the `datasets` package, which this environment lacks: "
+            "pip install -c constraints-cpu.txt -e '.[verl]' (or pip install 'datasets>=4')"
+        ) from e
+    return datasets
+
+
+def load_hub_dataset(spec: DatasetSpec, split: str, path: str | Path | None = None):
+    """Split ``split`` of a hub dataset as a `datasets.Dataset`, through ``datasets.load_dataset``.
+
+    The same call serves the hub id (the ``datasets`` cache; ``HF_DATASETS_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``
+    keep it local), a pre-fetched folder (``hf download --local-dir``; ``path:`` or
+    ``$CTPO_DATA_DIR/<owner>/<name>``) and a single parquet / JSON / JSONL file. A folder written by
+    ``Dataset.save_to_disk`` is read with ``datasets.load_from_disk``. A miss fails with the commands that
+    pre-fetch the dataset.
+    """
+    datasets = _import_datasets(f"loading {spec.hub_id}")
+    source = _source(spec, path)
+    try:
+        if isinstance(source, Path) and source.is_dir() and _saved_to_disk(source):
+            ds = datasets.load_from_disk(str(source))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{spec.name}: {source} has splits {list(ds)}, not {split!r}")
+                ds = ds[split]
+            return ds
+        if isinstance(source, Path) and source.is_file():
+            builder = _BUILDERS.get(source.suffix.lower())
+            if builder is None:
+                raise DataError(
+                    f"{source}: unsupported file type {source.suffix!r}; use parquet, JSON, JSONL or Arrow"
+                )
+            return datasets.load_dataset(builder, data_files={split: str(source)}, split=split)
+        return datasets.load_dataset(str(source), split=split)
+    except DataError:
+        raise
+    except ValueError as exc:
+        if "Unknown split" not in str(exc):
+            raise DataError(f"{spec.name}: cannot read {str(source)!r}: {exc}") from exc
+        raise DataError(
+            f"{spec.name}: {source} has no split {split!r} ({exc}); set the entry's `split:`"
+        ) from exc
+    except Exception as exc:  # not cached, no network, unreadable files: one actionable message
+        if isinstance(source, Path):
+            raise DataError(
+                f"{spec.name}: cannot read {str(source)!r} with datasets.load_dataset: "
+                f"{type(exc).__name__}: {exc}\nRe-fetch it with `{prefetch_command(spec, str(source))}` "
+                f"or pass a parquet/JSON/JSONL file as `path:`."
+            ) from exc
+        where = "the datasets cache (offline mode is on)" if hf_offline() else "the Hugging Face Hub"
+        raise DataError(
+            f"{spec.name}: could not load {spec.hub_id!r} split {split!r} from {where}: "
+            f"{type(exc).__name__}: {exc}\n{_prefetch_help(spec, split)}"
         ) from exc
 
 
-def _files_in(folder: Path, spec: DatasetSpec, split: str) -> list[Path]:
-    if (folder / "state.json").is_file() or (folder / split / "state.json").is_file():
-        base = folder / split if (folder / split / "state.json").is_file() else folder
-        files = sorted(base.glob("*.arrow"))  # a `datasets.save_to_disk` folder
-        if files:
-            return files
-    patterns = [p.format(split=split) for p in spec.files] + [
-        f"**/{split}-*.parquet",
-        f"**/{split}.parquet",
-        f"**/{split}.jsonl",
-        f"**/{split}.json",
-    ]
-    for pattern in patterns:
-        files = sorted(f for f in folder.glob(pattern) if f.is_file())
-        if files:
-            return files
-    raise DataError(
-        f"{spec.name}: no files for split {split!r} in {str(folder)!r} (looked for {patterns}); "
-        f"re-fetch with `{prefetch_command(spec, str(folder))}` or pass a file as `path:`"
-    )
+def _saved_to_disk(folder: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
-def read_rows(
-    files: Iterable[Path], spec: DatasetSpec | None = None, split: str | None = None
-) -> list[dict[str, Any]]:
-    """Rows of parquet / JSON (a list of objects) / JSONL / Arrow files, as plain Python dicts."""
-    import pandas as pd
-
-    rows: list[dict[str, Any]] = []
-    for f in files:
-        suffix = f.suffix.lower()
-        if suffix == ".parquet":
-            frame = pd.read_parquet(f)
-        elif suffix == ".arrow":
-            import pyarrow as pa
-
-            with pa.memory_map(str(f)) as source:
-                frame = pa.ipc.open_stream(source).read_all().to_pandas()
-        elif suffix == ".jsonl":
-            with f.open() as fh:
-                rows.extend(json.loads(line) for line in fh if line.strip())
-            continue
-        elif suffix == ".json":
-            with f.open() as fh:
-                data = json.load(fh)
-            if isinstance(data, dict) and split and isinstance(data.get(split), list):
-                data = data[split]
-            if not isinstance(data, list):
-                raise DataError(f"{f}: expected a JSON list of objects, got {type(data).__name__}")
-            rows.extend(data)
-            continue
-        else:
-            raise DataError(f"{f}: unsupported file type {suffix!r}; use parquet, JSON, JSONL or Arrow")
-        rows.extend(_plain(r) for r in frame.to_dict(orient="records"))
-    missing = [k for k in ("problem", "answer") if rows and k not in rows[0]]
+def read_rows(ds, spec: DatasetSpec | None = None) -> list[dict[str, Any]]:
+    """The rows of a `datasets.Dataset` as plain Python dicts, checked for the columns every set needs."""
+    missing = [k for k in ("problem", "answer") if k not in ds.column_names]
     if missing:
         name = spec.name if spec else "dataset"
-        raise DataError(f"{name}: rows have no column(s) {missing}; columns are {sorted(rows[0])}")
-    return rows
-
-
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
-    """numpy scalars / arrays from pandas -> Python values (so records serialise as JSON)."""
-    out = {}
-    for k, v in row.items():
-        if hasattr(v, "tolist"):
-            v = v.tolist()
-        out[k] = v
-    return out
+        raise DataError(f"{name}: rows have no column(s) {missing}; columns are {sorted(ds.column_names)}")
+    return ds.to_list()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,25 +466,32 @@ def to_verl_parquet(
     agent_name: str | None = "ctpo_tir_agent",
 ) -> Path:
     """Write records as a VERL training / validation parquet file (atomically)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    datasets = _import_datasets("writing VERL's parquet")
     if not records:
         raise DataError(f"refusing to write an empty VERL parquet file to {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(to_verl_rows(records, system_prompt, agent_name)), tmp)
+        datasets.Dataset.from_list(to_verl_rows(records, system_prompt, agent_name)).to_parquet(str(tmp))
     return path
 
 
-def tir_system_prompt(config: dict[str, Any] | None = None) -> str:
-    """The TIR system prompt of ``ctpo.tir.protocol`` for a study config's ``tir`` section."""
+def _tir_config(config: dict[str, Any] | None) -> protocol.TIRConfig:
     tir = dict((config or {}).get("tir") or {})
-    cfg = protocol.TIRConfig(**{k: v for k, v in tir.items() if k in protocol.TIRConfig.__dataclass_fields__})
-    if hasattr(protocol, "system_prompt"):
-        return protocol.system_prompt(cfg)
-    return cfg.system_prompt
+    return protocol.TIRConfig(
+        **{k: v for k, v in tir.items() if k in protocol.TIRConfig.__dataclass_fields__}
+    )
+
+
+def tir_system_prompt(config: dict[str, Any] | None = None) -> str:
+    """The TIR system prompt for a study config's ``tir`` section (``tir.system_prompt``, or the tool
+    protocol's default)."""
+    return _tir_config(config).system_prompt
+
+
+def tir_agent_name(config: dict[str, Any] | None = None) -> str:
+    """VERL's agent loop for a study config's tool protocol (the parquet's ``agent_name``)."""
+    return get_protocol(_tir_config(config)).verl.agent
 
 
 # --------------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def run_eval_many(
     seed: int = DEFAULT_EVAL_SEED,
     batched: bool = True,
     with_ids: bool = False,
+    progress: Any = None,
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Evaluate several benchmarks with one generator, pool and grader; returns ``{name: (summary,
     per-sample records)}`` in the order of ``benchmarks``, each exactly as `run_eval` would report it.
@@ -95,7 +96,9 @@ def run_eval_many(
     Determinism: same benchmarks (names, records, order), k, weights, seed and ``batched`` -> same samples.
     A sample depends on the whole batch it was drawn in (the HF backend seeds each call from the seed and
     all of its prompts), so a benchmark batched with others draws different, equally valid samples than
-    it does alone. ``params`` (SamplingParams) defaults to T=1, no truncation.
+    it does alone. ``params`` (SamplingParams) defaults to T=1, no truncation. ``progress`` (a
+    `ctpo.progress.Progress` counting episodes) is advanced as episodes finish and shows each benchmark's
+    avg@k once it is graded.
 
     ``with_ids``: each sample record also holds its token ids, response mask and behaviour log-probs
     (``prompt_ids``, ``response_ids``, ``response_mask``, ``behaviour_logprobs``), for checks that need
@@ -114,23 +117,25 @@ def run_eval_many(
     if params.seed is None:
         params = replace(params, seed=seed)
     if batched:
-        return _run_batch(generator, tokenizer, benchmarks, k, cfg, pool, grader, params, with_ids)
+        return _run_batch(generator, tokenizer, benchmarks, k, cfg, pool, grader, params, with_ids, progress)
     out = {}
     for name, records in benchmarks.items():
-        out.update(_run_batch(generator, tokenizer, {name: records}, k, cfg, pool, grader, params, with_ids))
+        one = {name: records}
+        out.update(_run_batch(generator, tokenizer, one, k, cfg, pool, grader, params, with_ids, progress))
     return out
 
 
 def _run_batch(
     generator,
     tokenizer,
-    benchmarks: Mapping[str, list[dict]],
+    benchmarks: Mapping[str, list[dict[str, Any]]],
     k: int,
     cfg,
     pool,
     grader,
     params,
     with_ids: bool,
+    progress: Any = None,
 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
     """One `run_episodes` call over all ``benchmarks`` (benchmark after benchmark, problem after problem, k
     copies each), one grading call, then samples and a summary per benchmark."""
@@ -143,7 +148,15 @@ def _run_batch(
         golds += [r["answer"] for r in records for _ in range(k)]
         spans[name] = (start, len(problems))
     t0 = time.perf_counter()
-    episodes = run_episodes(generator, tokenizer, problems, cfg, pool, params)
+    on_turn = None
+    if progress is not None:
+        reported = [0]
+
+        def on_turn(finished: int, total: int) -> None:
+            progress.update(finished - reported[0])
+            reported[0] = finished
+
+    episodes = run_episodes(generator, tokenizer, problems, cfg, pool, params, on_turn=on_turn)
     rollout_s = time.perf_counter() - t0
     grades = grader.grade_batch([ep.final_text for ep in episodes], golds)
     eval_s = time.perf_counter() - t0
@@ -163,6 +176,8 @@ def _run_batch(
             }
         )
         out[name] = (summary, samples)
+        if progress is not None:
+            progress.set(**{f"{name} avg@{k}": summary["avg_at_k"]})
     return out
 
 

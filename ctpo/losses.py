@@ -67,7 +67,9 @@ token mean; ``seq-mean-token-sum`` mean over sequences of the per-sequence token
 T of the tensor); ``token-sum`` Σ m·loss. verl's distributed normalisers pass through
 ``compute_policy_loss(..., global_batch_info=config.global_batch_info)``: ``dp_size``,
 ``batch_num_tokens`` (global token count), ``global_batch_size`` (global number of non-empty
-sequences), ``loss_scale_factor``.
+sequences), ``loss_scale_factor``. verl's rollout-correction weights (``rollout_is_weights``: the
+truncated trainer-vs-rollout-engine importance weights, no gradient) multiply each token's loss before
+aggregation, as in verl's built-in losses: ``loss_t ← ρ̂_t · loss_t``.
 
 Implementation. `reference_policy_loss` writes the loss as the paper does, step by step with plain
 autograd (ratio → bounds → surrogate → aggregate); it is the yardstick of the tests and serves
@@ -537,7 +539,7 @@ def agg_loss(
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi):
+def _reference_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=None):
     """The clipped surrogate of §3 step by step; returns (loss, metrics as 0-d tensors)."""
     cdt = _compute_dtype(log_prob)
     mask = response_mask.to(cdt)
@@ -563,7 +565,10 @@ def _reference_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
     surrogate = torch.maximum(-adv * weight, -adv * clipped_weight)
     surrogate = torch.where(adv < 0, torch.minimum(surrogate, -adv * torch.exp(dual)), surrogate)
 
-    # 4. aggregate over tokens and sequences (verl's agg_loss)
+    # 4. rollout correction (verl's): each token's loss times its constant weight
+    if weights is not None:
+        surrogate = surrogate * weights
+    # 5. aggregate over tokens and sequences (verl's agg_loss)
     loss = agg_loss(surrogate, mask, cfg.loss_agg_mode, **gbi)
     with torch.no_grad():
         metrics = _reference_metrics(cfg, x.detach(), log_ratio.detach(), mask, adv, lower, upper, dual)
@@ -796,7 +801,7 @@ def _compute_dtype(log_prob: torch.Tensor) -> torch.dtype:
     return torch.promote_types(log_prob.dtype, torch.float32)
 
 
-def _fused_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, with_metrics=True):
+def _fused_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, with_metrics=True, weights=None):
     """`reference_loss` with ``grad="current"`` in one no-grad pass over (B, T): value, gradient factor
     and metrics, with a single (B, T) tensor kept for backward.
 
@@ -855,6 +860,8 @@ def _fused_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, wit
             metrics = _clip_fractions(unclipped, below, mask, pos, adv < 0, n) | ratio_stats
             metrics |= {"ratio/approx_kl": -log_ratio_sum / n.clamp(min=1.0), "ratio/tokens": n}
         val = y.exp_().mul_(row_factor).mul_(mask)  # c_b·m_t·(−A)·exp(y_t)
+        if weights is not None:
+            val.mul_(weights)  # ρ̂_t·c_b·m_t·(−A)·exp(y_t): rollout correction, a constant factor
         loss_value = val.sum()
         grad_factor = val.mul_(unclipped)  # c_b·m_t·(−A)·exp(x_t)·[unclipped] (unclipped is masked)
     loss = _LossWithPrecomputedGrad.apply(log_prob, loss_value, grad_factor)
@@ -869,6 +876,7 @@ def compute_policy_loss(
     cfg: PolicyLossConfig | Mapping[str, Any] | None = None,
     *,
     global_batch_info: Mapping[str, Any] | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped importance-weighted policy-gradient loss of ``cfg.method``; returns ``(loss, metrics)``.
 
@@ -884,14 +892,17 @@ def compute_policy_loss(
         cfg: a :class:`PolicyLossConfig` (or a mapping of its fields); default ``PolicyLossConfig()``.
         global_batch_info: verl's ``config.global_batch_info`` (dp_size, batch_num_tokens,
             global_batch_size, loss_scale_factor) for distributed-invariant normalisation.
+        rollout_is_weights: (B, T), (B, 1) or (B,) non-negative weights multiplying each token's loss
+            before aggregation (verl's rollout correction, ``rollout_corr_helper``); treated as constants.
 
     Returns:
         loss: scalar tensor (differentiable w.r.t. ``log_prob``; backward once).
         metrics: dict of plain floats (see the module docstring).
     """
     cfg, gbi = _prepare(old_log_prob, log_prob, advantages, response_mask, cfg, global_batch_info)
+    weights = _rollout_weights(rollout_is_weights, log_prob)
     loss_fn = _fused_loss if cfg.grad == "current" else _reference_loss
-    loss, metrics = loss_fn(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
+    loss, metrics = loss_fn(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights=weights)
     return loss, _to_floats(loss, metrics)
 
 
@@ -903,11 +914,29 @@ def reference_policy_loss(
     cfg: PolicyLossConfig | Mapping[str, Any] | None = None,
     *,
     global_batch_info: Mapping[str, Any] | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """`compute_policy_loss` written step by step with plain autograd (slower; the tests' yardstick)."""
     cfg, gbi = _prepare(old_log_prob, log_prob, advantages, response_mask, cfg, global_batch_info)
-    loss, metrics = _reference_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi)
+    weights = _rollout_weights(rollout_is_weights, log_prob)
+    loss, metrics = _reference_loss(old_log_prob, log_prob, advantages, response_mask, cfg, gbi, weights)
     return loss, _to_floats(loss, metrics)
+
+
+def _rollout_weights(weights: torch.Tensor | None, log_prob: torch.Tensor) -> torch.Tensor | None:
+    """Rollout-correction weights as a detached tensor of the compute dtype, broadcastable to (B, T)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"rollout_is_weights must be a torch.Tensor, got {type(weights).__name__}")
+    b, t = log_prob.shape
+    if weights.shape not in ((b, t), (b, 1), (b,)):
+        raise ValueError(
+            f"rollout_is_weights has shape {tuple(weights.shape)}; expected (batch, response_len)={(b, t)}, "
+            "(batch, 1) or (batch,)"
+        )
+    w = weights.detach().to(_compute_dtype(log_prob))
+    return w.unsqueeze(-1) if w.dim() == 1 else w
 
 
 def _prepare(old_log_prob, log_prob, advantages, response_mask, cfg, global_batch_info):

@@ -13,7 +13,10 @@ Pipeline for one (solution, gold) pair, see ``Grader.grade_batch``:
    single ``\\boxed{}`` before ``math_verify.parse``: bare-LaTeX gold such as
    ``\\frac{9\\sqrt{23}}{23}`` is otherwise mis-parsed, and since only the last box's content is
    passed, math-verify's habit of merging two boxes written close together
-   (``\\boxed{3} and \\boxed{5}`` -> ``{3, 5}``) cannot turn a wrong answer into a set.
+   (``\\boxed{3} and \\boxed{5}`` -> ``{3, 5}``) cannot turn a wrong answer into a set. Numbers are
+   compared exactly first (rationals as rationals, a written decimal as the rational it spells); a
+   tolerance applies only to a decimal standing for a value no decimal can spell (1/3, √2, π): see
+   ``_exact_first_numeric_eq``. math-verify's own rule would grade 0.1234567 == 0.1234568.
 
 Why a process pool with an outer wall-clock limit (math-verify 0.9.0,
 ``site-packages/math_verify/utils.py::timeout``): its timeouts install a SIGALRM handler and
@@ -35,6 +38,7 @@ Public: ``compute_score`` (plain and VERL signatures, one function), ``extract_a
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -166,8 +170,141 @@ def _percent_forms(answer: str) -> list[str]:
     return [answer] if m is None else [m.group(1), f"{m.group(1)}/100"]
 
 
+# ---- exact values first -----------------------------------------------------------------------
+# math-verify 0.9 compares numbers with a tolerance (``grader.py::sympy_numeric_eq``): when either side is a
+# decimal both are rounded to 6 decimal places (so 1e-7 == 2e-7 and 0.1234567 == 0.1234568), and any other
+# pair of numeric expressions is equal when ``(a - b).evalf(15, chop=True)`` is 0 (so 10^{-20} ==
+# 2·10^{-20}, √2 + 10^{-30} == √2, 1/10^{20} == 1/(10^{20}+1)). ``_exact_first_numeric_eq`` takes its
+# place while we verify; everything else (parsing, sets, tuples, intervals, relations, matrices, symbolic
+# simplification) stays math-verify's own. For two numbers, on the values math-verify parsed:
+#
+# 1. Exact vs exact (no decimal on either side): equal only when provably equal: identical values, or
+#    ``(a - b).equals(0)`` (sympy's exact zero test: simplification, minimal polynomials).
+# 2. A written decimal is the exact rational it spells (0.5 = 1/2, 2.50 = 5/2, 1e-7 ≠ 2e-7): compared
+#    exactly as in 1.
+# 3. Tolerance only for a genuinely inexact answer: a plain decimal against an exact value that no decimal
+#    can spell (1/3, √2, π). The decimal counts when it carries at least MIN_SIGNIFICANT_DIGITS significant
+#    digits and is within one unit of its last digit of the exact value (rounded or truncated:
+#    0.3333333333 and 0.6666666666666666 pass for 1/3 and 2/3; 0.333 does not), or within a few float64
+#    roundings of it (what Python prints for π/3). The unit is relative to the decimal's own digits, so
+#    tiny and huge values get the same number of checked digits.
+
+MIN_SIGNIFICANT_DIGITS = 6
+"""Significant digits a decimal needs to stand for an exact value no decimal can spell (math-verify's
+6 places)."""
+FLOAT64_RELATIVE_ERROR = 2.0**-50
+"""Rule 3 also accepts a decimal this close (relative) to the exact value: a few float64 roundings."""
+
+
+def _decimal_as_rational(value):
+    """``value`` with each decimal (sympy ``Float``) replaced by the exact rational it spells."""
+    from sympy import Float, Rational
+
+    floats = value.atoms(Float)
+    return value.xreplace({f: Rational(str(f)) for f in floats}) if floats else value
+
+
+def _provably_equal(a, b) -> bool:
+    """True only when the exact numbers ``a`` and ``b`` are equal (no numeric tolerance)."""
+    if a == b:
+        return True
+    diff = a - b
+    if diff.is_Number:  # rationals: exact arithmetic already decided
+        return diff == 0
+    try:
+        approx = diff.evalf(30)
+        scale = max(abs(a.evalf(30)), abs(b.evalf(30)), 1)
+        if approx.is_Number and abs(approx) > scale * 1e-20:  # clearly apart: skip the exact proof
+            return False
+    except (TypeError, ValueError, ArithmeticError):
+        pass
+    return diff.equals(0) is True
+
+
+def _spells_exactly(value) -> bool:
+    """True when a finite decimal can spell ``value`` exactly (a rational whose denominator is 2^i·5^j)."""
+    if not value.is_Rational:
+        return False
+    q = int(value.q)
+    for p in (2, 5):
+        while q % p == 0:
+            q //= p
+    return q == 1
+
+
+def _approximates(decimal, exact) -> bool:
+    """Rule 3: the decimal has enough significant digits and is within one unit of its last one of
+    ``exact``."""
+    from sympy import Rational
+
+    digits = str(decimal).lower().split("e")
+    mantissa = digits[0].lstrip("+-")
+    exponent = int(digits[1]) if len(digits) > 1 else 0
+    whole, _, frac = mantissa.partition(".")
+    frac = frac.rstrip("0")
+    significant = (whole + frac).lstrip("0")
+    if len(significant) < MIN_SIGNIFICANT_DIGITS or not exact.is_real:
+        return False
+    unit = Rational(10) ** (exponent - len(frac))
+    try:
+        # a float64 printed by the model's code (1.0471975511965976 for π/3) is off by its binary rounding
+        tolerance = max(unit, abs(exact).evalf(30) * FLOAT64_RELATIVE_ERROR)
+        return bool(abs(Rational(str(decimal)) - exact).evalf(30) < tolerance)
+    except (TypeError, ValueError, ArithmeticError):
+        return False
+
+
+def _exact_first_numeric_eq(a, b, float_rounding: int, numeric_precision: int) -> bool:
+    """math-verify's ``sympy_numeric_eq`` with exact values compared exactly (rules 1-3 above)."""
+    from math_verify import grader as mv
+    from sympy import Float
+    from sympy.matrices import MatrixBase
+    from sympy.matrices.expressions import MatrixExpr
+
+    if isinstance(a, MatrixBase | MatrixExpr) or isinstance(b, MatrixBase | MatrixExpr):
+        return _ORIGINAL_NUMERIC_EQ(a, b, float_rounding, numeric_precision)  # element-wise, back here
+    # math-verify reads "9\%" as 9 or 9/100 (its percent rule); both readings stay candidates
+    left = {mv.safe_sympy_doit(a), mv.get_pct_val(a, a)}
+    right = {mv.safe_sympy_doit(b), mv.get_pct_val(b, b)}
+    for x in left:
+        for y in right:
+            if not (getattr(x, "is_number", False) and getattr(y, "is_number", False)):
+                if x == y:  # expressions in variables: math-verify's symbolic step decides the rest
+                    return True
+                continue
+            if _provably_equal(_decimal_as_rational(x), _decimal_as_rational(y)):
+                return True
+            for dec, other in ((x, y), (y, x)):
+                inexact = isinstance(dec, Float) and not other.has(Float) and not _spells_exactly(other)
+                if inexact and _approximates(dec, other):
+                    return True
+    return False
+
+
+_ORIGINAL_NUMERIC_EQ: Any = None
+_patch_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exact_numbers():
+    """math-verify with ``_exact_first_numeric_eq`` in place of its numeric comparison, for this call only
+    (other users of math-verify in the process, e.g. VERL's default reward, keep its own rule)."""
+    global _ORIGINAL_NUMERIC_EQ
+    from math_verify import grader as mv
+
+    with _patch_lock:
+        if _ORIGINAL_NUMERIC_EQ is None:
+            _ORIGINAL_NUMERIC_EQ = mv.sympy_numeric_eq
+        mv.sympy_numeric_eq = _exact_first_numeric_eq
+        try:
+            yield
+        finally:
+            mv.sympy_numeric_eq = _ORIGINAL_NUMERIC_EQ
+
+
 def _math_verify(pred: str, gold: str) -> tuple[bool, str, str]:
-    """(correct, status, detail) of math-verify on two bare answers, each re-wrapped in one box."""
+    """(correct, status, detail) of math-verify on two bare answers, each re-wrapped in one box, with
+    exact values compared exactly (``_exact_first_numeric_eq``)."""
     from math_verify import parse, verify
 
     # Timeouts are ours (see the module docstring): math-verify's alarms would cancel our timer.
@@ -181,7 +318,8 @@ def _math_verify(pred: str, gold: str) -> tuple[bool, str, str]:
     ]
     if not preds:
         return False, "ok", "answer could not be parsed"
-    correct = any(verify(g, a, timeout_seconds=None) for g in golds for a in preds)
+    with _exact_numbers():
+        correct = any(verify(g, a, timeout_seconds=None) for g in golds for a in preds)
     return correct, "ok", ""
 
 

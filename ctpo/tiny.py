@@ -37,8 +37,57 @@ from typing import Any
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
-# Reserved so a chat-style prompt can be used with the same vocabulary (the tiny protocol is plain text).
+# Reserved so a chat-style prompt can be used with the same vocabulary (the fenced protocol is plain text).
 EXTRA_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+CHAT_EOS_TOKEN = "<|im_end|>"
+"""End of a turn, and so the EOS, of a tokenizer with the chat template (as Qwen3's)."""
+
+CHAT_TEMPLATE = (
+    "{%- set no_think = enable_thinking is defined and enable_thinking is false %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' and messages[0].content %}"
+    "{{- messages[0].content + '\\n\\n' }}"
+    "{%- endif %}"
+    "{{- '# Tools\\n\\nThese functions can be called; their signatures are in <tools></tools>:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nTo call one, write its name and arguments as JSON inside '"
+    "+ '<tool_call></tool_call>:\\n'"
+    ' + \'<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n\''
+    " + '</tool_call><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- if no_think %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- message.content or '' }}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- set fn = call.function if call.function is defined else call %}"
+    "{%- if message.content or not loop.first %}{{- '\\n' }}{%- endif %}"
+    '{{- \'<tool_call>\\n{"name": "\' + fn.name + \'", "arguments": \' }}'
+    "{%- if fn.arguments is string %}{{- fn.arguments }}{%- else %}{{- fn.arguments | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- if no_think %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+"""A chat template of our own in Qwen3's format (ChatML turns; the tool list in the system turn; an
+assistant's calls as ``<tool_call>`` JSON blocks; tool results as ``<tool_response>`` blocks of a user
+turn; ``enable_thinking=False`` puts an empty think block after ``<|im_start|>assistant``). Unlike Qwen3's
+it renders every assistant turn the same way (no reasoning-content rewriting), so a chat rendered whole is
+exactly the token stream a rollout builds by appending turns. Used by tokenizers built for the native
+tool protocol (``build_tokenizer(chat_template=CHAT_TEMPLATE)``)."""
 DEFAULT_VOCAB_SIZE = 2048
 DIGIT_GROUP = 3
 """Numbers are tokenised in groups of at most this many digits, from the left."""
@@ -80,13 +129,23 @@ def digit_groups() -> list[str]:
     return [str(i).zfill(w) for w in range(1, DIGIT_GROUP + 1) for i in range(10**w)]
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, model_max_length: int = 2048):
+def build_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    model_max_length: int = 2048,
+    chat_template: str | None = None,
+    added_tokens: Iterable[str] = (),
+):
     """Train a byte-level BPE on ``texts`` in which every group of <= 3 digits is one token; returns a
     `PreTrainedTokenizerFast`.
 
     Byte-level pre-tokenization makes decode(encode(s)) == s for every string (code indentation and the
     protocol's fences survive exactly), and any byte sequence the model emits decodes. ``vocab_size``
     must leave room for the 1,110 digit groups plus the words of the corpus (a ValueError says so).
+
+    With ``chat_template`` (the native tool protocol): the tokenizer gets it, ``<|im_end|>`` is its EOS
+    (as Qwen3's), and ``added_tokens`` (Qwen3's tag tokens) become single, non-special tokens (decoding
+    keeps them), appended after the BPE vocabulary and left out of its training texts.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -109,6 +168,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    added = list(added_tokens)
+    if added:
+        texts = (_without(t, added) for t in texts)
     # every digit group 3x (above min_frequency), so each becomes a token whatever the corpus holds
     tok.train_from_iterator([*texts, *(" ".join(groups) for _ in range(3))], trainer=trainer)
     missing = [g for g in groups if len(tok.encode(g).ids) != 1]
@@ -117,10 +179,10 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
             f"vocab_size={vocab_size} is too small: {len(missing)} digit groups (e.g. {missing[:3]}) "
             f"are not single tokens; use a vocab_size of at least {DEFAULT_VOCAB_SIZE}"
         )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=PAD_TOKEN,
-        eos_token=EOS_TOKEN,
+        eos_token=CHAT_EOS_TOKEN if chat_template else EOS_TOKEN,
         bos_token=None,
         unk_token=None,
         additional_special_tokens=list(EXTRA_SPECIAL_TOKENS),
@@ -128,6 +190,26 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, 
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
+    if added:
+        tokenizer.add_tokens(added)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _without(text: str, tokens: list[str]) -> str:
+    for t in tokens:
+        text = text.replace(t, " ")
+    return text
+
+
+def render_chat(messages: list[dict[str, Any]], chat_template: str = CHAT_TEMPLATE, **kwargs: Any) -> str:
+    """Render ``messages`` with a chat template as ``apply_chat_template(tokenize=False)`` does, without a
+    tokenizer (the demonstrations are rendered before the tokenizer is trained on them)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(conversations=[messages], chat_template=chat_template, **kwargs)
+    return rendered[0]
 
 
 def model_config(preset: str, tokenizer, max_position_embeddings: int = 2048, **overrides: Any):

@@ -20,10 +20,11 @@ Usage::
         run.log_artifact(run_dir / "diagnostics" / "step_00050.csv", "diagnostics")
         run.run_id
 
-Tags every run carries: ``ctpo.kind`` (train | eval | analysis | lab | ...), ``ctpo.study``, the caller's
-tags (for training: ``model``, ``method``, ``seed``), and for an evaluation ``ctpo.train_run_id`` (the
-training run it evaluates) when ``train_run_id=`` is given. Params: the resolved config flattened to dotted
-keys (``config.methods.ctpo.gamma``) plus the caller's params.
+The experiment carries ``mlflow.experimentKind = custom_model_development``, so MLflow 3's UI opens it in
+its model-training view. Tags every run carries: ``ctpo.kind`` (train | eval | analysis | lab | ...),
+``ctpo.study``, the caller's tags (for training: ``model``, ``method``, ``seed``), and for an evaluation
+``ctpo.train_run_id`` (the training run it evaluates) when ``train_run_id=`` is given. Params: the
+resolved config flattened to dotted keys (``config.methods.ctpo.gamma``) plus the caller's params.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ ARTIFACT_DIR = "mlartifacts"
 TRAIN_RUN_TAG = "ctpo.train_run_id"
 KIND_TAG = "ctpo.kind"
 STUDY_TAG = "ctpo.study"
+#: MLflow 3's UI reads this experiment tag to pick the view it opens: ``custom_model_development`` is the
+#: model-training view (runs, charts, metrics); an untagged experiment may open in the GenAI view, where
+#: training runs show up as "Evaluation runs".
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 #: Flush the metric buffer when it holds this many values (MLflow's per-call limit is 1000) ...
 FLUSH_EVERY = 500
@@ -140,12 +146,14 @@ def init_store(config: Mapping[str, Any]) -> dict[str, str]:
             exp_id = client.create_experiment(
                 name,
                 artifact_location=_artifact_location(config, uri),
-                tags={STUDY_TAG: str(config.get("study", ""))},
+                tags={STUDY_TAG: str(config.get("study", "")), EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         else:
             exp_id = exp.experiment_id
             if exp.lifecycle_stage == LifecycleStage.DELETED:
                 client.restore_experiment(exp_id)
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # a store from before the tag: the same view
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         info = {"tracking_uri": uri, "experiment_id": str(exp_id), "experiment_name": name}
         path = store_file(config)
         atomic.write_json(path, info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,17 @@ import yaml
 from ctpo import data
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"  # laid out as $CTPO_DATA_DIR/<owner>/<name>
+
+
+@pytest.fixture(autouse=True, scope="module")
+def datasets_cache(tmp_path_factory):
+    """`datasets` prepares every loaded set into its cache: a fresh one here, not the user's."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as mp:
+        cache = tmp_path_factory.mktemp("datasets_cache")
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture
@@ -85,21 +97,76 @@ def test_local_file_and_subset_are_deterministic(tmp_path):
     )
 
 
+def test_hub_sets_are_loaded_by_datasets_in_their_hub_schema(data_dir):
+    import datasets
+
+    hmmt = data.load_hub_dataset(data.resolve_name("hmmt_nov_2025"), "train")
+    assert isinstance(hmmt, datasets.Dataset)
+    assert hmmt.column_names == ["problem_idx", "problem", "answer", "problem_type"]
+    assert hmmt.features["problem_type"].feature.dtype == "string"
+    aime = data.load_hub_dataset(data.resolve_name("aime25"), "test")
+    assert aime.column_names == ["problem", "answer", "id"] and aime.num_rows == 3
+
+
+def test_a_hub_id_loads_offline_from_the_datasets_cache(monkeypatch, tmp_path):
+    """What `datasets.load_dataset('math-ai/aime26', split='test')` on a networked machine leaves in the
+    cache (here: prepared from the fixture, then filed under the hub id) is found with the network off."""
+    import datasets
+
+    datasets.load_dataset(str(FIXTURES / "math-ai" / "aime26"), split="test", cache_dir=str(tmp_path / "b"))
+    (built,) = [p for p in (tmp_path / "b").iterdir() if p.is_dir()]
+    built.rename(tmp_path / "math-ai___aime26")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    records = data.load("aime26")
+    assert [r["answer"] for r in records] == ["81", "8"]
+    assert records == data.load("aime26", path=FIXTURES / "math-ai" / "aime26")
+
+
 def test_offline_miss_says_how_to_prefetch(monkeypatch, tmp_path):
+    import datasets
+
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty"))
     with pytest.raises(data.DataError) as err:
         data.load("aime26")
     msg = str(err.value)
     assert "hf download math-ai/aime26 --repo-type dataset" in msg
+    assert "datasets.load_dataset('math-ai/aime26', split='test')" in msg
     assert "offline" in msg and data.DATA_DIR_ENV in msg
+
+
+def test_a_split_the_set_lacks_is_a_clear_error(data_dir):
+    with pytest.raises(data.DataError, match="no split 'train'"):
+        data.load("aime25", split="train")
+
+
+def test_an_unsupported_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "aime.csv"
+    f.write_text("problem,answer\nx,1\n")
+    with pytest.raises(data.DataError, match="unsupported file type"):
+        data.load("aime25", path=f)
 
 
 def test_missing_local_path_is_a_clear_error(tmp_path):
     with pytest.raises(data.DataError, match="does not exist"):
         data.load("brumo_2025", path=tmp_path / "nope.parquet")
+
+
+def test_without_datasets_a_hub_load_says_how_to_install_it(data_dir, monkeypatch, tmp_path):
+    """A core-only install (no `verl` extra) has no `datasets`: hub sets and VERL's parquet then fail
+    naming the package and the install command, while the embedded arith set still loads."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(
+        data.DataError, match=r"loading math-ai/aime25 needs the `datasets` package.*\[verl\]"
+    ):
+        data.load("aime25")
+    with pytest.raises(data.DataError, match="writing VERL's parquet needs the `datasets` package"):
+        data.to_verl_parquet([{"problem": "1+1", "answer": "2"}], tmp_path / "x.parquet", system_prompt="S")
+    assert len(data.load("arith", split="easy", n=3, seed=0)) == 3
 
 
 def test_verl_parquet_has_verl_schema(data_dir, tmp_path):

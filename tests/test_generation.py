@@ -13,6 +13,8 @@ from ctpo.generation import (
     _FinishRecorder,
     _Sampling,
     make_generator,
+    new_kv_cache,
+    sample_from,
     sequence_logprobs,
 )
 from ctpo.tasks import arith
@@ -177,6 +179,47 @@ def test_registry(tokenizer, peaked_model, tmp_path):
     assert isinstance(gen, HFGenerator)
     with pytest.raises(ValueError, match="available: hf, vllm"):
         make_generator("nope", tmp_path / "m")
+
+
+def test_the_growing_kv_cache_gives_the_logits_of_a_full_forward(tokenizer, peaked_model):
+    """Decoding through `new_kv_cache` (appends in place, rows dropped on the way) equals one uncached
+    forward pass over each whole sequence, position by position."""
+    torch.manual_seed(0)
+    b, prompt_len, steps = 4, 5, 70  # 5 + 70 > 64: the buffer grows while rows are being dropped
+    seqs = torch.randint(10, len(tokenizer), (b, prompt_len + steps))
+    with torch.no_grad():
+        full = peaked_model(input_ids=seqs).logits
+        cache = new_kv_cache()
+        out = peaked_model(input_ids=seqs[:, :prompt_len], past_key_values=cache, use_cache=True)
+        rows = torch.arange(b)
+        got = {r: [out.logits[i, -1]] for i, r in enumerate(rows.tolist())}
+        for t in range(prompt_len, prompt_len + steps - 1):
+            if t in (20, 40):  # a row finishes: drop it from the batch and the cache
+                keep = torch.arange(1, len(rows))
+                cache.batch_select_indices(keep)
+                rows = rows[keep]
+            pos = torch.full((len(rows), 1), t)
+            out = peaked_model(input_ids=seqs[rows, t : t + 1], position_ids=pos, past_key_values=cache)
+            for i, r in enumerate(rows.tolist()):
+                got[r].append(out.logits[i, -1])
+    for r, logits in got.items():
+        ref = full[r, prompt_len - 1 : prompt_len - 1 + len(logits)]
+        assert torch.allclose(torch.stack(logits), ref, atol=1e-4, rtol=1e-4)
+    assert len(got[3]) == steps  # the last row decoded to the end, through a regrowth of the buffer
+
+
+def test_sample_from_draws_each_token_with_its_probability():
+    """200,000 draws per row: each frequency within 5 binomial SEs of its probability; probability-0
+    tokens (what top-k / top-p cut) never drawn, also at the end of the vocabulary."""
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.7, 0.0], [0.0, 0.5, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    n = 200_000
+    torch.manual_seed(0)
+    draws = sample_from(probs.repeat_interleave(n, 0)).view(3, n)
+    for row, p in zip(draws, probs):
+        freq = torch.bincount(row, minlength=5).double() / n
+        se = (p.double() * (1 - p.double()) / n).sqrt()
+        assert torch.all((freq - p.double()).abs() <= 5 * se + 1e-12), (freq, p)
+        assert torch.all(freq[p == 0] == 0)
 
 
 def test_finish_recorder_matches_stop_strings_in_the_generated_tokens_only(tokenizer):

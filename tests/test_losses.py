@@ -74,8 +74,10 @@ def ref_loss(
     grad="current",
     position="policy",
     gbi=None,
+    weights=None,
 ):
-    """Per-token PPO surrogate with the method's weight; ``new`` is a float64 leaf (autograd)."""
+    """Per-token PPO surrogate with the method's weight; ``new`` is a float64 leaf (autograd).
+    ``weights`` (B, T): rollout-correction weights, a constant factor on each token's surrogate."""
     b, t_len = mask.shape
     per_token = adv.dim() == 2
     rows = []
@@ -113,6 +115,8 @@ def ref_loss(
             if a < 0 and (dual_c or dual_eps):
                 c = dual_c if dual_c else math.exp(dual_eps * tt**gamma)
                 surrogate = torch.minimum(surrogate, torch.tensor(-a * c, dtype=F64))
+            if weights is not None:
+                surrogate = surrogate * float(weights[i, j])
             row.append(surrogate)
         rows.append(row)
     loss_mat = [[rows[i][j] for j in range(t_len)] for i in range(b)]
@@ -226,6 +230,33 @@ def test_every_aggregation_mode(mode, gbi):
         agg_loss(lm, mask, mode, **(gbi or {})),
         torch.as_tensor(ref_agg(lm, mask.to(F64), mode, **(gbi or {}))),
     )
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("grad", ["current", "prefix"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_rollout_correction_weights_scale_each_tokens_loss(method, grad, mode):
+    """VERL's rollout correction: loss_t <- w_t * loss_t before aggregation, w a constant (no gradient)."""
+    old, new, adv, mask = make_batch(b=4, t=12, seed=11, noise=0.4)
+    g = torch.Generator().manual_seed(5)
+    seq_w = torch.rand(4, 1, generator=g, dtype=F64) * 4.0  # one weight per sequence, as rollout_is=sequence
+    weights = (seq_w * mask).to(F64)
+    cfg = PolicyLossConfig(method=method, loss_agg_mode=mode, grad=grad)
+    kw = cfg_kwargs(cfg)
+    lp = new.detach().clone().requires_grad_(True)
+    w_leaf = weights.clone().requires_grad_(True)
+    loss, _ = compute_policy_loss(old, lp, adv, mask, cfg, rollout_is_weights=w_leaf)
+    loss.backward()
+    r_loss, r_grad = reference(old, new, adv, mask, weights=weights, **kw)
+    assert_close(loss.detach(), r_loss, rtol=1e-10, atol=1e-12)
+    assert_close(lp.grad, r_grad, rtol=1e-10, atol=1e-12)
+    assert w_leaf.grad is None  # the weights are constants
+    plain, _ = compute_policy_loss(old, new.detach().clone(), adv, mask, cfg)
+    assert not torch.allclose(loss.detach(), plain)  # the weights matter
+    per_seq, _ = compute_policy_loss(
+        old, new.detach().clone(), adv, mask, cfg, rollout_is_weights=seq_w[:, 0]
+    )
+    assert_close(per_seq, loss.detach(), rtol=1e-12, atol=0)  # (B,) broadcasts like (B, T)
 
 
 def test_per_token_advantages_match_reference():

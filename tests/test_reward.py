@@ -170,6 +170,85 @@ def test_near_misses_are_wrong(grader):
     assert all(r.status == "ok" for r in results)
 
 
+# Pairs of different numbers that math-verify 0.9's tolerance calls equal (rounding both sides to 6 decimal
+# places when one is a decimal; evalf(15, chop=True) of the difference otherwise). Each differs by hand
+# arithmetic: e.g. 10^{-20} vs 2·10^{-20} differ by 10^{-20}, 1/10^{20} vs 1/(10^{20}+1) by ~10^{-40}.
+DIFFERENT_NUMBERS = [
+    ("0.1234567", "0.1234568"),  # decimals differing in the 7th place
+    ("1.0000001", "1.0000002"),
+    ("0.0000001", "0.0000002"),  # tiny decimals: both round to 0.000000
+    ("0.0000001", "0"),
+    ("1.23456789012345678", "1.23456789012345679"),  # beyond float64's 16 digits
+    ("100000000000000000000.5", "100000000000000000000.6"),  # huge decimals
+    ("10^{-20}", "2\\cdot 10^{-20}"),  # tiny exact values
+    ("\\frac{1}{10^{20}}", "\\frac{1}{10^{20}+1}"),
+    ("\\sqrt{2}+10^{-30}", "\\sqrt{2}"),  # exact expressions 10^{-30} apart
+    ("\\pi+10^{-20}", "\\pi"),
+    ("10^{20}", "10^{20}+1"),  # huge exact values
+    ("\\frac{123456789012345678}{7}", "\\frac{123456789012345679}{7}"),  # long fractions
+    ("\\frac{1}{3000000}", "0.0000003"),  # 1/3000000 = 3.33e-7: one significant digit is not it
+    ("\\frac{1}{3}", "0.33333"),  # five significant digits are too few (MIN_SIGNIFICANT_DIGITS)
+    ("\\frac{2}{3}", "0.666666666666668"),  # 1.3 units of its last (15th) digit off
+    ("\\sqrt{2}", "1.4142"),
+    ("\\{0.1234567\\}", "\\{0.1234568\\}"),  # inside a set, a tuple or interval, a matrix, an equation
+    ("(0.1234567, 1)", "(0.1234568, 1)"),
+    ("\\begin{pmatrix}0.1234567\\\\1\\end{pmatrix}", "\\begin{pmatrix}0.1234568\\\\1\\end{pmatrix}"),
+    ("x=0.1234567", "x=0.1234568"),
+]
+
+# Equal values in different forms; the decimal forms of 1/3, 2/3, √2 and π/3 carry >= 6 significant
+# digits and lie within one unit of their last digit (or a float64 rounding) of the exact value.
+SAME_NUMBERS = [
+    ("0.5", "\\frac{1}{2}"),  # a decimal is the rational it spells
+    ("2.50", "\\frac{5}{2}"),
+    ("0.5\\pi", "\\frac{\\pi}{2}"),
+    ("10^{-20}", "\\frac{1}{10^{20}}"),
+    ("\\sqrt{2}+\\sqrt{3}", "\\sqrt{5+2\\sqrt{6}}"),  # proved exactly (minimal polynomial), not numerically
+    ("\\frac{1}{3}", "0.3333333333"),  # a decimal for a value no decimal can spell: the tolerance
+    ("\\frac{1}{3}", "0.333333"),
+    ("\\frac{2}{3}", "0.6666666666666666"),  # truncated (Python's repr) ...
+    ("\\frac{2}{3}", "0.6666666666666667"),  # ... or rounded
+    ("\\frac{1}{3000000}", "0.000000333333"),  # tiny: the same six significant digits
+    ("\\sqrt{2}", "1.41421356"),
+    ("\\frac{\\pi}{3}", "1.0471975511965976"),  # float64 output of math.pi / 3
+    ("\\begin{pmatrix}1/2\\\\1\\end{pmatrix}", "\\begin{pmatrix}0.5\\\\1\\end{pmatrix}"),
+]
+
+
+def test_math_verify_alone_calls_these_different_numbers_equal():
+    """The trap the grader avoids, as math-verify 0.9 has it (if this fails, math-verify changed its rule)."""
+    from math_verify import parse, verify
+
+    for gold, pred in [
+        ("0.1234567", "0.1234568"),
+        ("10^{-20}", "2\\cdot 10^{-20}"),
+        ("\\pi+10^{-20}", "\\pi"),
+    ]:
+        assert verify(parse(f"\\boxed{{{gold}}}"), parse(f"\\boxed{{{pred}}}"))
+
+
+@pytest.mark.parametrize(("a", "b"), DIFFERENT_NUMBERS)
+def test_different_numbers_are_never_equal_either_way(grader, a, b):
+    results = grader.grade_batch([boxed(b), boxed(a)], [a, b])
+    assert [(r.correct, r.status) for r in results] == [(False, "ok"), (False, "ok")]
+
+
+@pytest.mark.parametrize(("a", "b"), SAME_NUMBERS)
+def test_equal_values_in_different_forms_are_equal_either_way(grader, a, b):
+    results = grader.grade_batch([boxed(b), boxed(a)], [a, b])
+    assert [(r.correct, r.status) for r in results] == [(True, "ok"), (True, "ok")]
+
+
+def test_the_exact_comparison_is_scoped_to_the_grader():
+    """Other math-verify users in the process (VERL's default reward) keep math-verify's own rule."""
+    from math_verify import grader as mv
+
+    original = mv.sympy_numeric_eq
+    with Grader(workers=0) as g:
+        assert not g.grade(boxed("0.1234568"), "0.1234567").correct
+    assert mv.sympy_numeric_eq is original
+
+
 def test_multiple_boxes_last_one_counts(grader):
     sol = "Maybe \\boxed{3}. On reflection the answer is \\boxed{5}."
     assert [r.correct for r in grader.grade_batch([sol, sol], ["5", "3"])] == [True, False]

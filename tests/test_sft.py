@@ -80,3 +80,30 @@ def test_bf16_training_keeps_fp32_master_weights():
     model = _model()
     train(model, _examples(8), SFTConfig(steps=3, batch_size=4, precision="bf16"), pad_id=0, progress=False)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_policy_token_loss_is_the_full_logits_loss_in_value_and_gradient():
+    """The output layer runs on policy positions only; the reference computes every position's logits in
+    float64 and masks afterwards (the loss as the warm-up defined it before)."""
+    from ctpo.train.sft import _collate, policy_token_loss
+
+    ex = _examples(6)
+    ex[2] = type(ex[2])(ids=ex[2].ids[:15], mask=ex[2].mask[:15], style="tool")  # padding in the batch
+    ids, attn, labels = _collate(ex, list(range(6)), pad_id=0)
+    model = _model().double()
+    loss, n = policy_token_loss(model, ids, attn, labels)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    target = labels[:, 1:]
+    ref = (
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        / (target != -100).sum()
+    )
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert n == sum(sum(e.mask[1:]) for e in ex) == int((target != -100).sum())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-9, atol=1e-12)

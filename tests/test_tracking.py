@@ -90,6 +90,26 @@ def _check_nothing_lost(config, ids, steps, keys):
     assert names <= {"trk", "Default"}
 
 
+def test_the_experiment_opens_in_mlflows_model_training_view(tmp_path):
+    """MLflow 3.17's UI reads the experiment tag mlflow.experimentKind; custom_model_development is its
+    model-training view. Set at creation, and added to an experiment created before the tag existed."""
+    from mlflow.tracking import MlflowClient
+
+    config, _ = _config(tmp_path)
+    info = tracking.init_store(config)
+    client = MlflowClient(info["tracking_uri"])
+    tags = client.get_experiment(info["experiment_id"]).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["ctpo.study"] == "trk"
+
+    (tmp_path / "old").mkdir()
+    old, _ = _config(tmp_path / "old")
+    old_id = MlflowClient(tracking.tracking_uri(old)).create_experiment("trk")  # as an older ctpo left it
+    assert tracking.init_store(old)["experiment_id"] == old_id
+    tags = MlflowClient(tracking.tracking_uri(old)).get_experiment(old_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_parallel_jobs_after_init_lose_nothing(tmp_path):
     config, path = _config(tmp_path)
     subprocess.run(

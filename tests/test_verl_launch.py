@@ -37,7 +37,9 @@ mask = torch.ones(4, 64)
 with open(os.environ["VERL_FILE_LOGGER_PATH"], "w") as f:
     for step in (1, 2):
         data = {"actor/clip/frac": 0.01 * step, "critic/score/mean": 0.5, "timing_s/gen": 3.0,
-                "perf/mfu": 0.4, **position_scalars(old, new, mask, reference=None)}
+                "perf/mfu": 0.4, "val-core/aime26/reward/mean@32": 0.2,
+                "val-core/aime25/reward/mean@32": 0.1 * step,
+                **position_scalars(old, new, mask, reference=None)}
         f.write(json.dumps({"step": step, "data": data}) + "\n")
 (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
 """
@@ -46,7 +48,7 @@ with open(os.environ["VERL_FILE_LOGGER_PATH"], "w") as f:
 def test_run_from_args_launches_and_collects(tmp_path, monkeypatch):
     cfg = yaml.safe_load((ROOT / "experiments" / "paper.yaml").read_text())
     cfg["results_dir"] = str(tmp_path / "results")
-    cfg["data"]["benchmarks"] = {"aime25": {"source": "aime25"}}
+    cfg["data"]["benchmarks"] = {"aime25": {"source": "aime25"}, "aime26": {"source": "aime26"}}
     monkeypatch.setenv("CTPO_DATA_DIR", str(FIXTURES))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fake = tmp_path / "fake_main_ppo.py"
@@ -63,7 +65,9 @@ def test_run_from_args_launches_and_collects(tmp_path, monkeypatch):
 
     data_dir = tmp_path / "results" / "data"
     assert len(pd.read_parquet(data_dir / "train.parquet")) == 4  # DeepScaleR fixture minus 2 without answers
-    assert len(pd.read_parquet(data_dir / "aime25.parquet")) == 3
+    aime25 = pd.read_parquet(data_dir / "aime25.parquet")
+    assert len(aime25) == 3 and (data_dir / "aime26.parquet").is_file()  # verl.val_benchmarks: both
+    assert set(aime25["agent_name"]) == {"ctpo_tool_agent"}  # the native protocol's VERL agent loop
     done = json.loads((out / "DONE.json").read_text())
     run_id = (out / "mlflow_run_id").read_text().strip()
     assert done["mlflow_run_id"] == run_id and done["final_step"] == 2 and done["backend"] == "verl"
@@ -73,6 +77,11 @@ def test_run_from_args_launches_and_collects(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[1]["clip/frac"] == 0.02 and rows[0]["train/reward_mean"] == 0.5 and rows[0]["time/gen"] == 3.0
     assert rows[0]["verl/perf/mfu"] == 0.4 and any(k.startswith("diag/pos/b") for k in rows[0])
+    assert rows[1]["eval/aime25/avg_at_k"] == 0.2 and rows[1]["eval/aime26/avg_at_k"] == 0.2
+    assert [r["eval/avg_at_k"] for r in rows] == [
+        0.1,
+        0.2,
+    ]  # Figure 2's curve: the first benchmark, AIME 2025
     frame = pd.read_csv(out / "diagnostics" / "step_00002.csv")
     assert len(frame) > 0 and merged == [(out, 2)]
     assert (out / "verl_command.txt").read_text().startswith(sys.executable)

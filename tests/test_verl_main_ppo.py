@@ -66,11 +66,12 @@ def tiny_base(tmp_path_factory) -> Path:
 def paper_config(tmp_path: Path, overrides: list[str], monkeypatch) -> dict:
     cfg = yaml.safe_load((ROOT / "experiments" / "paper.yaml").read_text())
     cfg["results_dir"] = str(tmp_path / "results")
-    cfg["verl"] = {"overrides": list(overrides)}
+    cfg["verl"] = {**cfg["verl"], "overrides": [*cfg["verl"].get("overrides", []), *overrides]}
     monkeypatch.setenv("CTPO_DATA_DIR", str(FIXTURES))
     data_dir = tmp_path / "results" / "data"
     tv.ensure_parquet(cfg, "train", data_dir / "train.parquet")  # as run_from_args does
-    tv.ensure_parquet(cfg, next(iter(cfg["data"]["benchmarks"])), data_dir / "aime25.parquet")
+    for name in tv.val_benchmarks(cfg, tv.verl_settings(cfg, "qwen3-4b")):  # AIME 2025 and 2026
+        tv.ensure_parquet(cfg, name, data_dir / f"{name}.parquet")
     return cfg
 
 
@@ -126,12 +127,12 @@ def assert_stops_at_the_gpu_boundary(rc, wall, log: str, n_gpus: int) -> None:
     assert rc == 1, tail
     assert "[validate_config] All configuration checks passed successfully!" in log, tail
     # ray.init got our environment as strings (Hydra would have made these an int and a float)
-    assert "'CTPO_OBS_MAX_CHARS': '512'" in log and f"'MLFLOW_RUN_ID': '{RUN_ID}'" in log, tail
-    assert "'CTPO_TOOL_TIMEOUT_S': '5.0'" in log and "'CTPO_SANDBOX_WORKERS': '32'" in log
+    assert "'CTPO_OBS_MAX_CHARS': '256'" in log and f"'MLFLOW_RUN_ID': '{RUN_ID}'" in log, tail
+    assert "'CTPO_TOOL_TIMEOUT_S': '30.0'" in log and "'CTPO_SANDBOX_WORKERS': '32'" in log
     assert "(TaskRunnerV1 pid=" in log and "'use_v1': True" in log, tail
     # our parquet files through VERL's dataset and the tiny chat template: 4 DeepScaleR rows with an
-    # answer (of the fixture's 6) for training, the 3 AIME 2025 fixture problems for validation
-    assert "filter dataset len: 4" in log and "filter dataset len: 3" in log, tail
+    # answer (of the fixture's 6) for training, the 3 AIME 2025 + 2 AIME 2026 fixture problems for validation
+    assert "filter dataset len: 4" in log and "filter dataset len: 5" in log, tail
     assert "Error processing one of the samples" not in log
     # the one failure: TaskRunnerV1.run -> (tq.init done) trainer.init -> the resource-pool check
     assert log.count("Traceback (most recent call last)") == 1, tail
@@ -200,6 +201,6 @@ def test_every_worker_env_var_is_a_quoted_string(tmp_path):
     ov = tv.build_overrides(cfg, "qwen3-4b", "ctpo", 0, tmp_path, env={"MLFLOW_RUN_ID": RUN_ID})
     env = dict(o.split("=", 1) for o in ov if o.startswith("+ray_kwargs.ray_init.runtime_env.env_vars."))
     prefix = "+ray_kwargs.ray_init.runtime_env.env_vars."
-    assert env[prefix + "CTPO_OBS_MAX_CHARS"] == "'512'" and env[prefix + "MLFLOW_RUN_ID"] == f"'{RUN_ID}'"
+    assert env[prefix + "CTPO_OBS_MAX_CHARS"] == "'256'" and env[prefix + "MLFLOW_RUN_ID"] == f"'{RUN_ID}'"
     assert env[prefix + "MY_FLAG"] == "'true'" and env[prefix + "MY_RATE"] == "'0.5'"
     assert all(v.startswith("'") and v.endswith("'") for v in env.values()), env

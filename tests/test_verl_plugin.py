@@ -184,12 +184,133 @@ def test_position_diagnostics_survive_verl_metric_averaging():
         np.testing.assert_allclose(rebuilt[col].to_numpy(), expected[col].to_numpy(), rtol=1e-9, atol=1e-12)
 
 
-def test_rollout_correction_weights_are_refused_with_a_reason():
-    old, new, adv, mask = batch(5)
-    with pytest.raises(NotImplementedError, match="rollout_is"):
-        core_algos.get_policy_loss_fn("ctpo")(
-            old, new, adv, mask, "token-mean", actor_config("ctpo"), rollout_is_weights=torch.ones_like(old)
+# --------------------------------------------------------------------------------------------------
+# Rollout correction (algorithm.rollout_correction: the release's rollout_is=sequence, threshold 5)
+# --------------------------------------------------------------------------------------------------
+
+
+def rollout_correction(old, mask, seed=0, threshold=5.0):
+    """VERL's own sequence-level weights π_old/π_rollout for rollout-engine log-probs that differ from the
+    trainer's by per-token numeric noise (larger in later rows, so that some weights reach the threshold)."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    g = torch.Generator().manual_seed(seed)
+    b, t = old.shape
+    scale = torch.linspace(0.05, 1.0, b).unsqueeze(-1)
+    rollout = old + scale * torch.randn(b, t, generator=g)
+    weights, _ = compute_rollout_correction_weights(
+        log_ratio=old - rollout,
+        response_mask=mask,
+        rollout_is="sequence",
+        rollout_is_threshold=threshold,
+        rollout_is_batch_normalize=False,
+    )
+    return weights
+
+
+def test_the_rollout_correction_test_tensors_exercise_truncation():
+    old, _, _, mask = batch(21, b=8, t=40)
+    w = rollout_correction(old, mask)
+    per_seq = w.max(-1).values
+    assert (per_seq == 5.0).any() and (per_seq < 5.0).any() and (per_seq != per_seq[0]).any()
+    assert torch.equal(w * ~mask, torch.zeros_like(w))  # zero on mask-0 tokens
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("global_info", [False, True])
+def test_rollout_correction_in_ctpo_grpo_equals_verl_vanilla(agg, global_info):
+    """Same tensors, VERL's own weights: our ctpo_grpo adapter and VERL's vanilla give the same loss and
+    gradient (vanilla multiplies the clipped per-token loss by the weights before agg_loss)."""
+    old, new, adv, mask = batch(22, b=8, t=40)
+    weights = rollout_correction(old, mask)
+    gbi = (
+        {"dp_size": 1, "batch_num_tokens": int(mask.sum()), "global_batch_size": 8, "loss_scale_factor": None}
+        if global_info
+        else {}
+    )
+    vanilla_cfg = actor_config("vanilla")
+    ours_cfg = actor_config("ctpo_grpo", diagnostics=False, clip_low=0.2, clip_high=0.2, dual_clip_c=3.0)
+    vanilla_cfg.global_batch_info.update(gbi)
+    ours_cfg.global_batch_info.update(gbi)
+    kw = {"loss_agg_mode": agg, "rollout_is_weights": weights}
+    l_v, g_v, _ = loss_and_grad(
+        core_algos.get_policy_loss_fn("vanilla"), old, new, adv, mask, config=vanilla_cfg, **kw
+    )
+    l_o, g_o, _ = loss_and_grad(
+        core_algos.get_policy_loss_fn("ctpo_grpo"), old, new, adv, mask, config=ours_cfg, **kw
+    )
+    torch.testing.assert_close(l_o, l_v, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g_o, g_v, rtol=1e-6, atol=1e-9)
+    l_plain, _, _ = loss_and_grad(
+        core_algos.get_policy_loss_fn("vanilla"), old, new, adv, mask, loss_agg_mode=agg, config=vanilla_cfg
+    )
+    assert not torch.allclose(l_plain, l_v)  # the weights change the loss
+
+
+@pytest.mark.parametrize("method", ["ctpo", "ctpo_fixed"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_rollout_correction_in_ctpo_equals_the_float64_reference_times_the_weights(method, agg):
+    """VERL's weights through our VERL adapter = a float64 loop over tokens of (the method's clipped
+    surrogate x the token's weight), aggregated (tests/test_losses.py's reference, from the formulas)."""
+    from test_losses import cfg_kwargs, reference
+
+    old, new, adv, mask = batch(23, b=8, t=40)
+    weights = rollout_correction(old, mask, seed=1)
+    params = (
+        {"eps_low": 0.025, "eps_high": 0.05, "gamma": 0.5, "dual_clip_eps": 0.05} if method == "ctpo" else {}
+    )
+    fn = core_algos.get_policy_loss_fn(method)
+    cfg = actor_config(method, diagnostics=False, **params)
+    lp = new.detach().double().requires_grad_(True)
+    loss, _ = fn(old.double(), lp, adv.double(), mask, agg, cfg, rollout_is_weights=weights.double())
+    loss.backward()
+    kw = cfg_kwargs(core.PolicyLossConfig(method=method, loss_agg_mode=agg, **params))
+    r_loss, r_grad = reference(old.double(), new.double(), adv.double(), mask, weights=weights.double(), **kw)
+    torch.testing.assert_close(loss.detach(), r_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lp.grad, r_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "ctpo"])
+def test_per_sequence_micro_batches_of_the_release_equal_seq_mean_token_mean(loss_mode):
+    """The release's aggregation: micro-batches of one sequence, token-mean with no global normaliser
+    (VERL 0.8's legacy actor), each scaled by 1/gradient_accumulation, gradients summed = VERL 0.9.1's
+    seq-mean-token-mean with the normalisers its ppo_loss sets (global_batch_size = the mini-batch)."""
+    old, new, adv, mask = batch(24, b=8, t=40)
+    mask[3] = False  # an empty response: both count it in the denominator, with loss 0
+    weights = rollout_correction(old, mask)
+    fn = core_algos.get_policy_loss_fn(loss_mode)
+    release_cfg = actor_config(loss_mode, **({"diagnostics": False} if loss_mode == "ctpo" else {}))
+    total, grads = 0.0, []
+    for i in range(8):
+        rows = slice(i, i + 1)
+        if not mask[rows].any():  # VERL 0.8's agg_loss clamps the empty denominator to 1: loss 0, no gradient
+            grads.append(torch.zeros_like(new[rows]))
+            continue
+        l_i, g_i, _ = loss_and_grad(
+            fn,
+            old[rows],
+            new[rows],
+            adv[rows],
+            mask[rows],
+            "token-mean",
+            release_cfg,
+            rollout_is_weights=weights[rows],
         )
+        total = total + l_i / 8
+        grads.append(g_i / 8)
+    ours_cfg = actor_config(loss_mode, **({"diagnostics": False} if loss_mode == "ctpo" else {}))
+    ours_cfg.global_batch_info.update(
+        dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=8, loss_scale_factor=None
+    )
+    l_all, g_all, _ = loss_and_grad(
+        fn, old, new, adv, mask, "seq-mean-token-mean", ours_cfg, rollout_is_weights=weights
+    )
+    torch.testing.assert_close(l_all, total, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g_all, torch.cat(grads), rtol=1e-6, atol=1e-9)
+    token_mean, _, _ = loss_and_grad(
+        fn, old, new, adv, mask, "token-mean", ours_cfg, rollout_is_weights=weights
+    )
+    assert not torch.allclose(token_mean, total)  # the global token mean would not be the release's loss
 
 
 def test_verl_ppo_loss_call_site_runs_the_adapter():

@@ -14,6 +14,7 @@ Needs the `verl` extra; skipped otherwise.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 
@@ -34,32 +35,44 @@ from ctpo.config import load_config  # noqa: E402
 from ctpo.diagnostics import reference_ranges  # noqa: E402
 from ctpo.reward import compute_score  # noqa: E402
 from ctpo.tir.protocol import TIRConfig, encode_prompt  # noqa: E402
+from ctpo.tir.protocols import get_protocol  # noqa: E402
 from ctpo.train import local  # noqa: E402
 from ctpo.train.advantages import group_advantages  # noqa: E402
 
 TOKEN_MEAN_KEYS = plugin_metrics.TOKEN_MEAN_KEYS
 
 
-def study_config() -> dict:
-    """The embedded study config, its train data cut to two easy problems (short episodes)."""
+PROTOCOLS = {"fenced": "ctpo_tir_agent", "native": "ctpo_tool_agent"}
+"""Tool protocol (``tir.protocol``) -> the agent loop the step runs it with
+(``actor_rollout_ref.rollout.agent.default_agent_loop``)."""
+MAX_RESPONSE_TOKENS = {"fenced": 160, "native": 320}  # native tool turns carry the chat template's tokens
+
+
+def study_config(protocol: str = "fenced") -> dict:
+    """The embedded study config, its train data cut to two easy problems (short episodes), speaking
+    ``protocol`` (native: Qwen3 tool calls with thinking off, as the paper's config)."""
     config = load_config("experiments/tiny.yaml")
     config["data"]["train"] = {"source": "arith", "split": "easy", "n": 2, "seed": 0}
+    if protocol == "native":
+        config["tir"] = {**config["tir"], "protocol": "native", "enable_thinking": False}
     return config
 
 
-def fit_two_answer_model(out, pool, problems, **model_overrides):
+def fit_two_answer_model(out, pool, problems, protocol="fenced", **model_overrides):
     """A study config whose model ``two-answer`` solves its ``problems`` train problems with the tool
     and then answers right or off by one with about equal probability (a tiny model fitted to both
-    versions of each demonstration); ``model_overrides`` change the ``xs`` preset's fields."""
+    versions of each demonstration, in the tool protocol ``protocol``); ``model_overrides`` change the
+    ``xs`` preset's fields."""
     from ctpo.tasks import arith
     from ctpo.train import sft
 
     torch.set_num_threads(1)
-    config = study_config()
+    config = study_config(protocol)
     config["data"]["train"]["n"] = problems
     tir = TIRConfig.from_dict(config["tir"])
     records = data.load_entry(config, "train")
-    demos = arith.demonstrations(records, tir, pool, mix={"tool": 1.0}, seed=0)
+    options = sft.protocol_options(tir)
+    demos = arith.demonstrations(records, tir, pool, mix={"tool": 1.0}, seed=0, **options["demos"])
     wrong = copy.deepcopy(demos)
     for d in wrong:  # longer than the right one, so the on-policy loss -Σ A·n / N does not cancel to ~0
         last = d["segments"][-1]
@@ -68,7 +81,7 @@ def fit_two_answer_model(out, pool, problems, **model_overrides):
         last["text"] = last["text"].replace(
             right, f"{bad} after adding one to be safe, that is \\boxed{{{bad}}}"
         )
-    tok = tiny.build_tokenizer(sft.corpus(demos + wrong))
+    tok = tiny.build_tokenizer(sft.corpus(demos + wrong), **options["tokenizer"])
     examples = [sft.tokenize_demonstration(d, tok, tir) for d in demos + wrong]
     model = tiny.build_model("xs", tok, seed=0, **{"num_hidden_layers": 2, **model_overrides})
     fit = sft.SFTConfig(
@@ -79,9 +92,11 @@ def fit_two_answer_model(out, pool, problems, **model_overrides):
     return config
 
 
-@pytest.fixture(scope="module")
-def two_answer_model(tmp_path_factory, pool):
-    return fit_two_answer_model(tmp_path_factory.mktemp("two_answer_model"), pool, problems=2)
+@pytest.fixture(scope="module", params=list(PROTOCOLS))
+def two_answer_model(request, tmp_path_factory, pool):
+    """The two-answer model in each tool protocol (the step runs once with each)."""
+    out = tmp_path_factory.mktemp(f"two_answer_model_{request.param}")
+    return fit_two_answer_model(out, pool, problems=2, protocol=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +105,6 @@ def four_problem_model(tmp_path_factory, pool):
     config = fit_two_answer_model(tmp_path_factory.mktemp("four_problem_model"), pool, problems=4)
     assert config["train"]["prompts_per_step"] == 4
     return config
-
-
-AGENT_LOOPS = ["ctpo_tir_agent"]
-"""Agent loops the step runs with (``actor_rollout_ref.rollout.agent.default_agent_loop``)."""
 
 
 def verl_step(
@@ -218,7 +229,7 @@ def check_step_against_local(result, config, method):
         attn = b.batch["attention_mask"][i]
         prompt = b.batch["prompts"][i][attn[:prompt_len].bool()].tolist()
         problem = b.non_tensor_batch["extra_info"][i]["problem"]
-        assert prompt == encode_prompt(problem, tok, tir)
+        assert prompt == get_protocol(tir).encode_prompt(problem, tok)
         response = tok.decode(b.batch["responses"][i][attn[prompt_len:].bool()])
         gold = b.non_tensor_batch["reward_model"][i]["ground_truth"]
         assert scores[i].item() == float(compute_score(None, response, gold))
@@ -304,6 +315,45 @@ def check_step_against_local(result, config, method):
     return table
 
 
+def check_tool_turns(result, config, pool):
+    """Every tool turn of VERL's rollout is the protocol's: the policy turn before it holds a call (native:
+    read by VERL's own ``hermes`` parser; fenced: a python block), and its tokens (mask 0) are what the
+    local loop appends for that code's sandbox output. Returns the number of tool turns."""
+    import asyncio
+
+    from verl.experimental.agent_loop.tool_parser import ToolParser
+
+    from ctpo.tir.protocol import find_code_block
+
+    b = result.batch.batch
+    tok = _tokenizer(result.model_path)
+    tir = TIRConfig.from_dict(config["tir"])
+    protocol = get_protocol(tir)
+    hermes = ToolParser.get_tool_parser("hermes", tok)
+    prompt_len = b["prompts"].shape[1]
+    n_tool = 0
+    for i in range(len(result.batch)):
+        n = int(b["attention_mask"][i, prompt_len:].sum())
+        ids, mask = b["responses"][i, :n].tolist(), b["response_mask"][i, :n].tolist()
+        ends = list(itertools.accumulate(len(list(g)) for _, g in itertools.groupby(mask)))
+        spans = [(mask[e - 1], s, e) for s, e in zip([0, *ends], ends)]  # maximal runs of equal mask
+        assert spans[0][0] == 1 and spans[-1][0] == 1, "a response starts and ends with policy tokens"
+        for k in range(1, len(spans), 2):
+            turn_ids = ids[spans[k - 1][1] : spans[k - 1][2]]
+            turn_text = tok.decode(turn_ids)
+            if tir.protocol == "native":
+                _, calls = asyncio.run(hermes.extract_tool_calls(turn_ids))
+                assert [c.name for c in calls] == ["code_interpreter"], turn_text
+                code = json.loads(calls[0].arguments)["code"]
+            else:
+                code = find_code_block(turn_text).code
+            (res,) = pool.map([code], timeout_s=tir.tool_timeout_s)
+            want = protocol.observation_ids(tok, protocol.observation(res), turn_text, turn_ids)
+            assert ids[spans[k][1] : spans[k][2]] == want, (tok.decode(ids[spans[k][1] : spans[k][2]]), want)
+            n_tool += 1
+    return n_tool
+
+
 def _verl_key(key: str) -> str:
     return {"train/grad_norm": "actor/grad_norm"}.get(key) or plugin_metrics.verl_metric_key(key)
 
@@ -314,12 +364,19 @@ def _tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-@pytest.mark.parametrize("agent_loop", AGENT_LOOPS)
-def test_verl_step_equals_the_local_trainer_on_the_same_batch(two_answer_model, tmp_path, agent_loop):
-    """2 problems x 4 samples, 2 mini-batches of 2 micro-batches each, ctpo loss."""
-    result = verl_step(two_answer_model, tmp_path, agent_loop=agent_loop)
+def test_verl_step_equals_the_local_trainer_on_the_same_batch(two_answer_model, tmp_path, pool):
+    """2 problems x 4 samples, 2 mini-batches of 2 micro-batches each, ctpo loss; once with each tool
+    protocol (fenced: ctpo_tir_agent; native: VERL's own ToolAgentLoop with Qwen3 tool calls)."""
+    protocol = TIRConfig.from_dict(two_answer_model["tir"]).protocol
+    result = verl_step(
+        two_answer_model,
+        tmp_path,
+        agent_loop=PROTOCOLS[protocol],
+        max_response_tokens=MAX_RESPONSE_TOKENS[protocol],
+    )
     table = check_step_against_local(result, two_answer_model, "ctpo")
     print(json.dumps({k: [v, o, rel(v, o) if o else math.nan] for k, (v, o) in table.items()}))
+    assert check_tool_turns(result, two_answer_model, pool) >= len(result.batch)  # the model uses the tool
     m = result.metrics
     assert m["server"] == "hf" and m["train/responses"] == 8
     assert 0 < m["train/reward_mean"] < 1 and m["train/grad_norm"] > 0
@@ -342,6 +399,7 @@ def test_verl_step_on_the_vllm_engine_equals_the_local_trainer(tmp_path_factory,
     result = verl_step(config, tmp_path, server="vllm")
     table = check_step_against_local(result, config, "ctpo")
     print(json.dumps({k: [v, o, rel(v, o) if o else math.nan] for k, (v, o) in table.items()}))
+    assert check_tool_turns(result, config, pool) >= len(result.batch)  # the model uses the tool
     assert result.metrics["server"] == "vllm" and result.metrics["train/responses"] == 8
 
 

@@ -182,7 +182,7 @@ def test_full_agent_loop_run_with_the_sandbox(monkeypatch, tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     study = yaml.safe_load((root / "experiments" / "paper.yaml").read_text())
-    study["tir"]["max_response_tokens"] = 600
+    study["tir"] = {"protocol": "fenced", "max_turns": 5, "max_response_tokens": 600}  # the tiny study's
     overrides = tv.build_overrides(study, "qwen3-4b", "ctpo", 0, tmp_path / "run")
     with initialize_config_dir(
         config_dir=str(Path(verl.trainer.__file__).parent / "config"), version_base=None
@@ -269,5 +269,5 @@ def test_verl_dataset_reads_our_parquet(tmp_path, monkeypatch):
     item = ds[1]
     assert len(ds) == 3 and item["agent_name"] == "ctpo_tir_agent" and item["index"] == 1
     assert [m["role"] for m in item["raw_prompt"]] == ["system", "user"]
-    assert item["raw_prompt"][0]["content"] == TIRConfig().system_prompt
+    assert item["raw_prompt"][0]["content"] == study["tir"]["system_prompt"]
     assert item["reward_model"]["ground_truth"] == "\\frac{1}{2}" and item["data_source"] == "hmmt_nov_2025"

@@ -9,6 +9,7 @@ tokens are compared with the HF model's scoring of exactly those tokens.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -30,15 +31,27 @@ the max norm, plus the subtracted logit), so 1e-4 leaves a 10x margin; a wrong t
 or distribution (raw instead of processed, bf16 instead of fp32) is off by 1e-2 to 1, far outside it."""
 
 
-def _eval(config: Path, base: Path, backend: str, out: Path) -> float:
+def _eval(config: Path, base: Path, backend: str, out: Path, n: int = N_PROBLEMS, k: int = K) -> float:
+    """Run the real `ctpo eval` on arith-easy (its first ``n`` problems, ``k`` samples each) with the token
+    ids saved; returns the wall seconds."""
     cmd = [sys.executable, "-m", "ctpo", "eval", "--config", str(config), "--model-path", str(base)]
-    cmd += ["--benchmark", "arith-easy", "--n", str(N_PROBLEMS), "--k", str(K), "--backend", backend]
+    cmd += ["--benchmark", "arith-easy", "--n", str(n), "--k", str(k), "--backend", backend]
     t0 = time.perf_counter()
     r = subprocess.run(
         [*cmd, "--out", str(out), "--save-token-ids"], capture_output=True, text=True, timeout=1800
     )
     assert r.returncode == 0, f"ctpo eval --backend {backend} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return time.perf_counter() - t0
+
+
+def mask_spans(mask: list[int]) -> list[tuple[int, int, int]]:
+    """The maximal runs of equal mask values, as (mask, start, end)."""
+    spans, start = [], 0
+    for m, group in itertools.groupby(mask):
+        end = start + len(list(group))
+        spans.append((m, start, end))
+        start = end
+    return spans
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +158,7 @@ def test_observations_are_masked_and_turns_end_at_the_code_fence(runs):
     n_obs = 0
     for s in samples:
         ids, mask, lps = s["response_ids"], s["response_mask"], s["behaviour_logprobs"]
-        runs_ = []  # maximal runs of equal mask: (mask, start, end)
-        for i, m in enumerate(mask):
-            if runs_ and runs_[-1][0] == m:
-                runs_[-1][2] = i + 1
-            else:
-                runs_.append([m, i, i + 1])
+        runs_ = mask_spans(mask)
         assert runs_[0][0] == 1
         for j, (m, a, b) in enumerate(runs_):
             text = tok.decode(ids[a:b], skip_special_tokens=True)

@@ -122,6 +122,7 @@ def test_schema_sections_match_the_modules_config_fields():
     from ctpo.diagnostics import ClipRanges
     from ctpo.lab import LabSettings
     from ctpo.losses import PolicyLossConfig
+    from ctpo.probe.settings import ProbeSettings
     from ctpo.tir.protocol import TIRConfig
     from ctpo.train.local import TrainConfig
     from ctpo.train.sft import SFTConfig
@@ -133,6 +134,7 @@ def test_schema_sections_match_the_modules_config_fields():
     assert _schema_props("sft") == _fields(SFTConfig)
     assert _schema_props("verl") == set(VERL_DEFAULTS)
     assert _schema_props("lab") == _fields(LabSettings)
+    assert _schema_props("probe") == _fields(ProbeSettings)
     schema = yaml.safe_load(SCHEMA.read_text())
     assert set(schema["properties"]["diagnostics"]["properties"]) == _fields(ClipRanges)
     from ctpo.tir.sandbox import SandboxPool
@@ -268,6 +270,22 @@ def test_dry_run_schedules_the_whole_matrix(tmp_path, name):
     assert (tmp_path / results / "config.resolved.yaml").is_file()  # every step reads the resolved copy
 
 
+def test_the_probe_is_opt_in_and_runs_on_the_studys_own_checkpoints(tmp_path):
+    out = _dry_run(tmp_path, "tiny", "probe")
+    assert job_counts(out) == {"mlflow_init": 1, "data": 1, "base": 1, "train": 1, "probe": 1}
+    (cmd,) = shell_commands(out, "probe")
+    assert "--base results/tiny/base/tiny-s " in cmd and "--trained results/tiny/runs/tiny-s/ctpo/s0 " in cmd
+    bad = _config("smoke")
+    bad["probe"] = {"model": "tiny-xs", "trained_method": "gspo"}  # not a run of the smoke matrix
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = snakemake(tmp_path, "-n", "probe", "--configfile", str(path))
+    assert (
+        proc.returncode != 0
+        and "tiny-xs/gspo/s0 is not in this study's `runs` matrix" in proc.stdout + proc.stderr
+    )
+
+
 def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
     out = _dry_run(tmp_path, "paper")
     blocks = [b for b in out.split("\n\n") if re.search(r"^rule train:", b, re.M)]
@@ -279,7 +297,11 @@ def test_paper_dag_trains_with_verl_on_gpus(tmp_path):
     data = shell_commands(out, "data")
     assert all("--parquet " in c for c in data)  # VERL reads parquet
     resolved = yaml.safe_load((tmp_path / "results/paper/config.resolved.yaml").read_text())
-    assert resolved["train"]["backend"] == "verl" and resolved["eval"] == {"backend": "vllm", "k": 32}
+    assert resolved["train"]["backend"] == "verl" and resolved["eval"]["backend"] == "vllm"
+    assert (resolved["eval"]["k"], resolved["eval"]["temperature"]) == (
+        32,
+        0.7,
+    )  # the release's N_VAL, VAL_TEMPERATURE
 
 
 def test_paper_dag_runs_preflight_before_work_left_only(tmp_path):
@@ -359,6 +381,14 @@ def test_smoke_study_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-5000:] + logs
     print(f"smoke study: {wall:.0f} s")
+    # every long job's log says where it got to (ctpo.progress): the warm-up, each training, each evaluation
+    job_logs = sorted((tmp_path / "results" / "smoke" / "logs").glob("[bte]*/*.log"))
+    assert {p.parent.name for p in job_logs} == {"base", "train", "eval"}
+    for p in job_logs:
+        finals = [
+            line for line in p.read_text().splitlines() if line.startswith("[") and line.endswith("| done")
+        ]
+        assert finals, f"{p} has no final progress line"
 
     results = tmp_path / "results" / "smoke"
     config = load_config(results / "config.resolved.yaml")

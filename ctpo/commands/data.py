@@ -52,7 +52,12 @@ def run(args: argparse.Namespace) -> int:
     split = records[0]["split"]
     line = f"ctpo data: {args.dataset} ({source}, split {split}): {len(records)} records -> {args.out}"
     if args.parquet:
-        data.to_verl_parquet(records, args.parquet, system_prompt=data.tir_system_prompt(config))
+        data.to_verl_parquet(
+            records,
+            args.parquet,
+            system_prompt=data.tir_system_prompt(config),
+            agent_name=data.tir_agent_name(config),
+        )
         line += f", {args.parquet}"
     print(line)
     return 0

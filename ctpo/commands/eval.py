@@ -35,6 +35,7 @@ from ctpo import data as datasets
 from ctpo.config import load_config
 from ctpo.eval import run_eval_many, sampling_from_config
 from ctpo.generation import make_generator
+from ctpo.progress import Progress
 from ctpo.reward import Grader
 from ctpo.tir.protocol import TIRConfig
 from ctpo.tir.sandbox import SandboxPool
@@ -94,6 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "to samples.jsonl",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar / lines (by default: a bar on a terminal, a line every 30 s in a log)",
+    )
     parser.add_argument(
         "--model", dest="model_name", help="label for the summary (default: from RUN or the Base)"
     )
@@ -203,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
             allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False)),
         ) as pool,
         Grader(workers=int(eval_cfg.get("grader_workers", 1))) as grader,
+        Progress(
+            f"eval {labels['model']}/{labels['method']}/s{labels['seed']}",
+            k * sum(len(records) for records in benchmarks.values()),
+            unit="episode",
+            enabled=not args.no_progress,
+        ) as progress,
     ):
         results = run_eval_many(
             generator,
@@ -215,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
             params=params,
             batched=together,
             with_ids=args.save_token_ids,
+            progress=progress,
         )
         gen_stats = getattr(generator, "stats", None)  # of the whole call: the same in every summary
         summaries = {}

@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override an sft option, e.g. --set steps=20 (value parsed as JSON when possible)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar / lines (by default: a bar on a terminal, a line every 30 s in a log)",
+    )
 
 
 def _parse_overrides(items: list[str]) -> dict:

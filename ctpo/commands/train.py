@@ -35,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: train.threads)")
     parser.add_argument("--max-steps", type=int, default=None, help="override train.steps (smoke tests)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar / lines (by default: a bar on a terminal, a line every 30 s in a log)",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",

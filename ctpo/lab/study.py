@@ -39,6 +39,7 @@ from ctpo.lab.mdp import (
 )
 from ctpo.lab.report import write_outputs
 from ctpo.lab.settings import LabSettings
+from ctpo.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +157,13 @@ def run_lab(
 
 def _run_experiments(out: Path, settings: LabSettings, methods: list[str], start: float) -> dict:
     skipped: list[str] = []
-    bias, positions = token_level_study(settings, methods, skipped)
-    ratio = ratio_variance_study(settings)
-    outcome, outcome_positions = outcome_study(settings, methods, skipped)
+    with Progress("lab", 3, unit="study") as progress:
+        bias, positions = token_level_study(settings, methods, skipped)
+        progress.update(finished="token-level advantage")
+        ratio = ratio_variance_study(settings)
+        progress.update(finished="ratio variance")
+        outcome, outcome_positions = outcome_study(settings, methods, skipped)
+        progress.update(finished="outcome reward")
     positions = pd.concat([positions, outcome_positions], ignore_index=True)
     compute_s = time.perf_counter() - start
     summary = write_outputs(out, settings, methods, bias, positions, ratio, outcome, compute_s)

@@ -37,7 +37,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ctpo.tir.protocol import build_prompt, find_code_block, format_observation
+from ctpo.tir import native
+from ctpo.tir.protocol import build_prompt, find_code_block
+from ctpo.tir.protocols import get_protocol
 
 DATA_SOURCE = "arith"
 
@@ -457,16 +459,30 @@ def execute_codes(pool: Any, codes: list[str], timeout_s: float = 10.0, batch: i
 
 
 def demonstrations(
-    records: list[dict[str, Any]], cfg: Any, pool: Any, mix: dict[str, float] | None = None, seed: int = 0
+    records: list[dict[str, Any]],
+    cfg: Any,
+    pool: Any,
+    mix: dict[str, float] | None = None,
+    seed: int = 0,
+    render: Any = None,
 ) -> list[dict[str, Any]]:
-    """Render one demonstration per record in the exact TIR turn format of `ctpo.tir.protocol`.
+    """Render one demonstration per record in the exact turn format of the config's tool protocol.
 
-    Returns dicts ``{"id", "style", "problem", "answer", "prompt", "segments"}`` where ``prompt`` is
-    `protocol.build_prompt` (plain layout: the tiny tokenizer has no chat template) and ``segments`` is
-    the response as ``[{"text", "policy": bool}]``: policy turns (`CODE_TURN`, or the final answer turn
-    whose EOS the tokenizer step appends) alternating with observations produced by
-    `protocol.format_observation` from really running each code block in ``pool``.
+    Returns dicts ``{"id", "style", "problem", "answer", "prompt", "segments"}``; ``segments`` is the
+    response as ``[{"text", "policy": bool}]``: policy turns alternating with observations produced by
+    the protocol from really running each code block in ``pool``.
+
+    - ``fenced`` (`ctpo.tir.protocol`): ``prompt`` is `protocol.build_prompt` (plain layout: the tiny
+      tokenizer has no chat template); a code turn is `CODE_TURN`, the final answer turn's EOS is
+      appended by the tokenizer step; observations are `protocol.format_observation` blocks.
+    - ``native`` (`ctpo.tir.native`, Qwen3's format): rendered with the chat renderer ``render``
+      (``ctpo.tiny.render_chat`` before a tokenizer exists); a code turn is its reasoning and one
+      ``<tool_call>`` block, every policy turn ends with ``<|im_end|>``, every observation is a tool turn.
     """
+    protocol = get_protocol(cfg)
+    is_native = protocol.name == "native"
+    if is_native and render is None:
+        raise ValueError("native demonstrations need a chat renderer (render=ctpo.tiny.render_chat)")
     rng = random.Random(f"ctpo.arith.demos/{seed}")
     styles = demonstration_styles(len(records), rng, mix or DEFAULT_MIX, cfg.max_turns, records)
     planned = [demonstration_turns(r, s, rng) for r, s in zip(records, styles)]
@@ -476,7 +492,12 @@ def demonstrations(
         texts = []
         for t in turns:
             if t["code"] is None:
-                texts.append((t["text"], None))
+                texts.append((t["text"] + native.END_OF_TURN if is_native else t["text"], None))
+                continue
+            if is_native:
+                text = native.tool_call_text(t["code"], t["text"])
+                code = native.code_of(native.parse_tool_calls(text)[0])[0]
+                texts.append((text + native.END_OF_TURN, code))
                 continue
             text = CODE_TURN.format(text=t["text"], code=t["code"])
             block = find_code_block(text)
@@ -492,14 +513,22 @@ def demonstrations(
         for text, code in texts:
             segments.append({"text": text, "policy": True})
             if code is not None:
-                segments.append({"text": format_observation(next(results), cfg), "policy": False})
+                observation = protocol.observation(next(results))
+                if is_native:
+                    observation = native.tool_turn_text(observation, render, cfg)
+                segments.append({"text": observation, "policy": False})
+        prompt = (
+            native.prompt_text(r["problem"], render, cfg)
+            if is_native
+            else build_prompt(r["problem"], None, cfg)
+        )
         demos.append(
             {
                 "id": r["id"],
                 "style": style,
                 "problem": r["problem"],
                 "answer": r["answer"],
-                "prompt": build_prompt(r["problem"], None, cfg),
+                "prompt": prompt,
                 "segments": segments,
             }
         )

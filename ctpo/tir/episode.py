@@ -1,17 +1,18 @@
 """The multi-turn TIR episode loop, written against a small generation interface.
 
-The local trainer (HF generate), the evaluator (vLLM) and VERL's tool all produce episodes
-through ``run_episodes``: a ``Generator`` turns token-id prompts into continuations, a sandbox
-pool runs code, ``ctpo.tir.protocol`` decides what each turn means.
+The local trainer (HF generate) and the evaluator (HF or vLLM) produce episodes through
+``run_episodes``: a ``Generator`` turns token-id prompts into continuations, a sandbox pool runs
+code, the tool protocol of ``tir.protocol`` (``ctpo.tir.protocols``: fenced blocks or Qwen3's native
+tool calls) decides what each turn means and how results are shown.
 
 Per turn, over all still-active episodes at once:
 
 1. one ``generator.generate`` call (contexts = prompt + response so far);
-2. per episode: keep at most the episode's remaining token budget, cut the turn after its
-   first complete ```python block (the cut tokens are removed from ids AND log-probs), apply
-   the stop conditions (``protocol.decide_turn``);
-3. one ``pool.map`` call over every code block to run; each observation is tokenised and
-   appended with mask 0 (and log-prob 0.0).
+2. per episode: keep at most the episode's remaining token budget, apply the protocol's stop
+   conditions (``decide_turn``), cut the turn where the protocol ends it (fenced: after its first
+   complete ```python block; the cut tokens are removed from ids AND log-probs);
+3. one ``pool.map`` call over every code to run; each observation (or a malformed call's error)
+   is tokenised by the protocol and appended with mask 0 (and log-prob 0.0).
 
 Token/text boundary: the policy's tokens are kept exactly as generated (never re-tokenised
 from text); only the observation text is tokenised, on its own. A trainer must use
@@ -33,15 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-from ctpo.tir.protocol import (
-    OBS_OPEN,
-    TIRConfig,
-    decide_turn,
-    encode_prompt,
-    find_code_block,
-    format_observation,
-    is_tool_error,
-)
+from ctpo.tir.protocol import OBS_OPEN, TIRConfig, is_tool_error
+from ctpo.tir.protocols import get_protocol
 
 # ---------------------------------------------------------------------------------------------
 # The generation interface (docs/interfaces.md)
@@ -142,6 +136,7 @@ class Episode:
 class _State:
     ep: Episode
     last_turn_text: str = ""
+    last_turn_ids: list[int] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -179,23 +174,26 @@ def run_episodes(
     cfg: TIRConfig,
     pool: SandboxPoolLike | None,
     params: SamplingParams,
+    on_turn: Callable[[int, int], None] | None = None,
 ) -> list[Episode]:
     """Run one TIR episode per problem (repeat a problem for several samples), batched.
 
     ``pool`` may be None only if no turn ever asks to run code (a ValueError says so otherwise).
-    See the module docstring for budgets and the token/text boundary.
+    ``on_turn(finished, total)`` is called after every turn with the number of finished episodes
+    (progress reporting). See the module docstring for budgets and the token/text boundary.
     """
     if params.n != 1:
         raise ValueError(
             f"run_episodes needs SamplingParams.n == 1 (repeat the problem instead), got {params.n}"
         )
+    protocol = get_protocol(cfg)
     prompt_cache: dict[str, list[int]] = {}
     states = []
     for p in problems:
         if p not in prompt_cache:
-            prompt_cache[p] = encode_prompt(p, tokenizer, cfg)
+            prompt_cache[p] = protocol.encode_prompt(p, tokenizer)
         states.append(_State(Episode(prompt_ids=list(prompt_cache[p]))))
-    stop = list(dict.fromkeys([*params.stop, *cfg.stop]))
+    stop = list(dict.fromkeys([*params.stop, *protocol.stop]))
     budget = cfg.max_response_tokens
 
     for turn in range(cfg.max_turns):
@@ -212,8 +210,8 @@ def run_episodes(
         if len(conts) != len(active):
             raise ValueError(f"generator returned {len(conts)} continuations for {len(active)} prompts")
 
-        # ---- 2. cut each turn to budget and to its first code block; decide -------------------
-        to_run: list[tuple[_State, str]] = []
+        # ---- 2. cut each turn to budget and where the protocol ends it; decide ----------------
+        to_run: list[tuple[_State, str | None, str | None]] = []  # (episode, code, or a call's error)
         for s, c in zip(active, conts):
             ep = s.ep
             ep.gen_time_s += gen_s
@@ -228,19 +226,19 @@ def run_episodes(
                 ids, finish = ids[:left], "length"
                 lps = None if lps is None else lps[:left]
             text = _decode(tokenizer, ids)
-            block = find_code_block(text)
-            if block is not None:
-                k = _cut_after_block(tokenizer, ids, text, block.end)
+            decision = protocol.decide_turn(text, finish, turn)
+            if decision.end is not None:  # the fenced protocol drops what follows the code block
+                k = _cut_after_block(tokenizer, ids, text, decision.end)
                 ids = ids[:k]
                 lps = None if lps is None else lps[:k]
                 text = _decode(tokenizer, ids)
-            decision = decide_turn(text, finish, turn, cfg)
 
             ep.response_ids += ids
             ep.response_mask += [1] * len(ids)
             if ep.behaviour_logprobs is not None:
                 ep.behaviour_logprobs = None if lps is None else ep.behaviour_logprobs + lps
             s.last_turn_text = text
+            s.last_turn_ids = ids
             if decision.void:
                 ep.num_void_turns += 1
             if decision.action == "finish":
@@ -248,26 +246,31 @@ def run_episodes(
             elif len(ep.response_ids) >= budget:
                 ep.finish = "max_tokens"
             else:
-                assert decision.block is not None
-                to_run.append((s, decision.block.code))
+                to_run.append((s, decision.code, decision.error))
 
-        # ---- 3. one pool.map over every code block; append observations (mask 0) --------------
+        # ---- 3. one pool.map over every code to run; append observations (mask 0) --------------
         if not to_run:
+            if on_turn is not None:
+                on_turn(sum(not s.active for s in states), len(states))
             continue
-        if pool is None:
+        codes = [code for _, code, error in to_run if error is None]
+        if codes and pool is None:
             raise ValueError("a turn asked to run code but run_episodes got pool=None; pass a SandboxPool")
         t0 = time.perf_counter()
-        results = pool.map([code for _, code in to_run], timeout_s=cfg.tool_timeout_s)
-        tool_s = time.perf_counter() - t0
-        for (s, _), res in zip(to_run, results):
+        results = iter(pool.map(codes, timeout_s=cfg.tool_timeout_s) if codes else [])
+        tool_s = time.perf_counter() - t0 if codes else 0.0
+        for s, _, error in to_run:
             ep = s.ep
-            ep.tool_time_s += tool_s
             ep.num_tool_calls += 1
-            ep.num_tool_errors += int(is_tool_error(res))
-            obs = format_observation(res, cfg)
-            if not s.last_turn_text.endswith("\n"):
-                obs = "\n" + obs
-            obs_ids = list(tokenizer.encode(obs, add_special_tokens=False))
+            if error is None:  # a malformed call is answered with its error, nothing runs
+                res = next(results)
+                ep.tool_time_s += tool_s
+                ep.num_tool_errors += int(is_tool_error(res))
+                obs = protocol.observation(res)
+            else:
+                ep.num_tool_errors += 1
+                obs = error
+            obs_ids = protocol.observation_ids(tokenizer, obs, s.last_turn_text, s.last_turn_ids)
             if len(ep.response_ids) + len(obs_ids) >= budget:
                 ep.finish = "max_tokens"  # no room left for a turn that could read it
                 continue
@@ -275,6 +278,8 @@ def run_episodes(
             ep.response_mask += [0] * len(obs_ids)
             if ep.behaviour_logprobs is not None:
                 ep.behaviour_logprobs += [0.0] * len(obs_ids)
+        if on_turn is not None:
+            on_turn(sum(not s.active for s in states), len(states))
 
     for s in states:
         ep = s.ep
@@ -294,7 +299,8 @@ class ScriptedGenerator:
     """A ``Generator`` that replays scripted turn texts token by token through a tokenizer.
 
     ``script`` maps a problem text to the list of its turn texts (turn i is chosen by counting
-    the observation blocks already in the context), or is a callable ``(context_text) -> str``.
+    the ``observation_marker`` strings already in the context: the fenced protocol's observation
+    opening, ``<tool_response>`` for the native one), or is a callable ``(context_text) -> str``.
     Each turn text is tokenised on its own (as a model would emit it) and emitted token by
     token, honouring EOS (the tokenizer's ``eos_token`` inside a text ends it, finish ``"eos"``),
     stop strings (finish ``"stop"``, the completing token kept) and ``max_new_tokens`` (finish
@@ -310,11 +316,13 @@ class ScriptedGenerator:
         script: dict[str, list[str]] | Callable[[str], str],
         logprob_fn: Callable[[list[int], int], float] | None = None,
         honour_stop: bool = True,
+        observation_marker: str = OBS_OPEN,
     ):
         self.tokenizer = tokenizer
         self.script = script
         self.logprob_fn = logprob_fn
         self.honour_stop = honour_stop
+        self.observation_marker = observation_marker
         self.calls: list[int] = []
         """Batch size of each generate call (for tests of batching)."""
 
@@ -326,7 +334,7 @@ class ScriptedGenerator:
             raise KeyError(f"ScriptedGenerator has no script for context {context[:120]!r}")
         problem = max(matches, key=len)
         turns = self.script[problem]
-        i = context.split(problem, 1)[1].count(OBS_OPEN)
+        i = context.split(problem, 1)[1].count(self.observation_marker)
         if i >= len(turns):
             raise IndexError(f"script has {len(turns)} turns, turn {i + 1} was requested")
         return turns[i]

@@ -1,7 +1,9 @@
-"""The tool-integrated reasoning (TIR) turn protocol: prompt, code blocks, observations, budgets.
+"""The tool-integrated reasoning (TIR) settings (``TIRConfig``, shared by both tool protocols) and the
+fenced protocol of the tiny study: prompt, code blocks, observations, budgets. The native protocol
+(Qwen3 function calling, the paper scale) is ``ctpo.tir.native``; ``ctpo.tir.protocols`` picks one.
 
-One episode is ONE assistant message that alternates policy text and tool output, as in
-SimpleTIR / ToRL (the paper follows SimpleTIR, Xue et al. 2025):
+In the fenced protocol one episode is ONE assistant message that alternates policy text and tool output,
+as in SimpleTIR / ToRL:
 
     <prompt> [turn 1: reasoning ... ```python\\ncode\\n```\\n] [```output\\nstdout\\n```\\n]
              [turn 2: reasoning ... \\boxed{answer}<eos>]
@@ -38,6 +40,17 @@ TIR_SYSTEM_PROMPT = (
     "Put the final answer in \\boxed{}."
 )
 """The default system prompt: reason, one ```python block per turn when it helps, answer in \\boxed{}."""
+
+NATIVE_SYSTEM_PROMPT = (
+    "Solve the problem step by step. When a computation would help, call the code_interpreter tool with a "
+    "Python program; what it prints is returned to you, after which you continue. Use print() to see "
+    "results. Put the final answer in \\boxed{}."
+)
+"""The native protocol's default system prompt (the tool itself is described by the chat template)."""
+
+PROTOCOLS = ("fenced", "native")
+"""Tool protocols (``ctpo.tir.protocols``): ``fenced`` python blocks with the output inside the assistant
+turn (the tiny study), ``native`` Qwen3 function calls with tool-role turns (the paper scale)."""
 
 PLAIN_TEMPLATE = "{system}\n\nProblem: {problem}\n\nSolution:\n"
 """Prompt layout for tokenizers without a chat template (the tiny model); ``{system}`` may be empty."""
@@ -91,14 +104,32 @@ class TIRConfig:
     """Use the tokenizer's chat template when it has one (Qwen3); otherwise ``PLAIN_TEMPLATE``."""
     enable_thinking: bool | None = None
     """Passed to the chat template (Qwen3's thinking switch); None leaves the template's default."""
-    system_prompt: str = TIR_SYSTEM_PROMPT
-    """System prompt; an empty string sends none."""
-    stop: tuple[str, ...] = (CODE_END_STOP,)
-    """Stop strings added to the sampling params each turn (saves compute; the loop also truncates)."""
+    system_prompt: str | None = None
+    """System prompt; an empty string sends none; None: the protocol's default (``TIR_SYSTEM_PROMPT`` or
+    ``NATIVE_SYSTEM_PROMPT``)."""
+    stop: tuple[str, ...] | None = None
+    """Stop strings added to the sampling params each turn (saves compute; the loop also truncates);
+    None: the protocol's (the end of a fenced block; none for ``native``, whose turns end at EOS)."""
     extra_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Further keyword arguments for ``tokenizer.apply_chat_template``."""
+    protocol: str = "fenced"
+    """How tool calls and results are written (``PROTOCOLS``): ``fenced`` (tiny study) or ``native``
+    (Qwen3 function calling, tool-role turns: the paper scale, as the authors' release ran it)."""
+    code_fallback: bool = False
+    """``native`` only: a turn without a ``<tool_call>`` block but with a fenced python block calls
+    ``code_interpreter`` with that code (the release's parser fallback, ``VERL_HERMES_FALLBACK=1``)."""
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"tir.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.code_fallback and self.protocol != "native":
+            raise ValueError(
+                "tir.code_fallback applies to the native protocol only (set tir.protocol: native)"
+            )
+        if self.system_prompt is None:
+            self.system_prompt = NATIVE_SYSTEM_PROMPT if self.protocol == "native" else TIR_SYSTEM_PROMPT
+        if self.stop is None:
+            self.stop = () if self.protocol == "native" else (CODE_END_STOP,)
         if self.max_turns < 1:
             raise ValueError(f"TIRConfig.max_turns must be >= 1, got {self.max_turns}")
         if self.max_response_tokens < 1:
@@ -215,7 +246,7 @@ class ExecResultLike(Protocol):
     truncated: bool
 
 
-_STATUS_MESSAGES = {
+STATUS_MESSAGES = {
     "timeout": "TimeoutError: execution exceeded the time limit",
     "memory": "MemoryError: execution exceeded the memory limit",
     "killed": "Killed: execution was terminated by a signal",
@@ -252,7 +283,7 @@ def observation_body(result: ExecResultLike, cfg: TIRConfig) -> str:
         return _head(stdout, limit) if stdout.strip() else "(no output)"
     err_lines = [ln for ln in (result.stderr or "").rstrip("\n").split("\n") if ln.strip()]
     error = "\n".join(err_lines[-cfg.obs_error_lines :]) if err_lines else ""
-    status_msg = _STATUS_MESSAGES.get(result.status)
+    status_msg = STATUS_MESSAGES.get(result.status)
     if status_msg and status_msg.split(":")[0] not in error:
         error = f"{error}\n{status_msg}" if error else status_msg
     if not error:

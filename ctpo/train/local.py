@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ctpo import atomic, data, tracking
 from ctpo.atomic import atomic_path
@@ -56,6 +55,7 @@ from ctpo.diagnostics import (
 from ctpo.eval import evaluate, sampling_from_config
 from ctpo.generation import HFGenerator
 from ctpo.losses import PolicyLossConfig, compute_policy_loss
+from ctpo.progress import Progress
 from ctpo.reward import Grader
 from ctpo.tir.protocol import TIRConfig
 from ctpo.tir.sandbox import SandboxPool
@@ -527,10 +527,9 @@ def train(
         run = stack.enter_context(
             _start_run(config, model_name, method, seed, cfg, loss_cfg, pool, base, out)
         )
-        bar = tqdm(
-            total=cfg.steps, initial=start_step, desc=f"{model_name}/{method}/s{seed}", disable=not progress
+        bar = stack.enter_context(
+            Progress(f"train {model_name}/{method}/s{seed}", cfg.steps, initial=start_step, enabled=progress)
         )
-        stack.enter_context(bar)
 
         def evaluate_now() -> dict[str, float]:
             return in_training_eval(model, tokenizer, eval_problems, cfg, config, tir_cfg, pool, grader)
@@ -587,8 +586,11 @@ def train(
                 metrics |= evaluate_now()
             metrics["time/step"] = time.perf_counter() - t_step
             metrics_log.append(metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['train/reward_mean']:.2f}", s=f"{metrics['time/step']:.1f}")
+            bar.update(
+                tokens=int(ro.batch.response_mask.sum()),
+                reward=metrics["train/reward_mean"],
+                **({"eval avg@k": metrics["eval/avg_at_k"]} if "eval/avg_at_k" in metrics else {}),
+            )
             if step_no % cfg.checkpoint_every == 0 or last:
                 wall = wall_before + time.perf_counter() - t_start
                 state = {"metrics": metrics_log.history, "diagnostics": windows.state_dict(), "wall_s": wall}

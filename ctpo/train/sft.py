@@ -26,8 +26,11 @@ import torch
 from ctpo import atomic, tiny, tracking
 from ctpo import data as datasets
 from ctpo.config import section
+from ctpo.progress import Progress
 from ctpo.tasks import arith
-from ctpo.tir.protocol import TIRConfig, encode_prompt
+from ctpo.tir import native
+from ctpo.tir.protocol import TIRConfig
+from ctpo.tir.protocols import get_protocol
 from ctpo.tir.sandbox import SandboxPool
 
 log = logging.getLogger(__name__)
@@ -96,12 +99,14 @@ class Example:
 
 def tokenize_demonstration(demo: dict[str, Any], tokenizer, cfg) -> Example:
     """Token ids + policy mask of a demonstration, laid out exactly like an RL episode: the prompt by
-    `protocol.encode_prompt`, each segment encoded on its own, EOS after the final policy turn."""
-    ids = list(encode_prompt(demo["problem"], tokenizer, cfg))
+    the tool protocol's ``encode_prompt``, each segment encoded on its own, EOS after the final policy
+    turn (unless the turn already ends with it, as every turn of the native protocol does)."""
+    ids = list(get_protocol(cfg).encode_prompt(demo["problem"], tokenizer))
     mask = [0] * len(ids)
     for i, seg in enumerate(demo["segments"]):
         seg_ids = list(tokenizer.encode(seg["text"], add_special_tokens=False))
-        if seg["policy"] and i == len(demo["segments"]) - 1:
+        last = seg_ids[-1] if seg_ids else None
+        if seg["policy"] and i == len(demo["segments"]) - 1 and last != tokenizer.eos_token_id:
             seg_ids.append(tokenizer.eos_token_id)
         ids += seg_ids
         mask += [1 if seg["policy"] else 0] * len(seg_ids)
@@ -178,17 +183,27 @@ def _autocast(precision: str, device: torch.device | str = "cpu"):
 def policy_token_loss(
     model, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over policy tokens (label != -100) of the batch."""
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    """Mean next-token cross-entropy over policy tokens (label != -100) of the batch.
+
+    The output layer and the softmax run on the positions that predict a policy token only: the decoder's
+    hidden states are gathered there first. Prompts, tool output and padding are a large share of a
+    demonstration's positions, and the vocabulary-sized projection and its log-softmax a large share of a
+    warm-up step (docs/findings/2026-12-05-cpu-study.md). The loss is the one of the full logits
+    (tests/test_sft.py compares value and gradient)."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
     target = labels[:, 1:]
-    n = int((target != -100).sum())
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
-    ) / max(n, 1)
+    keep = target != -100
+    n = int(keep.sum())
+    logits = model.get_output_embeddings()(hidden[keep])
+    if logits.dtype in (torch.float16, torch.bfloat16):  # bf16 autocast: the softmax in fp32
+        logits = logits.float()
+    loss = torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum") / max(n, 1)
     return loss, n
 
 
-def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) -> dict[str, Any]:
+def copy_warmup(
+    model, vocab: list[int], cfg: SFTConfig, progress: bool = True, label: str = "copy pre-phase"
+) -> dict[str, Any]:
     """A short pre-phase that teaches the random-init model to copy: sequences ``prefix, span, SEP, span``
     of random tokens, loss on the second span only.
 
@@ -198,8 +213,6 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
     of the loss and the template is learned first. On this pure copy task the same model forms them in
     ~150-200 steps of ~30-token sequences (a few seconds), after which the warm-up learns to *use* them.
     """
-    from tqdm.auto import tqdm
-
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     pool = torch.tensor(vocab, dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.copy_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -209,7 +222,8 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
     precision = resolve_precision(cfg.precision)
     sep = pool[0]
     acc = float("nan")
-    for step in tqdm(range(cfg.copy_steps), desc="copy", disable=not progress, mininterval=1.0):
+    bar = Progress(label, cfg.copy_steps, enabled=progress)
+    for step in range(cfg.copy_steps):
         seq = pool[torch.randint(1, len(pool), (b, span), generator=g)]
         pre = pool[torch.randint(1, len(pool), (b, prefix), generator=g)]
         x = torch.cat([pre, seq, sep.repeat(b, 1), seq], 1)
@@ -223,6 +237,7 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        bar.update(tokens=x.numel(), loss=out.loss.item())
         if step + 1 == cfg.copy_steps:
             acc = (
                 (out.logits[:, prefix + span : -1].argmax(-1) == x[:, prefix + span + 1 :])
@@ -230,15 +245,20 @@ def copy_warmup(model, vocab: list[int], cfg: SFTConfig, progress: bool = True) 
                 .mean()
                 .item()
             )
+    bar.close()
     return {"copy_steps": cfg.copy_steps, "copy_accuracy": acc, "copy_s": time.perf_counter() - t0}
 
 
 def train(
-    model, examples: list[Example], cfg: SFTConfig, pad_id: int, progress: bool = True, log_fn=None
+    model,
+    examples: list[Example],
+    cfg: SFTConfig,
+    pad_id: int,
+    progress: bool = True,
+    log_fn=None,
+    label: str = "warm-up",
 ) -> dict[str, Any]:
     """The warm-up loop; returns summary statistics. ``log_fn(metrics, step)`` receives metrics."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -255,8 +275,8 @@ def train(
     tokens = policy_tokens = 0
     window: list[float] = []
     first_loss = last_loss = float("nan")
-    bar = tqdm(batches, desc="sft", disable=not progress, mininterval=1.0)
-    for step, idx in enumerate(bar):
+    bar = Progress(label, len(batches), enabled=progress)
+    for step, idx in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         ids, attn, labels = _collate(examples, idx, pad_id)
@@ -269,12 +289,13 @@ def train(
         tokens += int(attn.sum())
         policy_tokens += n
         window.append(loss.item())
+        bar.update(tokens=int(attn.sum()))
         if step == 0:
             first_loss = loss.item()
         if (step + 1) % cfg.log_every == 0 or step + 1 == len(batches):
             last_loss = sum(window) / len(window)
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / elapsed:.0f}")
+            bar.set(loss=last_loss)
             if log_fn is not None:
                 log_fn(
                     {
@@ -286,6 +307,7 @@ def train(
                     step + 1,
                 )
             window = []
+    bar.close()
     model.eval()
     wall = time.perf_counter() - t0
     return {
@@ -297,6 +319,18 @@ def train(
         "tokens": tokens,
         "policy_tokens": policy_tokens,
         "tokens_per_s": tokens / max(wall, 1e-9),
+    }
+
+
+def protocol_options(tir_cfg: TIRConfig) -> dict[str, dict[str, Any]]:
+    """What the tool protocol asks of the demonstrations and the tokenizer: for ``native``, Qwen3's chat
+    format (the demonstrations rendered with `tiny.render_chat`; the tokenizer given `tiny.CHAT_TEMPLATE`,
+    Qwen3's tag tokens and ``<|im_end|>`` as EOS); nothing for ``fenced``."""
+    if tir_cfg.protocol != "native":
+        return {"demos": {}, "tokenizer": {}}
+    return {
+        "demos": {"render": tiny.render_chat},
+        "tokenizer": {"chat_template": tiny.CHAT_TEMPLATE, "added_tokens": native.TOKENS},
     }
 
 
@@ -314,8 +348,12 @@ def build_examples(
     records = datasets.load(
         source, split=train_spec.get("split", "train"), n=n, seed=int(train_spec.get("seed", 0))
     )
-    demos = arith.demonstrations(records, tir_cfg, pool, mix=sft.mix, seed=sft.seed)
-    tokenizer = tiny.build_tokenizer(corpus(demos), vocab_size=sft.vocab_size)
+    demos = arith.demonstrations(
+        records, tir_cfg, pool, mix=sft.mix, seed=sft.seed, **protocol_options(tir_cfg)["demos"]
+    )
+    tokenizer = tiny.build_tokenizer(
+        corpus(demos), vocab_size=sft.vocab_size, **protocol_options(tir_cfg)["tokenizer"]
+    )
     examples = [tokenize_demonstration(d, tokenizer, tir_cfg) for d in demos]
     return demos, tokenizer, examples
 
@@ -399,7 +437,9 @@ def run_sft(
             vocab = sorted(
                 {t for e in examples for t, m in zip(e.ids, e.mask) if m} - {tokenizer.eos_token_id}
             )
-            copy_stats = copy_warmup(model, vocab, sft, progress=progress)
+            copy_stats = copy_warmup(
+                model, vocab, sft, progress=progress, label=f"copy pre-phase {model_name}"
+            )
             if copy_stats["copy_accuracy"] < 0.9:
                 log.warning(
                     "sft %s: the copy pre-phase ended at %.0f%% copy accuracy, "
@@ -417,6 +457,7 @@ def run_sft(
             tokenizer.pad_token_id,
             progress=progress,
             log_fn=lambda m, s: run.log_metrics(m, step=s),
+            label=f"warm-up {model_name}",
         )
         stats.update(copy_stats)
         tiny.save_pretrained(model, tokenizer, out)

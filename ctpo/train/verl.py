@@ -4,8 +4,11 @@
 (model, method, seed) cell of a study config into the Hydra overrides of VERL's ``ppo_trainer.yaml``:
 
 * GRPO advantages over 8 responses per prompt, prompt batch 512, lr 1e-6, no KL, vLLM rollout;
-* the multi-turn tool loop of ``ctpo.backends.verl.agent_loop`` (≤ 5 policy turns, fenced python blocks run
-  by the project's sandbox, observations in the local protocol's format, 8,000 response tokens in all);
+* the multi-turn tool loop of the config's tool protocol (``tir.protocol``, ``ctpo.tir.protocols``): VERL's
+  own tool agent loop with Qwen3 function calls (``native``, the paper's) or ``ctpo_tir_agent`` with fenced
+  python blocks (``fenced``); ≤ 5 policy turns, code run by the project's sandbox, 8,000 response tokens;
+* VERL's rollout correction (``verl.rollout_correction``: importance weights for the trainer-vs-vLLM
+  mismatch), which the plug-in losses apply as VERL's built-in ones do;
 * the policy loss: VERL's ``vanilla`` (grpo) or ``gspo``, or our ``ctpo`` / ``ctpo_fixed`` / ``seq`` with
   hyper-parameters in :class:`~ctpo.backends.verl.config.CTPOPolicyLossConfig`;
 * the reward: ``ctpo.reward.compute_score`` for every data source;
@@ -22,14 +25,18 @@ The study config's ``verl:`` section (all optional; defaults are the paper's sin
       nnodes: 1                      # or $SLURM_NNODES when launched by ctpo/backends/verl/ray_slurm.sh
       n_gpus_per_node: 8
       ppo_mini_batch_size: 128       # prompts per optimizer step (512 / 128 = 4 updates per rollout)
-      ppo_max_token_len_per_gpu: 32768
+      ppo_micro_batch_size_per_gpu: null   # sequences per micro-batch; null: dynamic, by token count
+      ppo_max_token_len_per_gpu: 32768     # the dynamic micro-batches' token budget
       max_prompt_length: 2048
       tensor_model_parallel_size: 1  # vLLM rollout TP
       gpu_memory_utilization: 0.6
-      total_epochs: 1                # train.steps, when set, caps the run (trainer.total_training_steps)
+      total_epochs: null             # null: VERL's own (30); train.steps caps the run (total_training_steps)
       save_freq: 20                  # train.checkpoint_every wins when set
       val_n: 8                       # samples per problem of the in-training eval (Figure 2)
       val_temperature: 0.7
+      val_before_train: null         # null: when there is an in-training eval
+      val_benchmarks: null           # benchmarks of the in-training eval; null: the first one (Figure 2's)
+      rollout_correction: {}         # algorithm.rollout_correction.* (rollout_is, rollout_is_threshold, ...)
       builtin_losses: true           # grpo/gspo on VERL's vanilla/gspo; false: the plug-in's ctpo_grpo/..
       strategy: fsdp2
       env: {}                        # extra env vars for every Ray worker
@@ -55,9 +62,12 @@ from ctpo import atomic, data, losses, tracking
 from ctpo.backends.verl.metrics import figure1_data
 from ctpo.config import ConfigError, results_dir, section, train_section
 from ctpo.diagnostics import reference_ranges
+from ctpo.tir.protocol import TIRConfig
+from ctpo.tir.protocols import get_protocol
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "backends" / "verl"
 TOOL_CONFIG = PACKAGE_DIR / "tool_config.yaml"
+NATIVE_TOOL_CONFIG = PACKAGE_DIR / "tool_config_native.yaml"
 AGENT_LOOP_CONFIG = PACKAGE_DIR / "agent_loop.yaml"
 PLUGIN_MODULE = "ctpo.backends.verl.losses"
 POLICY_LOSS_TARGET = "ctpo.backends.verl.config.CTPOPolicyLossConfig"
@@ -78,21 +88,35 @@ VERL_DEFAULTS: dict[str, Any] = {
     "nnodes": 1,
     "n_gpus_per_node": 8,
     "ppo_mini_batch_size": 128,
+    "ppo_micro_batch_size_per_gpu": None,
     "ppo_max_token_len_per_gpu": 32768,
     "max_prompt_length": 2048,
     "tensor_model_parallel_size": 1,
     "gpu_memory_utilization": 0.6,
-    "total_epochs": 1,
+    "total_epochs": None,
     "total_training_steps": None,
     "save_freq": 20,
     "max_actor_ckpt_to_keep": 2,
     "strategy": "fsdp2",
     "val_n": 8,
     "val_temperature": 0.7,
+    "val_before_train": None,
+    "val_benchmarks": None,
+    "rollout_correction": {},
     "builtin_losses": True,
     "env": {},
     "overrides": [],
 }
+ROLLOUT_CORRECTION_KEYS = (
+    "rollout_is",
+    "rollout_is_threshold",
+    "rollout_is_batch_normalize",
+    "rollout_rs",
+    "rollout_rs_threshold",
+    "bypass_mode",
+    "loss_type",
+)
+"""VERL 0.9.1's ``algorithm.rollout_correction`` fields (its ``algorithm/rollout_correction.yaml``)."""
 TRAIN_DEFAULTS = {
     "prompts_per_step": 512,
     "group_size": 8,
@@ -269,15 +293,17 @@ def build_overrides(
     if n_gpus_per_node:
         v["n_gpus_per_node"] = int(n_gpus_per_node)
     train = {**TRAIN_DEFAULTS, **train_section(config, model)}
-    tir = dict(config.get("tir") or {})
-    max_turns = int(tir.get("max_turns", 5))
-    response_len = int(tir.get("max_response_tokens", 8000))
-    obs_chars = int(tir.get("obs_max_chars", 512))
+    tir = tir_config(config)
+    protocol = get_protocol(tir)
+    if tir.mask_void_turn_trajectories:
+        raise ConfigError(
+            "tir.mask_void_turn_trajectories is not implemented for the VERL trainer (its rollout keeps "
+            "every trajectory, as the authors' release ran with mask_void_turns=False); set it to false"
+        )
     data_dir = results_dir(config) / "data"
     train_file = data_dir / "train.parquet"
-    benchmarks = list((config.get("data") or {}).get("benchmarks") or {})  # the first is Figure 2's
-    val_file = data_dir / f"{benchmarks[0]}.parquet" if benchmarks else train_file
-    eval_every = int(train["eval_every"] or -1) if benchmarks else -1
+    val_files = [data_dir / f"{name}.parquet" for name in val_benchmarks(config, v)] or [train_file]
+    eval_every = int(train["eval_every"] or -1) if val_benchmarks(config, v) else -1
     sandbox = dict(config.get("sandbox") or {})
     out = Path(out)
     seed = int(seed)
@@ -285,8 +311,8 @@ def build_overrides(
     workers_env = {
         "VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULE,
         "TOKENIZERS_PARALLELISM": "false",
-        "CTPO_OBS_MAX_CHARS": str(obs_chars),
-        "CTPO_TOOL_TIMEOUT_S": str(float(tir.get("tool_timeout_s", 5.0))),
+        "CTPO_OBS_MAX_CHARS": str(tir.obs_max_chars),
+        "CTPO_TOOL_TIMEOUT_S": str(float(tir.tool_timeout_s)),
     }
     if sandbox.get("workers"):
         workers_env["CTPO_SANDBOX_WORKERS"] = str(int(sandbox["workers"]))
@@ -301,10 +327,10 @@ def build_overrides(
         "algorithm.use_kl_in_reward=false",
         # data: parquet written by `ctpo data --parquet` (chat prompt with the TIR system prompt)
         f"data.train_files={hydra_value(str(train_file))}",
-        f"data.val_files={hydra_value(str(val_file))}",
+        f"data.val_files={hydra_value([str(f) for f in val_files])}",
         f"data.train_batch_size={int(train['prompts_per_step'])}",
         f"data.max_prompt_length={int(v['max_prompt_length'])}",
-        f"data.max_response_length={response_len}",
+        f"data.max_response_length={tir.max_response_tokens}",
         "data.filter_overlong_prompts=true",
         "data.truncation=error",
         "data.return_raw_chat=true",
@@ -318,9 +344,9 @@ def build_overrides(
         f"{a}.strategy={v['strategy']}",
         f"{a}.optim.lr={hydra_value(float(train['lr']))}",
         f"{a}.ppo_mini_batch_size={int(v['ppo_mini_batch_size'])}",
-        f"{a}.use_dynamic_bsz=true",
-        f"{a}.ppo_max_token_len_per_gpu={int(v['ppo_max_token_len_per_gpu'])}",
+        *micro_batch_overrides(v),
         f"{a}.use_kl_loss=false",
+        f"{a}.kl_loss_coef=0",
         f"{a}.entropy_coeff=0",
         f"{a}.data_loader_seed={seed}",
         *policy_loss_overrides(config, method, builtin_losses=bool(v["builtin_losses"])),
@@ -336,16 +362,16 @@ def build_overrides(
         f"{r}.calculate_log_probs=true",
         f"{r}.tensor_model_parallel_size={int(v['tensor_model_parallel_size'])}",
         f"{r}.gpu_memory_utilization={hydra_value(float(v['gpu_memory_utilization']))}",
-        # multi-turn tool-integrated reasoning: our agent loop, parser and sandboxed tool
+        # multi-turn tool-integrated reasoning: the protocol's agent loop and parser, our sandboxed tool
         f"{r}.multi_turn.enable=true",
-        f"{r}.multi_turn.max_assistant_turns={max_turns}",
-        f"{r}.multi_turn.max_user_turns={max_turns}",
+        f"{r}.multi_turn.max_assistant_turns={tir.max_turns}",
+        f"{r}.multi_turn.max_user_turns={tir.max_turns}",
         f"{r}.multi_turn.max_parallel_calls=1",
-        f"{r}.multi_turn.max_tool_response_length={obs_chars + 32}",
-        f"{r}.multi_turn.tool_response_truncate_side=right",
-        f"{r}.multi_turn.format=ctpo_code",
-        f"{r}.multi_turn.tool_config_path={hydra_value(str(TOOL_CONFIG))}",
-        f"{r}.agent.default_agent_loop=ctpo_tir_agent",
+        f"{r}.multi_turn.max_tool_response_length={protocol.max_tool_response_length()}",
+        f"{r}.multi_turn.tool_response_truncate_side={protocol.verl.truncate_side}",
+        f"{r}.multi_turn.format={protocol.verl.parser}",
+        f"{r}.multi_turn.tool_config_path={hydra_value(str(PACKAGE_DIR / protocol.verl.tool_config))}",
+        f"{r}.agent.default_agent_loop={protocol.verl.agent}",
         f"{r}.agent.agent_loop_config_path={hydra_value(str(AGENT_LOOP_CONFIG))}",
         # reward: our grader for every data source
         "reward.custom_reward_function.path=pkg://ctpo.backends.verl.reward",
@@ -361,16 +387,18 @@ def build_overrides(
         f"trainer.save_freq={int(train['checkpoint_every'] or v['save_freq'])}",
         f"trainer.max_actor_ckpt_to_keep={int(v['max_actor_ckpt_to_keep'])}",
         f"trainer.test_freq={eval_every}",
-        f"trainer.val_before_train={hydra_value(eval_every > 0)}",
-        f"trainer.total_epochs={int(v['total_epochs'])}",
+        f"trainer.val_before_train={hydra_value(val_before_train(v, eval_every))}",
+        *rollout_correction_overrides(v),
     ]
+    if v["total_epochs"] is not None:  # else VERL's own (30), so that train.steps is what ends the run
+        ov.append(f"trainer.total_epochs={int(v['total_epochs'])}")
     steps = max_steps or v["total_training_steps"] or train["steps"]
     if steps:
         ov.append(f"trainer.total_training_steps={int(steps)}")
     # the chat template's switches (Qwen3's enable_thinking) as the local protocol passes them
-    template_kwargs = dict(tir.get("extra_template_kwargs") or {})
-    if tir.get("enable_thinking") is not None:
-        template_kwargs["enable_thinking"] = bool(tir["enable_thinking"])
+    template_kwargs = dict(tir.extra_template_kwargs)
+    if tir.enable_thinking is not None:
+        template_kwargs["enable_thinking"] = bool(tir.enable_thinking)
     ov += [
         f"+data.apply_chat_template_kwargs.{k}={hydra_value(x)}" for k, x in sorted(template_kwargs.items())
     ]
@@ -380,6 +408,63 @@ def build_overrides(
     ]
     ov += [str(x) for x in (v["overrides"] or [])]
     return ov
+
+
+def tir_config(config: dict[str, Any]) -> TIRConfig:
+    try:
+        return TIRConfig.from_dict(config.get("tir"))
+    except ValueError as exc:
+        raise ConfigError(f"tir section: {exc}") from None
+
+
+def val_benchmarks(config: dict[str, Any], v: dict[str, Any]) -> list[str]:
+    """Benchmarks of the in-training eval: ``verl.val_benchmarks``, else the first benchmark (Figure 2's)."""
+    benchmarks = list((config.get("data") or {}).get("benchmarks") or {})
+    names = v["val_benchmarks"] if v["val_benchmarks"] is not None else benchmarks[:1]
+    unknown = sorted(set(names) - set(benchmarks))
+    if unknown:
+        raise ConfigError(f"verl.val_benchmarks {unknown} are not data.benchmarks ({benchmarks})")
+    return list(names)
+
+
+def primary_val_source(config: dict[str, Any], model: str) -> str | None:
+    """The data source of the first in-training eval benchmark (Figure 2's curve)."""
+    names = val_benchmarks(config, verl_settings(config, model))
+    return data.resolve_name(data.dataset_entry(config, names[0])["source"]).name if names else None
+
+
+def val_before_train(v: dict[str, Any], eval_every: int) -> bool:
+    return bool(v["val_before_train"]) if v["val_before_train"] is not None else eval_every > 0
+
+
+def micro_batch_overrides(v: dict[str, Any]) -> list[str]:
+    """Actor (and rollout log-prob) micro-batches: fixed ``ppo_micro_batch_size_per_gpu`` sequences, or
+    dynamic ones of at most ``ppo_max_token_len_per_gpu`` tokens. Either way the loss is normalised by
+    the mini-batch (VERL's ``global_batch_info``), so the gradient does not depend on this choice."""
+    a, r = "actor_rollout_ref.actor", "actor_rollout_ref.rollout"
+    micro = v["ppo_micro_batch_size_per_gpu"]
+    if micro is None:
+        return [
+            f"{a}.use_dynamic_bsz=true",
+            f"{a}.ppo_max_token_len_per_gpu={int(v['ppo_max_token_len_per_gpu'])}",
+        ]
+    return [
+        f"{a}.use_dynamic_bsz=false",
+        f"{a}.ppo_micro_batch_size_per_gpu={int(micro)}",
+        f"{r}.log_prob_micro_batch_size_per_gpu={int(micro)}",
+    ]
+
+
+def rollout_correction_overrides(v: dict[str, Any]) -> list[str]:
+    """``algorithm.rollout_correction.*`` from ``verl.rollout_correction`` (unknown keys are an error)."""
+    rc = dict(v["rollout_correction"] or {})
+    unknown = sorted(set(rc) - set(ROLLOUT_CORRECTION_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown verl.rollout_correction key(s) {unknown}; "
+            f"VERL 0.9.1 has {list(ROLLOUT_CORRECTION_KEYS)}"
+        )
+    return [f"algorithm.rollout_correction.{k}={hydra_value(x)}" for k, x in rc.items()]
 
 
 def command(overrides: list[str], python: str | None = None) -> list[str]:
@@ -398,7 +483,9 @@ def ensure_parquet(config: dict[str, Any], name: str, path: Path) -> Path:
 
     jsonl = path.with_suffix(".jsonl")
     records = data.read_jsonl(jsonl) if jsonl.is_file() else data.load_entry(config, name)
-    return data.to_verl_parquet(records, path, system_prompt=data.tir_system_prompt(config))
+    return data.to_verl_parquet(
+        records, path, system_prompt=data.tir_system_prompt(config), agent_name=data.tir_agent_name(config)
+    )
 
 
 def run_from_args(args: Any, config: dict[str, Any]) -> int:
@@ -431,7 +518,7 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data_dir = results_dir(config) / "data"
     ensure_parquet(config, "train", data_dir / "train.parquet")
-    for name in list((config.get("data") or {}).get("benchmarks") or {})[:1]:  # the in-training eval set
+    for name in val_benchmarks(config, verl_settings(config, args.model)):  # the in-training eval sets
         ensure_parquet(config, name, data_dir / f"{name}.parquet")
 
     t0 = time.time()
@@ -467,7 +554,7 @@ def run_from_args(args: Any, config: dict[str, Any]) -> int:
                 file=sys.stderr,
             )
             return rc
-        final_step = collect_outputs(out)
+        final_step = collect_outputs(out, primary=primary_val_source(config, args.model))
         merge_final(out, final_step)
     done = {
         "mlflow_run_id": run_id,
@@ -512,10 +599,8 @@ def ours_metric_key(key: str) -> str:
             return key[len("actor/") :]
     if key.startswith("timing_s/"):
         return "time/" + key[len("timing_s/") :]
-    if (
-        key.startswith("val-core/") and "/mean@" in key
-    ):  # the in-training eval (Figure 2): mean reward = avg@n
-        return "eval/avg_at_k"
+    if key.startswith("val-core/") and "/mean@" in key:  # the in-training eval: mean reward = avg@n
+        return f"eval/{key.split('/')[1]}/avg_at_k"  # val-core/<data source>/reward/mean@n
     named = {
         "critic/score/mean": "train/reward_mean",
         "critic/rewards/mean": "train/reward_mean",
@@ -527,8 +612,11 @@ def ours_metric_key(key: str) -> str:
     return named.get(key, "verl/" + key)
 
 
-def collect_outputs(out: Path) -> int:
-    """VERL's file-logger records (all attempts) -> ``RUN/metrics.jsonl`` and ``RUN/diagnostics/``."""
+def collect_outputs(out: Path, primary: str | None = None) -> int:
+    """VERL's file-logger records (all attempts) -> ``RUN/metrics.jsonl`` and ``RUN/diagnostics/``.
+
+    The in-training eval of each validation data source is ``eval/<source>/avg_at_k``; ``primary`` (the
+    first validation benchmark's data source, Figure 2's) is also ``eval/avg_at_k``."""
     by_step: dict[int, dict[str, Any]] = {}
     for f in sorted(out.glob("verl_metrics.*.jsonl")):
         for line in f.read_text().splitlines():
@@ -547,6 +635,8 @@ def collect_outputs(out: Path) -> int:
             if isinstance(v, int | float) and not k.startswith(TOKEN_WEIGHTED_PREFIX)
         }
         row = {"step": step, **{ours_metric_key(k): v for k, v in nums.items()}}
+        if primary and f"eval/{primary}/avg_at_k" in row:
+            row["eval/avg_at_k"] = row[f"eval/{primary}/avg_at_k"]
         lines.append(json.dumps(row))
         if any(k.startswith("actor/diag/") for k in data):
             diag_dir.mkdir(exist_ok=True)

@@ -22,4 +22,4 @@ rule base:
         SOFTWARE
     shell:
         "ctpo sft --config {params.config} --model {wildcards.model} --out {params.out} --threads {threads}"
-        " --no-progress > {log} 2>&1"
+        " > {log} 2>&1"

@@ -10,6 +10,7 @@ from snakemake.utils import update_config, validate
 from ctpo import atomic
 from ctpo import config as ctpo_config
 from ctpo.config import ConfigError, run_matrix, validate_config
+from ctpo.probe.settings import ProbeSettings
 
 REPO = Path(workflow.basedir)
 SCHEMA = str(ctpo_config.SCHEMA)  # package data: `ctpo <step> --config` by hand applies the same file
@@ -116,6 +117,8 @@ def all_targets():
     ]
     if lab_enabled():
         targets.append(f"{R}/lab/lab_summary.json")
+    if (config.get("workflow") or {}).get("probe", False):
+        targets.append(f"{R}/probe/probe_summary.json")
     return targets
 
 
@@ -129,6 +132,7 @@ RESOURCE_DEFAULTS = {
     "train": {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpu": 0},
     "eval": {"threads": 1, "mem_mb": 4000, "runtime": 120, "gpu": 0},  # one job evaluates every benchmark
     "lab": {"threads": 1, "mem_mb": 2000, "runtime": 30, "gpu": 0},
+    "probe": {"threads": 1, "mem_mb": 4000, "runtime": 60, "gpu": 0},
     "analyze": {"threads": 1, "mem_mb": 2000, "runtime": 15, "gpu": 0},
     "figures": {"threads": 1, "mem_mb": 2000, "runtime": 15, "gpu": 0},
 }
@@ -216,3 +220,19 @@ def needs_preflight(*outputs):
         return [] if all(Path(o.format(**values)).exists() for o in outputs) else [PREFLIGHT]
 
     return inputs
+
+
+# `ctpo probe` (workflow/rules/probe.smk): the study's own checkpoints of `probe.model`.
+_PROBE = ProbeSettings.from_mapping(dict(config.get("probe") or {}))
+PROBE_DIR = f"{R}/probe"
+
+
+def probe_inputs(wildcards):
+    model, method, seed = _PROBE.model, _PROBE.trained_method, _PROBE.trained_seed
+    if (model, method, seed) not in RUNS:
+        raise WorkflowError(
+            f"probe: the trained run {model}/{method}/s{seed} is not in this study's `runs` matrix; set "
+            "probe.model, probe.trained_method and probe.trained_seed to one of its runs"
+        )
+    base = [f"{R}/base/{model}/sft_summary.json"] if is_tiny(model) else []
+    return [*base, f"{run_dir(model, method, seed)}/DONE.json"]

@@ -39,5 +39,5 @@ rule train:
     shell:
         "{params.launcher}ctpo train --config {params.config} --model {wildcards.model}"
         " --method {wildcards.method}"
-        " --seed {wildcards.seed} --base {params.base} --out {params.out} --threads {threads} --no-progress"
+        " --seed {wildcards.seed} --base {params.base} --out {params.out} --threads {threads}"
         " >> {log} 2>&1"

@@ -1,9 +1,17 @@
-"""VERL's multi-turn tool loop speaking the TIR protocol of ``ctpo.tir.protocol``.
+"""VERL's multi-turn tool loop speaking the two tool protocols of ``ctpo.tir.protocols``.
 
-VERL's ``ToolAgentLoop`` expects JSON tool calls and answers in a new chat turn. Our protocol is the local
-trainer's: within one assistant turn the model writes a fenced ```python block, generation stops at the end
-of the block, the sandbox output is appended as an ```output block (mask 0: not the policy's tokens), and the
-model continues, for at most ``max_assistant_turns`` policy turns. Two small pieces adapt VERL to it:
+**Native** (Qwen3 function calling, the paper scale): VERL's own ``ToolAgentLoop``, registered under the
+name ``ctpo_tool_agent`` only so that loading it imports this module, with the parser
+:class:`NativeToolParser` (``multi_turn.format=ctpo_hermes``, or ``ctpo_hermes_fallback`` for
+``tir.code_fallback``), which reads calls exactly as ``ctpo.tir.native.parse_tool_calls`` does for the
+local loop: VERL's ``hermes`` reading of ``<tool_call>`` blocks, plus an error observation for a malformed
+block (handed to the ``code_interpreter`` tool) and, optionally, the release's fenced-block fallback.
+
+**Fenced** (the tiny study): VERL's ``ToolAgentLoop`` expects JSON tool calls and answers in a new chat
+turn. The fenced protocol is the local trainer's: within one assistant turn the model writes a fenced
+```python block, generation stops at the end of the block, the sandbox output is appended as an ```output
+block (mask 0: not the policy's tokens), and the model continues, for at most ``max_assistant_turns``
+policy turns. Two small pieces adapt VERL to it:
 
 * :class:`FencedCodeToolParser` (``multi_turn.format=ctpo_code``): the first complete ```python block of a
   turn is a call of the ``python`` tool; no block means the episode is over.
@@ -21,9 +29,49 @@ from verl.experimental.agent_loop.agent_loop import register
 from verl.experimental.agent_loop.tool_agent_loop import AgentData, AgentState, ToolAgentLoop
 from verl.experimental.agent_loop.tool_parser import FunctionCall, ToolParser
 
+from ctpo.backends.verl.tool import MALFORMED_CALL
+from ctpo.tir import native
 from ctpo.tir.protocol import TIRConfig, find_code_block
 
+__all__ = ["FencedCodeToolParser", "NativeToolParser", "TIRAgentLoop", "ToolAgentLoop", "parse_turn"]
+
 TOOL_NAME = "python"
+
+
+@ToolParser.register("ctpo_hermes")
+class NativeToolParser(ToolParser):
+    """The native protocol's calls (``ctpo.tir.native.parse_tool_calls``) as VERL ``FunctionCall`` s.
+
+    Well-formed ``<tool_call>`` blocks give what VERL's ``hermes`` parser gives; a malformed block becomes a
+    ``code_interpreter`` call carrying its error (the tool answers with it) instead of being dropped."""
+
+    code_fallback = False
+
+    async def extract_tool_calls(
+        self, responses_ids: list[int], tools=None
+    ) -> tuple[str, list[FunctionCall]]:
+        text = self.tokenizer.decode(responses_ids)
+        return native_turn(text, self.code_fallback)
+
+
+@ToolParser.register("ctpo_hermes_fallback")
+class NativeToolParserWithFallback(NativeToolParser):
+    """``ctpo_hermes`` plus the release's fallback: fenced python blocks are ``code_interpreter`` calls."""
+
+    code_fallback = True
+
+
+def native_turn(text: str, code_fallback: bool = False) -> tuple[str, list[FunctionCall]]:
+    """(content, calls) of one generated turn of the native protocol; the content is the text without its
+    ``<tool_call>`` blocks, as ``hermes`` returns it."""
+    calls = []
+    for call in native.parse_tool_calls(text, code_fallback):
+        if call.error is not None:
+            arguments = json.dumps({MALFORMED_CALL: call.error}, ensure_ascii=False)
+            calls.append(FunctionCall(name=native.TOOL_NAME, arguments=arguments))
+        else:
+            calls.append(FunctionCall(name=call.name, arguments=call.arguments))
+    return native.strip_tool_calls(text), calls
 
 
 @ToolParser.register("ctpo_code")

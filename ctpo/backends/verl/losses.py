@@ -10,6 +10,12 @@ with (B, T) tensors per micro-batch, ``config.policy_loss`` the policy-loss conf
 normalisers (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor), which the core applies
 itself, so a mini-batch split into micro-batches and data-parallel ranks gives the same gradient.
 
+``rollout_is_weights`` (VERL's rollout correction, ``algorithm.rollout_correction.rollout_is``) are the
+truncated importance weights π_old/π_rollout between the trainer's recomputed log-probs and the rollout
+engine's (vLLM's numerics differ from FSDP's). They correct a different mismatch than the ratio designs
+(π_θ/π_old, the policy change since the rollout), so both apply: each token's loss is multiplied by its
+weight before aggregation, exactly as VERL's ``vanilla`` loss does (the authors' release does the same).
+
 Metrics: the core's (``actor/clip/...``, ``actor/ratio/...``), VERL's usual three (``actor/pg_clipfrac``,
 ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``), token-share-weighted copies of the token means
 (``actor/tokw/...``) and the per-position diagnostics (``actor/diag/pos/...``); see
@@ -102,13 +108,6 @@ def make_policy_loss(method: str):
         config: Any = None,
         rollout_is_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        if rollout_is_weights is not None:
-            raise NotImplementedError(
-                f"policy loss {method!r}: VERL's rollout correction "
-                "(algorithm.rollout_correction.rollout_is) "
-                "re-weights tokens on top of the importance ratio; the ctpo losses already correct for the "
-                "behaviour policy. Leave rollout_is unset (null) with the ctpo losses."
-            )
         pl = _policy_loss_config(config)
         cfg = core_config(method, pl, loss_agg_mode)
         loss, core_metrics = core.compute_policy_loss(
@@ -118,6 +117,7 @@ def make_policy_loss(method: str):
             response_mask,
             cfg,
             global_batch_info=_global_batch_info(config),
+            rollout_is_weights=rollout_is_weights,
         )
         metrics: dict[str, Any] = {verl_metric_key(k): v for k, v in core_metrics.items()}
         # VERL's own names too, so dashboards compare built-in and plug-in losses directly.

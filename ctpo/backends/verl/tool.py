@@ -1,9 +1,14 @@
-"""A VERL tool that runs the model's code in ctpo's sandbox and returns the protocol's observation.
+"""VERL tools that run the model's code in ctpo's sandbox and return the tool protocol's observation.
 
 One ``SandboxPool`` per process (an agent-loop worker), created on first use and shared by every
 trajectory; ``execute`` hands the blocking ``pool.run`` to a thread so the event loop keeps serving other
-trajectories. The response text is exactly what the local episode loop appends after a code block
-(``ctpo.tir.protocol.format_observation``), so both trainers show the model the same observations.
+trajectories. Each tool answers exactly what the local episode loop shows the model for its protocol:
+
+* ``python`` (fenced protocol, ``tool_config.yaml``): the ```` ```output ```` block
+  (``ctpo.tir.protocol.format_observation``), appended inside the assistant turn by ``ctpo_tir_agent``;
+* ``code_interpreter`` (native protocol, ``tool_config_native.yaml``): stdout then stderr
+  (``ctpo.tir.native.observation_text``), which VERL's tool agent loop cuts to
+  ``max_tool_response_length`` and renders as a tool turn.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ class SandboxPythonTool(BaseTool):
         self.allow_weaker_isolation = bool(config.get("allow_weaker_isolation", False))
         self.tir = TIRConfig(obs_max_chars=obs_max_chars, tool_timeout_s=self.timeout_s)
 
+    async def _run(self, code: str):
+        pool = shared_pool(self.workers, self.allow_weaker_isolation)
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: pool.run(code, timeout_s=self.timeout_s)
+        )
+
     async def execute(
         self, instance_id: str, parameters: dict[str, Any], **kwargs
     ) -> tuple[ToolResponse, float, dict]:
@@ -55,9 +66,30 @@ class SandboxPythonTool(BaseTool):
         code = parameters.get("code", "") if isinstance(parameters, dict) else ""
         if not isinstance(code, str) or not code.strip():
             return ToolResponse(text="```output\nError: no code to run\n```\n"), 0.0, {"tool_error": 1.0}
-        pool = shared_pool(self.workers, self.allow_weaker_isolation)
-        result = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: pool.run(code, timeout_s=self.timeout_s)
-        )
+        result = await self._run(code)
         text = format_observation(result, self.tir)
         return ToolResponse(text=text), 0.0, {"tool_error": float(is_tool_error(result))}
+
+
+MALFORMED_CALL = "__ctpo_malformed_call__"
+"""Argument key by which the ``ctpo_hermes`` parser hands a malformed ``<tool_call>`` to the tool, so the
+model gets the protocol's error observation (VERL's ``hermes`` parser would drop the call)."""
+
+
+class SandboxCodeInterpreterTool(SandboxPythonTool):
+    """``code_interpreter(code)`` of the native protocol: the response is the program's stdout then stderr
+    (``ctpo.tir.native.observation_text``); a malformed call or missing code gets the protocol's error."""
+
+    async def execute(
+        self, instance_id: str, parameters: dict[str, Any], **kwargs
+    ) -> tuple[ToolResponse, float, dict]:
+        from ctpo.tir.native import code_argument, observation_text
+        from ctpo.tir.protocol import is_tool_error
+
+        if isinstance(parameters, dict) and MALFORMED_CALL in parameters:
+            return ToolResponse(text=str(parameters[MALFORMED_CALL])), 0.0, {"tool_error": 1.0}
+        code, error = code_argument(parameters)
+        if error is not None:
+            return ToolResponse(text=error), 0.0, {"tool_error": 1.0}
+        result = await self._run(code)
+        return ToolResponse(text=observation_text(result)), 0.0, {"tool_error": float(is_tool_error(result))}
