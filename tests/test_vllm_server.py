@@ -159,9 +159,14 @@ def test_max_tokens_and_the_per_turn_cap(server, prompts):
 def test_stop_token_ids_end_a_turn_and_are_kept(server, hf, prompts):
     """VERL's tool parsers add stop_token_ids: the turn ends at the first one, which stays in the output."""
     _, tok = hf
-    (probe,) = _generate(server, prompts[:1], temperature=0.0, stop=[], max_tokens=12)
+    for prompt in prompts:  # the first prompt whose greedy turn has a fifth token (some end sooner)
+        (probe,) = _generate(server, [prompt], temperature=0.0, stop=[], max_tokens=12)
+        if len(probe.token_ids) > 5:
+            break
+    else:
+        pytest.fail("no prompt's greedy turn is longer than 5 tokens")
     stop_id = probe.token_ids[4]  # the greedy turn's fifth token
-    (out,) = _generate(server, prompts[:1], temperature=0.0, stop=[], max_tokens=12, stop_token_ids=[stop_id])
+    (out,) = _generate(server, [prompt], temperature=0.0, stop=[], max_tokens=12, stop_token_ids=[stop_id])
     assert out.token_ids == probe.token_ids[: probe.token_ids.index(stop_id) + 1]
     assert tok.decode(out.token_ids)
 
