@@ -116,7 +116,10 @@ def test_avg_at_k_agrees_within_paired_standard_error(runs):
         f"hf {sh['avg_at_k']:.3f} ± {sh['avg_at_k_se']:.3f}, paired difference {mean:+.3f} ± {se:.3f}; "
         f"wall vllm {runs['vllm'][2]:.0f}s (engine start included), hf {runs['hf'][2]:.0f}s"
     )
-    assert sv["avg_at_k"] > 0.1 and sh["avg_at_k"] > 0.1, "the Base should solve some easy problems"
+    # The floor only rules out a Base that solves nothing (a vacuous 0 ± 0 comparison); the test recipe's
+    # Base scores ~0.2 ± 0.05 on these problems, so 0.05 sits ~3 SE below it (vLLM sampling is not
+    # reproducible run to run on CPU).
+    assert sv["avg_at_k"] > 0.05 and sh["avg_at_k"] > 0.05, "the Base should solve some easy problems"
     assert abs(mean) <= 3 * se + 1e-9
 
 
