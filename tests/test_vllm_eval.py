@@ -54,6 +54,28 @@ def mask_spans(mask: list[int]) -> list[tuple[int, int, int]]:
     return spans
 
 
+def logprob_gap(model_path, samples: list[dict], temperature: float) -> tuple[float, int]:
+    """Max |vLLM behaviour log-prob − the HF model's log-softmax at the same token| over the samples' policy
+    tokens, and how many tokens that covers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctpo.generation import sequence_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    vocab = len(AutoTokenizer.from_pretrained(model_path))
+    worst, n_tokens = 0.0, 0
+    for s in samples:
+        assert max(s["response_ids"]) < vocab, "a token from vLLM's padded vocabulary rows"
+        seq = s["prompt_ids"] + s["response_ids"]
+        (ref,) = sequence_logprobs(model, [seq], [len(s["prompt_ids"])], temperature=temperature)
+        for lp, r, m in zip(s["behaviour_logprobs"], ref, s["response_mask"]):
+            if m:
+                worst = max(worst, abs(lp - r))
+                n_tokens += 1
+    return worst, n_tokens
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_s_base, tmp_path_factory):
     """(summary, samples, wall seconds) of `ctpo eval` with each backend on the same problems."""
@@ -126,24 +148,8 @@ def test_avg_at_k_agrees_within_paired_standard_error(runs):
 def test_vllm_logprobs_equal_hf_scoring_of_the_same_tokens(runs, tiny_s_base):
     """vLLM's behaviour log-probs of its sampled tokens == log-softmax of the HF model's logits (T=1) at
     those tokens, position by position, across turns and observations."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ctpo.generation import sequence_logprobs
-
     _, samples, _ = runs["vllm"]
-    temperature = float(runs["config"]["eval"]["temperature"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_s_base, dtype=torch.float32).eval()
-    vocab = len(AutoTokenizer.from_pretrained(tiny_s_base))
-    worst, n_tokens = 0.0, 0
-    for s in samples:
-        seq = s["prompt_ids"] + s["response_ids"]
-        assert max(s["response_ids"]) < vocab, "a token from vLLM's padded vocabulary rows"
-        (ref,) = sequence_logprobs(model, [seq], [len(s["prompt_ids"])], temperature=temperature)
-        for lp, r, m in zip(s["behaviour_logprobs"], ref, s["response_mask"]):
-            if m:
-                worst = max(worst, abs(lp - r))
-                n_tokens += 1
+    worst, n_tokens = logprob_gap(tiny_s_base, samples, float(runs["config"]["eval"]["temperature"]))
     print(f"log-probs of {n_tokens} vLLM-sampled tokens vs HF scoring: max |diff| = {worst:.2e}")
     assert n_tokens > 1000
     assert worst <= LOGPROB_TOL

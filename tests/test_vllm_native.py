@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_vllm_eval import LOGPROB_TOL, _eval, mask_spans
+from test_vllm_eval import LOGPROB_TOL, _eval, logprob_gap, mask_spans
 
 from ctpo import data, tiny
 from ctpo.tir import native
@@ -130,23 +130,8 @@ def test_vllm_episodes_are_native_episodes(runs, pool):
 
 def test_vllm_logprobs_equal_hf_scoring_of_the_same_tokens(runs):
     """As `test_vllm_eval.py`'s check, on native episodes (tool-role turns between the policy turns)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ctpo.generation import sequence_logprobs
-
     _, samples = runs["vllm"]
-    temperature = float(runs["config"]["eval"]["temperature"])
-    model = AutoModelForCausalLM.from_pretrained(runs["model_path"], dtype=torch.float32).eval()
-    worst, n_tokens = 0.0, 0
-    for s in samples:
-        (ref,) = sequence_logprobs(
-            model, [s["prompt_ids"] + s["response_ids"]], [len(s["prompt_ids"])], temperature=temperature
-        )
-        for lp, r, m in zip(s["behaviour_logprobs"], ref, s["response_mask"]):
-            if m:
-                worst = max(worst, abs(lp - r))
-                n_tokens += 1
+    worst, n_tokens = logprob_gap(runs["model_path"], samples, float(runs["config"]["eval"]["temperature"]))
     print(f"native: log-probs of {n_tokens} vLLM-sampled tokens vs HF scoring: max |diff| = {worst:.2e}")
     assert n_tokens > 200
     assert worst <= LOGPROB_TOL
