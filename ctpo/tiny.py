@@ -240,8 +240,10 @@ def build_model(preset: str, tokenizer, seed: int = 0, **overrides: Any):
     import torch
     from transformers import GenerationConfig, Qwen3ForCausalLM
 
+    from ctpo.attention import register
+
     cfg = model_config(preset, tokenizer, **overrides)
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = register()
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg).float()
     model.generation_config = GenerationConfig(
@@ -273,10 +275,14 @@ def load_pretrained(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) from a folder written by `save_pretrained` (or any local HF causal LM)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ctpo.attention import register
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json); run `ctpo sft` first")
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", attn_implementation=register()).to(
+        device
+    )
     return model, tokenizer

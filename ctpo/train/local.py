@@ -377,8 +377,10 @@ def _load_policy(base: str | Path, cfg: TrainConfig):
     """Tokenizer, model (float32), AdamW and its linear warm-up schedule."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ctpo.attention import register
+
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation=register())
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
     )
