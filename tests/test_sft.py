@@ -107,3 +107,19 @@ def test_policy_token_loss_is_the_full_logits_loss_in_value_and_gradient():
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_policy_token_loss_refuses_rows_that_are_not_right_padded():
+    """The loss passes no attention mask (causal attention never sees trailing padding): a left-padded or
+    holed row would silently attend to padding, so it is refused."""
+    from ctpo.train.sft import _collate, policy_token_loss
+
+    ex = _examples(3)
+    ex[1] = type(ex[1])(ids=ex[1].ids[:15], mask=ex[1].mask[:15], style="tool")
+    ids, attn, labels = _collate(ex, [0, 1, 2], pad_id=0)
+    model = _model()
+    policy_token_loss(model, ids, attn, labels)  # right-padded: fine
+    left = attn.clone()
+    left[1] = attn[1].flip(0)
+    with pytest.raises(ValueError, match="right-padded"):
+        policy_token_loss(model, ids, left, labels)

@@ -189,8 +189,18 @@ def policy_token_loss(
     hidden states are gathered there first. Prompts, tool output and padding are a large share of a
     demonstration's positions, and the vocabulary-sized projection and its log-softmax a large share of a
     warm-up step (docs/findings/2026-12-05-cpu-study.md). The loss is the one of the full logits
-    (tests/test_sft.py compares value and gradient)."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    (tests/test_sft.py compares value and gradient).
+
+    Rows must be right-padded (`_collate`'s layout; ``attn`` says where): under causal attention a row's
+    tokens never see the padding after them, so no mask is passed and the attention kernel applies its own
+    causal mask instead of a materialised (batch, 1, width, width) one (1.03x tokens/s,
+    docs/findings/2026-12-05-cpu-study.md)."""
+    if not (bool(attn[:, 0].all()) and bool((attn[:, 1:] <= attn[:, :-1]).all())):
+        raise ValueError(
+            "policy_token_loss needs right-padded rows (every row's attention mask 1...1 0...0, "
+            "as ctpo.train.sft._collate builds them)"
+        )
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state[:, :-1]
     target = labels[:, 1:]
     keep = target != -100
     n = int(keep.sum())
