@@ -167,6 +167,54 @@ def new_kv_cache():
     return Cache(layer_class_to_replicate=_growing_kv_layer())
 
 
+@dataclass
+class _Prefix:
+    """One row's KV cache from the previous call: the tokens it covers (the row's prompt and the
+    generated tokens that were fed back) and, per layer, keys and values (kv_heads, len, head_dim)."""
+
+    tokens: list[int]
+    prompt_len: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _match_prefixes(stash: list[_Prefix], prompts: list[list[int]]) -> list[tuple[_Prefix | None, int]]:
+    """For each prompt, a stashed row whose tokens it starts with, and how many of them to reuse.
+
+    A turn's prompts are the previous turn's live episodes, in the same order, each extended by its kept
+    tokens and the tool's output; finished episodes drop out. So the stash is walked in order: a prompt
+    takes the first entry (from where the last match left off) whose whole previous prompt it contains.
+    Correctness does not depend on finding "its" entry: the keys and values of a token depend only on the
+    tokens before it, so any common prefix is valid to reuse. At least the prompt's last token is always
+    computed afresh (its logits are what the first new token is sampled from)."""
+    out: list[tuple[_Prefix | None, int]] = []
+    q = 0
+    for p in prompts:
+        match: tuple[_Prefix | None, int] = (None, 0)
+        for j in range(q, len(stash)):
+            e = stash[j]
+            if len(p) > e.prompt_len and p[: e.prompt_len] == e.tokens[: e.prompt_len]:
+                match = (e, min(_common_prefix(e.tokens, p), len(p) - 1))
+                q = j + 1
+                break
+        out.append(match)
+    return out
+
+
 def _call_seed(seed: int, prompts: list[list[int]]) -> int:
     h = zlib.crc32(repr(int(seed)).encode())
     for p in prompts:
@@ -185,6 +233,12 @@ class HFGenerator:
     docs/findings/2026-11-26-eval-batching.md).
     ``max_batch_size`` splits a call into chunks (memory on GPU); None = one call for everything.
     ``stats`` accumulates per-call timings and token counts for profiling.
+
+    ``prefix_cache`` (loop engine): the KV cache of every row of a call is kept until the next call, and a
+    prompt that continues one of those rows (an episode's next turn: its context, the kept tokens, the
+    tool's output) reuses it, so only the new tokens are prefilled instead of the whole context again. Kept
+    only while the model's weights are unchanged (their version counters), for one call. The reused keys
+    and values equal a fresh prefill's up to float rounding (tests/test_generation.py).
     """
 
     def __init__(
@@ -194,6 +248,7 @@ class HFGenerator:
         device: str | torch.device | None = None,
         max_batch_size: int | None = None,
         engine: str = "loop",
+        prefix_cache: bool = True,
     ):
         if engine not in ("loop", "generate"):
             raise ValueError(f"HFGenerator engine must be 'loop' or 'generate', got {engine!r}")
@@ -209,7 +264,22 @@ class HFGenerator:
             else tokenizer.eos_token_id
         )
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        self.stats = {"calls": 0, "rows": 0, "new_tokens": 0, "steps": 0, "gen_s": 0.0}
+        self.prefix_cache = prefix_cache and engine == "loop"
+        self._stash: list[_Prefix] = []
+        self._stash_key: tuple | None = None
+        self.stats = {
+            "calls": 0,
+            "rows": 0,
+            "new_tokens": 0,
+            "steps": 0,
+            "gen_s": 0.0,
+            "prompt_tokens": 0,
+            "reused_tokens": 0,
+        }
+
+    def _weights_key(self) -> tuple:
+        """Changes whenever a parameter is modified in place (an optimizer step, a state-dict load)."""
+        return (id(self.model), tuple(p._version for p in self.model.parameters()))
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu", **kw) -> HFGenerator:
@@ -224,28 +294,30 @@ class HFGenerator:
             prompts = [p for p in prompts for _ in range(n)]
         if not prompts:
             return []
+        for p in prompts:
+            if not p:
+                raise ValueError("HFGenerator.generate got an empty prompt; every prompt needs >= 1 token")
         seed = getattr(params, "seed", None)
         chunk = self.max_batch_size or len(prompts)
+        matches: list[tuple[_Prefix | None, int]] = [(None, 0)] * len(prompts)
+        if self.prefix_cache:
+            key = self._weights_key()
+            if key == self._stash_key:
+                matches = _match_prefixes(self._stash, prompts)
+            self._stash, self._stash_key = [], key
         out: list[Any] = []
         with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
             if seed is not None:
                 torch.manual_seed(_call_seed(seed, prompts))
             for i in range(0, len(prompts), chunk):
-                out.extend(self._generate_batch(prompts[i : i + chunk], params))
+                out.extend(self._generate_batch(prompts[i : i + chunk], params, matches[i : i + chunk]))
         return out
 
-    def _generate_batch(self, prompts: list[list[int]], params: Any) -> list[Any]:
+    def _generate_batch(
+        self, prompts: list[list[int]], params: Any, matches: list[tuple[_Prefix | None, int]]
+    ) -> list[Any]:
         t0 = time.perf_counter()
         b = len(prompts)
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((b, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError("HFGenerator.generate got an empty prompt; every prompt needs >= 1 token")
-            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention_mask[i, width - len(p) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
 
         temperature = float(getattr(params, "temperature", 1.0))
         top_k = getattr(params, "top_k", 0)
@@ -259,9 +331,16 @@ class HFGenerator:
         # a call's stop token ids (VERL's tool parsers send them) end a row like EOS, and stay in it
         eos_ids = [*self.eos_ids, *(int(t) for t in getattr(params, "stop_token_ids", ()) or ())]
         if self.engine == "loop":
-            results = self._loop(input_ids, attention_mask, temperature, top_k, top_p, max_new, stop, eos_ids)
+            results = self._loop(prompts, matches, temperature, top_k, top_p, max_new, stop, eos_ids)
             self._account(results, t0)
             return results
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, width - len(p) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         recorder = _FinishRecorder(self.tokenizer, stop, eos_ids, b, prompt_width=width)
         from transformers import StoppingCriteriaList
 
@@ -313,10 +392,74 @@ class HFGenerator:
         self.stats["new_tokens"] += sum(len(r.token_ids) for r in results)
         self.stats["gen_s"] += time.perf_counter() - t0
 
+    def _prefill(self, prompts: list[list[int]], matches: list[tuple[_Prefix | None, int]]):
+        """One forward over every prompt's tokens that have no reusable keys / values.
+
+        Row i reuses ``c_i`` tokens of its matched prefix and computes the other ``s_i``. The cache is laid
+        out as ``[left pad | c_i reused | pad | s_i new]`` (widths ``C = max c``, ``S = max s``); the
+        attention mask marks the holes and the positions count real tokens only, so each row sees exactly
+        its own tokens in order. Without any reuse this is the plain left-padded prefill. Returns the model
+        output, the attention mask and each row's position ids."""
+        b, dev = len(prompts), self.device
+        reuse = [c for _, c in matches]
+        big_c = max(reuse)
+        news = [p[c:] for p, c in zip(prompts, reuse)]
+        big_s = max(len(n) for n in news)
+        input_ids = torch.full((b, big_s), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, big_c + big_s), dtype=torch.long)
+        position_ids = torch.zeros((b, big_s), dtype=torch.long)
+        for i, (n, c) in enumerate(zip(news, reuse)):
+            input_ids[i, big_s - len(n) :] = torch.tensor(n, dtype=torch.long)
+            mask[i, big_c - c : big_c] = 1
+            mask[i, big_c + big_s - len(n) :] = 1
+            position_ids[i, big_s - len(n) :] = torch.arange(c, c + len(n))
+        cache = new_kv_cache()
+        if big_c:
+            first = next(e for e, c in matches if c)
+            for layer in range(len(first.keys)):
+                k = first.keys[layer].new_zeros(
+                    (b, first.keys[layer].shape[0], big_c, first.keys[layer].shape[-1])
+                )
+                v = torch.zeros_like(k)
+                for i, (e, c) in enumerate(matches):
+                    if c:
+                        k[i, :, big_c - c :] = e.keys[layer][:, :c]
+                        v[i, :, big_c - c :] = e.values[layer][:, :c]
+                cache.update(k.to(dev), v.to(dev), layer)
+        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
+        self.stats["reused_tokens"] += sum(reuse)
+        mask, position_ids = mask.to(dev), position_ids.to(dev)
+        # logits_to_keep=1: only the last position's logits are sampled from; the full [b, width, vocab]
+        # logits of the prompt would cost a vocab-sized matmul per context token (GBs at eval batch sizes)
+        out = self.model(
+            input_ids=input_ids.to(dev),
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out, mask, position_ids
+
+    def _keep_rows(self, cache, batch_rows: list[int], alive, mask, gen, prompts, kept: dict) -> None:
+        """Copy the keys / values of ``batch_rows`` (their real positions only) into ``kept`` for the next
+        call. The newest sampled token of a row was never fed to the model, so it is not covered."""
+        if not self.prefix_cache:
+            return
+        for j in batch_rows:
+            valid = mask[j].bool()
+            r = int(alive[j])
+            kept[r] = _Prefix(
+                tokens=list(prompts[r]) + gen[j, :-1].tolist(),
+                prompt_len=len(prompts[r]),
+                keys=[layer.keys[j][:, valid] for layer in cache.layers],
+                values=[layer.values[j][:, valid] for layer in cache.layers],
+            )
+
     def _loop(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        prompts: list[list[int]],
+        matches: list[tuple[_Prefix | None, int]],
         temperature: float,
         top_k: int,
         top_p: float,
@@ -325,25 +468,14 @@ class HFGenerator:
         eos_ids: list[int],
     ) -> list[Any]:
         """Sample with the KV cache, removing each row from the batch (and the cache) once it stops."""
-        model = self.model
-        b = input_ids.shape[0]
-        dev = input_ids.device
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        # logits_to_keep=1: only the last position's logits are sampled from; the full [b, width, vocab]
-        # logits of the prompt would cost a vocab-sized matmul per context token (GBs at eval batch sizes)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=new_kv_cache(),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        b = len(prompts)
+        dev = self.device
+        out, mask, position_ids = self._prefill(prompts, matches)
         cache = out.past_key_values
         logits = out.logits[:, -1].float()
         next_pos = position_ids[:, -1:] + 1
         alive = torch.arange(b, device=dev)  # original row of each batch row
-        mask = attention_mask
+        kept: dict[int, _Prefix] = {}
         gen = torch.empty((b, 0), dtype=torch.long, device=dev)  # this call's tokens of the live rows
         stop_crit = None
         if stop:
@@ -379,8 +511,12 @@ class HFGenerator:
             for i in torch.nonzero(done & torch.isin(tok.squeeze(-1), eos)).flatten().tolist():
                 reasons[int(alive[i])] = "eos"
             if step + 1 == max_new:
+                self._keep_rows(cache, range(len(alive)), alive, mask, gen, prompts, kept)
                 break
             if bool(done.any()):
+                self._keep_rows(
+                    cache, torch.nonzero(done).flatten().tolist(), alive, mask, gen, prompts, kept
+                )
                 keep = torch.nonzero(~done).flatten()
                 if keep.numel() == 0:
                     break
@@ -393,7 +529,7 @@ class HFGenerator:
                     tok[keep],
                 )
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=dev)], dim=-1)
-            out = model(
+            out = self.model(
                 input_ids=tok,
                 attention_mask=mask,
                 position_ids=next_pos,
@@ -409,6 +545,7 @@ class HFGenerator:
                 tokens[r].append(ti)
                 logps[r].append(li)
         self.stats["steps"] += len(step_tok)
+        self._stash.extend(kept[r] for r in sorted(kept))
         return [
             Continuation(token_ids=tokens[i], logprobs=logps[i], finish_reason=reasons[i]) for i in range(b)
         ]

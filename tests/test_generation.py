@@ -230,3 +230,58 @@ def test_finish_recorder_matches_stop_strings_in_the_generated_tokens_only(token
     assert _FinishRecorder(tokenizer, ("\n```\n",), [], 1)(ids, None).item()  # the whole sequence matches
     rec = _FinishRecorder(tokenizer, ("\n```\n",), [], 1, prompt_width=len(prompt))
     assert not rec(ids, None).item() and rec.done_len.tolist() == [-1]
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_prefix_cache_continues_each_row_with_the_log_probs_of_a_fresh_forward(tokenizer, peaked_model):
+    """A second call whose prompts continue the first call's rows (kept tokens cut short in one row, a
+    "tool output" appended, one unrelated prompt, one finished row gone) reuses exactly the common prefix of
+    each row's fed tokens (prompt + all but the newest sampled token) with its new prompt, and its log-probs
+    equal those of one unpadded forward over the whole sequence."""
+    gen = HFGenerator(peaked_model, tokenizer)
+    params = _Sampling(max_new_tokens=30, seed=3)
+    prompts = _prompts(tokenizer)
+    first = gen.generate(prompts, params)
+    assert gen.stats["reused_tokens"] == 0
+    tool = tokenizer.encode("408\n")
+    second = [
+        prompts[0] + first[0].token_ids + tool,  # every kept token
+        prompts[2] + first[2].token_ids[:-3] + tool,  # the turn cut short (a code block ended earlier)
+        tokenizer.encode("Let y = 5 + 5."),  # a new episode
+    ]
+    fed = [prompts[i] + first[i].token_ids[:-1] for i in (0, 2)]
+    expected = [min(_common(fed[0], second[0]), len(second[0]) - 1)]
+    expected.append(min(_common(fed[1], second[1]), len(second[1]) - 1))
+    assert expected[0] == len(prompts[0]) + len(first[0].token_ids) - 1
+    assert expected[1] == len(prompts[2]) + len(first[2].token_ids) - 3
+
+    outs = gen.generate(second, _Sampling(temperature=0.7, max_new_tokens=30, seed=4))
+    assert gen.stats["reused_tokens"] == sum(expected)
+    for p, o in zip(second, outs):
+        ref = sequence_logprobs(peaked_model, [p + o.token_ids], [len(p)], temperature=0.7)[0]
+        assert len(ref) == len(o.logprobs) == len(o.token_ids) > 0
+        assert max(abs(a - b) for a, b in zip(o.logprobs, ref)) < 1e-4
+
+
+def test_prefix_cache_is_dropped_when_the_weights_change(tokenizer, tmp_path):
+    """After an in-place update of the weights (an optimizer step) nothing is reused: the continuation is
+    exactly what a generator without a prefix cache samples."""
+    model = tiny.build_model("xs", tokenizer, seed=3).eval()
+    gen = HFGenerator(model, tokenizer)
+    plain = HFGenerator(model, tokenizer, prefix_cache=False)
+    prompts = _prompts(tokenizer)
+    first = gen.generate(prompts, _Sampling(max_new_tokens=20, seed=1))
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)
+    second = [p + o.token_ids for p, o in zip(prompts, first)]
+    a = gen.generate(second, _Sampling(max_new_tokens=20, seed=2))
+    assert gen.stats["reused_tokens"] == 0
+    b = plain.generate(second, _Sampling(max_new_tokens=20, seed=2))
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.logprobs for o in a] == [o.logprobs for o in b]
