@@ -1,4 +1,4 @@
-"""Tokens/s of the HF generation loop: the KV cache and the sampler before and after, interleaved in one run.
+"""Tokens/s of the HF generation loop: KV cache, sampler, attention and prefix reuse, interleaved in one run.
 
     python benchmarks/bench_generation.py --base results/tiny/base/tiny-s    # a Base of the tiny study
     python benchmarks/bench_generation.py --base ... --rows 160 --repeats 3   # an evaluation-sized batch
@@ -9,12 +9,16 @@ Only the time inside the generator counts (``HFGenerator.stats['gen_s']``). Vari
 one thread, interleaved per repeat, the same seeds (so the same episodes within a variant):
 
 * ``dynamic+multinomial``: transformers' ``DynamicCache`` (``torch.cat`` of the whole cache per step) and
-  ``torch.multinomial`` (the loop before this change);
+  ``torch.multinomial`` (the loop before issue 15);
 * ``growing+multinomial``: `ctpo.generation.new_kv_cache` (in-place appends), ``torch.multinomial``;
-* ``growing+cdf``: the growing cache and `ctpo.generation.sample_from` (the loop now).
+* ``growing+cdf``: the growing cache and `ctpo.generation.sample_from`, transformers' ``sdpa`` attention,
+  every turn prefilled from scratch;
+* ``+gqa``: and `ctpo.attention`'s grouped-query attention (no copied KV heads);
+* ``+gqa+prefix``: and the prefix cache (a turn reuses its episode's keys / values; the loop now).
 
 Sampling through the CDF draws other tokens than ``torch.multinomial`` from the same distribution, so the
-variants' episodes (and token counts) differ; tokens/s is the comparable number.
+variants' episodes (and token counts) differ; tokens/s is the comparable number. The last three sample the
+same distribution with the same seeds (their tokens differ only where float rounding flips a draw).
 """
 
 from __future__ import annotations
@@ -25,17 +29,26 @@ from pathlib import Path
 
 import torch
 
-from ctpo import data, generation, tiny
+from ctpo import attention, data, generation, tiny
 from ctpo.config import load_config
 from ctpo.tir.episode import SamplingParams, run_episodes
 from ctpo.tir.protocol import TIRConfig
 from ctpo.tir.sandbox import SandboxPool
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def multinomial(probs: torch.Tensor) -> torch.Tensor:
+    return torch.multinomial(probs, 1)
+
+
+# name -> (cache factory, sampler, attention implementation, prefix cache)
 VARIANTS = {
-    "dynamic+multinomial": (lambda: None, lambda p: torch.multinomial(p, 1)),
-    "growing+multinomial": (generation.new_kv_cache, lambda p: torch.multinomial(p, 1)),
-    "growing+cdf": (generation.new_kv_cache, generation.sample_from),
+    "dynamic+multinomial": (lambda: None, multinomial, "sdpa", False),
+    "growing+multinomial": (generation.new_kv_cache, multinomial, "sdpa", False),
+    "growing+cdf": (generation.new_kv_cache, generation.sample_from, "sdpa", False),
+    "+gqa": (generation.new_kv_cache, generation.sample_from, attention.register(), False),
+    "+gqa+prefix": (generation.new_kv_cache, generation.sample_from, attention.register(), True),
 }
 
 
@@ -59,9 +72,10 @@ def main() -> None:
     original = generation.new_kv_cache, generation.sample_from
     with SandboxPool(workers=2) as pool, torch.no_grad():
         for rep in range(args.repeats + 1):  # the first round warms up every path and is not counted
-            for name, (cache, sampler) in VARIANTS.items():
+            for name, (cache, sampler, attn, prefix) in VARIANTS.items():
                 generation.new_kv_cache, generation.sample_from = cache, sampler
-                gen = generation.HFGenerator(model, tokenizer)
+                model.set_attn_implementation(attn)
+                gen = generation.HFGenerator(model, tokenizer, prefix_cache=prefix)
                 params = SamplingParams(temperature=1.0, seed=100 + rep)
                 episodes = run_episodes(gen, tokenizer, problems, tir_cfg, pool, params)
                 if rep:
@@ -73,11 +87,12 @@ def main() -> None:
                     )
     generation.new_kv_cache, generation.sample_from = original
     ref = statistics.median(t / s for s, t in results["dynamic+multinomial"])
+    ref2 = statistics.median(t / s for s, t in results["growing+cdf"])
     print(f"\n{args.rows} episodes per call, one thread, medians of {args.repeats} repeats")
-    print(f"{'variant':22s} {'tokens/s':>9s} {'x before':>9s}")
+    print(f"{'variant':22s} {'tokens/s':>9s} {'x dynamic+multinomial':>22s} {'x growing+cdf':>14s}")
     for name, runs in results.items():
         rate = statistics.median(t / s for s, t in runs)
-        print(f"{name:22s} {rate:9.0f} {rate / ref:8.2f}x")
+        print(f"{name:22s} {rate:9.0f} {rate / ref:21.2f}x {rate / ref2:13.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ Real demonstrations of the study (built with the sandbox), a fresh model of the 
 thread, the same batches for every variant, steps interleaved round-robin (so load changes on a shared
 machine hit every variant alike). Variants:
 
-* ``before``: logits at every position, then the masked cross-entropy; ``torch.optim.AdamW`` (its default
-  for-loop implementation on CPU);
-* ``policy-head``: `ctpo.train.sft.policy_token_loss` (output layer on policy positions only), same AdamW;
+* ``before``: logits at every position, then the masked cross-entropy; transformers' ``sdpa`` attention with
+  the padding mask; ``torch.optim.AdamW`` (its default for-loop implementation on CPU);
+* ``policy-head``: the output layer on policy positions only, otherwise as ``before``;
 * ``policy-head+foreach`` / ``policy-head+fused``: AdamW with ``foreach=True`` / ``fused=True``;
-* ``policy-head, batch x2``: twice the demonstrations per step (half the steps for the same tokens).
+* ``policy-head, batch x2``: twice the demonstrations per step (half the steps for the same tokens);
+* ``policy-head, gqa, no mask``: `ctpo.train.sft.policy_token_loss` as the warm-up runs it now: no mask
+  for the right-padded rows (the kernel's causal mask) and `ctpo.attention`'s grouped-query attention.
 """
 
 from __future__ import annotations
@@ -22,13 +24,23 @@ from pathlib import Path
 
 import torch
 
-from ctpo import tiny
+from ctpo import attention, tiny
 from ctpo.config import load_config, section
 from ctpo.tir.protocol import TIRConfig
 from ctpo.tir.sandbox import SandboxPool
 from ctpo.train import sft
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def masked_policy_head_loss(model, ids, attn, labels):
+    """`ctpo.train.sft.policy_token_loss` as it was before: the padding mask passed to the decoder."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    n = int(keep.sum())
+    logits = model.get_output_embeddings()(hidden[keep])
+    return torch.nn.functional.cross_entropy(logits, target[keep], reduction="sum") / max(n, 1), n
 
 
 def full_logits_loss(model, ids, attn, labels):
@@ -42,12 +54,14 @@ def full_logits_loss(model, ids, attn, labels):
     return loss, n
 
 
+# name -> (loss, AdamW options, batches per step, attention implementation)
 VARIANTS = {
-    "before": (full_logits_loss, {}, 1),
-    "policy-head": (sft.policy_token_loss, {}, 1),
-    "policy-head+foreach": (sft.policy_token_loss, {"foreach": True}, 1),
-    "policy-head+fused": (sft.policy_token_loss, {"fused": True}, 1),
-    "policy-head, batch x2": (sft.policy_token_loss, {}, 2),
+    "before": (full_logits_loss, {}, 1, "sdpa"),
+    "policy-head": (masked_policy_head_loss, {}, 1, "sdpa"),
+    "policy-head+foreach": (masked_policy_head_loss, {"foreach": True}, 1, "sdpa"),
+    "policy-head+fused": (masked_policy_head_loss, {"fused": True}, 1, "sdpa"),
+    "policy-head, batch x2": (masked_policy_head_loss, {}, 2, "sdpa"),
+    "policy-head, gqa, no mask": (sft.policy_token_loss, {}, 1, attention.register()),
 }
 
 
@@ -67,14 +81,15 @@ def main() -> None:
         _, tokenizer, examples = sft.build_examples(config, cfg, TIRConfig.from_dict(config.get("tir")), pool)
     batches = sft._batches(examples, cfg.batch_size, (args.rounds + 1) * args.steps * 2 + 2, cfg.seed)
     state = {}
-    for name, (_, adam, _) in VARIANTS.items():
+    for name, (_, adam, _, attn_impl) in VARIANTS.items():
         model = tiny.build_model(spec["preset"], tokenizer, seed=0).train()
+        model.set_attn_implementation(attn_impl)
         state[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, **adam))
     seconds = {v: 0.0 for v in VARIANTS}
     tokens = {v: 0 for v in VARIANTS}
     for r in range(args.rounds + 1):  # round 0 warms every path up and is not counted
         for i in range(args.steps):
-            for name, (loss_fn, _, mult) in VARIANTS.items():
+            for name, (loss_fn, _, mult, _) in VARIANTS.items():
                 model, opt = state[name]
                 k = (r * args.steps + i) * 2
                 idx = [j for b in batches[k : k + mult] for j in b]
