@@ -33,6 +33,12 @@ def turn(code: str, content: str) -> str:
     return native.tool_call_text(code, content) + native.END_OF_TURN
 
 
+def assistant_call(content: str, code: str) -> dict:
+    """An assistant message calling ``code_interpreter``, as chat templates take it."""
+    call = {"type": "function", "function": {"name": "code_interpreter", "arguments": {"code": code}}}
+    return {"role": "assistant", "content": content, "tool_calls": [call]}
+
+
 def scripted(tok, turns):
     return ScriptedGenerator(
         tok, {PROBLEM: turns}, logprob_fn=lambda ctx, t: -0.25, observation_marker="<tool_response>"
@@ -53,16 +59,7 @@ def test_the_native_tokenizer_is_qwen3_shaped_and_the_fenced_one_is_unchanged(to
 def test_a_tool_call_is_rendered_as_the_template_renders_an_assistant_call(tok):
     messages = [
         {"role": "user", "content": PROBLEM},
-        {
-            "role": "assistant",
-            "content": "Compute x first.",
-            "tool_calls": [
-                {
-                    "type": "function",
-                    "function": {"name": "code_interpreter", "arguments": {"code": "print(1)"}},
-                }
-            ],
-        },
+        assistant_call("Compute x first.", "print(1)"),
     ]
     chat = tok.apply_chat_template(
         messages, tokenize=False, tools=[native.TOOL_SCHEMA], enable_thinking=False
@@ -149,16 +146,7 @@ def test_episode_masks_policy_turns_1_and_tool_turns_0(tok, pool):
     # the whole token stream is the chat template's rendering of the whole conversation
     messages = [
         {"role": "user", "content": PROBLEM},
-        {
-            "role": "assistant",
-            "content": "Compute x first.",
-            "tool_calls": [
-                {
-                    "type": "function",
-                    "function": {"name": "code_interpreter", "arguments": {"code": "print(12 * 34 + 5)"}},
-                }
-            ],
-        },
+        assistant_call("Compute x first.", "print(12 * 34 + 5)"),
         {"role": "tool", "content": "413\n"},
         {"role": "assistant", "content": "The answer is \\boxed{413}."},
     ]
