@@ -861,3 +861,17 @@ def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown isolation layers"):
         SandboxPool(workers=1, disable=["net"])
     assert sys.platform == "linux"
+
+
+def test_a_studys_pool_takes_every_key_of_its_sandbox_section():
+    study = {"sandbox": {"workers": 1, "timeout_s": 0.5, "preload": [], "warmup": None}}
+    probe = "import sys; print(sorted(m for m in ('numpy', 'sympy') if m in sys.modules))"
+    with sb.pool_from_config(study) as pool:
+        assert pool.workers == 1 and pool.defaults.timeout_s == 0.5
+        spin = pool.run("while True: pass")
+        assert spin.status == "timeout" and spin.duration_s < 3
+        assert pool.run(probe).stdout.strip() == "[]"  # nothing preloaded into the template
+        assert pool.run("import fractions; print(fractions.Fraction(1, 3) * 3)").stdout == "1\n"
+    with sb.pool_from_config({}) as pool:  # no section: 2 workers, numpy and sympy preloaded
+        assert pool.workers == 2 and pool.defaults.timeout_s == 5.0
+        assert pool.run(probe).stdout.strip() == "['numpy', 'sympy']"

@@ -78,7 +78,7 @@ def run_probe(
     from ctpo import data
     from ctpo.probe import report
     from ctpo.reward import Grader
-    from ctpo.tir.sandbox import SandboxPool
+    from ctpo.tir.sandbox import pool_from_config
     from ctpo.train import local
 
     t_start, cpu_start = time.perf_counter(), _cpu_seconds()
@@ -105,9 +105,8 @@ def run_probe(
     check_rows: list[dict[str, Any]] = []
     described: dict[str, str] = {}
     timings: dict[str, dict[str, float]] = {}
-    sandbox_cfg = {"workers": 2, **(config.get("sandbox") or {})}
     try:
-        with SandboxPool(**sandbox_cfg) as pool, Grader(workers=train_cfg.grader_workers) as grader:
+        with pool_from_config(config) as pool, Grader(workers=train_cfg.grader_workers) as grader:
             for label, path in checkpoints.items():
                 model, tokenizer, opt_state, described[label] = _load_checkpoint(path)
                 progress(f"probe: {label}: {described[label]}")

@@ -98,8 +98,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -598,6 +599,12 @@ class SandboxPool:
                 "setup_error": "no report from the sandbox server",
             }
         return _result(report, out, err, duration, output_killed)
+
+
+def pool_from_config(config: Mapping[str, Any]) -> SandboxPool:
+    """A study's pool: its config's ``sandbox:`` section as `SandboxPool` keyword arguments (2 workers
+    unless it says otherwise), the same for the warm-up, training, evaluation and the probe."""
+    return SandboxPool(**{"workers": 2, **(config.get("sandbox") or {})})
 
 
 class _Capture:

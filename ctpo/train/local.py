@@ -58,7 +58,7 @@ from ctpo.losses import PolicyLossConfig, compute_policy_loss
 from ctpo.progress import Progress
 from ctpo.reward import Grader
 from ctpo.tir.protocol import TIRConfig
-from ctpo.tir.sandbox import SandboxPool
+from ctpo.tir.sandbox import SandboxPool, pool_from_config
 from ctpo.train.advantages import group_advantages
 from ctpo.train.batch import PolicyBatch, masked_mean, micro_batches, response_log_probs
 from ctpo.train.checkpoint import (

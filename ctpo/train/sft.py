@@ -31,7 +31,7 @@ from ctpo.tasks import arith
 from ctpo.tir import native
 from ctpo.tir.protocol import TIRConfig
 from ctpo.tir.protocols import get_protocol
-from ctpo.tir.sandbox import SandboxPool
+from ctpo.tir.sandbox import pool_from_config
 
 log = logging.getLogger(__name__)
 
@@ -398,11 +398,7 @@ def run_sft(
 
     t0 = time.perf_counter()
     if pool is None:
-        sandbox = config.get("sandbox") or {}
-        with SandboxPool(
-            workers=int(sandbox.get("workers", 2)),
-            allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False)),
-        ) as p:
+        with pool_from_config(config) as p:
             demos, tokenizer, examples = build_examples(config, sft, tir_cfg, p)
     else:
         demos, tokenizer, examples = build_examples(config, sft, tir_cfg, pool)
