@@ -417,27 +417,20 @@ def test_sft_is_deterministic_and_masks_tool_output(pool, tmp_path):
 
 
 def test_eval_labels_from_run_and_base(tmp_path):
-    import argparse
-
-    from ctpo.commands.eval import _labels
+    from ctpo.commands.eval import labels_for
 
     base = tmp_path / "base"
     base.mkdir()
     (base / "sft_summary.json").write_text(json.dumps({"model": "tiny-s", "sft": {"seed": 3}}))
-    args = argparse.Namespace(model_path=str(base), run=None, model_name=None, method=None, seed=None)
-    assert _labels(args) == {"model": "tiny-s", "method": "base", "seed": 3, "train_run_id": None}
+    assert labels_for(base) == {"model": "tiny-s", "method": "base", "seed": 3, "train_run_id": None}
     run = tmp_path / "run"
     run.mkdir()
     (run / "DONE.json").write_text(
         json.dumps({"model": "tiny-m", "method": "ctpo", "seed": 1, "mlflow_run_id": "abc"})
     )
-    args = argparse.Namespace(
-        model_path=str(run / "final"), run=str(run), model_name=None, method=None, seed=None
-    )
-    assert _labels(args) == {"model": "tiny-m", "method": "ctpo", "seed": 1, "train_run_id": "abc"}
+    expected = {"model": "tiny-m", "method": "ctpo", "seed": 1, "train_run_id": "abc"}
+    assert labels_for(run / "final", run) == expected
+    assert labels_for(run / "final", run, method="x", seed=7) == {**expected, "method": "x", "seed": 7}
+    assert labels_for(tmp_path / "elsewhere")["model"] == "elsewhere"  # no summary, no run: the folder name
     with pytest.raises(SystemExit, match="has not finished"):
-        _labels(
-            argparse.Namespace(
-                model_path=str(base), run=str(tmp_path / "nope"), model_name=None, method=None, seed=None
-            )
-        )
+        labels_for(base, tmp_path / "nope")

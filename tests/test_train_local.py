@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -532,6 +533,67 @@ def test_resume_after_sigkill_equals_uninterrupted_run(micro_study, tmp_path, pa
     assert (pooled["window_first_step"] == 2).all() and (pooled["window_steps"] == 3).all()
     assert pooled["n_sequences"].iloc[0] == pooled["count"].iloc[0] == 3 * 3 * 4  # steps x prompts x G
     assert expected[4]["diag/n_sequences"] == 36 and expected[4]["diag/window_first_step"] == 2
+
+
+def _eval_files(folder):
+    """samples.jsonl and summary.json of every benchmark under ``folder``, without timings and run ids."""
+    import json
+
+    timing = {"eval_s", "rollout_s", "mlflow_run_id", "generator_stats"}
+    files = {}
+    for path in sorted(folder.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        files[path.parent.name] = (
+            {k: v for k, v in summary.items() if k not in timing},
+            (path.parent / "samples.jsonl").read_text(),
+        )
+    return files
+
+
+def test_eval_out_equals_ctpo_eval_and_a_rerun_only_evaluates(micro_study, tmp_path):
+    """`ctpo train --eval-out` (the workflow's local jobs) writes what a separate `ctpo eval` of RUN/final
+    writes, sample for sample; rerun without DONE.json (as Snakemake does on a changed eval setting) it
+    trains nothing and evaluates again."""
+    import subprocess
+
+    out, together, apart = tmp_path / "run", tmp_path / "eval_in_train", tmp_path / "eval_apart"
+    train = [*_train_cmd(micro_study, out, "ctpo"), "--max-steps", "2", "--eval-out", str(together)]
+    proc = subprocess.run(train, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluate = [
+        *_train_cmd(micro_study, out)[:2], "eval", "--config", str(micro_study["config"]),
+        "--model-path", str(out / "final"), "--benchmark", "arith-easy", "--out", str(apart),
+        "--out-per-benchmark", "--run", str(out), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(evaluate, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = _eval_files(together)
+    assert list(first) == ["arith-easy"] and first == _eval_files(apart)
+    summary, samples = first["arith-easy"]
+    assert (summary["model"], summary["method"], summary["seed"]) == ("micro", "ctpo", 0)
+    assert summary["model_path"] == str(out / "final") and samples.count("\n") == 4 * summary["k"]
+
+    metrics = (out / "metrics.jsonl").read_bytes()
+    checkpoints = {p.name: p.read_bytes() for p in (out / "checkpoints").glob("step_*.pt")}
+    (out / "DONE.json").unlink()
+    shutil.rmtree(together)
+    proc = subprocess.run(train, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to train" in proc.stderr and "resuming" not in proc.stderr
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").glob("step_*.pt")} == checkpoints
+    assert _eval_files(together) == first
+
+
+def test_eval_out_is_for_the_local_backend_only(micro_study, tmp_path, capsys):
+    from ctpo.cli import main
+
+    args = ["train", "--config", str(micro_study["config"]), "--model", "micro", "--method", "ctpo"]
+    args += ["--base", str(micro_study["base"]), "--out", str(tmp_path / "run")]
+    assert main([*args, "--eval-benchmark", "arith-easy"]) == 2
+    assert "--eval-benchmark needs --eval-out" in capsys.readouterr().err
+    assert main([*args, "--backend", "verl", "--eval-out", str(tmp_path / "e")]) == 2
+    assert "only the local backend" in capsys.readouterr().err
 
 
 def test_verl_backend_missing_gives_a_clear_error(monkeypatch, tmp_path, capsys):

@@ -178,12 +178,15 @@ def _expected_counts(config: dict) -> dict[str, int]:
     models = list(dict.fromkeys(m for m, _, _ in matrix))
     tiny = [m for m in models if "preset" in config["models"][m]]
     n_bench = len(config["data"]["benchmarks"])
+    local = (config.get("train") or {}).get("backend", "local") == "local"
+    eval_in_train = local and (config.get("workflow") or {}).get("eval_with_training", True)
     counts = {
         "mlflow_init": 1,
         "data": 1 + n_bench,
         "base": len(tiny),
         "train": len(matrix),
-        "eval_run": len(matrix),  # one job per checkpoint evaluates every benchmark
+        # one job per checkpoint evaluates every benchmark; the local trainer's job evaluates its own run
+        "eval_run": 0 if eval_in_train else len(matrix),
         "eval_base": len(models),
         "analyze": 1,
         "figures": 1,
@@ -199,27 +202,26 @@ def _expected_counts(config: dict) -> dict[str, int]:
 
 # Counted by hand from experiments/*.yaml (a changed matrix means recounting here, on purpose):
 # tiny: data 1 train + 3 benchmarks = 4; base 2 (tiny-s, tiny-m); train 2 models x 3 methods + tiny-m
-# ctpo_fixed = 7; one eval job per checkpoint: 7 runs + 2 Bases; + mlflow_init, lab, analyze, figures, all.
-# smoke: 1 benchmark, 1 model x 3 methods, no lab. paper: 4 benchmarks, hub models (no base), same 7 runs.
+# ctpo_fixed = 7, each evaluating its run (local backend); one eval job per Base: 2; + mlflow_init, lab,
+# analyze, figures, all. smoke: 1 benchmark, 1 model x 3 methods, no lab. paper: 4 benchmarks, hub models
+# (no base), same 7 runs, trained by VERL and evaluated by 7 eval jobs.
 HAND_COUNTS = {
     "tiny": {
         "mlflow_init": 1,
         "data": 4,
         "base": 2,
         "train": 7,
-        "eval_run": 7,
         "eval_base": 2,
         "lab": 1,
         "analyze": 1,
         "figures": 1,
         "all": 1,
-    },  # 27 jobs (45 with one eval job per benchmark)
+    },  # 20 jobs (27 with an eval job per trained run, 45 with one per benchmark)
     "smoke": {
         "mlflow_init": 1,
         "data": 2,
         "base": 1,
         "train": 3,
-        "eval_run": 3,
         "eval_base": 1,
         "analyze": 1,
         "figures": 1,
@@ -259,20 +261,37 @@ def test_dry_run_schedules_the_whole_matrix(tmp_path, name):
     assert job_counts(out) == _expected_counts(config)
     train = shell_commands(out, "train")
     results = config["results_dir"]
+    benchmarks = ",".join(config["data"]["benchmarks"])
     for model, method, seed in run_matrix(config):
         cmd = next(c for c in train if f"--model {model} --method {method} --seed {seed} " in c)
         assert cmd.startswith(f"ctpo train --config {results}/config.resolved.yaml ")
         assert f"--out {results}/runs/{model}/{method}/s{seed} " in cmd and "--threads " in cmd
+        evaluates = f" --eval-out {results}/eval/{model}/{method}/s{seed} --eval-benchmark {benchmarks} "
+        assert (evaluates in cmd) == (config["train"]["backend"] == "local"), cmd
     evals = shell_commands(out, "eval_run") + shell_commands(out, "eval_base")
-    benchmarks = ",".join(config["data"]["benchmarks"])
     assert all(f" --benchmark {benchmarks} " in c and " --out-per-benchmark " in c for c in evals)
     assert all(" --run " in c and "/final " in c for c in shell_commands(out, "eval_run"))
     assert (tmp_path / results / "config.resolved.yaml").is_file()  # every step reads the resolved copy
 
 
+def test_evaluation_jobs_of_their_own_when_asked(tmp_path):
+    config = _config("tiny")
+    config["workflow"] = {"eval_with_training": False}
+    path = tmp_path / "apart.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "-n", "--configfile", str(path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert job_counts(out) == {**HAND_COUNTS["tiny"], "eval_run": 7}
+    assert not any("--eval-out" in c for c in shell_commands(out, "train"))
+    (cmd,) = [c for c in shell_commands(out, "eval_run") if "runs/tiny-m/ctpo_fixed/s0/final " in c]
+    assert " --run results/tiny/runs/tiny-m/ctpo_fixed/s0 " in cmd
+
+
 def test_the_probe_is_opt_in_and_runs_on_the_studys_own_checkpoints(tmp_path):
     out = _dry_run(tmp_path, "tiny", "probe")
-    assert job_counts(out) == {"mlflow_init": 1, "data": 1, "base": 1, "train": 1, "probe": 1}
+    # the training job also evaluates its run on the benchmarks (workflow.eval_with_training): 1 + 3 data
+    assert job_counts(out) == {"mlflow_init": 1, "data": 4, "base": 1, "train": 1, "probe": 1}
     (cmd,) = shell_commands(out, "probe")
     assert "--base results/tiny/base/tiny-s " in cmd and "--trained results/tiny/runs/tiny-s/ctpo/s0 " in cmd
     bad = _config("smoke")
@@ -439,7 +458,8 @@ def test_smoke_study_end_to_end(tmp_path):
     assert {"analysis/table2.md", "figures/fig1.png", "figures/fig2.png"} <= arts
 
     # Nothing to do on a rerun; a restyled figure redraws the figures and nothing else; a changed eval
-    # setting re-evaluates without retraining.
+    # setting re-evaluates: the Base's eval job and the training jobs, which evaluate their runs and find
+    # their final checkpoints, so they train nothing (test_train_local.py runs that).
     again = _run_smoke(tmp_path, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
     style.write_text(style.read_text() + "\nlines.linewidth: 2.0\n")
@@ -450,8 +470,8 @@ def test_smoke_study_end_to_end(tmp_path):
     (tmp_path / "smoke_k.yaml").write_text(yaml.safe_dump(changed))
     out = snakemake(tmp_path, "-n", "--configfile", str(tmp_path / "smoke_k.yaml"))
     counts = job_counts(out.stdout + out.stderr)
-    assert "train" not in counts and "base" not in counts and "data" not in counts
-    assert counts["eval_run"] == len(matrix) and counts["eval_base"] == 1 and counts["analyze"] == 1
+    assert "base" not in counts and "data" not in counts and "eval_run" not in counts
+    assert counts["train"] == len(matrix) and counts["eval_base"] == 1 and counts["analyze"] == 1
     # Figure 1's reference γ is every training's diagnostics, whatever the method: all of them rerun
     changed = yaml.safe_load((tmp_path / "smoke.yaml").read_text())
     changed["diagnostics"] = {"gamma": 0.6}

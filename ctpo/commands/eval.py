@@ -38,7 +38,7 @@ from ctpo.generation import make_generator
 from ctpo.progress import Progress
 from ctpo.reward import Grader
 from ctpo.tir.protocol import TIRConfig
-from ctpo.tir.sandbox import SandboxPool
+from ctpo.tir.sandbox import pool_from_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,23 +109,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _labels(args: argparse.Namespace) -> dict[str, Any]:
+def labels_for(
+    model_path: str | Path,
+    run: str | Path | None = None,
+    model: str | None = None,
+    method: str | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The summary's labels (model, method, seed, train_run_id): from ``run``'s DONE.json, else the Base's
+    sft_summary.json; explicit values win."""
     labels: dict[str, Any] = {"model": None, "method": "base", "seed": 0, "train_run_id": None}
-    model_path = Path(args.model_path)
+    model_path = Path(model_path)
     sft_summary = model_path / "sft_summary.json"
     if sft_summary.is_file():
         s = json.loads(sft_summary.read_text())
         labels.update(model=s.get("model"), seed=int((s.get("sft") or {}).get("seed", 0)))
-    if args.run:
-        done = Path(args.run) / "DONE.json"
+    if run:
+        done = Path(run) / "DONE.json"
         if not done.is_file():
-            raise SystemExit(f"--run {args.run}: {done} does not exist; the training run has not finished")
+            raise SystemExit(f"--run {run}: {done} does not exist; the training run has not finished")
         d = json.loads(done.read_text())
         labels.update({k: d[k] for k in ("model", "method", "seed") if k in d})
         labels["train_run_id"] = d.get("mlflow_run_id")
     if labels["model"] is None:
         labels["model"] = model_path.name
-    for key, value in (("model", args.model_name), ("method", args.method), ("seed", args.seed)):
+    for key, value in (("model", model), ("method", method), ("seed", seed)):
         if value is not None:
             labels[key] = value
     return labels
@@ -159,30 +167,65 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     config = load_config(args.config)
+    labels = labels_for(args.model_path, args.run, args.model_name, args.method, args.seed)
+    evaluate_model(
+        config,
+        args.model_path,
+        benchmark_names(args.benchmark),
+        args.out,
+        labels,
+        k=args.k,
+        backend=args.backend,
+        batch_benchmarks=args.batch_benchmarks,
+        n=args.n,
+        per_benchmark=args.out_per_benchmark,
+        save_token_ids=args.save_token_ids,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def evaluate_model(
+    config: dict[str, Any],
+    model_path: str | Path,
+    names: list[str],
+    out: str | Path,
+    labels: dict[str, Any],
+    *,
+    k: int | None = None,
+    backend: str | None = None,
+    batch_benchmarks: str | None = None,
+    n: int | None = None,
+    per_benchmark: bool = True,
+    save_token_ids: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate the model at ``model_path`` on the benchmarks ``names`` of ``config`` and write each one's
+    ``samples.jsonl`` and ``summary.json`` plus one MLflow eval run: what ``ctpo eval`` does after parsing
+    its arguments, and what ``ctpo train --eval-out`` does after training, in the same process. ``labels``
+    (`labels_for`) name the checkpoint; ``None`` options fall back to the config's ``eval:`` section.
+    Torch's thread count is the caller's. Returns the summaries by benchmark."""
     eval_cfg = dict(config.get("eval") or {})
-    k = int(args.k or eval_cfg.get("k", 8))
-    backend = args.backend or eval_cfg.get("backend", "hf")
-    together = batch_together(backend, args.batch_benchmarks)
-    labels = _labels(args)
-    names = benchmark_names(args.benchmark)
+    k = int(k or eval_cfg.get("k", 8))
+    backend = backend or eval_cfg.get("backend", "hf")
+    together = batch_together(backend, batch_benchmarks)
     benchmarks = {name: datasets.load_entry(config, name) for name in names}
-    if args.n is not None:
-        benchmarks = {name: records[: args.n] for name, records in benchmarks.items()}
+    if n is not None:
+        benchmarks = {name: records[:n] for name, records in benchmarks.items()}
     tir_cfg = TIRConfig.from_dict(config.get("tir"))
     params = sampling_from_config(eval_cfg)
-    sandbox = config.get("sandbox") or {}
-    out = Path(args.out)
-    per_benchmark = args.out_per_benchmark or len(names) > 1
+    out = Path(out)
+    per_benchmark = per_benchmark or len(names) > 1
     out_dirs = {name: out / name if per_benchmark else out for name in names}
     for folder in out_dirs.values():
         folder.mkdir(parents=True, exist_ok=True)
 
-    generator = make_generator(backend, args.model_path, sampling=eval_cfg.get("vllm") or {})
+    generator = make_generator(backend, model_path, sampling=eval_cfg.get("vllm") or {})
     tokenizer = getattr(generator, "tokenizer", None)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     run_name = (
         f"{config.get('study', 'study')}__eval__{labels['model']}__{labels['method']}__s{labels['seed']}"
@@ -204,17 +247,14 @@ def run(args: argparse.Namespace) -> int:
         tracking.start_run(
             config, run_name, tags=tags, params=run_params, kind="eval", train_run_id=labels["train_run_id"]
         ) as mlrun,
-        SandboxPool(
-            workers=int(sandbox.get("workers", 2)),
-            allow_weaker_isolation=bool(sandbox.get("allow_weaker_isolation", False)),
-        ) as pool,
+        pool_from_config(config) as pool,
         Grader(workers=int(eval_cfg.get("grader_workers", 1))) as grader,
         Progress(
             f"eval {labels['model']}/{labels['method']}/s{labels['seed']}",
             k * sum(len(records) for records in benchmarks.values()),
             unit="episode",
-            enabled=not args.no_progress,
-        ) as progress,
+            enabled=progress,
+        ) as bar,
     ):
         results = run_eval_many(
             generator,
@@ -226,8 +266,8 @@ def run(args: argparse.Namespace) -> int:
             grader,
             params=params,
             batched=together,
-            with_ids=args.save_token_ids,
-            progress=progress,
+            with_ids=save_token_ids,
+            progress=bar,
         )
         gen_stats = getattr(generator, "stats", None)  # of the whole call: the same in every summary
         summaries = {}
@@ -237,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
                 "model": labels["model"],
                 "method": labels["method"],
                 "seed": labels["seed"],
-                "model_path": str(args.model_path),
+                "model_path": str(model_path),
                 "backend": backend,
                 "train_run_id": labels["train_run_id"],
                 **summary,
@@ -280,4 +320,4 @@ def run(args: argparse.Namespace) -> int:
     times = [summary["eval_s"] for summary in summaries.values()]
     eval_s = times[0] if together else sum(times)  # one shared call, or one call per benchmark
     print(f"eval {who}: {eval_s:.1f}s{how}")
-    return 0
+    return summaries

@@ -5,12 +5,19 @@
 
 Writes ``RUN/metrics.jsonl``, ``RUN/diagnostics/``, ``RUN/checkpoints/``, ``RUN/final/`` and, last,
 ``RUN/DONE.json``. Rerunning the same command after a crash resumes from the newest checkpoint.
+
+``--eval-out E`` then evaluates ``RUN/final`` in the same process, exactly as
+``ctpo eval --model-path RUN/final --run RUN --out E --out-per-benchmark`` would (same files, same samples,
+its own MLflow eval run): the workflow does this for the local backend, which saves a process start,
+imports and model load per run. Rerunning a finished run with ``--eval-out`` evaluates again without
+training (it resumes from the final checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ctpo.config import ConfigError, load_config, train_section
 from ctpo.train.local import TrainConfig, loss_config, train
@@ -41,6 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no progress bar / lines (by default: a bar on a terminal, a line every 30 s in a log)",
     )
     parser.add_argument(
+        "--eval-out",
+        metavar="E",
+        help="after training, evaluate RUN/final on the config's benchmarks into E/<benchmark>/ (local "
+        "backend; what `ctpo eval --run RUN --out E` writes)",
+    )
+    parser.add_argument(
+        "--eval-benchmark",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="with --eval-out: the benchmarks (default: every one under data.benchmarks)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print what would run and exit: the `python -m verl.trainer.main_ppo ...` command for the verl "
@@ -65,6 +84,13 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+        if args.eval_out:
+            print(
+                "ctpo train: --eval-out evaluates in the training process, which only the local backend "
+                "does; evaluate a VERL run with `ctpo eval --run RUN`",
+                file=sys.stderr,
+            )
+            return 2
         return int(verl.run_from_args(args, config) or 0)
     if backend != "local":
         print(f"ctpo train: unknown backend {backend!r}; use local or verl", file=sys.stderr)
@@ -84,6 +110,17 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(json.dumps(settings, indent=2, default=str))
         return 0
+    if args.eval_out:
+        from ctpo.commands.eval import benchmark_names
+
+        names = benchmark_names(
+            args.eval_benchmark or [",".join((config.get("data") or {}).get("benchmarks") or {})]
+        )
+    elif args.eval_benchmark:
+        print(
+            "ctpo train: --eval-benchmark needs --eval-out (where to write the evaluation)", file=sys.stderr
+        )
+        return 2
     try:
         train(
             config,
@@ -99,4 +136,16 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ctpo train: {exc}", file=sys.stderr)
         return 2
+    if args.eval_out:
+        from ctpo.commands.eval import evaluate_model, labels_for
+
+        final = Path(args.out) / "final"
+        evaluate_model(
+            config,
+            final,
+            names,
+            args.eval_out,
+            labels_for(final, run=args.out),
+            progress=not args.no_progress,
+        )
     return 0

@@ -520,11 +520,13 @@ def train(
     (out / "diagnostics").mkdir(exist_ok=True)
     metrics_log = MetricsLog(out / "metrics.jsonl")
     start_step, wall_before = _resume(out / "checkpoints", model, optimizer, scheduler, windows, metrics_log)
-    if start_step:
+    if start_step >= cfg.steps:
+        log(f"{out}: the checkpoint of step {start_step} is the last one; nothing to train")
+    elif start_step:
         log(f"resuming {out} from checkpoint step {start_step}")
 
     with ExitStack() as stack:
-        pool = stack.enter_context(SandboxPool(**{"workers": 2, **(config.get("sandbox") or {})}))
+        pool = stack.enter_context(pool_from_config(config))
         grader = stack.enter_context(Grader(workers=cfg.grader_workers))
         run = stack.enter_context(
             _start_run(config, model_name, method, seed, cfg, loss_cfg, pool, base, out)

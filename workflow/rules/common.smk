@@ -55,6 +55,11 @@ MODELS = list(dict.fromkeys(model for model, _, _ in RUNS))
 BENCHMARKS = list((config["data"].get("benchmarks") or {}))
 BASE_SEED = int(config["seeds"][0])  # the Base checkpoint is evaluated once, with the first seed
 TRAIN_BACKEND = (config.get("train") or {}).get("backend", "local")
+# The local trainer evaluates its final checkpoint in the training job (`ctpo train --eval-out`): the same
+# files and samples as a separate `ctpo eval` job, without a second process start, imports and model load.
+EVAL_WITH_TRAINING = TRAIN_BACKEND == "local" and bool(
+    (config.get("workflow") or {}).get("eval_with_training", True)
+)
 
 wildcard_constraints:
     model=r"[^/]+",
