@@ -152,7 +152,13 @@ def _growing_kv_layer() -> type:
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             n = self.get_seq_length()
             if n > 0 and self._k_buf is not None:
-                self._k_buf, self._v_buf = self._k_buf[indices], self._v_buf[indices]
+                # Only the filled part moves, by index_select into a buffer of the same capacity:
+                # ``buf[indices]`` would copy the spare room too, with a slower gather (~2.7x the time).
+                for name, filled in (("_k_buf", self.keys), ("_v_buf", self.values)):
+                    buf = getattr(self, name)
+                    new = buf.new_empty((indices.numel(), *buf.shape[1:]))
+                    torch.index_select(filled, 0, indices, out=new[..., :n, :])
+                    setattr(self, name, new)
                 self.keys, self.values = self._k_buf[..., :n, :], self._v_buf[..., :n, :]
             else:
                 super().batch_select_indices(indices)
@@ -165,6 +171,30 @@ def new_kv_cache():
     from transformers.cache_utils import Cache
 
     return Cache(layer_class_to_replicate=_growing_kv_layer())
+
+
+PREFILL_CALL_COST = 64
+"""Fixed cost of one prefill forward, in token slots (rows x width): `_prefill_groups` pays it for a group
+only where the group saves more padding than that (one forward is a few ms of module overhead, ~64 slots
+of the tiny models' work on CPU: benchmarks/bench_generation.py)."""
+
+
+def _prefill_groups(lengths: list[int], call_cost: int = PREFILL_CALL_COST) -> list[list[int]]:
+    """Rows grouped for the prefill: the partition of rows (sorted by their number of new tokens) into runs
+    that minimises Σ_groups (rows x longest + call_cost), by dynamic programming over the sorted lengths.
+    A batch where a few rows bring many new tokens (a tool's traceback, a first turn among later ones)
+    would otherwise pad every row to the longest. Returns row indices, each group in ascending order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    srt = [lengths[i] for i in order]
+    n = len(srt)
+    best, cut = [0] + [0] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: cheapest split of the j shortest rows; the last group is cut[j]:j
+        best[j], cut[j] = min((best[i] + (j - i) * srt[j - 1] + call_cost, i) for i in range(j))
+    groups, j = [], n
+    while j:
+        groups.append(sorted(order[cut[j] : j]))
+        j = cut[j]
+    return groups[::-1]
 
 
 @dataclass
@@ -239,6 +269,10 @@ class HFGenerator:
     tool's output) reuses it, so only the new tokens are prefilled instead of the whole context again. Kept
     only while the model's weights are unchanged (their version counters), for one call. The reused keys
     and values equal a fresh prefill's up to float rounding (tests/test_generation.py).
+
+    ``prefill_call_cost`` (loop engine): the prefill runs one forward per group of rows with similar numbers
+    of new tokens (`_prefill_groups`) when that saves more padding than the cost of a forward, in token slots
+    (0: a group per distinct length; a huge value: always one forward).
     """
 
     def __init__(
@@ -249,6 +283,7 @@ class HFGenerator:
         max_batch_size: int | None = None,
         engine: str = "loop",
         prefix_cache: bool = True,
+        prefill_call_cost: int = PREFILL_CALL_COST,
     ):
         if engine not in ("loop", "generate"):
             raise ValueError(f"HFGenerator engine must be 'loop' or 'generate', got {engine!r}")
@@ -265,6 +300,7 @@ class HFGenerator:
         )
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         self.prefix_cache = prefix_cache and engine == "loop"
+        self.prefill_call_cost = int(prefill_call_cost)
         self._stash: list[_Prefix] = []
         self._stash_key: tuple | None = None
         self.stats = {
@@ -275,6 +311,8 @@ class HFGenerator:
             "gen_s": 0.0,
             "prompt_tokens": 0,
             "reused_tokens": 0,
+            "prefill_calls": 0,
+            "prefill_slots": 0,  # rows x new-token width of the prefill forwards (padding included)
         }
 
     def _weights_key(self) -> tuple:
@@ -393,13 +431,52 @@ class HFGenerator:
         self.stats["gen_s"] += time.perf_counter() - t0
 
     def _prefill(self, prompts: list[list[int]], matches: list[tuple[_Prefix | None, int]]):
-        """One forward over every prompt's tokens that have no reusable keys / values.
+        """One forward per group of rows (`_prefill_groups`) over every prompt's tokens that have no
+        reusable keys / values, assembled into one batch for decoding.
 
         Row i reuses ``c_i`` tokens of its matched prefix and computes the other ``s_i``. The cache is laid
         out as ``[left pad | c_i reused | pad | s_i new]`` (widths ``C = max c``, ``S = max s``); the
         attention mask marks the holes and the positions count real tokens only, so each row sees exactly
-        its own tokens in order. Without any reuse this is the plain left-padded prefill. Returns the model
-        output, the attention mask and each row's position ids."""
+        its own tokens in order. Without any reuse this is the plain left-padded prefill. A key / value does
+        not depend on its slot (RoPE follows the position ids), so the groups' caches are copied into that
+        layout as they are. Returns the KV cache, each row's last logits, the attention mask and each row's
+        next position id."""
+        news = [len(p) - c for p, (_, c) in zip(prompts, matches)]
+        groups = _prefill_groups(news, self.prefill_call_cost)
+        if len(groups) == 1:
+            return self._prefill_rows(prompts, matches)
+        parts = [self._prefill_rows([prompts[i] for i in g], [matches[i] for i in g]) for g in groups]
+        b, big_c, big_s = len(prompts), max(c for _, c in matches), max(news)
+        width = big_c + big_s
+        first_cache = parts[0][0]
+        mask = torch.zeros((b, width), dtype=parts[0][2].dtype, device=self.device)
+        logits = parts[0][1].new_empty((b, parts[0][1].shape[-1]))
+        next_pos = parts[0][3].new_empty((b, 1))
+        keys, values = [], []
+        for layer in first_cache.layers:
+            shape = (b, layer.keys.shape[1], width, layer.keys.shape[-1])
+            keys.append(layer.keys.new_zeros(shape))  # zeros: a masked slot must not hold NaN
+            values.append(layer.values.new_zeros(shape))
+        for rows, (cache, part_logits, part_mask, part_pos) in zip(groups, parts):
+            idx = torch.tensor(rows, device=self.device)
+            c_g = max(matches[i][1] for i in rows)
+            s_g = part_mask.shape[1] - c_g
+            logits[idx], next_pos[idx] = part_logits, part_pos
+            mask[idx, big_c - c_g : big_c] = part_mask[:, :c_g]
+            mask[idx, width - s_g :] = part_mask[:, c_g:]
+            for layer, k, v in zip(cache.layers, keys, values):
+                k[idx, :, big_c - c_g : big_c] = layer.keys[:, :, :c_g]
+                k[idx, :, width - s_g :] = layer.keys[:, :, c_g:]
+                v[idx, :, big_c - c_g : big_c] = layer.values[:, :, :c_g]
+                v[idx, :, width - s_g :] = layer.values[:, :, c_g:]
+        cache = new_kv_cache()
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k, v, layer)
+        return cache, logits, mask, next_pos
+
+    def _prefill_rows(self, prompts: list[list[int]], matches: list[tuple[_Prefix | None, int]]):
+        """`_prefill` of one group of rows: one forward in the group's own ``[left pad | reused | pad |
+        new]`` layout."""
         b, dev = len(prompts), self.device
         reuse = [c for _, c in matches]
         big_c = max(reuse)
@@ -428,6 +505,8 @@ class HFGenerator:
                 cache.update(k.to(dev), v.to(dev), layer)
         self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
         self.stats["reused_tokens"] += sum(reuse)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_slots"] += b * big_s
         mask, position_ids = mask.to(dev), position_ids.to(dev)
         # logits_to_keep=1: only the last position's logits are sampled from; the full [b, width, vocab]
         # logits of the prompt would cost a vocab-sized matmul per context token (GBs at eval batch sizes)
@@ -439,7 +518,7 @@ class HFGenerator:
             use_cache=True,
             logits_to_keep=1,
         )
-        return out, mask, position_ids
+        return out.past_key_values, out.logits[:, -1].float(), mask, position_ids[:, -1:] + 1
 
     def _keep_rows(self, cache, batch_rows: list[int], alive, mask, gen, prompts, kept: dict) -> None:
         """Copy the keys / values of ``batch_rows`` (their real positions only) into ``kept`` for the next
@@ -470,10 +549,7 @@ class HFGenerator:
         """Sample with the KV cache, removing each row from the batch (and the cache) once it stops."""
         b = len(prompts)
         dev = self.device
-        out, mask, position_ids = self._prefill(prompts, matches)
-        cache = out.past_key_values
-        logits = out.logits[:, -1].float()
-        next_pos = position_ids[:, -1:] + 1
+        cache, logits, mask, next_pos = self._prefill(prompts, matches)
         alive = torch.arange(b, device=dev)  # original row of each batch row
         kept: dict[int, _Prefix] = {}
         gen = torch.empty((b, 0), dtype=torch.long, device=dev)  # this call's tokens of the live rows

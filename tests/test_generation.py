@@ -194,8 +194,8 @@ def test_the_growing_kv_cache_gives_the_logits_of_a_full_forward(tokenizer, peak
         rows = torch.arange(b)
         got = {r: [out.logits[i, -1]] for i, r in enumerate(rows.tolist())}
         for t in range(prompt_len, prompt_len + steps - 1):
-            if t in (20, 40):  # a row finishes: drop it from the batch and the cache
-                keep = torch.arange(1, len(rows))
+            if t in (20, 40):  # a row finishes: drop it from the batch and the cache (first, then middle)
+                keep = torch.arange(1, len(rows)) if t == 20 else torch.tensor([0, 2])
                 cache.batch_select_indices(keep)
                 rows = rows[keep]
             pos = torch.full((len(rows), 1), t)
@@ -205,7 +205,8 @@ def test_the_growing_kv_cache_gives_the_logits_of_a_full_forward(tokenizer, peak
     for r, logits in got.items():
         ref = full[r, prompt_len - 1 : prompt_len - 1 + len(logits)]
         assert torch.allclose(torch.stack(logits), ref, atol=1e-4, rtol=1e-4)
-    assert len(got[3]) == steps  # the last row decoded to the end, through a regrowth of the buffer
+    # rows 0 and 2 were dropped at t = 20 and 40; rows 1 and 3 decoded to the end, through a regrowth
+    assert [len(got[r]) for r in range(b)] == [20 - prompt_len + 1, steps, 40 - prompt_len + 1, steps]
 
 
 def test_sample_from_draws_each_token_with_its_probability():
@@ -239,12 +240,16 @@ def _common(a: list[int], b: list[int]) -> int:
     return n
 
 
-def test_prefix_cache_continues_each_row_with_the_log_probs_of_a_fresh_forward(tokenizer, peaked_model):
+@pytest.mark.parametrize("prefill_call_cost", [0, 10**9])
+def test_prefix_cache_continues_each_row_with_the_log_probs_of_a_fresh_forward(
+    tokenizer, peaked_model, prefill_call_cost
+):
     """A second call whose prompts continue the first call's rows (kept tokens cut short in one row, a
     "tool output" appended, one unrelated prompt, one finished row gone) reuses exactly the common prefix of
     each row's fed tokens (prompt + all but the newest sampled token) with its new prompt, and its log-probs
-    equal those of one unpadded forward over the whole sequence."""
-    gen = HFGenerator(peaked_model, tokenizer)
+    equal those of one unpadded forward over the whole sequence: with the prefill in one forward, and with
+    one forward per row (every row brings a different number of new tokens), assembled into one batch."""
+    gen = HFGenerator(peaked_model, tokenizer, prefill_call_cost=prefill_call_cost)
     params = _Sampling(max_new_tokens=30, seed=3)
     prompts = _prompts(tokenizer)
     first = gen.generate(prompts, params)
@@ -261,12 +266,42 @@ def test_prefix_cache_continues_each_row_with_the_log_probs_of_a_fresh_forward(t
     assert expected[0] == len(prompts[0]) + len(first[0].token_ids) - 1
     assert expected[1] == len(prompts[2]) + len(first[2].token_ids) - 3
 
+    calls = gen.stats["prefill_calls"]
     outs = gen.generate(second, _Sampling(temperature=0.7, max_new_tokens=30, seed=4))
     assert gen.stats["reused_tokens"] == sum(expected)
+    news = {len(p) - c for p, c in zip(second, [*expected, 0])}
+    assert gen.stats["prefill_calls"] - calls == (len(news) if prefill_call_cost == 0 else 1)
     for p, o in zip(second, outs):
         ref = sequence_logprobs(peaked_model, [p + o.token_ids], [len(p)], temperature=0.7)[0]
         assert len(ref) == len(o.logprobs) == len(o.token_ids) > 0
         assert max(abs(a - b) for a, b in zip(o.logprobs, ref)) < 1e-4
+
+
+def test_prefill_groups_are_the_cheapest_partition():
+    """The dynamic programme against brute force over every partition of sorted rows into runs."""
+    import itertools
+    import random
+
+    from ctpo.generation import _prefill_groups
+
+    def cost(groups, lengths, call):
+        return sum(len(g) * max(lengths[i] for i in g) + call for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.choice([1, 2, 3, 5, 8, 40, 90]) for _ in range(rng.randint(1, 8))]
+        call = rng.choice([0, 5, 64, 10**6])
+        groups = _prefill_groups(lengths, call)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(
+            cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, call)
+            for r in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), r)
+        )
+        assert cost(groups, lengths, call) == best
+    assert _prefill_groups([10, 10, 30, 10], 64) == [[0, 1, 2, 3]]  # 4 x 30 + 64 < 3 x 10 + 30 + 2 x 64
+    assert _prefill_groups([10] * 20 + [70], 64) == [list(range(20)), [20]]  # 21 x 70 + 64 > 200 + 70 + 128
 
 
 def test_prefix_cache_is_dropped_when_the_weights_change(tokenizer, tmp_path):
