@@ -14,7 +14,13 @@ one thread, interleaved per repeat, the same seeds (so the same episodes within 
 * ``growing+cdf``: the growing cache and `ctpo.generation.sample_from`, transformers' ``sdpa`` attention,
   every turn prefilled from scratch;
 * ``+gqa``: and `ctpo.attention`'s grouped-query attention (no copied KV heads);
-* ``+gqa+prefix``: and the prefix cache (a turn reuses its episode's keys / values; the loop now).
+* ``+gqa+prefix``: and the prefix cache (a turn reuses its episode's keys / values), each turn's prefill
+  one forward over rows padded to the longest;
+* ``+gqa+prefix+groups``: and the prefill in groups of rows of similar length (`_prefill_groups`; the loop
+  now).
+
+Every variant with the growing cache removes finished rows by ``index_select`` of the filled part (the
+loop now); before, ``buf[rows]`` copied the spare room too.
 
 Sampling through the CDF draws other tokens than ``torch.multinomial`` from the same distribution, so the
 variants' episodes (and token counts) differ; tokens/s is the comparable number. The last three sample the
@@ -42,13 +48,22 @@ def multinomial(probs: torch.Tensor) -> torch.Tensor:
     return torch.multinomial(probs, 1)
 
 
-# name -> (cache factory, sampler, attention implementation, prefix cache)
+ONE_FORWARD = 10**9  # a prefill_call_cost no padding outweighs: every prefill is one forward
+
+# name -> (cache factory, sampler, attention implementation, prefix cache, prefill call cost)
 VARIANTS = {
-    "dynamic+multinomial": (lambda: None, multinomial, "sdpa", False),
-    "growing+multinomial": (generation.new_kv_cache, multinomial, "sdpa", False),
-    "growing+cdf": (generation.new_kv_cache, generation.sample_from, "sdpa", False),
-    "+gqa": (generation.new_kv_cache, generation.sample_from, attention.register(), False),
-    "+gqa+prefix": (generation.new_kv_cache, generation.sample_from, attention.register(), True),
+    "dynamic+multinomial": (lambda: None, multinomial, "sdpa", False, ONE_FORWARD),
+    "growing+multinomial": (generation.new_kv_cache, multinomial, "sdpa", False, ONE_FORWARD),
+    "growing+cdf": (generation.new_kv_cache, generation.sample_from, "sdpa", False, ONE_FORWARD),
+    "+gqa": (generation.new_kv_cache, generation.sample_from, attention.register(), False, ONE_FORWARD),
+    "+gqa+prefix": (generation.new_kv_cache, generation.sample_from, attention.register(), True, ONE_FORWARD),
+    "+gqa+prefix+groups": (
+        generation.new_kv_cache,
+        generation.sample_from,
+        attention.register(),
+        True,
+        generation.PREFILL_CALL_COST,
+    ),
 }
 
 
@@ -72,10 +87,12 @@ def main() -> None:
     original = generation.new_kv_cache, generation.sample_from
     with SandboxPool(workers=2) as pool, torch.no_grad():
         for rep in range(args.repeats + 1):  # the first round warms up every path and is not counted
-            for name, (cache, sampler, attn, prefix) in VARIANTS.items():
+            for name, (cache, sampler, attn, prefix, call_cost) in VARIANTS.items():
                 generation.new_kv_cache, generation.sample_from = cache, sampler
                 model.set_attn_implementation(attn)
-                gen = generation.HFGenerator(model, tokenizer, prefix_cache=prefix)
+                gen = generation.HFGenerator(
+                    model, tokenizer, prefix_cache=prefix, prefill_call_cost=call_cost
+                )
                 params = SamplingParams(temperature=1.0, seed=100 + rep)
                 episodes = run_episodes(gen, tokenizer, problems, tir_cfg, pool, params)
                 if rep:

@@ -174,9 +174,9 @@ def new_kv_cache():
 
 
 PREFILL_CALL_COST = 64
-"""Fixed cost of one prefill forward, in token slots (rows x width): `_prefill_groups` pays it for a group
-only where the group saves more padding than that (one forward is a few ms of module overhead, ~64 slots
-of the tiny models' work on CPU: benchmarks/bench_generation.py)."""
+"""Fixed cost of one prefill forward, in token slots (rows x width): `_prefill_groups` opens another group
+only where it saves more padding than that. Not sensitive: any value from 0 to 256 gave the same
+evaluation time within noise on the tiny models (docs/findings/2026-12-05-cpu-study.md, section 8)."""
 
 
 def _prefill_groups(lengths: list[int], call_cost: int = PREFILL_CALL_COST) -> list[list[int]]:
