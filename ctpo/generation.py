@@ -187,7 +187,7 @@ def _prefill_groups(lengths: list[int], call_cost: int = PREFILL_CALL_COST) -> l
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     srt = [lengths[i] for i in order]
     n = len(srt)
-    best, cut = [0] + [0] * n, [0] * (n + 1)
+    best, cut = [0] * (n + 1), [0] * (n + 1)
     for j in range(1, n + 1):  # best[j]: cheapest split of the j shortest rows; the last group is cut[j]:j
         best[j], cut[j] = min((best[i] + (j - i) * srt[j - 1] + call_cost, i) for i in range(j))
     groups, j = [], n
@@ -465,10 +465,9 @@ class HFGenerator:
             mask[idx, big_c - c_g : big_c] = part_mask[:, :c_g]
             mask[idx, width - s_g :] = part_mask[:, c_g:]
             for layer, k, v in zip(cache.layers, keys, values):
-                k[idx, :, big_c - c_g : big_c] = layer.keys[:, :, :c_g]
-                k[idx, :, width - s_g :] = layer.keys[:, :, c_g:]
-                v[idx, :, big_c - c_g : big_c] = layer.values[:, :, :c_g]
-                v[idx, :, width - s_g :] = layer.values[:, :, c_g:]
+                for dst, src in ((k, layer.keys), (v, layer.values)):
+                    dst[idx, :, big_c - c_g : big_c] = src[:, :, :c_g]  # reused part, right-aligned at C
+                    dst[idx, :, width - s_g :] = src[:, :, c_g:]  # new part, right-aligned at the end
         cache = new_kv_cache()
         for layer, (k, v) in enumerate(zip(keys, values)):
             cache.update(k, v, layer)
